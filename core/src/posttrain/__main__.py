@@ -1,0 +1,7 @@
+"""``python -m posttrain`` (and ``accelerate launch -m posttrain train ...``)."""
+
+import sys
+
+from posttrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is written into a hidden temporary directory beside its final place and renamed into
+``checkpoint-<step>`` only once every file is on disk, so a crash (or ``kill -9``, or a full disk)
+never leaves a half-written ``checkpoint-*``: the previous good one stays the latest.
+
+Layout (transformers-compatible: ``from_pretrained("out/checkpoint-20")`` works)::
+
+    checkpoint-20/
+        config.json, model.safetensors    # save_pretrained (adapter files with LoRA)
+        tokenizer files
+        optimizer.pt, scheduler.pt        # torch state dicts
+        rng_state_<rank>.pt               # python, numpy, torch (and CUDA) RNG, per process
+        method_state.pt                   # the method's own state, when it has one
+        trainer_state.json                # step, epoch; written last
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import PosttrainError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        m = _CHECKPOINT_RE.match(child.name)
+        if m and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str | Path, step: int, *, accelerator, model, optimizer, scheduler,
+                    tokenizer=None, method=None, state: dict | None = None, save_total_limit: int | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; every process must call this (collective)."""
+    import torch
+
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if method is not None and hasattr(method, "state_dict"):
+                torch.save(method.state_dict(), tmp / "method_state.pt")
+            # trainer_state.json last: its presence marks a complete checkpoint
+            (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}, indent=2))
+            for file in tmp.iterdir():
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if main:
+        if final.exists():  # re-saving the same step (e.g. interrupt right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        if save_total_limit:
+            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | None:
+    """``"latest"``/``"true"`` -> newest complete checkpoint in output_dir; a path -> that checkpoint."""
+    if not value or str(value).lower() in ("false", "none", "no"):
+        return None
+    if str(value).lower() in ("latest", "true", "yes", "1"):
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise PosttrainError(f"resume_from_checkpoint=latest but {output_dir} holds no complete checkpoint.")
+        return path
+    path = Path(value)
+    if not path.is_dir():
+        raise PosttrainError(f"checkpoint {str(path)!r} does not exist.")
+    if not (path / STATE_FILE).is_file():
+        newest = latest_checkpoint(path.parent)
+        hint = f" The newest complete checkpoint there is {newest}." if newest else ""
+        raise PosttrainError(
+            f"checkpoint {str(path)!r} is incomplete or corrupt (no {STATE_FILE}); it was probably interrupted while "
+            f"being written.{hint}"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, scheduler, method=None) -> dict:
+    """Restore model, optimizer, scheduler, method state and this process's RNG; return trainer state."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        unwrapped = accelerator.unwrap_model(model)
+        if (path / "adapter_model.safetensors").is_file():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(unwrapped, load_file(path / "adapter_model.safetensors"))
+        else:
+            weights = {}
+            for file in sorted(path.glob("model*.safetensors")):
+                weights.update(load_file(file))
+            if not weights:
+                raise FileNotFoundError("no model*.safetensors file")
+            missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+            tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
+            really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+            if really_missing or unexpected:
+                raise ValueError(f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if method is not None and hasattr(method, "load_state_dict") and (path / "method_state.pt").is_file():
+            method.load_state_dict(torch.load(path / "method_state.pt", weights_only=False))
+        rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+        raise PosttrainError(f"cannot resume from {path}: the checkpoint is corrupt or incomplete ({exc}).") from exc
+    return state

@@ -1,0 +1,62 @@
+"""``posttrain train METHOD [--config run.yaml] [--field value ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from posttrain.errors import ConfigError
+
+
+def usage(method_name: str | None, config_class: type | None) -> str:
+    text = ("usage: posttrain train METHOD [--config run.yaml] [--model PATH] [--dataset FILE] "
+            "[--output_dir DIR] [--FIELD VALUE ...]\n\nBooleans take true/false (a bare --flag means true); "
+            "lists are comma-separated.\n")
+    if config_class is not None:
+        from posttrain.config import describe_fields
+
+        text += f"\nFields of {config_class.__name__} ({method_name}):\n"
+        for name, type_name, default, help_text in describe_fields(config_class):
+            text += f"  --{name} ({type_name}, default {default!r})  {help_text}\n"
+    else:
+        text += "\nRun `posttrain train METHOD --help` for a method's fields, `posttrain list` for methods.\n"
+    return text
+
+
+def run(command: str, argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(None, None))
+        return 0
+    method_name, rest = argv[0], argv[1:]
+    from posttrain import config as config_lib
+    from posttrain import registry
+
+    allow_inactive = "--allow_inactive" in rest
+    method_class, entry = registry.resolve_method(method_name, allow_inactive=allow_inactive)
+    if "-h" in rest or "--help" in rest:
+        print(usage(method_name, method_class.config_class))
+        return 0
+    overrides = config_lib.parse_cli_overrides(rest)
+    yaml_path = overrides.pop("config", None)
+    if yaml_path is True:
+        raise ConfigError("--config needs a file path")
+    config = config_lib.load_config(method_class.config_class, yaml_path, overrides)
+    return train_from_config(method_class, entry, config)
+
+
+def train_from_config(method_class, entry, config) -> int:
+    from posttrain import environment, registry
+    from posttrain.loop import train
+
+    reward_names = list(getattr(config, "reward_funcs", None) or [])
+    rewards = registry.resolve_rewards(reward_names) if reward_names else {}
+    from posttrain import discovery
+
+    reward_entries = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
+    method = method_class()
+    result = train(method, config, rewards=rewards, callbacks=registry.callbacks_for(config),
+                   provenance=environment.provenance(entry, reward_entries))
+    final = result.final_loss
+    status = "interrupted" if result.interrupted else "done"
+    print(f"{status}: {result.global_step} steps" + (f", final loss {final:.4f}" if final is not None else "")
+          + f"; model and metrics in {result.output_dir}", file=sys.stderr)
+    return 130 if result.interrupted else 0

@@ -1,0 +1,312 @@
+"""Run configuration: dataclasses loaded from YAML and ``--key value`` flags.
+
+Every method has one flat config dataclass that extends :class:`TrainingConfig` with its own fields.
+Field names follow transformers/TRL where the concept is the same, so a TRL user's YAML mostly
+works unchanged. Unknown keys fail with a "did you mean"; wrong types name the field; all problems
+are reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.errors import ConfigError
+
+SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+@dataclass
+class TrainingConfig:
+    """Fields every method shares. A method's config adds its own fields and paper defaults."""
+
+    # -- what to train on
+    model: str = ""  # local directory (or hub name) of a causal LM
+    dataset: str = ""  # JSON/JSONL/CSV/Parquet file, a saved `datasets` directory, or a hub name
+    dataset_split: str = "train"
+    eval_dataset: str | None = None  # same forms as `dataset`; evaluated every eval_steps
+    output_dir: str = "output"
+    overwrite_output_dir: bool = False  # allow writing over a directory that holds another run
+    # -- optimisation
+    learning_rate: float = 5e-5
+    lr_scheduler_type: SchedulerType = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    # -- model and precision
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    bf16: bool = False  # autocast to bfloat16 (needs hardware support)
+    fp16: bool = False  # autocast to float16 with loss scaling (CUDA)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    use_cpu: bool = False  # train on CPU even when an accelerator is present
+    torch_compile: bool = False
+    # -- LoRA (needs `pip install posttrain[peft]`)
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None -> all linear layers
+    # -- logging, evaluation, checkpoints
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0 -> evaluate only at the end (when eval_dataset is set)
+    save_steps: int = 500  # 0 -> no intermediate checkpoints
+    save_total_limit: int | None = None  # keep only the newest N checkpoints
+    save_on_interrupt: bool = True  # Ctrl-C writes a resumable checkpoint
+    resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
+    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard"]; metrics.jsonl is always written
+    disable_progress_bar: bool = False
+    allow_inactive: bool = False  # use a retired (7 - Inactive) method anyway
+
+    def problems(self) -> list[str]:
+        """Problems a field-by-field type check cannot see. Methods extend this list."""
+        found = []
+        positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
+        found += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.max_steps == 0 or self.max_steps < -1:
+            found.append(f"max_steps must be > 0 (or -1 to use num_train_epochs), got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            found.append(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}")
+        if self.learning_rate < 0:
+            found.append(f"learning_rate must be >= 0, got {self.learning_rate}")
+        for name in ("logging_steps",):
+            if getattr(self, name) < 1:
+                found.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_steps", "save_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            found.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bf16 and self.fp16:
+            found.append("bf16 and fp16 are both true; choose one mixed-precision mode")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            found.append(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        return found
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+
+def _hints(config_class: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_class)
+
+
+def _coerce(name: str, value: Any, hint: Any, from_cli: bool) -> Any:
+    """Convert ``value`` to the type ``hint`` names, or raise ValueError with a readable reason."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_cli and str(value).lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(name, value, arg, from_cli)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"expected {hint}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}{hint_text}")
+    if origin in (list, tuple):
+        (item,) = args[:1] or (str,)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import yaml
+
+                value = yaml.safe_load(text)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(name, v, item, from_cli=isinstance(v, str)) for v in value]
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML reads 1e-5 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def parse_cli_overrides(argv: list[str]) -> dict[str, str | bool]:
+    """``["--lr", "1e-5", "--flag", "--k=v"]`` -> ``{"lr": "1e-5", "flag": True, "k": "v"}``."""
+    out: dict[str, str | bool] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}; options look like --name value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            out[key.replace("-", "_")] = value
+            i += 1
+            continue
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out[key.replace("-", "_")] = argv[i + 1]
+            i += 2
+        else:
+            out[key.replace("-", "_")] = True  # a bare --flag means true
+            i += 1
+    return out
+
+
+def build_config(config_class: type, values: dict[str, Any], source: str | None = None, from_cli: bool = False):
+    """Instantiate ``config_class`` from raw values, reporting every problem at once."""
+    hints = _hints(config_class)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    problems, kwargs = [], {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown key {key!r} for {config_class.__name__}{hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(key, value, hints[key], from_cli and isinstance(value, str))
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        raise ConfigError(problems, source)
+    config = config_class(**kwargs)
+    problems = config.problems()
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, overrides: dict | None = None):
+    """YAML file first, then ``overrides`` (CLI flags) on top. Raises :class:`ConfigError`."""
+    values: dict[str, Any] = {}
+    source = None
+    if yaml_path:
+        import yaml
+
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of field: value, got {type(loaded).__name__}")
+        loaded.pop("method", None)  # saved configs record their method; it is not a field
+        values.update(loaded)
+        source = str(path)
+    cli = overrides or {}
+    hints = _hints(config_class)
+    problems = []
+    for key, value in cli.items():
+        if key in hints:
+            try:
+                values[key] = _coerce(key, value, hints[key], from_cli=isinstance(value, str))
+            except ValueError as exc:
+                problems.append(f"--{key}: {exc}")
+        else:
+            values[key] = value
+    if problems:
+        raise ConfigError(problems, "command line")
+    return build_config(config_class, values, source or ("command line" if cli else None))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | os.PathLike, method: str | None = None) -> None:
+    """Write the resolved config as YAML (atomically), loadable again with ``--config``."""
+    import yaml
+
+    data = {"method": method} if method else {}
+    data.update(config_to_dict(config))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def describe_fields(config_class: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for each field, help taken from the source's trailing comments."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            stripped = line.strip()
+            if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+                name = stripped.split(":", 1)[0].strip()
+                if name.isidentifier():
+                    comments[name] = stripped.split("#", 1)[1].strip()
+    out = []
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append((f.name, str(type_name), default, comments.get(f.name, "")))
+    return out

@@ -1,0 +1,220 @@
+"""Dataset loading and the standard dataset formats, with row-level validation.
+
+Formats (TRL's names and columns, so TRL datasets work unchanged); each row is *standard* (strings)
+or *conversational* (lists of ``{"role", "content"}`` messages):
+
+=====================  ==============================================  ===============
+format                 columns                                         used by
+=====================  ==============================================  ===============
+language_modeling      ``text`` or ``messages``                        SFT
+prompt_only            ``prompt``                                      GRPO, RLOO, distillation
+prompt_completion      ``prompt``, ``completion``                      SFT, distillation
+preference             ``prompt``?, ``chosen``, ``rejected``           DPO, reward, ORPO, CPO
+unpaired_preference    ``prompt``, ``completion``, ``label`` (bool)    KTO, BCO
+=====================  ==============================================  ===============
+
+A preference row without ``prompt`` is *implicit*: the prompt is the common prefix of chosen and
+rejected (:func:`extract_prompt`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # each alternative is a set of required columns
+    "language_modeling": (("text",), ("messages",)),
+    "prompt_only": (("prompt",),),
+    "prompt_completion": (("prompt", "completion"),),
+    "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+    "unpaired_preference": (("prompt", "completion", "label"),),
+}
+_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass
+class RowProblem:
+    """One bad row: where, which field, what is wrong, how to fix it."""
+
+    row: int
+    field: str
+    problem: str
+    fix: str = ""
+
+    def message(self, source: str = "the dataset") -> str:
+        text = f"row {self.row} of {source}: field {self.field!r} {self.problem}"
+        return f"{text}. {self.fix}" if self.fix else text
+
+
+def load_dataset(path_or_name: Any, split: str = "train"):
+    """Load a ``datasets.Dataset`` from a local file, a saved directory, a Dataset or a hub name.
+
+    Raises :class:`DataError` naming the path for a missing, empty or unreadable file.
+    """
+    import datasets
+
+    if isinstance(path_or_name, datasets.Dataset):
+        return path_or_name
+    if isinstance(path_or_name, datasets.DatasetDict):
+        if split not in path_or_name:
+            raise DataError(f"dataset has no split {split!r}; it has {', '.join(path_or_name)}")
+        return path_or_name[split]
+    if isinstance(path_or_name, list):
+        return datasets.Dataset.from_list(path_or_name)
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path} is a directory but not a dataset saved with `save_to_disk`: {exc}") from None
+        return load_dataset(loaded, split)
+    if path.suffix.lower() in _SUFFIXES or path.exists() or "/" not in text and "." in text:
+        if not path.is_file():
+            raise DataError(f"dataset file {text!r} does not exist. Check the path (relative to {Path.cwd()}).")
+        if path.stat().st_size == 0:
+            raise DataError(f"dataset file {text!r} is empty; it needs at least one row.")
+        builder = _SUFFIXES.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"cannot tell the format of {text!r}; use .json, .jsonl, .csv or .parquet")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"cannot read dataset file {text!r} as {builder}: {reason}") from None
+        if len(ds) == 0:
+            raise DataError(f"dataset file {text!r} has no rows.")
+        return ds
+    try:  # a hub name; never reached by the test suite
+        return datasets.load_dataset(text, split=split)
+    except Exception as exc:
+        raise DataError(f"cannot load dataset {text!r}: {exc}") from None
+
+
+def is_conversational(row: dict) -> bool:
+    for key in ("prompt", "chosen", "rejected", "completion", "messages"):
+        value = row.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return True
+    return False
+
+
+def detect_format(columns: list[str] | set[str]) -> str | None:
+    """The most specific standard format whose columns are all present."""
+    cols = set(columns)
+    for fmt in ("unpaired_preference", "preference", "prompt_completion", "language_modeling", "prompt_only"):
+        if any(set(alt) <= cols for alt in FORMAT_COLUMNS[fmt]):
+            return fmt
+    return None
+
+
+def _check_messages(value: Any, row: int, column: str) -> RowProblem | None:
+    if not isinstance(value, list) or not value:
+        return RowProblem(row, column, "must be a non-empty list of messages", 'Each message is {"role": ..., "content": ...}.')
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return RowProblem(row, column, f"message {j} is not a {{'role', 'content'}} mapping: {message!r}")
+        if message["role"] not in ROLES:
+            return RowProblem(
+                row, column, f"message {j} has unknown role {message['role']!r}", f"Use one of: {', '.join(ROLES)}."
+            )
+        if not isinstance(message["content"], str):
+            return RowProblem(row, column, f"message {j} has non-string content {message['content']!r}")
+    return None
+
+
+def _check_text(value: Any, row: int, column: str, allow_empty: bool = False) -> RowProblem | None:
+    if isinstance(value, list):
+        return _check_messages(value, row, column)
+    if not isinstance(value, str):
+        return RowProblem(row, column, f"must be a string or a list of messages, got {type(value).__name__} {value!r}")
+    if not allow_empty and not value.strip():
+        return RowProblem(row, column, "is empty", "Remove the row or fill in the field.")
+    return None
+
+
+def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
+    """Everything wrong with one row for ``fmt``."""
+    alternatives = FORMAT_COLUMNS[fmt]
+    present = {k for k, v in row.items() if v is not None}
+    if not any(set(alt) <= present for alt in alternatives):
+        best = max(alternatives, key=lambda alt: len(set(alt) & present))
+        missing = [c for c in best if c not in present]
+        need = " or ".join("+".join(alt) for alt in alternatives)
+        return [RowProblem(index, missing[0], "is missing", f"The {fmt} format needs {need}.")]
+    problems: list[RowProblem] = []
+    for column in ("text", "messages", "prompt", "completion", "chosen", "rejected"):
+        if column in present:
+            if column == "messages":
+                p = _check_messages(row[column], index, column)
+            else:
+                p = _check_text(row[column], index, column, allow_empty=column == "prompt" and fmt == "preference")
+            if p:
+                problems.append(p)
+    if fmt == "unpaired_preference" and "label" in present and not isinstance(row["label"], bool):
+        problems.append(RowProblem(index, "label", f"must be true or false, got {row['label']!r}"))
+    return problems
+
+
+def validate(dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset", limit: int | None = None) -> list[RowProblem]:
+    """Check every row against the first of ``formats`` the columns match; return all problems."""
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
+    fmt = next((f for f in formats if any(set(alt) <= set(columns) for alt in FORMAT_COLUMNS[f])), None)
+    if fmt is None:
+        need = "; ".join(f"{f}: " + " or ".join("+".join(a) for a in FORMAT_COLUMNS[f]) for f in formats)
+        detected = detect_format(columns)
+        seen = f" (it looks like {detected} data)" if detected else ""
+        return [RowProblem(0, "/".join(FORMAT_COLUMNS[formats[0]][0]), f"is missing: {source} has columns {columns}{seen}",
+                           f"This method reads {need}.")]
+    problems: list[RowProblem] = []
+    for i, row in enumerate(dataset):
+        problems.extend(row_problems(row, i, fmt))
+        if limit is not None and len(problems) >= limit:
+            break
+    return problems
+
+
+def check(dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset") -> None:
+    """Raise :class:`DataError` for the first bad row, pointing at ``posttrain check-data``."""
+    problems = validate(dataset, formats, source, limit=1)
+    if problems:
+        raise DataError(problems[0].message(source) + " Run `posttrain check-data METHOD FILE` to list every bad row.")
+
+
+def extract_prompt(row: dict) -> dict:
+    """Split an implicit-prompt preference row into prompt / chosen / rejected.
+
+    Conversational: the prompt is the longest common prefix of messages. Standard: the longest
+    common prefix of the strings, cut back to the last whitespace so no word is split.
+    """
+    if "prompt" in row and row["prompt"] is not None:
+        return row
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen[:n]
+    if n < len(chosen) and n < len(rejected) and " " in cut:
+        n = cut.rindex(" ") + 1
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+    """Render messages with the tokenizer's chat template; a clear error when it has none."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "the dataset is conversational but the tokenizer has no chat template; "
+            "set tokenizer.chat_template (for example in tokenizer_config.json) or use standard (string) rows."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)

@@ -1,0 +1,154 @@
+"""Model, tokenizer, LoRA, reference-model and teacher-model helpers (transformers + peft)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError, PosttrainError
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _check_path(path: str, what: str = "model") -> None:
+    if not path:
+        raise ConfigError(f"no {what} given; pass --{what} PATH (a local directory saved with save_pretrained)")
+    p = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
+    if looks_local and not p.exists():
+        raise PosttrainError(f"{what} path {path!r} does not exist; pass a directory saved with save_pretrained.")
+    if p.exists() and not (p / "config.json").is_file():
+        raise PosttrainError(
+            f"{what} path {path!r} has no config.json, so it is not a transformers model directory; "
+            "point at the directory that save_pretrained wrote."
+        )
+
+
+def _dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a pad token (the EOS token) when it has none."""
+    from transformers import AutoTokenizer
+
+    _check_path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PosttrainError(
+                f"tokenizer at {path!r} has neither a pad nor an EOS token; add a pad token "
+                "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it again."
+            )
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so reusing EOS is safe
+    return tokenizer
+
+
+def load_causal_lm(path: str, config: Any, model_class: Any = None):
+    """Load a model with ``from_pretrained`` and the config's dtype/attention/remote-code settings."""
+    from transformers import AutoModelForCausalLM
+
+    _check_path(path)
+    model_class = model_class or AutoModelForCausalLM
+    kwargs = {"dtype": _dtype(config.dtype), "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        model = model_class.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise PosttrainError(
+                f"model at {path!r} cannot be loaded as {getattr(model_class, '__name__', model_class)}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        raise
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_peft(model: Any, config: Any):
+    """Wrap ``model`` with LoRA adapters when ``config.use_peft`` (needs the ``peft`` extra)."""
+    if not config.use_peft:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise PosttrainError("use_peft is true but peft is not installed; run `pip install 'posttrain[peft]'`.") from None
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
+
+
+def is_peft_model(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def frozen_copy(model: Any):
+    """A frozen, eval-mode copy (used as reference when no path is available)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def reference_model(ctx: Any, path: str | None = None):
+    """The reference model for KL/preference losses, or ``None`` when the policy is a PEFT model.
+
+    By default a frozen copy is loaded from the policy's own path; with LoRA the reference is the
+    base model with adapters disabled (see :func:`reference_forward`), which costs no memory.
+    """
+    if is_peft_model(ctx.model):
+        return None
+    path = path or ctx.model_path
+    if path:
+        ref = load_causal_lm(path, ctx.config)
+    else:
+        ref = frozen_copy(ctx.model)
+    ref.requires_grad_(False)
+    ref.eval()
+    if ctx.accelerator is not None:
+        ref = ref.to(ctx.accelerator.device)
+    return ref
+
+
+@contextlib.contextmanager
+def reference_forward(policy: Any, ref: Any):
+    """Yield the module that computes reference outputs: ``ref``, or the adapter-disabled policy."""
+    import torch
+
+    with torch.no_grad():
+        if ref is not None:
+            yield ref
+        else:
+            base = getattr(policy, "module", policy)  # unwrap DDP
+            with base.disable_adapter():
+                yield base
+
+
+def load_teacher(path: str, tokenizer: Any, config: Any, device: Any = None):
+    """Load a frozen teacher for distillation; it must share the student's tokenizer vocabulary."""
+    from transformers import AutoTokenizer
+
+    _check_path(path, "teacher")
+    teacher_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise PosttrainError(
+            f"teacher at {path!r} uses a different tokenizer vocabulary ({len(teacher_tok)} vs {len(tokenizer)} tokens); "
+            "on-policy distillation here compares token distributions, so teacher and student must share a tokenizer."
+        )
+    teacher = load_causal_lm(path, config)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher.to(device) if device is not None else teacher

@@ -1,0 +1,46 @@
+"""Numeric helpers used by three or more methods, with no method-specific choice in them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under ``logits``.
+
+    Args:
+        logits: (B, T, V) float tensor (already aligned: position t predicts ``labels[:, t]``).
+        labels: (B, T) long tensor; negative values (ignored positions) give 0.
+
+    Returns:
+        (B, T) float32 tensor of log-probs, 0 where ``labels < 0``.
+    """
+    safe = labels.clamp(min=0)
+    # log_softmax in float32: bf16 loses too much precision over large vocabularies
+    logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return logps.masked_fill(labels < 0, 0.0)
+
+
+def shift_for_causal_lm(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    """Align next-token predictions: returns (logits[:, :-1], labels[:, 1:] with -100 where masked)."""
+    labels = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100)
+    return logits[:, :-1], labels
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **kwargs):
+    """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
+
+    Args:
+        input_ids, attention_mask, loss_mask: (B, T); ``loss_mask`` marks the tokens scored.
+
+    Returns:
+        (logps (B,), n_tokens (B,), mean_logits (B,)).
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    logits, labels = shift_for_causal_lm(out.logits, input_ids, loss_mask)
+    per_token = token_logps(logits, labels)
+    valid = labels >= 0
+    n = valid.sum(-1)
+    mean_logits = (logits.detach().float().mean(-1) * valid).sum(-1) / n.clamp(min=1)
+    return per_token.sum(-1), n, mean_logits
