@@ -182,6 +182,6 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
         rng_file = path / f"rng_state_{accelerator.process_index}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # any unreadable piece means the checkpoint cannot be trusted
         raise PosttrainError(f"cannot resume from {path}: the checkpoint is corrupt or incomplete ({exc}).") from exc
     return state

@@ -69,6 +69,8 @@ def summary(with_hardware: bool = True) -> dict[str, Any]:
 
 def provenance(method_entry: Any, reward_entries: list[Any]) -> dict[str, Any]:
     """What a run used: its plugins (name/version/status), core, environment, git commit."""
+    from posttrain import discovery
+
     used = [method_entry, *reward_entries]
     return {
         "posttrain": discovery.core_version(),

@@ -1,0 +1,173 @@
+"""Shared fixtures for core's tests: fake plugin distributions, a tiny model, a toy method."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_plugins(monkeypatch):
+    """No leaked warning state, operator lists or plugin manager between tests."""
+    from posttrain import discovery, registry
+
+    for var in ("POSTTRAIN_EXPERIMENTAL_SILENCE", "POSTTRAIN_PLUGINS", "POSTTRAIN_DISABLE_PLUGINS",
+                "POSTTRAIN_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    discovery._warned.clear()
+    registry.reset_plugin_manager()
+    yield
+    registry.reset_plugin_manager()
+
+
+class FakeSite:
+    """Writes ``.dist-info`` directories (and their modules) into a directory put on sys.path."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def add(self, name: str, version: str = "1.0.0", *, status: str | None = "5 - Production/Stable",
+            requires: str | None = "posttrain>=0.1,<1", methods: dict[str, str] | None = None,
+            rewards: dict[str, str] | None = None, plugins: dict[str, str] | None = None,
+            summary: str | None = None, module: str | None = None, code: str | None = None) -> Path:
+        dist = self.root / f"{name.replace('-', '_')}-{version}.dist-info"
+        dist.mkdir(parents=True, exist_ok=True)
+        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+                 f"Summary: {summary if summary is not None else name + ' test plugin'}"]
+        if status:
+            lines.append(f"Classifier: Development Status :: {status}")
+        if requires:
+            lines.append(f"Requires-Dist: {requires}")
+        (dist / "METADATA").write_text("\n".join(lines) + "\n")
+        eps = []
+        for group, items in (("posttrain.methods", methods), ("posttrain.rewards", rewards),
+                             ("posttrain.plugins", plugins)):
+            if items:
+                eps.append(f"[{group}]")
+                eps += [f"{k} = {v}" for k, v in items.items()]
+        (dist / "entry_points.txt").write_text("\n".join(eps) + "\n")
+        if module:
+            (self.root / f"{module}.py").write_text(textwrap.dedent(code or ""))
+        importlib.invalidate_caches()
+        return dist
+
+
+@pytest.fixture
+def fake_site(tmp_path, monkeypatch):
+    site = FakeSite(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site.root))
+    monkeypatch.setenv("PYTHONPATH", str(site.root) + ":" + ":".join(sys.path))
+    yield site
+    for name in list(sys.modules):
+        module = sys.modules[name]
+        if getattr(module, "__file__", None) and str(site.root) in str(module.__file__):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from posttrain.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+# -- a toy method: next-token cross-entropy, enough to exercise the loop ---------------------------------
+
+TOY_METHOD_SOURCE = '''
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.config import TrainingConfig
+from posttrain.data import check
+from posttrain.method import LossOutput
+from posttrain.ops import token_logps
+
+
+@dataclass
+class ToyConfig(TrainingConfig):
+    max_length: int = 64  # tokens per row
+    nan_at_step: int = -1  # test hook: make the loss NaN at this step
+
+
+class Toy:
+    name = "toy"
+    config_class = ToyConfig
+    dataset_formats = ("language_modeling",)
+
+    def prepare(self, dataset, ctx):
+        check(dataset, self.dataset_formats)
+        tok = ctx.tokenizer
+        return [{"input_ids": tok(row["text"]).input_ids[: ctx.config.max_length - 1] + [tok.eos_token_id]}
+                for row in dataset]
+
+    def collate(self, rows, ctx):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), ctx.tokenizer.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def loss(self, model, batch, ctx):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        logps = token_logps(logits[:, :-1], labels)
+        n = (labels >= 0).sum()
+        loss_sum = -logps.sum()
+        if ctx.step == ctx.config.nan_at_step:
+            loss_sum = loss_sum * float("nan")
+        return LossOutput(loss_sum, n, {"num_tokens": n.float()})
+'''
+
+
+@pytest.fixture(scope="session")
+def toy_module(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    (root / "posttrain_toy_method.py").write_text(TOY_METHOD_SOURCE)
+    sys.path.insert(0, str(root))
+    module = importlib.import_module("posttrain_toy_method")
+    yield module
+    sys.path.remove(str(root))
+
+
+@pytest.fixture
+def toy_rows():
+    # different lengths, so padding and normalisation are really exercised
+    return [{"text": ("abc " * (1 + i % 7)) + str(i)} for i in range(32)]
+
+
+@dataclass
+class Runner:
+    module: object
+    model_dir: Path
+    tmp: Path
+
+    def config(self, name: str, **kw):
+        base = dict(model=str(self.model_dir), output_dir=str(self.tmp / name), max_steps=4, learning_rate=1e-3,
+                    per_device_train_batch_size=4, logging_steps=1, save_steps=0, disable_progress_bar=True, seed=0)
+        base.update(kw)
+        return self.module.ToyConfig(**base)
+
+    def train(self, rows, name: str = "run", **kw):
+        from posttrain.loop import train
+
+        config = self.config(name, **kw)
+        return train(self.module.Toy(), config, train_dataset=rows)
+
+
+@pytest.fixture
+def runner(toy_module, tiny_model_dir, tmp_path):
+    return Runner(toy_module, tiny_model_dir, tmp_path)
+
+
+@pytest.fixture
+def toy_method_source():
+    return TOY_METHOD_SOURCE
