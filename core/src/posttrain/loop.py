@@ -112,7 +112,9 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
 
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
-    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=config.use_cpu)
+    # without an accelerator, cpu=True is what makes accelerate run multi-process CPU (gloo) under torchrun
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=config.use_cpu or not has_accelerator)
     output_dir = Path(config.output_dir)
     resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, config, resuming=resume_path is not None)

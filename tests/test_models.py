@@ -1,0 +1,94 @@
+"""Model, tokenizer, reference and teacher helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain import models
+from posttrain.config import TrainingConfig
+from posttrain.errors import ConfigError, PosttrainError
+from posttrain.method import TrainContext
+
+
+def test_missing_and_non_model_paths(tmp_path):
+    with pytest.raises(PosttrainError, match="does not exist"):
+        models.load_tokenizer(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PosttrainError, match="no config.json"):
+        models.load_causal_lm(str(tmp_path / "empty"), TrainingConfig())
+    with pytest.raises(ConfigError, match="pass --model PATH"):
+        models.load_tokenizer("")
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=32,
+                                     vocab_size=50)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(PosttrainError, match="cannot be loaded as AutoModelForCausalLM"):
+        models.load_causal_lm(str(tmp_path / "bert"), TrainingConfig())
+
+
+def test_tokenizer_without_pad_gets_eos(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    (tmp_path / "nopad" / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    loaded = models.load_tokenizer(str(tmp_path / "nopad"))
+    assert loaded.pad_token == loaded.eos_token == "<|end|>"
+
+
+def test_reference_model_is_frozen_copy(tiny_model_dir):
+    config = TrainingConfig(model=str(tiny_model_dir))
+    policy = models.load_causal_lm(str(tiny_model_dir), config)
+    ctx = TrainContext(config=config, model=policy, model_path=str(tiny_model_dir))
+    ref = models.reference_model(ctx)
+    assert ref is not policy and not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    ids = torch.tensor([[5, 6, 7]])
+    with models.reference_forward(policy, ref) as module:
+        assert torch.equal(module(ids).logits, policy(ids).logits)
+
+
+def test_lora_reference_is_adapter_disabled_base(tiny_model_dir):
+    pytest.importorskip("peft")
+    config = TrainingConfig(model=str(tiny_model_dir), use_peft=True, lora_r=4)
+    base_logits = models.load_causal_lm(str(tiny_model_dir), config)(torch.tensor([[5, 6, 7]])).logits
+    policy = models.apply_peft(models.load_causal_lm(str(tiny_model_dir), config), config)
+    with torch.no_grad():  # make the adapter non-trivial
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    ctx = TrainContext(config=config, model=policy, model_path=str(tiny_model_dir))
+    assert models.reference_model(ctx) is None
+    with models.reference_forward(policy, None) as module:
+        ref_logits = module(torch.tensor([[5, 6, 7]])).logits
+    assert torch.allclose(ref_logits, base_logits, atol=1e-6)
+    assert not torch.allclose(policy(torch.tensor([[5, 6, 7]])).logits, base_logits, atol=1e-3)
+
+
+def test_teacher_must_share_vocabulary(tmp_path, tiny_model_dir):
+    from posttrain.testing import build_tiny_model, build_tokenizer
+
+    config = TrainingConfig()
+    student_tok = models.load_tokenizer(str(tiny_model_dir))
+    teacher = models.load_teacher(str(tiny_model_dir), student_tok, config)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    other = build_tiny_model(tmp_path / "other", tokenizer=build_tokenizer(extra_characters="éü"))
+    with pytest.raises(PosttrainError, match="different tokenizer vocabulary"):
+        models.load_teacher(str(other), student_tok, config)
+
+
+def test_token_logps_matches_cross_entropy():
+    from posttrain.ops import token_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    expected = -torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="none",
+                                                  ignore_index=-100).reshape(2, 5)
+    assert torch.allclose(token_logps(logits, labels), expected, atol=1e-6)
+    assert (token_logps(logits, labels)[0, :2] == 0).all()
