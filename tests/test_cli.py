@@ -143,3 +143,13 @@ def test_train_help_lists_fields(toy_dist, capsys):
 def test_train_unknown_method(capsys):
     assert main(["train", "definitely-not-a-method"]) == 2
     assert "unknown method 'definitely-not-a-method'" in capsys.readouterr().err
+
+
+def test_plot_renders_png(runner, toy_rows, capsys):
+    pytest.importorskip("matplotlib")
+    runner.train(toy_rows, "plotted", max_steps=3)
+    assert main(["plot", str(runner.tmp / "plotted")]) == 0
+    png = runner.tmp / "plotted" / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(runner.tmp)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err

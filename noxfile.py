@@ -1,0 +1,108 @@
+"""Developer sessions. `nox -s tests` is what CI runs; the others are opt-in.
+
+    nox -s tests               # the whole suite: core + every plugin, installed together
+    nox -s "plugin(name='posttrain-dpo')"   # core + one plugin alone (catches hidden dependencies)
+    nox -s lint                # ruff check + format check
+    nox -s docs                # mkdocs build --strict
+    nox -s copies              # "# Copied from" markers still match their source
+    nox -s parity              # per-method comparison against TRL 1.16 (installs trl; not in CI)
+    nox -s bench               # speed/memory against TRL and a bare PyTorch loop (not in CI)
+    nox -s demo                # the end-to-end demo
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ["-c", str(ROOT / "constraints.txt")]
+PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file())
+CORE_EXTRAS = "core[peft,plot,tensorboard]"
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def install_all(session: nox.Session, *extra: str) -> None:
+    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, *[f"-eplugins/{p}" for p in PLUGINS], "pytest", *extra)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
+    install_all(session, "pytest-xdist")
+    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "posttrain.testing.kit",
+                *session.posargs)
+
+
+@nox.session
+@nox.parametrize("name", PLUGINS)
+def plugin(session: nox.Session, name: str) -> None:
+    """One plugin installed alone with core: a hidden dependency on another plugin fails here."""
+    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, f"-eplugins/{name}", "pytest")
+    others = [p for p in PLUGINS if p != name]
+    installed = session.run("python", "-m", "pip", "list", "--format=json", silent=True)
+    leaked = sorted({d["name"] for d in json.loads(installed)} & set(others))
+    if leaked:
+        session.run("python", "-m", "pip", "uninstall", "-y", *leaked)
+    session.run("python", "-m", "pytest", f"plugins/{name}", "-p", "posttrain.testing.kit", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    session.install("mkdocs-material==9.8.2")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+
+
+@nox.session(python=False)
+def copies(session: nox.Session) -> None:
+    """Every `# Copied from pkg.module.func` marker matches its source (names substituted with `with a->b`)."""
+    session.run("python", str(ROOT / "tests" / "check_copies.py"))
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Run each plugin's parity script against TRL 1.16 and write one summary table."""
+    install_all(session, "trl==1.16.0")
+    results = []
+    for script in sorted(ROOT.glob("plugins/*/parity/parity_*.py")):
+        session.log(f"parity: {script.relative_to(ROOT)}")
+        session.run("python", str(script), success_codes=[0, 1])
+        for result_file in script.parent.glob("result*.json"):
+            data = json.loads(result_file.read_text())
+            for row in data if isinstance(data, list) else [data]:
+                results.append({"plugin": script.parts[-3], **row})
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "parity.json").write_text(json.dumps(results, indent=2))
+    lines = ["| plugin | method | TRL | steps | max rel. diff | target | passed |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['plugin']} | {r.get('method')} | {r.get('trl_version')} | {r.get('steps')} | "
+                     f"{r.get('max_rel_diff', float('nan')):.2e} | {r.get('target')} | {r.get('passed')} |")
+    (out / "parity.md").write_text("# Parity against TRL\n\n" + "\n".join(lines) + "\n")
+    session.log("\n".join(lines))
+    if not all(r.get("passed") for r in results):
+        session.error("some parity comparisons missed their target (see benchmarks/results/parity.md)")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed, memory and start-up against TRL 1.16 and a bare PyTorch loop (see benchmarks/README.md)."""
+    install_all(session, "trl==1.16.0", "psutil")
+    session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    install_all(session)
+    session.run("posttrain", "demo", *session.posargs)

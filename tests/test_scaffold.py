@@ -1,0 +1,239 @@
+"""posttrain new: names, the generated files, and the whole lifecycle end to end in a throwaway venv."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import site
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from posttrain import PosttrainError, scaffold
+from posttrain.cli import main
+
+LAYOUT = [
+    ".gitignore", "CHANGELOG.md", "README.md", "configs/tiny.yaml", "data/tiny.jsonl", "docs/my-method.md",
+    "pyproject.toml", "src/posttrain_my_method/__init__.py", "src/posttrain_my_method/config.py",
+    "src/posttrain_my_method/data.py", "src/posttrain_my_method/loss.py", "src/posttrain_my_method/method.py",
+    "tests/conftest.py", "tests/test_conformance.py", "tests/test_data.py", "tests/test_loss.py",
+    "tests/test_train.py",
+]
+
+
+def files_of(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(("name", "distribution", "package", "class_name"), [
+    ("my-method", "posttrain-my-method", "posttrain_my_method", "MyMethod"),
+    ("dpo", "posttrain-dpo", "posttrain_dpo", "Dpo"),
+    ("a_b2-c", "posttrain-a_b2-c", "posttrain_a_b2_c", "AB2C"),
+])
+def test_names(name, distribution, package, class_name):
+    assert scaffold.names(name) == scaffold.Names(name, distribution, package, class_name)
+
+
+@pytest.mark.parametrize("name", ["", "My-method", "1st", "-x", "my method", "méthode", "a.b"])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(PosttrainError, match=r"\[a-z\]\[a-z0-9_-\]\*"):
+        scaffold.names(name)
+
+
+def test_distribution_name_given_as_method_name():
+    with pytest.raises(PosttrainError, match="`posttrain new foo` creates the package posttrain-foo"):
+        scaffold.names("posttrain-foo")
+
+
+def test_core_range():
+    assert scaffold.core_range("0.1.0") == ("0.1", "1")
+    assert scaffold.core_range("1.4.2.dev3") == ("1.4", "2")
+
+
+def test_generated_layout_and_metadata(tmp_path):
+    root = scaffold.generate("my-method", tmp_path / "pkg", author="Ada", core_version="1.3.2", date="2026-01-01")
+    assert files_of(root) == LAYOUT
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert "{{" not in path.read_text(), f"unrendered placeholder in {path}"
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "posttrain-my-method"
+    assert project["version"] == "0.1.0"
+    assert project["dependencies"] == ["posttrain>=1.3,<2"]
+    assert project["classifiers"] == ["Development Status :: 3 - Alpha"]
+    assert project["authors"] == [{"name": "Ada"}]
+    assert project["entry-points"]["posttrain.methods"] == {"my-method": "posttrain_my_method:MyMethod"}
+    assert "## 0.1.0 - 2026-01-01" in (root / "CHANGELOG.md").read_text()
+    assert (root / "docs" / "my-method.md").read_text().startswith("---\nstatus: experimental\n---\n")
+
+
+def test_generated_python_parses_and_reads_top_to_bottom(tmp_path):
+    root = scaffold.generate("my-method", tmp_path / "pkg", author="", core_version="0.1.0")
+    for path in root.rglob("*.py"):
+        ast.parse(path.read_text(), str(path))
+    source = root / "src" / "posttrain_my_method"
+    assert "class MyMethodConfig(TrainingConfig)" in (source / "config.py").read_text()
+    assert "def next_token_nll(" in (source / "loss.py").read_text()
+    assert 'name = "my-method"' in (source / "method.py").read_text()
+    assert "conformance_suite(\n    \"my-method\"" in (root / "tests" / "test_conformance.py").read_text()
+    assert 'tier="full"' in (root / "tests" / "test_conformance.py").read_text()
+    command = (root / "configs" / "tiny.yaml").read_text().splitlines()[0]
+    assert command == "# posttrain train my-method --config configs/tiny.yaml"
+
+
+def test_description_and_author_are_escaped(tmp_path):
+    text = 'Say "hi" \\ to ünïcode'
+    root = scaffold.generate("x", tmp_path / "pkg", description=text, author='A "B"', core_version="0.1.0")
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["description"] == text and project["authors"] == [{"name": 'A "B"'}]
+    module = ast.parse((root / "src" / "posttrain_x" / "__init__.py").read_text())
+    assert ast.get_docstring(module).startswith(text)
+
+
+def test_without_author_there_is_no_authors_field(tmp_path):
+    root = scaffold.generate("x", tmp_path / "pkg", author="", core_version="0.1.0")
+    assert "authors" not in tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+
+def test_multi_line_description_is_refused(tmp_path):
+    with pytest.raises(PosttrainError, match="one non-empty line"):
+        scaffold.generate("x", tmp_path / "pkg", description="two\nlines")
+
+
+def test_never_overwrites(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(PosttrainError, match="never overwrites"):
+        scaffold.generate("x", tmp_path / "taken")
+    assert files_of(tmp_path / "taken") == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    assert files_of(scaffold.generate("x", tmp_path / "empty", author="")) != []
+
+
+def test_unknown_placeholder_is_an_error():
+    with pytest.raises(KeyError, match="unknown placeholder"):
+        scaffold.render("{{name}} {{nope}}", {"name": "x"})
+
+
+def test_generated_code_is_ruff_clean(tmp_path):
+    pytest.importorskip("ruff")
+    root = scaffold.generate("my-method", tmp_path / "pkg", author="", core_version="0.1.0")
+    rules = ["--isolated", "--line-length", "120", "--target-version", "py310"]
+    check = subprocess.run([sys.executable, "-m", "ruff", "check", *rules, "--select", "E,F,W,I,B,UP,RUF", "."],
+                           cwd=root, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    fmt = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", *rules, "."], cwd=root,
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout
+
+
+def test_cli_new(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["new", "my-method", "--description", "Mine.", "--author", "Ada"]) == 0
+    out = capsys.readouterr().out
+    assert "Created posttrain-my-method in posttrain-my-method/ (17 files)" in out
+    assert "posttrain train my-method --config configs/tiny.yaml" in out
+    assert files_of(tmp_path / "posttrain-my-method") == LAYOUT
+    assert main(["new", "my-method"]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert main(["new", "Bad"]) == 2
+    assert main(["new", "other", "--directory", "elsewhere/pkg", "--author", ""]) == 0
+    assert (tmp_path / "elsewhere" / "pkg" / "pyproject.toml").is_file()
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+
+
+def passing_kit_report(path: Path) -> Path:
+    """A JUnit report of a green tier-full kit run, as CI would hand to --kit-report."""
+    from posttrain.testing.kit import API_CHECKS, FULL_CHECKS
+
+    cases = "".join(f'<testcase classname="tests.test_conformance.TestConformance" name="test_{c}"/>'
+                    for c in API_CHECKS + FULL_CHECKS)
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>')
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".egg-info" not in str(p) and "__pycache__" not in str(p)}
+
+
+@pytest.fixture
+def venv(tmp_path) -> Path:
+    """A venv on top of this one: it sees torch, posttrain and pip through a .pth file, installs into itself."""
+    root = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(root)], check=True)
+    python = root / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    Path(purelib, "_posttrain_parent_venv.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
+    return python
+
+
+@pytest.mark.slow
+def test_new_install_train_promote_end_to_end(venv, tmp_path):
+    """new -> pip install -> list (experimental) -> train warns -> promote refuses without a benchmark and changes
+    nothing -> promote (running the package's own tests and the kit) -> reinstall -> list (stable) -> train silent."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTTRAIN_", "PYTHONPATH"))}
+
+    def run(*args, cwd=tmp_path):
+        out = subprocess.run([str(venv), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
+                             timeout=600)
+        return out
+
+    def posttrain(*args):
+        return run("-m", "posttrain", *args)
+
+    def listed() -> dict:
+        out = posttrain("list", "--json")
+        assert out.returncode == 0, out.stderr
+        return {e["name"]: e for e in json.loads(out.stdout)}
+
+    pkg = tmp_path / "posttrain-my-method"
+    out = posttrain("new", "my-method", "--description", "My method, end to end.", "--author", "Test")
+    assert out.returncode == 0, out.stderr
+    install = ("-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e", pkg)
+    out = run(*install)
+    assert out.returncode == 0, out.stdout + out.stderr
+    entry = listed()["my-method"]
+    assert (entry["status"], entry["version"], entry["package"]) == ("experimental", "0.1.0", "posttrain-my-method")
+
+    from posttrain.testing import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat."}) + "\n" for i in range(8)))
+    train = ("train", "my-method", "--model", model, "--dataset", data, "--max_steps", "2",
+             "--per_device_train_batch_size", "4", "--save_steps", "0", "--disable_progress_bar", "true")
+    out = posttrain(*train, "--output_dir", tmp_path / "run-experimental")
+    assert out.returncode == 0, out.stderr
+    assert "ExperimentalWarning" in out.stderr and "'my-method'" in out.stderr
+    assert "done: 2 steps" in out.stderr and (tmp_path / "run-experimental" / "metrics.jsonl").is_file()
+
+    before = tree(pkg)
+    out = posttrain("promote", pkg, "--kit-report", passing_kit_report(tmp_path / "kit.xml"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "[FAIL] parity or benchmark result" in out.stdout and "Nothing was changed" in out.stdout
+    assert tree(pkg) == before
+
+    (pkg / "BENCHMARK.md").write_text("# Benchmark\n\n2 steps on the tiny model, CPU.\n")
+    out = posttrain("promote", pkg)  # this time the package's own tests run, the conformance kit included
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[ok]   conformance kit green at tier full: 1 kit suite(s), 10 checks" in out.stdout
+    assert "Promoted to stable: posttrain-my-method 1.0.0." in out.stdout
+    assert (pkg / "PROMOTION.md").is_file() and (pkg / "promotion.json").is_file()
+
+    out = run(*install)
+    assert out.returncode == 0, out.stdout + out.stderr
+    entry = listed()["my-method"]
+    assert (entry["status"], entry["version"]) == ("stable", "1.0.0")
+    out = posttrain(*train, "--output_dir", tmp_path / "run-stable")
+    assert out.returncode == 0, out.stderr
+    assert "ExperimentalWarning" not in out.stderr and "experimental" not in out.stderr
