@@ -40,8 +40,7 @@ def test_help_does_not_import_torch():
 
 
 def test_version_flag(capsys):
-    with pytest.raises(SystemExit):
-        main(["--version"])
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("posttrain ")
 
 
@@ -102,7 +101,7 @@ def test_info_shows_package_and_fields(toy_dist, capsys):
 def test_info_unknown_method_is_one_line_error(toy_dist, capsys):
     assert main(["info", "tyo"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Did you mean 'toy'" in err
+    assert err.count("\n") == 1 and "Did you mean" in err and "'toy'" in err
 
 
 def test_train_from_cli_and_yaml(toy_dist, tiny_model_dir, tmp_path):

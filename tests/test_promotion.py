@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest itself depends on tomli there
+    import tomli as tomllib
 
 from posttrain import PosttrainError, promotion, scaffold
 from posttrain.cli import main
@@ -293,7 +297,7 @@ def test_find_package_by_path_name_and_working_directory(tmp_path):
     assert promotion.find_package(str(root)) == root
     assert promotion.find_package("kto", cwd=repo / "docs") == root  # found from anywhere in the repository
     assert promotion.find_package(None, cwd=root / "src" / "posttrain_kto") == root
-    with pytest.raises(PosttrainError, match="no method package's pyproject.toml"):
+    with pytest.raises(PosttrainError, match=r"no method package's pyproject\.toml"):
         promotion.find_package(None, cwd=repo)
     with pytest.raises(PosttrainError, match="cannot find method package 'zz-nothing'"):
         promotion.find_package("zz-nothing", cwd=repo)

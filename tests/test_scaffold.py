@@ -8,10 +8,14 @@ import os
 import site
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest itself depends on tomli there
+    import tomli as tomllib
 
 from posttrain import PosttrainError, scaffold
 from posttrain.cli import main

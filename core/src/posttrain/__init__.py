@@ -6,8 +6,6 @@ one of the names below is actually used, so ``posttrain list`` and ``--help`` st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from posttrain.errors import (
     ConfigError,
     DataError,
@@ -16,6 +14,7 @@ from posttrain.errors import (
     PosttrainError,
 )
 
+TYPE_CHECKING = False  # not imported from typing: keeps `import posttrain` (and `posttrain list`) cheap
 if TYPE_CHECKING:  # pragma: no cover
     from posttrain.config import TrainingConfig
     from posttrain.hookspecs import hookimpl
@@ -49,7 +48,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

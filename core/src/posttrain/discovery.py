@@ -24,7 +24,6 @@ import importlib.util
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
 from importlib import metadata
 
 GROUPS = {"method": "posttrain.methods", "reward": "posttrain.rewards", "plugin": "posttrain.plugins"}
@@ -35,29 +34,41 @@ BROKEN, INCOMPATIBLE, CONFLICT = "broken", "incompatible", "conflict"
 DOCS_PROMOTION = "https://posttrain.readthedocs.io/promotion/"
 
 
-@dataclass
 class Entry:
-    """One thing a distribution provides (a method, a reward or a hook plugin)."""
+    """One thing a distribution provides (a method, a reward or a hook plugin).
 
-    kind: str  # "method" | "reward" | "plugin"
-    name: str  # public name (the entry-point name)
-    value: str  # "module:attr"
-    package: str  # distribution name
-    version: str
-    summary: str
-    status: str  # stable | experimental | inactive | broken | incompatible | conflict
-    declared_status: str  # stable | experimental | inactive, from the classifier alone
-    requires_core: str  # e.g. ">=0.1,<1"; "" when undeclared
-    reason: str = ""  # why the entry is broken / incompatible / in conflict
-    docs_url: str = ""
-    location: str = ""
+    A plain class rather than a dataclass: ``dataclasses`` costs ~20 ms of import on the
+    ``posttrain list`` path.
+    """
+
+    FIELDS = ("kind", "name", "value", "package", "version", "summary", "status", "declared_status",
+              "requires_core", "reason", "docs_url", "location")
+    __slots__ = FIELDS
+
+    def __init__(self, kind: str, name: str, value: str, package: str, version: str, summary: str, status: str,
+                 declared_status: str, requires_core: str, reason: str = "", docs_url: str = "", location: str = ""):
+        self.kind = kind  # "method" | "reward" | "plugin"
+        self.name = name  # public name (the entry-point name)
+        self.value = value  # "module:attr"
+        self.package = package  # distribution name
+        self.version = version
+        self.summary = summary
+        self.status = status  # stable | experimental | inactive | broken | incompatible | conflict
+        self.declared_status = declared_status  # stable | experimental | inactive, from the classifier alone
+        self.requires_core = requires_core  # e.g. ">=0.1,<1"; "" when undeclared
+        self.reason = reason  # why the entry is broken / incompatible / in conflict
+        self.docs_url = docs_url
+        self.location = location
 
     @property
     def usable(self) -> bool:
         return self.status in (STABLE, EXPERIMENTAL)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return f"Entry({self.kind} {self.name!r} from {self.package} {self.version}, {self.status})"
 
 
 # -- status and compatibility, from metadata --------------------------------------------------------
@@ -180,6 +191,13 @@ def discover(kinds: tuple[str, ...] = ("method", "reward", "plugin")) -> list[En
     core = core_version()
     wanted = {GROUPS[k]: k for k in kinds}
     for dist in metadata.distributions():
+        # Cheap filter first: parsing METADATA costs ~1 ms per distribution, entry_points.txt far less.
+        try:
+            text = dist.read_text("entry_points.txt") or ""
+        except Exception:
+            text = ""
+        if "[posttrain." not in text:
+            continue
         try:
             package = dist.metadata["Name"] or ""
         except Exception:  # unreadable METADATA; nothing to show it under
@@ -299,7 +317,8 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
         known = sorted({e.name for e in entries if e.kind == kind})
         hint = _suggest(name, known)
         listing = f" Installed: {', '.join(known)}." if known else f" No {kind} plugins are installed."
-        install = f" Install one with `pip install posttrain-{name}`, or run `posttrain list`." if kind == "method" else ""
+        install = (f" If it is published, install it with `pip install posttrain-{name}`; `posttrain list` shows what "
+                   "is installed." if kind == "method" and not hint else "")
         raise PluginError(f"unknown {kind} {name!r}.{hint}{listing}{install}")
     if len({e.package for e in matches}) > 1:
         packages = sorted({e.package for e in matches})

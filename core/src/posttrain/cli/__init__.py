@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Post-training for language models. Methods are installed as separate packages; "
         "`posttrain list` shows what is installed.",
     )
-    parser.add_argument("--version", action="version", version=f"posttrain {_version()}")
+    parser.add_argument("--version", action="store_true", help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -46,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
-        args = parser.parse_args(argv)  # handles --help, --version and unknown commands
-        if args.command is None:
+        parser = build_parser()
+        args = parser.parse_args(argv)  # handles --help and unknown commands
+        if args.version:
+            print(f"posttrain {_version()}")
+        elif args.command is None:
             parser.print_help()
         return 0
     command, rest = argv[0], argv[1:]

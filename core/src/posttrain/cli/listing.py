@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 
 from posttrain import discovery
@@ -26,7 +26,10 @@ def parser() -> argparse.ArgumentParser:
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
-    term = shutil.get_terminal_size((120, 20)).columns
+    try:
+        term = os.get_terminal_size().columns
+    except OSError:  # not a terminal
+        term = int(os.environ.get("COLUMNS", 120))
     overflow = sum(widths) + 2 * (len(widths) - 1) - term
     if overflow > 0:  # trim the last column (summary / reason) to the terminal
         widths[-1] = max(10, widths[-1] - overflow)
