@@ -34,8 +34,9 @@ def install_all(session: nox.Session, *extra: str) -> None:
 def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
     install_all(session, "pytest-xdist")
+    # two workers with one torch thread each beat one worker with two threads on tiny models
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "posttrain.testing.kit",
-                *session.posargs)
+                *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session

@@ -1,0 +1,245 @@
+"""SFT data: validate rows, tokenize them, mark the tokens that carry loss, pack, and collate micro-batches.
+
+Rows use TRL's dataset types, standard (strings) or conversational (message lists):
+
+- language modeling: ``text`` (or the ``dataset_text_field`` column) / ``messages``;
+- prompt-completion: ``prompt`` + ``completion``.
+
+Optional ``tools`` (a list or JSON string) and ``chat_template_kwargs`` columns reach the chat template, as in TRL.
+Each prepared row is ``{"input_ids", "labels"}`` (``labels`` = ``input_ids`` with -100 where no loss is taken),
+plus ``seq_lengths`` for a packed row.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import warnings
+from collections import deque
+from typing import Any
+
+import torch
+from posttrain import ConfigError, DataError
+from posttrain.data import check, is_conversational
+
+from posttrain_sft.loss import IGNORE_INDEX
+
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """How many leading tokens two sequences share (where the completion starts, as TRL finds it)."""
+    n = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _chat(tokenizer: Any, messages: list[dict], row: dict, **kwargs) -> dict:
+    """``apply_chat_template`` as TRL calls it: tokenized, with the row's ``tools`` and ``chat_template_kwargs``."""
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    extra = row.get("chat_template_kwargs") or {}
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tools=tools, **extra, **kwargs)
+
+
+def tokenize_row(
+    row: dict, index: int, tokenizer: Any, completion_only: bool, assistant_only: bool, diverged: list | None = None
+) -> dict:
+    """One raw row -> ``{"input_ids", "labels"}``, following TRL 1.16's ``SFTTrainer._prepare_dataset``.
+
+    Standard text and completions get the EOS token appended when they do not end with it; conversations end
+    however the chat template ends them. ``completion_only`` masks the prompt; ``assistant_only`` masks every token
+    outside the template's ``{% generation %}`` blocks. Both masks apply when both are on. ``index`` is appended to
+    ``diverged`` when the prompt tokenizes differently alone than followed by its completion.
+
+    Raises:
+        DataError: ``assistant_only`` on a standard row, or a conversation with no assistant token.
+    """
+    conversational = is_conversational(row)
+    if assistant_only and not conversational:
+        raise DataError(
+            f"row {index}: assistant_only_loss is true but the row is standard text, not a conversation; "
+            "assistant turns exist only in message lists. Use `messages` (or conversational prompt/completion) rows, "
+            "or set assistant_only_loss false."
+        )
+    masks: list[list[int]] = []
+    if row.get("completion") is not None:
+        prompt, completion = row["prompt"], row["completion"]
+        if conversational:
+            prompt_ids = _chat(tokenizer, prompt, row, add_generation_prompt=True)["input_ids"]
+            out = _chat(tokenizer, prompt + completion, row, return_assistant_tokens_mask=assistant_only)
+            input_ids = list(out["input_ids"])
+        else:
+            eos = tokenizer.eos_token
+            completion = completion if completion.endswith(eos) else completion + eos
+            prompt_ids = tokenizer(prompt).input_ids
+            input_ids = tokenizer(prompt + completion).input_ids
+            out = {}
+        # The completion starts where the two tokenizations diverge: templates may render a lone prompt differently,
+        # and BPE merges can cross the prompt/completion boundary.
+        n_prompt = common_prefix_length(prompt_ids, input_ids)
+        if n_prompt < len(prompt_ids) and diverged is not None:
+            diverged.append(index)
+        if completion_only:
+            masks.append([0] * n_prompt + [1] * (len(input_ids) - n_prompt))
+    elif conversational:
+        out = _chat(tokenizer, row["messages"], row, return_assistant_tokens_mask=assistant_only)
+        input_ids = list(out["input_ids"])
+    else:
+        text, eos = row["text"], tokenizer.eos_token
+        input_ids = tokenizer(text if text.endswith(eos) else text + eos).input_ids
+        out = {}
+    if assistant_only:
+        assistant = list(out["assistant_masks"])
+        if 1 not in assistant:
+            raise DataError(
+                f"row {index}: assistant_only_loss is true but the chat template marks no token of this conversation "
+                "as the assistant's, so the row would carry no loss. Add an assistant message to the row, or check "
+                "that the template wraps assistant content in {% generation %}...{% endgeneration %}."
+            )
+        masks.append(assistant)
+    labels = [tok if all(m[i] for m in masks) else IGNORE_INDEX for i, tok in enumerate(input_ids)]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pack_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: the indices of the sequences in each bin, bins in creation order.
+
+    Sequences are placed longest first, each into the open bin with the least free space that still holds it
+    (the earliest such bin on ties), else into a new bin: TRL's ``bfd`` strategy, over the whole dataset.
+
+    Args:
+        lengths: length of each sequence, each <= ``capacity``.
+        capacity: tokens per bin (``max_length``).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep dataset order
+    free: list[int] = []  # sorted distinct free-space values that some open bin has
+    bins_with: dict[int, deque] = {}  # free space -> open bins with exactly that much, oldest first
+    bins: list[list[int]] = []
+    for i in order:
+        k = bisect.bisect_left(free, lengths[i])
+        if k < len(free):
+            space = free[k]
+            chosen = bins_with[space].popleft()
+            if not bins_with[space]:
+                del free[k], bins_with[space]
+        else:
+            space, chosen = capacity, []
+            bins.append(chosen)
+        chosen.append(i)
+        left = space - lengths[i]
+        if left > 0:
+            if left not in bins_with:
+                bisect.insort(free, left)
+                bins_with[left] = deque()
+            bins_with[left].append(chosen)
+    return bins
+
+
+def prepare_rows(dataset: Any, tokenizer: Any, config: Any) -> list[dict]:
+    """Validate, tokenize, label, truncate (or pack) every row of ``dataset``.
+
+    Raises:
+        DataError: a bad row (named by index and field).
+        ConfigError: an option the data or tokenizer cannot support.
+    """
+    columns = list(dataset.column_names)
+    field = config.dataset_text_field
+    if field != "text" and field in columns:
+        dataset = dataset.remove_columns([c for c in ("text",) if c in columns]).rename_column(field, "text")
+        columns = list(dataset.column_names)
+    elif field != "text" and not ({"messages", "completion"} & set(columns)):
+        raise DataError(
+            f"dataset_text_field is {field!r} but the dataset has no such column (columns: {columns}). "
+            "Set dataset_text_field to the column that holds the text."
+        )
+    fmt = "prompt_completion" if {"prompt", "completion"} <= set(columns) else "language_modeling"
+    check(dataset, fmt)
+    completion_only = fmt == "prompt_completion" if config.completion_only_loss is None else config.completion_only_loss
+    if completion_only and fmt != "prompt_completion":
+        raise ConfigError(
+            "completion_only_loss is true but the dataset is language modeling (text/messages), which has no "
+            "completion to restrict the loss to. Use prompt/completion rows, use assistant_only_loss for "
+            "conversations, or set completion_only_loss to null."
+        )
+    if len(dataset) and is_conversational(dataset[0]):
+        template = tokenizer.chat_template
+        if template is None:
+            raise DataError(
+                "the dataset is conversational but the tokenizer has no chat template; set "
+                "tokenizer.chat_template (in tokenizer_config.json) or use standard (string) rows."
+            )
+        template = template.get("default", "") if isinstance(template, dict) else template
+        if config.assistant_only_loss and not GENERATION_MARKER.search(template):
+            raise ConfigError(
+                "assistant_only_loss is true but the tokenizer's chat template has no {% generation %} markers, so "
+                "transformers cannot tell which tokens the assistant wrote. Wrap each assistant message, end-of-turn "
+                "token included, in {% generation %}...{% endgeneration %} in the template, or set "
+                "assistant_only_loss false."
+            )
+    diverged: list[int] = []
+    rows = [
+        tokenize_row(row, i, tokenizer, completion_only, config.assistant_only_loss, diverged)
+        for i, row in enumerate(dataset)
+    ]
+    if diverged:
+        warnings.warn(
+            f"{len(diverged)} rows (first: row {diverged[0]}) tokenize their prompt differently alone than followed by "
+            "the completion (a chat template that renders a lone prompt differently, or tokens merging across the "
+            "boundary); their completion starts where the two tokenizations diverge, as in TRL. Training then sees a "
+            "context that differs from inference; end prompts on a token boundary to avoid it.",
+            stacklevel=2,
+        )
+    limit = config.max_length
+    if config.packing:  # bins of whole sequences, each cut to max_length first (TRL's bfd)
+        rows = [{k: r[k][:limit] for k in ("input_ids", "labels")} for r in rows if r["input_ids"]]
+        bins = pack_bfd([len(r["input_ids"]) for r in rows], limit)
+        return [
+            {
+                "input_ids": [t for i in b for t in rows[i]["input_ids"]],
+                "labels": [t for i in b for t in rows[i]["labels"]],
+                "seq_lengths": [len(rows[i]["input_ids"]) for i in b],
+            }
+            for b in bins
+        ]
+    if limit is not None:
+        rows = [{k: r[k][:limit] for k in ("input_ids", "labels")} for r in rows]
+    kept = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"])]
+    if len(kept) < len(rows):
+        warnings.warn(
+            f"{len(rows) - len(kept)} of {len(rows)} rows have no loss token left (after truncation to max_length="
+            f"{limit}) and are skipped. Raise max_length, or shorten the prompts.",
+            stacklevel=2,
+        )
+    return kept
+
+
+def collate(rows: list[dict], pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
+    """A micro-batch: right-padded ``input_ids``/``attention_mask``/``labels``, or one padding-free row.
+
+    Padding-free concatenates every sequence into a single row whose ``position_ids`` restart at 0 for each
+    sequence, with no attention mask: transformers then builds a block-diagonal causal mask from the position
+    restarts, so no token attends across a boundary. The first token of each sequence gets label -100 so it is
+    never predicted from the end of the previous one; the loss equals the padded batch's.
+    """
+    if padding_free:
+        lengths = [n for r in rows for n in r.get("seq_lengths", [len(r["input_ids"])])]
+        input_ids = torch.tensor([t for r in rows for t in r["input_ids"]])[None]  # (1, total)
+        labels = torch.tensor([t for r in rows for t in r["labels"]])[None]  # (1, total)
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, total)
+        labels[position_ids == 0] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
