@@ -1,0 +1,94 @@
+"""The ORPO method object: wires data preparation, the concatenated forward pass and the loss into the loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from posttrain import LossOutput
+from posttrain.ops import token_logps
+
+from posttrain_orpo.config import ORPOConfig
+from posttrain_orpo.data import FORMATS, collate_pairs, prepare_rows
+from posttrain_orpo.loss import orpo_loss
+
+
+def concatenated_forward(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One forward pass over the ``[chosen ; rejected]`` batch; per-token log-probs and their masks.
+
+    Returns a dict of (2B, T-1) tensors aligned with the predicted tokens: ``logps`` (0 at padding),
+    ``token_mask`` (every real token after the first), ``completion_mask`` (completion tokens), and
+    ``mean_logits`` (2B,), the vocabulary-mean logit averaged over completion tokens (a metric).
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (2B, T-1)
+    logps = token_logps(logits[:, :-1], labels)  # (2B, T-1), float32
+    token_mask = attention_mask[:, 1:].to(logps.dtype)
+    completion_mask = batch["completion_mask"][:, 1:].to(logps.dtype)
+    vocab_mean = logits[:, :-1].detach().mean(-1, dtype=torch.float32)  # (2B, T-1), no float copy of the logits
+    mean_logits = (vocab_mean * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1)
+    return {"logps": logps, "token_mask": token_mask, "completion_mask": completion_mask, "mean_logits": mean_logits}
+
+
+def disable_dropout(model: Any) -> None:
+    """Set every ``nn.Dropout`` probability to 0, as TRL does by default for its preference trainers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class ORPO:
+    """Odds Ratio Preference Optimization (arXiv 2403.07691): SFT plus an odds-ratio penalty, no reference model.
+
+    Example::
+
+        from posttrain.loop import train
+        from posttrain_orpo import ORPO, ORPOConfig
+
+        config = ORPOConfig(model="path/to/model", dataset="prefs.jsonl", output_dir="out", beta=0.1)
+        train(ORPO(), config)
+    """
+
+    name = "orpo"
+    config_class = ORPOConfig
+    dataset_formats = FORMATS
+
+    def setup(self, ctx: Any) -> None:
+        if ctx.config.disable_dropout:
+            disable_dropout(ctx.model)
+
+    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+        return prepare_rows(dataset, ctx.tokenizer, ctx.config.max_length, ctx.config.max_prompt_length)
+
+    def collate(self, rows: list[dict], ctx: Any) -> dict[str, torch.Tensor]:
+        return collate_pairs(rows, ctx.tokenizer.pad_token_id)
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: Any) -> LossOutput:
+        """Sum of per-pair ORPO losses over the micro-batch, normalised by the number of pairs."""
+        config = ctx.config
+        out = concatenated_forward(model, batch)
+        n_pairs = batch["input_ids"].shape[0] // 2
+        logps, completion_mask = out["logps"], out["completion_mask"]
+        # ORPO's P(y|x) is the per-token average likelihood, so the odds compare mean log-probs
+        mean_logps = (logps * completion_mask).sum(-1) / completion_mask.sum(-1)  # (2B,)
+        chosen_logps, rejected_logps = mean_logps[:n_pairs], mean_logps[n_pairs:]
+        nll_mask = (out["token_mask"] if config.nll_on_prompt else completion_mask)[:n_pairs]  # (B, T-1)
+        chosen_nll = -(logps[:n_pairs] * nll_mask).sum(-1) / nll_mask.sum(-1)  # (B,)
+        losses, log_odds = orpo_loss(chosen_nll, chosen_logps, rejected_logps, config.beta)
+
+        chosen_rewards, rejected_rewards = config.beta * chosen_logps.detach(), config.beta * rejected_logps.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen_logps.detach().mean(),
+            "logps/rejected": rejected_logps.detach().mean(),
+            "logits/chosen": out["mean_logits"][:n_pairs].mean(),
+            "logits/rejected": out["mean_logits"][n_pairs:].mean(),
+            "nll_loss": chosen_nll.detach().mean(),
+            "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds.detach()).mean(),
+            "log_odds_chosen": log_odds.detach().mean(),
+        }
+        return LossOutput(loss_sum=losses.sum(), n_items=n_pairs, metrics=metrics)

@@ -1,0 +1,50 @@
+"""Fixtures for the posttrain-orpo tests: a tiny model and a synthetic preference task."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+
+def pytest_configure(config):
+    # the kit marks its checks; registered here too so --strict-markers passes without `-p posttrain.testing.kit`
+    config.addinivalue_line("markers", "posttrain_conformance: a posttrain conformance-kit check")
+
+
+def orpo_case_rows(n: int, seed: int) -> list[dict]:
+    """The case-following task: prompt "U:" prefers the upper-case string, "L:" the lower-case one.
+
+    Chosen and rejected hold the same letters, half the prompts want each case, so an untrained model
+    sits near 0.5 preference accuracy and only conditioning on the prompt beats it.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        upper = i % 2 == 0
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(4, 7)))
+        chosen, rejected = (word.upper(), word) if upper else (word, word.upper())
+        rows.append({"prompt": "U:" if upper else "L:", "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def orpo_model_dir(tmp_path_factory):
+    from posttrain.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("orpo") / "model")
+
+
+@pytest.fixture
+def orpo_rows():
+    return orpo_case_rows
+
+
+@pytest.fixture
+def orpo_fresh_warnings(monkeypatch):
+    """Forget which methods already warned, so each test sees the once-per-process warning anew."""
+    from posttrain import discovery
+
+    monkeypatch.setattr(discovery, "_warned", set())
+    monkeypatch.delenv("POSTTRAIN_EXPERIMENTAL_SILENCE", raising=False)
+    return discovery

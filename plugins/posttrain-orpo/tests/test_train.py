@@ -1,0 +1,93 @@
+"""ORPO end to end on a tiny model: it learns a held-out preference, the CLI runs, the experimental warning behaves."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import datasets
+import torch
+from posttrain import ExperimentalWarning
+from posttrain.config import build_config, load_config
+from posttrain.discovery import Entry
+from posttrain.loop import train
+from posttrain.method import TrainContext
+from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain_orpo import ORPO, ORPOConfig
+from posttrain_orpo.method import concatenated_forward
+
+PLUGIN = Path(__file__).resolve().parents[1]
+
+
+def _preference_accuracy(model_dir: Path, rows: list[dict]) -> float:
+    """Share of pairs where the model's token-mean log-prob of chosen beats rejected (ORPO's P(y|x))."""
+    config = build_config(ORPOConfig, {"model": str(model_dir)})
+    ctx = TrainContext(config=config, tokenizer=load_tokenizer(str(model_dir)))
+    method = ORPO()
+    prepared = method.prepare(datasets.Dataset.from_list(rows), ctx)
+    model = load_causal_lm(str(model_dir), config).eval()
+    with torch.no_grad():
+        out = concatenated_forward(model, method.collate(prepared, ctx))
+    mean_logps = (out["logps"] * out["completion_mask"]).sum(-1) / out["completion_mask"].sum(-1)
+    n = len(prepared)
+    return (mean_logps[:n] > mean_logps[n:]).float().mean().item()
+
+
+def test_learns_held_out_preference(orpo_model_dir, orpo_rows, tmp_path):
+    held_out = orpo_rows(32, seed=1)
+    before = _preference_accuracy(orpo_model_dir, held_out)
+    config = dict(model=str(orpo_model_dir), output_dir=str(tmp_path / "run"), learning_rate=1e-2, max_steps=40)
+    config.update(per_device_train_batch_size=8, logging_steps=10, save_steps=0, disable_progress_bar=True)
+    config = build_config(ORPOConfig, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(ORPO(), config, train_dataset=orpo_rows(64, seed=0))
+    after = _preference_accuracy(tmp_path / "run", held_out)
+    losses = [row["loss"] for row in result.log_history if "loss" in row]
+    assert losses[-1] < losses[0]
+    assert after >= 0.85, f"held-out preference accuracy {before:.3f} -> {after:.3f}"
+    assert after >= before + 0.2, f"held-out preference accuracy {before:.3f} -> {after:.3f}"
+
+
+def test_quickstart_command_warns_once_and_logs_orpo_metrics(orpo_model_dir, orpo_fresh_warnings, tmp_path):
+    """The README's command on the shipped config and data, cut to 2 steps."""
+    from posttrain.cli import main
+
+    out = tmp_path / "out"
+    argv = (
+        f"train orpo --config {PLUGIN}/configs/tiny.yaml --model {orpo_model_dir} --dataset {PLUGIN}/configs/tiny.jsonl"
+    )
+    argv += f" --output_dir {out} --max_steps 2 --logging_steps 1 --disable_progress_bar true"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv.split()) == 0
+    ours = [w for w in caught if issubclass(w.category, ExperimentalWarning)]
+    assert len(ours) == 1 and "'orpo'" in str(ours[0].message)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"} <= set(logged[0])
+
+
+def test_silencing_orpo_leaves_cpo_warning(orpo_fresh_warnings, monkeypatch):
+    """POSTTRAIN_EXPERIMENTAL_SILENCE=orpo: resolving orpo is silent, an experimental cpo still warns once."""
+    from posttrain.registry import resolve_method
+
+    monkeypatch.setenv("POSTTRAIN_EXPERIMENTAL_SILENCE", "orpo")
+    cpo = dict(kind="method", name="cpo", value="posttrain_cpo:CPO", package="posttrain-cpo", version="0.1.0")
+    cpo = Entry(**cpo, summary="", status="experimental", declared_status="experimental", requires_core=">=0.1,<1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method_class, entry = resolve_method("orpo")
+        assert method_class is ORPO and entry.declared_status == "experimental"
+        assert orpo_fresh_warnings.warn_if_experimental(cpo) is True
+        assert orpo_fresh_warnings.warn_if_experimental(cpo) is False  # once per process
+    ours = [str(w.message) for w in caught if issubclass(w.category, ExperimentalWarning)]
+    assert len(ours) == 1 and "'cpo'" in ours[0]
+
+
+def test_shipped_yaml_is_a_valid_config():
+    path = PLUGIN / "configs" / "tiny.yaml"
+    config = load_config(ORPOConfig, path, {"model": "unused", "dataset": "unused.jsonl"})
+    assert config.beta == 0.1 and config.max_length == 128
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# posttrain train orpo --config plugins/posttrain-orpo/configs/tiny.yaml")
