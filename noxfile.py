@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
     install_all(session, "pytest-xdist")
     # two workers with one torch thread each beat one worker with two threads on tiny models
-    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "posttrain.testing.kit",
+    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup",
                 *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
@@ -49,7 +49,7 @@ def plugin(session: nox.Session, name: str) -> None:
     leaked = sorted({d["name"] for d in json.loads(installed)} & set(others))
     if leaked:
         session.run("python", "-m", "pip", "uninstall", "-y", *leaked)
-    session.run("python", "-m", "pytest", f"plugins/{name}", "-p", "posttrain.testing.kit", *session.posargs)
+    session.run("python", "-m", "pytest", f"plugins/{name}", *session.posargs)
 
 
 @nox.session
