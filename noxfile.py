@@ -1,13 +1,13 @@
 """Developer sessions. `nox -s tests` is what CI runs; the others are opt-in.
 
-    nox -s tests               # the whole suite: core + every plugin, installed together
-    nox -s "plugin(name='posttrain-dpo')"   # core + one plugin alone (catches hidden dependencies)
-    nox -s lint                # ruff check + format check
-    nox -s docs                # mkdocs build --strict
-    nox -s copies              # "# Copied from" markers still match their source
-    nox -s parity              # per-method comparison against TRL 1.16 (installs trl; not in CI)
-    nox -s bench               # speed/memory against TRL and a bare PyTorch loop (not in CI)
-    nox -s demo                # the end-to-end demo
+nox -s tests               # the whole suite: core + every plugin, installed together
+nox -s "plugin(name='posttrain-dpo')"   # core + one plugin alone (catches hidden dependencies)
+nox -s lint                # ruff check + format check
+nox -s docs                # mkdocs build --strict
+nox -s copies              # "# Copied from" markers still match their source
+nox -s parity              # per-method comparison against TRL 1.16 (installs trl; not in CI)
+nox -s bench               # speed/memory against TRL and a bare PyTorch loop (not in CI)
+nox -s demo                # the end-to-end demo
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
     install_all(session, "pytest-xdist")
     # two workers with one torch thread each beat one worker with two threads on tiny models
-    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup",
-                *session.posargs, env={"OMP_NUM_THREADS": "1"})
+    session.run(
+        "python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs, env={"OMP_NUM_THREADS": "1"}
+    )
 
 
 @nox.session
@@ -88,8 +89,10 @@ def parity(session: nox.Session) -> None:
     (out / "parity.json").write_text(json.dumps(results, indent=2))
     lines = ["| plugin | method | TRL | steps | max rel. diff | target | passed |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['plugin']} | {r.get('method')} | {r.get('trl_version')} | {r.get('steps')} | "
-                     f"{r.get('max_rel_diff', float('nan')):.2e} | {r.get('target')} | {r.get('passed')} |")
+        lines.append(
+            f"| {r['plugin']} | {r.get('method')} | {r.get('trl_version')} | {r.get('steps')} | "
+            f"{r.get('max_rel_diff', float('nan')):.2e} | {r.get('target')} | {r.get('passed')} |"
+        )
     (out / "parity.md").write_text("# Parity against TRL\n\n" + "\n".join(lines) + "\n")
     session.log("\n".join(lines))
     if not all(r.get("passed") for r in results):

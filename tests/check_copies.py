@@ -55,7 +55,7 @@ def main() -> int:
                 problems.append(f"{path}:{i + 1}: cannot find the source {m.group(2)}")
                 continue
             original = definition(*target)
-            following = "\n".join(lines[i + 1:])
+            following = "\n".join(lines[i + 1 :])
             name_match = re.match(r"\s*(?:async\s+def|def|class)\s+(\w+)", following)
             copy = definition(path, name_match.group(1)) if name_match else None
             if original is None or copy is None:
@@ -66,8 +66,9 @@ def main() -> int:
                     a, b = (s.strip() for s in pair.split("->"))
                     original = original.replace(a, b)
             if original.strip() != copy.strip():
-                diff = "\n".join(difflib.unified_diff(original.splitlines(), copy.splitlines(), "source", "copy",
-                                                      lineterm=""))
+                diff = "\n".join(
+                    difflib.unified_diff(original.splitlines(), copy.splitlines(), "source", "copy", lineterm="")
+                )
                 problems.append(f"{path}:{i + 1}: copy of {m.group(2)} has drifted:\n{diff}")
     for p in problems:
         print(p)

@@ -16,8 +16,12 @@ def _isolated_plugins(monkeypatch):
     """No leaked warning state, operator lists or plugin manager between tests."""
     from posttrain import discovery, registry
 
-    for var in ("POSTTRAIN_EXPERIMENTAL_SILENCE", "POSTTRAIN_PLUGINS", "POSTTRAIN_DISABLE_PLUGINS",
-                "POSTTRAIN_STRICT_PLUGINS"):
+    for var in (
+        "POSTTRAIN_EXPERIMENTAL_SILENCE",
+        "POSTTRAIN_PLUGINS",
+        "POSTTRAIN_DISABLE_PLUGINS",
+        "POSTTRAIN_STRICT_PLUGINS",
+    ):
         monkeypatch.delenv(var, raising=False)
     discovery._warned.clear()
     registry.reset_plugin_manager()
@@ -32,22 +36,39 @@ class FakeSite:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def add(self, name: str, version: str = "1.0.0", *, status: str | None = "5 - Production/Stable",
-            requires: str | None = "posttrain>=0.1,<1", methods: dict[str, str] | None = None,
-            rewards: dict[str, str] | None = None, plugins: dict[str, str] | None = None,
-            summary: str | None = None, module: str | None = None, code: str | None = None) -> Path:
+    def add(
+        self,
+        name: str,
+        version: str = "1.0.0",
+        *,
+        status: str | None = "5 - Production/Stable",
+        requires: str | None = "posttrain>=0.1,<1",
+        methods: dict[str, str] | None = None,
+        rewards: dict[str, str] | None = None,
+        plugins: dict[str, str] | None = None,
+        summary: str | None = None,
+        module: str | None = None,
+        code: str | None = None,
+    ) -> Path:
         dist = self.root / f"{name.replace('-', '_')}-{version}.dist-info"
         dist.mkdir(parents=True, exist_ok=True)
-        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
-                 f"Summary: {summary if summary is not None else name + ' test plugin'}"]
+        lines = [
+            "Metadata-Version: 2.1",
+            f"Name: {name}",
+            f"Version: {version}",
+            f"Summary: {summary if summary is not None else name + ' test plugin'}",
+        ]
         if status:
             lines.append(f"Classifier: Development Status :: {status}")
         if requires:
             lines.append(f"Requires-Dist: {requires}")
         (dist / "METADATA").write_text("\n".join(lines) + "\n")
         eps = []
-        for group, items in (("posttrain.methods", methods), ("posttrain.rewards", rewards),
-                             ("posttrain.plugins", plugins)):
+        for group, items in (
+            ("posttrain.methods", methods),
+            ("posttrain.rewards", rewards),
+            ("posttrain.plugins", plugins),
+        ):
             if items:
                 eps.append(f"[{group}]")
                 eps += [f"{k} = {v}" for k, v in items.items()]
@@ -79,7 +100,7 @@ def tiny_model_dir(tmp_path_factory):
 
 # -- a toy method: next-token cross-entropy, enough to exercise the loop ---------------------------------
 
-TOY_METHOD_SOURCE = '''
+TOY_METHOD_SOURCE = """
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +146,7 @@ class Toy:
         if ctx.step == ctx.config.nan_at_step:
             loss_sum = loss_sum * float("nan")
         return LossOutput(loss_sum, n, {"num_tokens": n.float()})
-'''
+"""
 
 
 @pytest.fixture(scope="session")
@@ -151,8 +172,17 @@ class Runner:
     tmp: Path
 
     def config(self, name: str, **kw):
-        base = dict(model=str(self.model_dir), output_dir=str(self.tmp / name), max_steps=4, learning_rate=1e-3,
-                    per_device_train_batch_size=4, logging_steps=1, save_steps=0, disable_progress_bar=True, seed=0)
+        base = dict(
+            model=str(self.model_dir),
+            output_dir=str(self.tmp / name),
+            max_steps=4,
+            learning_rate=1e-3,
+            per_device_train_batch_size=4,
+            logging_steps=1,
+            save_steps=0,
+            disable_progress_bar=True,
+            seed=0,
+        )
         base.update(kw)
         return self.module.ToyConfig(**base)
 

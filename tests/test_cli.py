@@ -8,23 +8,30 @@ import subprocess
 import sys
 
 import pytest
-
 from posttrain.cli import main
 
 GOOD = "class Method:\n    pass\n"
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "posttrain", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_list_does_not_import_torch_or_plugins(fake_site):
-    fake_site.add("pt-heavy", methods={"zz-heavy": "pt_heavy:Method"}, module="pt_heavy",
-                  code="raise RuntimeError('imported!')\n")
-    code = ("import sys; from posttrain.cli import main; main(['list']); "
-            "bad = [m for m in ('torch', 'transformers', 'pluggy', 'yaml', 'rich', 'pt_heavy') if m in sys.modules]; "
-            "print('IMPORTED', bad)")
+    fake_site.add(
+        "pt-heavy", methods={"zz-heavy": "pt_heavy:Method"}, module="pt_heavy", code="raise RuntimeError('imported!')\n"
+    )
+    code = (
+        "import sys; from posttrain.cli import main; main(['list']); "
+        "bad = [m for m in ('torch', 'transformers', 'pluggy', 'yaml', 'rich', 'pt_heavy') if m in sys.modules]; "
+        "print('IMPORTED', bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout
@@ -32,8 +39,10 @@ def test_list_does_not_import_torch_or_plugins(fake_site):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom posttrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules)")
+    code = (
+        "import sys\nfrom posttrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "TORCH False" in out.stdout
     assert "list" in out.stdout and "train" in out.stdout
@@ -86,8 +95,15 @@ def test_list_hides_inactive_unless_all(fake_site, capsys):
 
 @pytest.fixture
 def toy_dist(fake_site, toy_method_source):
-    fake_site.add("posttrain-toy", version="0.3.0", status="3 - Alpha", methods={"toy": "pt_toy_cli:Toy"},
-                  module="pt_toy_cli", code=toy_method_source, summary="Toy next-token method")
+    fake_site.add(
+        "posttrain-toy",
+        version="0.3.0",
+        status="3 - Alpha",
+        methods={"toy": "pt_toy_cli:Toy"},
+        module="pt_toy_cli",
+        code=toy_method_source,
+        summary="Toy next-token method",
+    )
     return fake_site
 
 
@@ -109,8 +125,19 @@ def test_train_from_cli_and_yaml(toy_dist, tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps({"text": f"abc {i} " * (1 + i % 3)}) + "\n" for i in range(16)))
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {tiny_model_dir}\nlearning_rate: 1e-3\nmax_steps: 3\nlogging_steps: 1\n")
-    out = run_cli("train", "toy", "--config", str(config), "--dataset", str(data), "--output_dir",
-                  str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--disable_progress_bar")
+    out = run_cli(
+        "train",
+        "toy",
+        "--config",
+        str(config),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--per_device_train_batch_size",
+        "4",
+        "--disable_progress_bar",
+    )
     assert out.returncode == 0, out.stderr
     assert "ExperimentalWarning" in out.stderr and "toy" in out.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -121,8 +148,13 @@ def test_train_from_cli_and_yaml(toy_dist, tiny_model_dir, tmp_path):
     saved = yaml.safe_load((tmp_path / "out" / "posttrain_config.yaml").read_text())
     assert saved["method"] == "toy" and saved["learning_rate"] == 1e-3 and saved["max_steps"] == 3
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert provenance["plugins_used"][0] == {"name": "toy", "kind": "method", "package": "posttrain-toy",
-                                             "version": "0.3.0", "status": "experimental"}
+    assert provenance["plugins_used"][0] == {
+        "name": "toy",
+        "kind": "method",
+        "package": "posttrain-toy",
+        "version": "0.3.0",
+        "status": "experimental",
+    }
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 

@@ -6,8 +6,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
-
-from posttrain.config import TrainingConfig, build_config, describe_fields, load_config, parse_cli_overrides, save_config
+from posttrain.config import (
+    TrainingConfig,
+    build_config,
+    describe_fields,
+    load_config,
+    parse_cli_overrides,
+    save_config,
+)
 from posttrain.errors import ConfigError
 
 
@@ -21,7 +27,12 @@ class DemoConfig(TrainingConfig):
 
 def test_cli_overrides_parse_flags_and_values():
     assert parse_cli_overrides(["--a", "1", "--flag", "--b=x y", "--c", "true", "--d-e", "2"]) == {
-        "a": "1", "flag": True, "b": "x y", "c": "true", "d_e": "2"}
+        "a": "1",
+        "flag": True,
+        "b": "x y",
+        "c": "true",
+        "d_e": "2",
+    }
     with pytest.raises(ConfigError, match="unexpected argument 'oops'"):
         parse_cli_overrides(["oops"])
 
@@ -29,8 +40,17 @@ def test_cli_overrides_parse_flags_and_values():
 def test_yaml_then_cli_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("learning_rate: 1e-5\nbeta: 0.5\nreport_to: [tensorboard]\nloss_type: hinge\n")
-    config = load_config(DemoConfig, path, {"beta": "0.25", "bf16": "false", "reward_funcs": "accuracy,format",
-                                            "reward_weights": "1.0,0.2", "max_steps": "7"})
+    config = load_config(
+        DemoConfig,
+        path,
+        {
+            "beta": "0.25",
+            "bf16": "false",
+            "reward_funcs": "accuracy,format",
+            "reward_weights": "1.0,0.2",
+            "max_steps": "7",
+        },
+    )
     assert config.learning_rate == 1e-5  # YAML reads 1e-5 as a string; it is coerced
     assert config.beta == 0.25 and config.bf16 is False and config.max_steps == 7
     assert config.reward_funcs == ["accuracy", "format"] and config.reward_weights == [1.0, 0.2]
@@ -50,13 +70,15 @@ def test_unknown_key_suggests_and_all_problems_reported():
 
 @pytest.mark.parametrize(
     ("values", "message"),
-    [({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
-     ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be >= 1"),
-     ({"max_steps": 0}, "max_steps must be > 0"),
-     ({"bf16": True, "fp16": True}, "choose one mixed-precision mode"),
-     ({"warmup_ratio": 1.5}, "warmup_ratio"),
-     ({"bf16": "maybe"}, "expected true or false"),
-     ({"save_total_limit": 0}, "save_total_limit")],
+    [
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
+        ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be >= 1"),
+        ({"max_steps": 0}, "max_steps must be > 0"),
+        ({"bf16": True, "fp16": True}, "choose one mixed-precision mode"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"bf16": "maybe"}, "expected true or false"),
+        ({"save_total_limit": 0}, "save_total_limit"),
+    ],
 )
 def test_invalid_values(values, message):
     with pytest.raises(ConfigError, match=message):

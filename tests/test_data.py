@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from posttrain import data
 from posttrain.errors import DataError
 
@@ -82,9 +81,11 @@ def test_validate_wrong_format_says_what_it_looks_like():
 
 
 def test_validate_message_problems():
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]},
-            {"messages": [{"role": "user", "content": 3}]},
-            {"messages": []}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]},
+        {"messages": [{"role": "user", "content": 3}]},
+        {"messages": []},
+    ]
     problems = data.validate(rows_ds(rows), "language_modeling")
     assert "unknown role 'wizard'" in problems[0].problem and problems[0].row == 0
     assert "non-string content" in problems[1].problem and problems[1].row == 1
@@ -112,9 +113,12 @@ def test_check_raises_with_pointer_to_check_data():
 def test_extract_prompt_standard_and_conversational():
     row = data.extract_prompt({"chosen": "The sky is blue", "rejected": "The sky is green"})
     assert row == {"prompt": "The sky is ", "chosen": "blue", "rejected": "green"}
-    conv = data.extract_prompt({
-        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})
+    conv = data.extract_prompt(
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}],
+        }
+    )
     assert conv["prompt"] == [{"role": "user", "content": "q"}]
     assert conv["chosen"] == [{"role": "assistant", "content": "good"}]
     explicit = {"prompt": "p", "chosen": "a", "rejected": "b"}

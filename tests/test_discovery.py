@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import metadata
 
 import pytest
-
 from posttrain import discovery
 from posttrain.errors import PluginError
 
@@ -20,8 +19,9 @@ def test_stable_and_experimental_status_from_classifier(fake_site):
     fake_site.add("pt-stable", methods={"zz-stable": "pt_stable:Method"}, module="pt_stable", code=GOOD)
     fake_site.add("pt-beta", status="4 - Beta", methods={"zz-beta": "pt_beta:Method"}, module="pt_beta", code=GOOD)
     fake_site.add("pt-none", status=None, methods={"zz-none": "pt_none:Method"}, module="pt_none", code=GOOD)
-    fake_site.add("pt-mature", status="6 - Mature", methods={"zz-mature": "pt_mature:Method"}, module="pt_mature",
-                  code=GOOD)
+    fake_site.add(
+        "pt-mature", status="6 - Mature", methods={"zz-mature": "pt_mature:Method"}, module="pt_mature", code=GOOD
+    )
     found = names()
     assert found["zz-stable"].status == "stable"
     assert found["zz-mature"].status == "stable"
@@ -62,16 +62,25 @@ def test_broken_module_missing(fake_site):
 
 
 def test_broken_invalid_name_and_value(fake_site):
-    fake_site.add("pt-badname", methods={"Bad_Name": "pt_badname:Method", "zz-novalue": "pt_badname"},
-                  module="pt_badname", code=GOOD)
+    fake_site.add(
+        "pt-badname",
+        methods={"Bad_Name": "pt_badname:Method", "zz-novalue": "pt_badname"},
+        module="pt_badname",
+        code=GOOD,
+    )
     found = names()
     assert found["Bad_Name"].status == "broken" and "invalid name" in found["Bad_Name"].reason
     assert found["zz-novalue"].status == "broken" and "module:attribute" in found["zz-novalue"].reason
 
 
 def test_incompatible_core_range(fake_site):
-    fake_site.add("pt-future", requires="posttrain>=9.0,<10", methods={"zz-future": "pt_future:Method"},
-                  module="pt_future", code=GOOD)
+    fake_site.add(
+        "pt-future",
+        requires="posttrain>=9.0,<10",
+        methods={"zz-future": "pt_future:Method"},
+        module="pt_future",
+        code=GOOD,
+    )
     entry = names()["zz-future"]
     assert entry.status == "incompatible"
     assert ">=9.0,<10" in entry.reason and discovery.core_version() in entry.reason
@@ -80,8 +89,13 @@ def test_incompatible_core_range(fake_site):
 
 
 def test_malformed_core_requirement_is_broken(fake_site):
-    fake_site.add("pt-garbled", requires="posttrain (>=banana)", methods={"zz-garbled": "pt_garbled:Method"},
-                  module="pt_garbled", code=GOOD)
+    fake_site.add(
+        "pt-garbled",
+        requires="posttrain (>=banana)",
+        methods={"zz-garbled": "pt_garbled:Method"},
+        module="pt_garbled",
+        code=GOOD,
+    )
     entry = names()["zz-garbled"]
     assert entry.status == "broken" and "malformed" in entry.reason
 
@@ -113,8 +127,13 @@ def test_unknown_method_suggests_installed_names(fake_site):
 
 
 def test_rewards_and_plugins_groups(fake_site):
-    fake_site.add("pt-rw", rewards={"zz-acc": "pt_rw:acc"}, plugins={"zz-logger": "pt_rw"}, module="pt_rw",
-                  code="def acc(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    fake_site.add(
+        "pt-rw",
+        rewards={"zz-acc": "pt_rw:acc"},
+        plugins={"zz-logger": "pt_rw"},
+        module="pt_rw",
+        code="def acc(prompts, completions, **kw):\n    return [1.0] * len(completions)\n",
+    )
     assert names("reward")["zz-acc"].status == "stable"
     assert names("plugin")["zz-logger"].status == "stable"
 
@@ -131,9 +150,18 @@ def test_operator_allow_and_block_lists(fake_site, monkeypatch):
 
 @pytest.mark.parametrize(
     ("version", "spec", "expected"),
-    [("0.1.0", ">=0.1,<1", True), ("1.0.0", ">=0.1,<1", False), ("0.1.5", "~=0.1.0", True), ("0.2.0", "~=0.1.0", False),
-     ("0.1.0", "==0.1.*", True), ("0.2", "==0.1.*", False), ("0.1.0", "!=0.1.0", False), ("2.0", ">1.9", True),
-     ("0.1.0.dev1", ">=0.1", True), ("1.0", "", True)],
+    [
+        ("0.1.0", ">=0.1,<1", True),
+        ("1.0.0", ">=0.1,<1", False),
+        ("0.1.5", "~=0.1.0", True),
+        ("0.2.0", "~=0.1.0", False),
+        ("0.1.0", "==0.1.*", True),
+        ("0.2", "==0.1.*", False),
+        ("0.1.0", "!=0.1.0", False),
+        ("2.0", ">1.9", True),
+        ("0.1.0.dev1", ">=0.1", True),
+        ("1.0", "", True),
+    ],
 )
 def test_version_satisfies(version, spec, expected):
     assert discovery.version_satisfies(version, spec) is expected

@@ -37,13 +37,36 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, toy_method_source):
     (tmp_path / "posttrain_ddp_toy.py").write_text(toy_method_source)
     (tmp_path / "run.py").write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tiny_model_dir),
-                          str(tmp_path / "one"), "4"], capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tiny_model_dir), str(tmp_path / "one"), "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(tmp_path / "run.py"),
-                          str(tmp_path), str(tiny_model_dir), str(tmp_path / "two"), "2"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(tmp_path / "run.py"),
+            str(tmp_path),
+            str(tiny_model_dir),
+            str(tmp_path / "two"),
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     losses_one = json.loads((tmp_path / "one" / "losses.json").read_text())
     losses_two = json.loads((tmp_path / "two" / "losses.json").read_text())
@@ -53,4 +76,6 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, toy_method_source):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # each process wrote its own RNG state into the shared checkpoint
     assert {p.name for p in (tmp_path / "two" / "checkpoint-2").glob("rng_state_*.pt")} == {
-        "rng_state_0.pt", "rng_state_1.pt"}
+        "rng_state_0.pt",
+        "rng_state_1.pt",
+    }

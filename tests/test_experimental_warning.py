@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
-
 import posttrain
+import pytest
 from posttrain import discovery, registry
 
 CODE = "class Method:\n    name = 'x'\n"

@@ -6,7 +6,6 @@ import inspect
 import warnings
 
 import pytest
-
 from posttrain import hookspecs, registry
 from posttrain.errors import PluginError
 
@@ -17,8 +16,11 @@ def hook_functions():
 
 def test_every_hook_is_documented_with_an_example():
     hooks = hook_functions()
-    assert {h.__name__ for h in hooks} >= {"posttrain_register_methods", "posttrain_register_rewards",
-                                           "posttrain_add_callbacks"}
+    assert {h.__name__ for h in hooks} >= {
+        "posttrain_register_methods",
+        "posttrain_register_rewards",
+        "posttrain_add_callbacks",
+    }
     for hook in hooks:
         doc = inspect.getdoc(hook)
         assert "Example::" in doc and ":param" in doc and "versionadded" in doc, hook.__name__
@@ -68,8 +70,12 @@ def test_invalid_method_name_rejected():
 
 
 def test_register_reward_through_hook_and_entry_point(pm, fake_site):
-    fake_site.add("pt-rewards-x", rewards={"zz-ep-reward": "pt_rewards_x:score"}, module="pt_rewards_x",
-                  code="def score(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    fake_site.add(
+        "pt-rewards-x",
+        rewards={"zz-ep-reward": "pt_rewards_x:score"},
+        module="pt_rewards_x",
+        code="def score(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n",
+    )
 
     class Plugin:
         @hookspecs.hookimpl
@@ -131,8 +137,12 @@ def test_misspelled_hook_is_an_error():
 
 
 def test_broken_plugin_module_is_skipped_with_warning(fake_site):
-    fake_site.add("pt-badhooks", plugins={"zz-badhooks": "pt_badhooks"}, module="pt_badhooks",
-                  code="raise ImportError('missing dependency foo')\n")
+    fake_site.add(
+        "pt-badhooks",
+        plugins={"zz-badhooks": "pt_badhooks"},
+        module="pt_badhooks",
+        code="raise ImportError('missing dependency foo')\n",
+    )
     registry.reset_plugin_manager()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -141,8 +151,12 @@ def test_broken_plugin_module_is_skipped_with_warning(fake_site):
 
 
 def test_strict_plugins_turns_failure_into_error(fake_site, monkeypatch):
-    fake_site.add("pt-badhooks2", plugins={"zz-badhooks2": "pt_badhooks2"}, module="pt_badhooks2",
-                  code="raise ImportError('nope')\n")
+    fake_site.add(
+        "pt-badhooks2",
+        plugins={"zz-badhooks2": "pt_badhooks2"},
+        module="pt_badhooks2",
+        code="raise ImportError('nope')\n",
+    )
     monkeypatch.setenv("POSTTRAIN_STRICT_PLUGINS", "1")
     registry.reset_plugin_manager()
     with pytest.raises(PluginError, match="zz-badhooks2"):

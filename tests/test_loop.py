@@ -9,10 +9,9 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from posttrain.errors import PosttrainError
 from posttrain.loop import NonFiniteLossError
+from safetensors.torch import load_file
 
 
 def weights(path):
@@ -35,8 +34,12 @@ def test_accumulation_equivalence_with_uneven_lengths(runner, toy_rows):
     """
     lengths = {len(r["text"]) for r in toy_rows[:8]}
     assert len(lengths) > 3
-    runs = {(b, a): runner.train(toy_rows, f"ga-{b}-{a}", max_steps=3, per_device_train_batch_size=b,
-                                 gradient_accumulation_steps=a) for b, a in ((8, 1), (1, 8), (2, 4))}
+    runs = {
+        (b, a): runner.train(
+            toy_rows, f"ga-{b}-{a}", max_steps=3, per_device_train_batch_size=b, gradient_accumulation_steps=a
+        )
+        for b, a in ((8, 1), (1, 8), (2, 4))
+    }
     ref = losses(runs[(8, 1)])
     for key, result in runs.items():
         assert losses(result) == pytest.approx(ref, rel=1e-5), key
@@ -117,7 +120,9 @@ def test_resume_from_partial_checkpoint_is_refused(runner, toy_rows):
     runner.train(toy_rows, "partial", max_steps=3, save_steps=1)
     os.remove(runner.tmp / "partial" / "checkpoint-2" / "trainer_state.json")
     with pytest.raises(PosttrainError, match="incomplete or corrupt.*checkpoint-1"):
-        runner.train(toy_rows, "partial", max_steps=4, resume_from_checkpoint=str(runner.tmp / "partial" / "checkpoint-2"))
+        runner.train(
+            toy_rows, "partial", max_steps=4, resume_from_checkpoint=str(runner.tmp / "partial" / "checkpoint-2")
+        )
     (runner.tmp / "partial" / "checkpoint-1" / "optimizer.pt").write_bytes(b"garbage")
     with pytest.raises(PosttrainError, match="corrupt or incomplete"):
         runner.train(toy_rows, "partial", max_steps=4, resume_from_checkpoint="latest")
@@ -162,8 +167,17 @@ def test_sigint_saves_resumable_checkpoint(runner, toy_rows, toy_module):
 def test_metrics_eval_rotation_and_final_model(runner, toy_rows):
     from transformers import AutoModelForCausalLM
 
-    result = runner.train(toy_rows, "full-run", max_steps=6, save_steps=2, save_total_limit=1, eval_steps=3,
-                          eval_dataset=toy_rows[:6], logging_steps=2, warmup_steps=2)
+    result = runner.train(
+        toy_rows,
+        "full-run",
+        max_steps=6,
+        save_steps=2,
+        save_total_limit=1,
+        eval_steps=3,
+        eval_dataset=toy_rows[:6],
+        logging_steps=2,
+        warmup_steps=2,
+    )
     out = runner.tmp / "full-run"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -200,8 +214,9 @@ def test_lora_trains_adapters_only(runner, toy_rows):
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     runner.train(toy_rows, "lora-resume", max_steps=4, save_steps=2, use_peft=True, lora_r=4)
     shutil.copytree(runner.tmp / "lora-resume" / "checkpoint-2", runner.tmp / "lora-part" / "checkpoint-2")
-    runner.train(toy_rows, "lora-part", max_steps=4, save_steps=2, use_peft=True, lora_r=4,
-                 resume_from_checkpoint="latest")
+    runner.train(
+        toy_rows, "lora-part", max_steps=4, save_steps=2, use_peft=True, lora_r=4, resume_from_checkpoint="latest"
+    )
     a = load_file(str(runner.tmp / "lora-resume" / "adapter_model.safetensors"))
     b = load_file(str(runner.tmp / "lora-part" / "adapter_model.safetensors"))
     assert max_diff(a, b) == 0.0

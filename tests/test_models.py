@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from posttrain import models
 from posttrain.config import TrainingConfig
 from posttrain.errors import ConfigError, PosttrainError
@@ -24,8 +23,9 @@ def test_missing_and_non_model_paths(tmp_path):
 def test_not_a_causal_lm(tmp_path):
     from transformers import DistilBertConfig, DistilBertModel
 
-    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=32,
-                                     vocab_size=50)).save_pretrained(tmp_path / "bert")
+    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=50)).save_pretrained(
+        tmp_path / "bert"
+    )
     with pytest.raises(PosttrainError, match="cannot be loaded as AutoModelForCausalLM"):
         models.load_causal_lm(str(tmp_path / "bert"), TrainingConfig())
 
@@ -88,7 +88,8 @@ def test_token_logps_matches_cross_entropy():
     logits = torch.randn(2, 5, 11)
     labels = torch.randint(0, 11, (2, 5))
     labels[0, :2] = -100
-    expected = -torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="none",
-                                                  ignore_index=-100).reshape(2, 5)
+    expected = -torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 11), labels.reshape(-1), reduction="none", ignore_index=-100
+    ).reshape(2, 5)
     assert torch.allclose(token_logps(logits, labels), expected, atol=1e-6)
     assert (token_logps(logits, labels)[0, :2] == 0).all()

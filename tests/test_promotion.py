@@ -163,6 +163,7 @@ def test_method_nav_groups_pages_by_status(tmp_path):
     for name, status in [("dpo", "stable"), ("kto", "experimental"), ("old", "retired"), ("sft", "stable")]:
         (methods / f"{name}.md").write_text(f"---\nstatus: {status}\n---\n\n# {name}\n")
     (methods / "bare.md").write_text("# no front matter\n")
+    (methods / "index.md").write_text("# Methods\n")  # the overview page is not a method
     assert promotion.method_nav(tmp_path) == [
         {"Stable": ["methods/dpo.md", "methods/sft.md"]},
         {"Experimental": ["methods/bare.md", "methods/kto.md"]},
@@ -336,7 +337,8 @@ def test_promote_refuses_and_changes_nothing_when_a_criterion_fails(package, gre
     assert promote(package, "--kit-report", green) == 1
     out = capsys.readouterr().out
     assert "[FAIL] parity or benchmark result: no parity/result.json" in out
-    assert "Not promoted: 1 of 5 criteria failed (parity). Nothing was changed." in out
+    assert "Not promoted: 1 of 5 criteria failed (parity). Nothing was changed. The criteria are explained in " \
+           "https://posttrain.readthedocs.io/promotion/" in out
     assert snapshot(package) == before
 
 
@@ -435,3 +437,14 @@ def test_promote_without_a_kit_report_in_a_subprocess_reports_the_install_proble
                          text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert "[FAIL] conformance kit green at tier full: posttrain-toy-method is not installed" in out.stdout
+
+
+def test_docs_page_option(package, green, tmp_path):
+    elsewhere = tmp_path / "site" / "toy-method.md"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("# toy-method\n\nThe page the site builds.\n")
+    assert promote(package, "--kit-report", green, "--docs-page", elsewhere) == 0
+    assert promotion.docs_status(elsewhere.read_text()) == "stable"
+    assert promotion.docs_status((package / "docs" / "toy-method.md").read_text()) == "experimental"
+    assert main(["demote", str(package), "--docs-page", str(elsewhere)]) == 0
+    assert promotion.docs_status(elsewhere.read_text()) == "deprecated"

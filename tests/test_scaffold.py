@@ -186,6 +186,7 @@ def test_new_install_train_promote_end_to_end(venv, tmp_path):
     """new -> pip install -> list (experimental) -> train warns -> promote refuses without a benchmark and changes
     nothing -> promote (running the package's own tests and the kit) -> reinstall -> list (stable) -> train silent."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTTRAIN_", "PYTHONPATH"))}
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: one thread is fastest, and kind to a busy machine
 
     def run(*args, cwd=tmp_path):
         out = subprocess.run([str(venv), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,

@@ -8,8 +8,9 @@ package moves its page to the Stable section on the next build.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -83,8 +83,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, accelerator, model, optimizer, scheduler,
-                    tokenizer=None, method=None, state: dict | None = None, save_total_limit: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    tokenizer=None,
+    method=None,
+    state: dict | None = None,
+    save_total_limit: int | None = None,
+) -> Path:
     """Write ``checkpoint-<step>`` atomically; every process must call this (collective)."""
     import torch
 
@@ -174,7 +185,9 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
             tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
             really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
             if really_missing or unexpected:
-                raise ValueError(f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})")
+                raise ValueError(
+                    f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})"
+                )
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if method is not None and hasattr(method, "load_state_dict") and (path / "method_state.pt").is_file():

@@ -304,8 +304,10 @@ def describe_fields(config_class: type) -> list[tuple[str, str, Any, str]]:
                     comments[name] = stripped.split("#", 1)[1].strip()
     out = []
     for f in dataclasses.fields(config_class):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         out.append((f.name, str(type_name), default, comments.get(f.name, "")))

@@ -74,7 +74,7 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         except Exception as exc:
             raise DataError(f"{path} is a directory but not a dataset saved with `save_to_disk`: {exc}") from None
         return load_dataset(loaded, split)
-    if path.suffix.lower() in _SUFFIXES or path.exists() or "/" not in text and "." in text:
+    if path.suffix.lower() in _SUFFIXES or path.exists() or ("/" not in text and "." in text):
         if not path.is_file():
             raise DataError(f"dataset file {text!r} does not exist. Check the path (relative to {Path.cwd()}).")
         if path.stat().st_size == 0:
@@ -115,7 +115,9 @@ def detect_format(columns: list[str] | set[str]) -> str | None:
 
 def _check_messages(value: Any, row: int, column: str) -> RowProblem | None:
     if not isinstance(value, list) or not value:
-        return RowProblem(row, column, "must be a non-empty list of messages", 'Each message is {"role": ..., "content": ...}.')
+        return RowProblem(
+            row, column, "must be a non-empty list of messages", 'Each message is {"role": ..., "content": ...}.'
+        )
     for j, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             return RowProblem(row, column, f"message {j} is not a {{'role', 'content'}} mapping: {message!r}")
@@ -161,7 +163,9 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
     return problems
 
 
-def validate(dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset", limit: int | None = None) -> list[RowProblem]:
+def validate(
+    dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset", limit: int | None = None
+) -> list[RowProblem]:
     """Check every row against the first of ``formats`` the columns match; return all problems."""
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
@@ -170,8 +174,14 @@ def validate(dataset: Any, formats: tuple[str, ...] | str, source: str = "the da
         need = "; ".join(f"{f}: " + " or ".join("+".join(a) for a in FORMAT_COLUMNS[f]) for f in formats)
         detected = detect_format(columns)
         seen = f" (it looks like {detected} data)" if detected else ""
-        return [RowProblem(0, "/".join(FORMAT_COLUMNS[formats[0]][0]), f"is missing: {source} has columns {columns}{seen}",
-                           f"This method reads {need}.")]
+        return [
+            RowProblem(
+                0,
+                "/".join(FORMAT_COLUMNS[formats[0]][0]),
+                f"is missing: {source} has columns {columns}{seen}",
+                f"This method reads {need}.",
+            )
+        ]
     problems: list[RowProblem] = []
     for i, row in enumerate(dataset):
         problems.extend(row_problems(row, i, fmt))
@@ -217,4 +227,6 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pro
             "the dataset is conversational but the tokenizer has no chat template; "
             "set tokenizer.chat_template (for example in tokenizer_config.json) or use standard (string) rows."
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )

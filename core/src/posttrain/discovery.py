@@ -41,12 +41,37 @@ class Entry:
     ``posttrain list`` path.
     """
 
-    FIELDS = ("kind", "name", "value", "package", "version", "summary", "status", "declared_status",
-              "requires_core", "reason", "docs_url", "location")
+    FIELDS = (
+        "kind",
+        "name",
+        "value",
+        "package",
+        "version",
+        "summary",
+        "status",
+        "declared_status",
+        "requires_core",
+        "reason",
+        "docs_url",
+        "location",
+    )
     __slots__ = FIELDS
 
-    def __init__(self, kind: str, name: str, value: str, package: str, version: str, summary: str, status: str,
-                 declared_status: str, requires_core: str, reason: str = "", docs_url: str = "", location: str = ""):
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        value: str,
+        package: str,
+        version: str,
+        summary: str,
+        status: str,
+        declared_status: str,
+        requires_core: str,
+        reason: str = "",
+        docs_url: str = "",
+        location: str = "",
+    ):
         self.kind = kind  # "method" | "reward" | "plugin"
         self.name = name  # public name (the entry-point name)
         self.value = value  # "module:attr"
@@ -317,8 +342,12 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
         known = sorted({e.name for e in entries if e.kind == kind})
         hint = _suggest(name, known)
         listing = f" Installed: {', '.join(known)}." if known else f" No {kind} plugins are installed."
-        install = (f" If it is published, install it with `pip install posttrain-{name}`; `posttrain list` shows what "
-                   "is installed." if kind == "method" and not hint else "")
+        install = (
+            f" If it is published, install it with `pip install posttrain-{name}`; `posttrain list` shows what "
+            "is installed."
+            if kind == "method" and not hint
+            else ""
+        )
         raise PluginError(f"unknown {kind} {name!r}.{hint}{listing}{install}")
     if len({e.package for e in matches}) > 1:
         packages = sorted({e.package for e in matches})

@@ -25,8 +25,12 @@ def git_commit(path: str | Path = ".") -> str | None:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -56,8 +60,10 @@ def summary(with_hardware: bool = True) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "posttrain": discovery.core_version(),
         "libraries": {name: _version(name) for name in LIBRARIES},
-        "plugins": [{"name": e.name, "kind": e.kind, "package": e.package, "version": e.version, "status": e.status}
-                    for e in discovery.discover()],
+        "plugins": [
+            {"name": e.name, "kind": e.kind, "package": e.package, "version": e.version, "status": e.status}
+            for e in discovery.discover()
+        ],
     }
     import os
 
@@ -74,8 +80,11 @@ def provenance(method_entry: Any, reward_entries: list[Any]) -> dict[str, Any]:
     used = [method_entry, *reward_entries]
     return {
         "posttrain": discovery.core_version(),
-        "plugins_used": [{"name": e.name, "kind": e.kind, "package": e.package, "version": e.version,
-                          "status": e.declared_status} for e in used if e is not None],
+        "plugins_used": [
+            {"name": e.name, "kind": e.kind, "package": e.package, "version": e.version, "status": e.declared_status}
+            for e in used
+            if e is not None
+        ],
         "git_commit": git_commit(),
         "command": sys.argv,
         "environment": summary(with_hardware=True),

@@ -62,8 +62,10 @@ def _step_rows(step: int, n_rows: int, batch_size: int, accumulation: int, world
     epoch, within = divmod(step, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     start = within * accumulation * global_micro
-    return [order[start + k * global_micro + rank * batch_size: start + k * global_micro + (rank + 1) * batch_size]
-            for k in range(accumulation)], epoch
+    return [
+        order[start + k * global_micro + rank * batch_size : start + k * global_micro + (rank + 1) * batch_size]
+        for k in range(accumulation)
+    ], epoch
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -76,8 +78,9 @@ def _optimizer(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_epsilon)
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
+    )
 
 
 def _scalar(value: Any) -> float:
@@ -85,8 +88,9 @@ def _scalar(value: Any) -> float:
 
 
 def _check_output_dir(output_dir: Path, config: Any, resuming: bool) -> None:
-    has_run = output_dir.is_dir() and any(
-        (output_dir / name).exists() for name in ("posttrain_config.yaml", tracking.METRICS_FILE)
+    has_run = (
+        output_dir.is_dir()
+        and any((output_dir / name).exists() for name in ("posttrain_config.yaml", tracking.METRICS_FILE))
     ) or bool(ckpt.list_checkpoints(output_dir))
     if has_run and not resuming and not config.overwrite_output_dir:
         raise PosttrainError(
@@ -95,20 +99,30 @@ def _check_output_dir(output_dir: Path, config: Any, resuming: bool) -> None:
         )
 
 
-def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
-          eval_dataset: Any = None, callbacks: list[Any] | None = None, rewards: dict | None = None,
-          accelerator: Any = None, provenance: dict | None = None) -> TrainResult:
+def train(
+    method: Any,
+    config: Any,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    callbacks: list[Any] | None = None,
+    rewards: dict | None = None,
+    accelerator: Any = None,
+    provenance: dict | None = None,
+) -> TrainResult:
     """Train ``model`` with ``method`` as ``config`` says. Models/datasets not passed are loaded from the config."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    # -- setup --------------------------------------------------------------------------------------
+    from transformers.utils import logging as hf_logging
+
     from posttrain import data as data_lib
     from posttrain import models
     from posttrain.config import save_config
-
-    # -- setup --------------------------------------------------------------------------------------
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
@@ -127,8 +141,14 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
     model = models.apply_peft(model, config)
     if config.torch_compile:
         model.compile()
-    ctx = TrainContext(config=config, tokenizer=tokenizer, accelerator=accelerator, model=model,
-                       model_path=config.model or None, rewards=rewards or {})
+    ctx = TrainContext(
+        config=config,
+        tokenizer=tokenizer,
+        accelerator=accelerator,
+        model=model,
+        model_path=config.model or None,
+        rewards=rewards or {},
+    )
     model.to(accelerator.device)
     if hasattr(method, "setup"):
         method.setup(ctx)
@@ -155,14 +175,17 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     optimizer = _optimizer(model, config)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
     step, trainer_state = 0, {}
     if resume_path is not None:
-        trainer_state = ckpt.load_checkpoint(resume_path, accelerator=accelerator, model=model, optimizer=optimizer,
-                                             scheduler=scheduler, method=method)
+        trainer_state = ckpt.load_checkpoint(
+            resume_path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, method=method
+        )
         step = trainer_state["global_step"]
     main = accelerator.is_main_process
     if main:
@@ -172,13 +195,15 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
             import json
 
             (output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-    callbacks = (tracking.build_loggers(config, output_dir, step if resume_path else None) if main else []) + \
-        ([c for c in callbacks or []] if main else [])
+    callbacks = (tracking.build_loggers(config, output_dir, step if resume_path else None) if main else []) + (
+        [c for c in callbacks or []] if main else []
+    )
     result = TrainResult(global_step=step, output_dir=output_dir)
     ctx.step = step
     tracking.call(callbacks, "on_train_begin", ctx)
-    bar = tracking.ProgressBar(total_steps, step, getattr(method, "name", "train"),
-                               enabled=main and not config.disable_progress_bar)
+    bar = tracking.ProgressBar(
+        total_steps, step, getattr(method, "name", "train"), enabled=main and not config.disable_progress_bar
+    )
 
     # First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once.
     stop = {"requested": False}
@@ -192,14 +217,27 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
     with contextlib.suppress(ValueError):  # not in the main thread: keep the default handler
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
-    window: dict[str, Any] = {"loss_sum": torch.zeros((), device=accelerator.device), "n": 0.0, "metrics": {},
-                              "grad_norm": [], "t0": time.perf_counter(), "steps": 0}
+    window: dict[str, Any] = {
+        "loss_sum": torch.zeros((), device=accelerator.device),
+        "n": 0.0,
+        "metrics": {},
+        "grad_norm": [],
+        "t0": time.perf_counter(),
+        "steps": 0,
+    }
     has_rollout = hasattr(method, "rollout")
     try:
         while step < total_steps and not stop["requested"]:
             # -- one optimizer step over gradient_accumulation_steps micro-batches -----------------
-            micro_rows, epoch = _step_rows(step, len(train_rows), config.per_device_train_batch_size,
-                                           config.gradient_accumulation_steps, world, rank, config.seed)
+            micro_rows, epoch = _step_rows(
+                step,
+                len(train_rows),
+                config.per_device_train_batch_size,
+                config.gradient_accumulation_steps,
+                world,
+                rank,
+                config.seed,
+            )
             ctx.step, ctx.training = step, True
             model.train()
             step_loss = torch.zeros((), device=accelerator.device)
@@ -225,7 +263,8 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
                 raise NonFiniteLossError(
                     f"loss is {step_loss.item()} at step {step + 1} (epoch {epoch}); rows of the batch on process "
                     f"{rank}: {sorted(i for ix in micro_rows for i in ix)}. Lower learning_rate, check those rows, "
-                    "or enable max_grad_norm. The last good checkpoint is kept.")
+                    "or enable max_grad_norm. The last good checkpoint is kept."
+                )
             if total_n.item() > 0:
                 scale = world / total_n.item()
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
@@ -236,8 +275,10 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
                 optimizer.step()
                 window["grad_norm"].append(_scalar(grad_norm) if grad_norm is not None else float("nan"))
             else:
-                accelerator.print(f"step {step + 1}: no loss items in the batch (e.g. every completion truncated); "
-                                  "skipping the update")
+                accelerator.print(
+                    f"step {step + 1}: no loss items in the batch (e.g. every completion truncated); "
+                    "skipping the update"
+                )
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -257,15 +298,41 @@ def train(method: Any, config: Any, *, model: Any = None, tokenizer: Any = None,
             if eval_rows is not None and config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
                 _evaluate_and_log(method, model, eval_rows, ctx, accelerator, config, callbacks, result)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                _save(output_dir, step, accelerator, model, optimizer, scheduler, tokenizer, method, epoch, config, ctx,
-                      callbacks)
+                _save(
+                    output_dir,
+                    step,
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    tokenizer,
+                    method,
+                    epoch,
+                    config,
+                    ctx,
+                    callbacks,
+                )
         if stop["requested"] and step < total_steps:
             result.interrupted = True
             if config.save_on_interrupt:
-                path = _save(output_dir, step, accelerator, model, optimizer, scheduler, tokenizer, method, 0, config,
-                             ctx, callbacks)
-                accelerator.print(f"interrupted at step {step}; resumable checkpoint in {path} "
-                                  f"(continue with --resume_from_checkpoint latest)")
+                path = _save(
+                    output_dir,
+                    step,
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    tokenizer,
+                    method,
+                    0,
+                    config,
+                    ctx,
+                    callbacks,
+                )
+                accelerator.print(
+                    f"interrupted at step {step}; resumable checkpoint in {path} "
+                    f"(continue with --resume_from_checkpoint latest)"
+                )
             return result
         if eval_rows is not None:
             _evaluate_and_log(method, model, eval_rows, ctx, accelerator, config, callbacks, result)
@@ -288,20 +355,27 @@ def _log_row(accelerator: Any, window: dict, step: int, epoch: int, scheduler: A
     """Average the logging window over steps and processes; loss = sum / count, exactly."""
     loss_sum = accelerator.reduce(window["loss_sum"], reduction="sum")
     elapsed = time.perf_counter() - window["t0"]
-    row: dict[str, Any] = {"step": step, "epoch": epoch,
-                           "loss": float(loss_sum) / window["n"] if window["n"] else float("nan"),
-                           "learning_rate": scheduler.get_last_lr()[0]}
+    row: dict[str, Any] = {
+        "step": step,
+        "epoch": epoch,
+        "loss": float(loss_sum) / window["n"] if window["n"] else float("nan"),
+        "learning_rate": scheduler.get_last_lr()[0],
+    }
     if window["grad_norm"]:
         row["grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
     names = sorted(window["metrics"])
     if names:
-        local = torch.tensor([sum(window["metrics"][n]) / len(window["metrics"][n]) for n in names],
-                             device=accelerator.device, dtype=torch.float64)
+        local = torch.tensor(
+            [sum(window["metrics"][n]) / len(window["metrics"][n]) for n in names],
+            device=accelerator.device,
+            dtype=torch.float64,
+        )
         means = accelerator.reduce(local, reduction="mean")
         row.update({n: float(v) for n, v in zip(names, means.tolist())})
     row["steps_per_second"] = window["steps"] / elapsed if elapsed > 0 else 0.0
-    window.update(loss_sum=torch.zeros_like(window["loss_sum"]), n=0.0, metrics={}, grad_norm=[],
-                  t0=time.perf_counter(), steps=0)
+    window.update(
+        loss_sum=torch.zeros_like(window["loss_sum"]), n=0.0, metrics={}, grad_norm=[], t0=time.perf_counter(), steps=0
+    )
     return row
 
 
@@ -315,8 +389,9 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
     n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     metrics: dict[str, list[float]] = {}
     for start in range(rank * batch_size, len(rows), world * batch_size):
-        batch = _to_device(method.collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], ctx),
-                           accelerator.device)
+        batch = _to_device(
+            method.collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], ctx), accelerator.device
+        )
         if hasattr(method, "rollout"):
             batch = method.rollout(accelerator.unwrap_model(model), batch, ctx)
         with accelerator.autocast():
@@ -329,8 +404,9 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
     row = {"eval_loss": float(loss_sum / n) if n > 0 else float("nan")}
     names = sorted(metrics)
     if names:
-        local = torch.tensor([sum(metrics[m]) / len(metrics[m]) for m in names], device=accelerator.device,
-                             dtype=torch.float64)
+        local = torch.tensor(
+            [sum(metrics[m]) / len(metrics[m]) for m in names], device=accelerator.device, dtype=torch.float64
+        )
         row.update({f"eval_{m}": float(v) for m, v in zip(names, accelerator.reduce(local, "mean").tolist())})
     ctx.training = True
     if was_training:
@@ -345,8 +421,17 @@ def _evaluate_and_log(method, model, rows, ctx, accelerator, config, callbacks, 
 
 
 def _save(output_dir, step, accelerator, model, optimizer, scheduler, tokenizer, method, epoch, config, ctx, callbacks):
-    path = ckpt.save_checkpoint(output_dir, step, accelerator=accelerator, model=model, optimizer=optimizer,
-                                scheduler=scheduler, tokenizer=tokenizer, method=method, state={"epoch": epoch},
-                                save_total_limit=config.save_total_limit)
+    path = ckpt.save_checkpoint(
+        output_dir,
+        step,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        method=method,
+        state={"epoch": epoch},
+        save_total_limit=config.save_total_limit,
+    )
     tracking.call(callbacks, "on_save", ctx, path)
     return path

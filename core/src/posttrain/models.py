@@ -79,7 +79,9 @@ def apply_peft(model: Any, config: Any):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise PosttrainError("use_peft is true but peft is not installed; run `pip install 'posttrain[peft]'`.") from None
+        raise PosttrainError(
+            "use_peft is true but peft is not installed; run `pip install 'posttrain[peft]'`."
+        ) from None
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

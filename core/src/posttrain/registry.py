@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from posttrain import discovery
 from posttrain.errors import PluginError
@@ -100,8 +101,10 @@ def resolve_method(name: str, allow_inactive: bool = False) -> tuple[Any, discov
     if plain in hooked.methods:
         if any(e.name == plain for e in entries):
             providers = sorted({e.package for e in entries if e.name == plain})
-            raise PluginError(f"method {plain!r} is provided by {' and '.join(providers)} and by "
-                              f"{hooked.methods[plain][1]}; remove one of them.")
+            raise PluginError(
+                f"method {plain!r} is provided by {' and '.join(providers)} and by "
+                f"{hooked.methods[plain][1]}; remove one of them."
+            )
         return hooked.methods[plain][0], None
     entry = discovery.find("method", name, entries, allow_inactive=allow_inactive)
     method_class = discovery.load(entry)

@@ -20,8 +20,11 @@ class JsonlLogger:
     def __init__(self, output_dir: str | Path, resume_step: int | None = None):
         self.path = Path(output_dir) / METRICS_FILE
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -39,7 +42,9 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("report_to includes 'tensorboard' but it is not installed; run `pip install tensorboard`.") from None
+            raise ConfigError(
+                "report_to includes 'tensorboard' but it is not installed; run `pip install tensorboard`."
+            ) from None
         self.writer = SummaryWriter(str(Path(output_dir) / "runs"))
 
     def on_log(self, ctx: Any, metrics: dict) -> None:
@@ -65,8 +70,12 @@ class ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=False,
         )
         self.task = self.progress.add_task(description, total=total, completed=start, info="")
         self.progress.start()
@@ -78,8 +87,11 @@ class ProgressBar:
         if metrics:
             elapsed = time.perf_counter() - self.start_time
             rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-            parts = [f"loss {metrics['loss']:.4f}" if "loss" in metrics else "", f"lr {metrics.get('learning_rate', 0):.2e}",
-                     f"{rate:.2f} it/s"]
+            parts = [
+                f"loss {metrics['loss']:.4f}" if "loss" in metrics else "",
+                f"lr {metrics.get('learning_rate', 0):.2e}",
+                f"{rate:.2f} it/s",
+            ]
             info = "  ".join(p for p in parts if p)
         if info:
             self.progress.update(self.task, completed=step, info=info)

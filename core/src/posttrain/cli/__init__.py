@@ -10,8 +10,14 @@ import sys
 COMMANDS = {
     "list": ("posttrain.cli.listing", "List installed methods, rewards and plugins with their status."),
     "info": ("posttrain.cli.info", "Show a method's package, status, docs and config fields."),
-    "train": ("posttrain.cli.train", "Train a model with a method: posttrain train METHOD --model PATH --dataset FILE."),
-    "check-data": ("posttrain.cli.check_data", "Validate a dataset file against a method's format, before any model loads."),
+    "train": (
+        "posttrain.cli.train",
+        "Train a model with a method: posttrain train METHOD --model PATH --dataset FILE.",
+    ),
+    "check-data": (
+        "posttrain.cli.check_data",
+        "Validate a dataset file against a method's format, before any model loads.",
+    ),
     "doctor": ("posttrain.cli.doctor", "Import every plugin in a subprocess and report problems."),
     "env": ("posttrain.cli.env", "Print versions and hardware, for bug reports."),
     "new": ("posttrain.cli.new", "Scaffold a new method package."),
@@ -39,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

@@ -30,8 +30,10 @@ def read_rows(path: str) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"line {number} of {path} (row {len(rows)}) is not valid JSON: {exc.msg}. "
-                                    "Each line must be one JSON object.") from None
+                    raise DataError(
+                        f"line {number} of {path} (row {len(rows)}) is not valid JSON: {exc.msg}. "
+                        "Each line must be one JSON object."
+                    ) from None
         not_objects = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
         if not_objects:
             raise DataError(f"row {not_objects[0]} of {path} is not a JSON object (got {rows[not_objects[0]]!r}).")
@@ -42,8 +44,9 @@ def read_rows(path: str) -> list[dict]:
 
 
 def run(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="posttrain check-data",
-                                description="Validate a dataset against a method's format; no model is loaded.")
+    p = argparse.ArgumentParser(
+        prog="posttrain check-data", description="Validate a dataset against a method's format; no model is loaded."
+    )
     p.add_argument("method")
     p.add_argument("file")
     p.add_argument("--limit", type=int, default=None, help="stop after N problems")
@@ -66,14 +69,27 @@ def run(command: str, argv: list[str]) -> int:
         problems = problems[: args.limit]
     bad_rows = sorted({q.row for q in problems})
     if args.json:
-        print(json.dumps({"method": args.method, "file": args.file, "rows": len(rows), "formats": list(formats),
-                          "bad_rows": len(bad_rows), "problems": [vars(q) for q in problems]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "method": args.method,
+                    "file": args.file,
+                    "rows": len(rows),
+                    "formats": list(formats),
+                    "bad_rows": len(bad_rows),
+                    "problems": [vars(q) for q in problems],
+                },
+                indent=2,
+            )
+        )
     else:
         for q in problems:
             print(q.message(source))
         if problems:
-            print(f"\n{len(bad_rows)} bad row(s) out of {len(rows)} in {args.file} for method {args.method!r} "
-                  f"(format: {' or '.join(formats)}).")
+            print(
+                f"\n{len(bad_rows)} bad row(s) out of {len(rows)} in {args.file} for method {args.method!r} "
+                f"(format: {' or '.join(formats)})."
+            )
         else:
             print(f"ok: {len(rows)} rows of {args.file} match {args.method!r} ({' or '.join(formats)}).")
     return 1 if problems else 0

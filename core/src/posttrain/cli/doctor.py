@@ -30,15 +30,19 @@ print(json.dumps({"error": error, "seconds": elapsed, "heavy": heavy}))
 def probe(entry: discovery.Entry, timeout: float) -> dict:
     module, _, attr = entry.value.partition(":")
     try:
-        out = subprocess.run([sys.executable, "-c", PROBE, module, attr], capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, module, attr], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"import did not finish within {timeout:.0f} s", "seconds": timeout, "heavy": []}
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        return {"error": f"the import crashed the interpreter (exit {out.returncode}): {out.stderr[-500:]}",
-                "seconds": 0.0, "heavy": []}
+        return {
+            "error": f"the import crashed the interpreter (exit {out.returncode}): {out.stderr[-500:]}",
+            "seconds": 0.0,
+            "heavy": [],
+        }
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -55,8 +59,15 @@ def run(command: str, argv: list[str]) -> int:
         probes = dict(zip((id(e) for e in importable), pool.map(lambda e: probe(e, args.timeout), importable)))
     report, problems = [], 0
     for e in entries:
-        row = {"kind": e.kind, "name": e.name, "package": e.package, "version": e.version, "status": e.status,
-               "problems": [], "notes": []}
+        row = {
+            "kind": e.kind,
+            "name": e.name,
+            "package": e.package,
+            "version": e.version,
+            "status": e.status,
+            "problems": [],
+            "notes": [],
+        }
         if e.status in (discovery.BROKEN, discovery.CONFLICT, discovery.INCOMPATIBLE):
             row["problems"].append(f"{e.status}: {e.reason}")
         if e.declared_status == discovery.STABLE and e.status in (discovery.INCOMPATIBLE, discovery.BROKEN):
@@ -76,8 +87,10 @@ def run(command: str, argv: list[str]) -> int:
         for row in report:
             mark = "FAIL" if row["problems"] else "ok  "
             timing = f"{row['import_seconds']:.2f}s" if "import_seconds" in row else "-"
-            print(f"{mark} {row['kind']:6} {row['name']:16} {row['package']} {row['version']} [{row['status']}] "
-                  f"import {timing}" + (f" ({'; '.join(row['notes'])})" if row["notes"] else ""))
+            print(
+                f"{mark} {row['kind']:6} {row['name']:16} {row['package']} {row['version']} [{row['status']}] "
+                f"import {timing}" + (f" ({'; '.join(row['notes'])})" if row["notes"] else "")
+            )
             for problem in row["problems"]:
                 print("       " + problem.replace("\n", "\n       "))
         print(f"\n{len(report)} entries checked, {problems} with problems.")

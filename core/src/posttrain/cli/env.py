@@ -16,15 +16,22 @@ def run(command: str, argv: list[str]) -> int:
     if args.json:
         print(json.dumps(env, indent=2))
         return 0
-    lines = [f"- Platform: {env['platform']}", f"- Python version: {env['python']}",
-             f"- posttrain version: {env['posttrain']}"]
+    lines = [
+        f"- Platform: {env['platform']}",
+        f"- Python version: {env['python']}",
+        f"- posttrain version: {env['posttrain']}",
+    ]
     lines += [f"- {name} version: {version}" for name, version in env["libraries"].items()]
     acc = env["accelerator"]
     lines.append(f"- CUDA available: {acc.get('cuda_available')}")
     if acc.get("gpus"):
-        lines.append(f"- GPUs: {', '.join(acc['gpus'])} (CUDA {acc.get('cuda_version')}, bf16 {acc.get('bf16_supported')})")
+        lines.append(
+            f"- GPUs: {', '.join(acc['gpus'])} (CUDA {acc.get('cuda_version')}, bf16 {acc.get('bf16_supported')})"
+        )
     lines.append(f"- Processes (WORLD_SIZE): {env['processes']}")
     lines.append("- Plugins:" if env["plugins"] else "- Plugins: none installed")
-    lines += [f"    {pl['kind']} {pl['name']}: {pl['package']} {pl['version']} ({pl['status']})" for pl in env["plugins"]]
+    lines += [
+        f"    {pl['kind']} {pl['name']}: {pl['package']} {pl['version']} ({pl['status']})" for pl in env["plugins"]
+    ]
     print("\n".join(lines))
     return 0

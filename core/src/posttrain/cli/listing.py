@@ -14,8 +14,11 @@ PROBLEMS = (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain list", description="List installed methods, rewards and plugins.")
-    p.add_argument("--status", choices=["stable", "experimental", "inactive", "broken", "incompatible", "conflict"],
-                   help="show only entries with this status")
+    p.add_argument(
+        "--status",
+        choices=["stable", "experimental", "inactive", "broken", "incompatible", "conflict"],
+        help="show only entries with this status",
+    )
     p.add_argument("--kind", choices=["method", "reward", "plugin", "all"], default="all")
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     p.add_argument("--all", action="store_true", help="include inactive (retired) packages")
@@ -25,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
+    widths = [max(len(str(r[i])) for r in [*rows, headers]) for i in range(len(headers))]
     try:
         term = os.get_terminal_size().columns
     except OSError:  # not a terminal
@@ -52,8 +55,11 @@ def run(command: str, argv: list[str]) -> int:
     if args.json:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
     elif not entries:
-        print("No posttrain methods installed. Install one, e.g. `pip install posttrain-sft`." if not args.status
-              else f"No {args.status} entries.")
+        print(
+            "No posttrain methods installed. Install one, e.g. `pip install posttrain-sft`."
+            if not args.status
+            else f"No {args.status} entries."
+        )
     else:
         for kind in kinds:
             group = [e for e in entries if e.kind == kind]
@@ -75,6 +81,8 @@ def run(command: str, argv: list[str]) -> int:
             print()
     if args.check and any(e.status in PROBLEMS for e in entries):
         bad = [e for e in entries if e.status in PROBLEMS]
-        print(f"{len(bad)} problem(s): " + "; ".join(f"{e.name} ({e.package}): {e.reason}" for e in bad), file=sys.stderr)
+        print(
+            f"{len(bad)} problem(s): " + "; ".join(f"{e.name} ({e.package}): {e.reason}" for e in bad), file=sys.stderr
+        )
         return 1
     return 0

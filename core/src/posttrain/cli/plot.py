@@ -8,8 +8,17 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 
-DEFAULT_METRICS = ("loss", "eval_loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy",
-                   "mean_token_accuracy", "learning_rate", "grad_norm")
+DEFAULT_METRICS = (
+    "loss",
+    "eval_loss",
+    "reward",
+    "rewards/margins",
+    "rewards/accuracies",
+    "accuracy",
+    "mean_token_accuracy",
+    "learning_rate",
+    "grad_norm",
+)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -38,8 +47,10 @@ def plot(rows: list[dict], out: Path, metrics: list[str] | None = None, title: s
         raise PosttrainError("plotting needs matplotlib: `pip install 'posttrain[plot]'`.") from None
     available = [m for m in (metrics or DEFAULT_METRICS) if any(m in r and r[m] is not None for r in rows)]
     if not available:
-        raise PosttrainError(f"none of {metrics or list(DEFAULT_METRICS)} was logged; logged keys: "
-                             f"{sorted({k for r in rows for k in r})}")
+        raise PosttrainError(
+            f"none of {metrics or list(DEFAULT_METRICS)} was logged; logged keys: "
+            f"{sorted({k for r in rows for k in r})}"
+        )
     fig, axes = plt.subplots(len(available), 1, figsize=(7, 2.2 * len(available)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], available):
         points = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
@@ -61,7 +72,11 @@ def run(command: str, argv: list[str]) -> int:
     p.add_argument("--output", "-o", type=Path, help="PNG path (default RUN_DIR/metrics.png)")
     p.add_argument("--metrics", help="comma-separated metric names (default: the usual ones that were logged)")
     args = p.parse_args(argv)
-    out = plot(read_metrics(args.run_dir), args.output or args.run_dir / "metrics.png",
-               args.metrics.split(",") if args.metrics else None, title=str(args.run_dir))
+    out = plot(
+        read_metrics(args.run_dir),
+        args.output or args.run_dir / "metrics.png",
+        args.metrics.split(",") if args.metrics else None,
+        title=str(args.run_dir),
+    )
     print(out)
     return 0

@@ -8,9 +8,11 @@ from posttrain.errors import ConfigError
 
 
 def usage(method_name: str | None, config_class: type | None) -> str:
-    text = ("usage: posttrain train METHOD [--config run.yaml] [--model PATH] [--dataset FILE] "
-            "[--output_dir DIR] [--FIELD VALUE ...]\n\nBooleans take true/false (a bare --flag means true); "
-            "lists are comma-separated.\n")
+    text = (
+        "usage: posttrain train METHOD [--config run.yaml] [--model PATH] [--dataset FILE] "
+        "[--output_dir DIR] [--FIELD VALUE ...]\n\nBooleans take true/false (a bare --flag means true); "
+        "lists are comma-separated.\n"
+    )
     if config_class is not None:
         from posttrain.config import describe_fields
 
@@ -53,10 +55,19 @@ def train_from_config(method_class, entry, config) -> int:
 
     reward_entries = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
     method = method_class()
-    result = train(method, config, rewards=rewards, callbacks=registry.callbacks_for(config),
-                   provenance=environment.provenance(entry, reward_entries))
+    result = train(
+        method,
+        config,
+        rewards=rewards,
+        callbacks=registry.callbacks_for(config),
+        provenance=environment.provenance(entry, reward_entries),
+    )
     final = result.final_loss
     status = "interrupted" if result.interrupted else "done"
-    print(f"{status}: {result.global_step} steps" + (f", final loss {final:.4f}" if final is not None else "")
-          + f"; model and metrics in {result.output_dir}", file=sys.stderr)
+    print(
+        f"{status}: {result.global_step} steps"
+        + (f", final loss {final:.4f}" if final is not None else "")
+        + f"; model and metrics in {result.output_dir}",
+        file=sys.stderr,
+    )
     return 130 if result.interrupted else 0

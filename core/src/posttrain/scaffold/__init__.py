@@ -81,6 +81,7 @@ def placeholders(n: Names, description: str, author: str, core_version: str, dat
     authors = f"authors = [{{ name = {_toml_string(author)} }}]\n" if author else ""
     return {
         "name": n.name,
+        "snake": n.name.replace("-", "_"),
         "distribution": n.distribution,
         "package": n.package,
         "class_name": n.class_name,

@@ -46,9 +46,18 @@ def _resolve(method: Any) -> tuple[Any, Any]:
 
 
 def _config(method_class: Any, model_dir: Path, output_dir: Path, overrides: dict, **extra: Any):
-    base = {"model": str(model_dir), "output_dir": str(output_dir), "max_steps": 4, "learning_rate": 1e-3,
-            "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 0, "disable_progress_bar": True,
-            "overwrite_output_dir": True, "seed": 0}
+    base = {
+        "model": str(model_dir),
+        "output_dir": str(output_dir),
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "disable_progress_bar": True,
+        "overwrite_output_dir": True,
+        "seed": 0,
+    }
     from posttrain.config import build_config
 
     return build_config(method_class.config_class, {**base, **overrides, **extra})
@@ -109,16 +118,20 @@ def check_metadata(method_name: str) -> None:
     assert entries, f"method {method_name!r}: no 'posttrain.methods' entry point is installed under that name"
     e = entries[0]
     assert e.status not in (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT), (
-        f"method {method_name!r} ({e.package}): status {e.status}: {e.reason}")
+        f"method {method_name!r} ({e.package}): status {e.status}: {e.reason}"
+    )
     assert e.summary, f"method {method_name!r} ({e.package}): the distribution has no Summary (description)"
     assert e.requires_core and ">=" in e.requires_core, (
         f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=0.1,<1' "
-        f"(found {e.requires_core!r})")
+        f"(found {e.requires_core!r})"
+    )
     from importlib import metadata
 
     classifiers = metadata.distribution(e.package).metadata.get_all("Classifier") or []
     statuses = [c for c in classifiers if c.startswith("Development Status")]
-    assert len(statuses) == 1, f"method {method_name!r} ({e.package}): needs exactly one Development Status classifier, has {statuses}"
+    assert len(statuses) == 1, (
+        f"method {method_name!r} ({e.package}): needs exactly one Development Status classifier, has {statuses}"
+    )
 
 
 def check_protocol(method_class: Any) -> None:
@@ -130,7 +143,8 @@ def check_protocol(method_class: Any) -> None:
     assert dataclasses.is_dataclass(method_class.config_class), f"{where}.config_class must be a dataclass"
     assert issubclass(method_class.config_class, TrainingConfig), f"{where}.config_class must extend TrainingConfig"
     assert isinstance(method_class.dataset_formats, tuple) and method_class.dataset_formats, (
-        f"{where}.dataset_formats must be a non-empty tuple of format names")
+        f"{where}.dataset_formats must be a non-empty tuple of format names"
+    )
     method_class()  # the loop instantiates methods with no arguments
 
 
@@ -154,8 +168,9 @@ def check_config_roundtrip(method_class: Any, tmp_path: Path, overrides: dict) -
         raise AssertionError(f"{method_class.name}: unknown config key {typo!r} was accepted")
 
 
-def check_data_validation(method_class: Any, rows: list[dict], model_dir: Path, overrides: dict,
-                          bad_field: str | None = None) -> None:
+def check_data_validation(
+    method_class: Any, rows: list[dict], model_dir: Path, overrides: dict, bad_field: str | None = None
+) -> None:
     import datasets
 
     from posttrain.errors import DataError
@@ -175,7 +190,8 @@ def check_data_validation(method_class: Any, rows: list[dict], model_dir: Path, 
     except DataError as exc:
         text = str(exc)
         assert str(bad_index) in text and field in text, (
-            f"{method_class.name}: the error for row {bad_index} missing {field!r} should name both: {text}")
+            f"{method_class.name}: the error for row {bad_index} missing {field!r} should name both: {text}"
+        )
     else:
         raise AssertionError(f"{method_class.name}: prepare accepted row {bad_index} without its {field!r} field")
 
@@ -193,7 +209,9 @@ def check_experimental_warning(method_name: str) -> None:
     if entry is not None and entry.declared_status == discovery.EXPERIMENTAL:
         silenced = discovery._silenced(method_name)
         expected = 0 if silenced else 1
-        assert len(ours) == expected, f"{method_name} is experimental: expected {expected} ExperimentalWarning, got {len(ours)}"
+        assert len(ours) == expected, (
+            f"{method_name} is experimental: expected {expected} ExperimentalWarning, got {len(ours)}"
+        )
     else:
         assert not ours, f"{method_name} is stable but emitted: {ours[0].message}"
 
@@ -201,8 +219,9 @@ def check_experimental_warning(method_name: str) -> None:
 # -- full tier --------------------------------------------------------------------------------------------
 
 
-def check_loss_decreases(method_class, rows, model_dir, tmp_path, overrides, rewards=None, steps=8,
-                         metric="loss", direction="decrease") -> None:
+def check_loss_decreases(
+    method_class, rows, model_dir, tmp_path, overrides, rewards=None, steps=8, metric="loss", direction="decrease"
+) -> None:
     config = _config(method_class, model_dir, tmp_path / "decrease", overrides, max_steps=steps)
     history = _train(method_class, rows, config, rewards).log_history
     values = [row[metric] for row in history if metric in row]
@@ -211,26 +230,40 @@ def check_loss_decreases(method_class, rows, model_dir, tmp_path, overrides, rew
     half = len(values) // 2
     first, last = sum(values[:half]) / half, sum(values[half:]) / (len(values) - half)
     ok = last < first if direction == "decrease" else last > first
-    assert ok, (f"{method_class.name}: {metric} should {direction} over {steps} steps; mean of first half "
-                f"{first:.5f}, second half {last:.5f} (values {[round(v, 5) for v in values]})")
+    assert ok, (
+        f"{method_class.name}: {metric} should {direction} over {steps} steps; mean of first half "
+        f"{first:.5f}, second half {last:.5f} (values {[round(v, 5) for v in values]})"
+    )
 
 
-def check_grad_accumulation(method_class, rows, model_dir, tmp_path, overrides, rewards=None,
-                            rtol=1e-5, atol=1e-5) -> None:
+def check_grad_accumulation(
+    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5
+) -> None:
     runs = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
-        config = _config(method_class, model_dir, tmp_path / f"ga-{bs}x{ga}", overrides, max_steps=2,
-                         per_device_train_batch_size=bs, gradient_accumulation_steps=ga)
+        config = _config(
+            method_class,
+            model_dir,
+            tmp_path / f"ga-{bs}x{ga}",
+            overrides,
+            max_steps=2,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+        )
         runs[(bs, ga)] = (_losses(_train(method_class, rows, config, rewards)), _weights(config.output_dir))
     ref_losses, ref_weights = runs[(4, 1)]
     for (bs, ga), (losses, weights) in runs.items():
         ok, worst = _close(ref_losses, losses, rtol)
-        assert ok, (f"{method_class.name}: batch 4 x accumulation 1 and batch {bs} x accumulation {ga} give different "
-                    f"losses {ref_losses} vs {losses} (max relative difference {worst:.2e} > {rtol}); the loss must "
-                    "return a sum and its item count, not a mean")
+        assert ok, (
+            f"{method_class.name}: batch 4 x accumulation 1 and batch {bs} x accumulation {ga} give different "
+            f"losses {ref_losses} vs {losses} (max relative difference {worst:.2e} > {rtol}); the loss must "
+            "return a sum and its item count, not a mean"
+        )
         diff, name = _max_weight_diff(ref_weights, weights)
-        assert diff <= atol, (f"{method_class.name}: weights after 2 steps differ between batch 4 x 1 and "
-                              f"{bs} x {ga} by {diff:.2e} (parameter {name})")
+        assert diff <= atol, (
+            f"{method_class.name}: weights after 2 steps differ between batch 4 x 1 and "
+            f"{bs} x {ga} by {diff:.2e} (parameter {name})"
+        )
 
 
 def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4) -> None:
@@ -242,8 +275,11 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
 
     config = _config(method_class, model_dir, model_dir.parent / "out-pad", overrides)
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_causal_lm(str(model_dir), config) if not hasattr(method_class, "load_model") else \
-        method_class().load_model(config)
+    model = (
+        load_causal_lm(str(model_dir), config)
+        if not hasattr(method_class, "load_model")
+        else method_class().load_model(config)
+    )
     model.eval()
     method = method_class()
     ctx = TrainContext(config=config, tokenizer=tokenizer, model=model, model_path=str(model_dir), training=False)
@@ -260,9 +296,11 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
     together, apart = float(pair.loss_sum), float(one.loss_sum) + float(two.loss_sum)
     assert abs(together - apart) <= rtol * max(abs(apart), 1e-6), (
         f"{method_class.name}: padding changes the loss: rows batched together sum to {together:.6f}, "
-        f"separately {apart:.6f}")
+        f"separately {apart:.6f}"
+    )
     assert float(pair.n_items) == float(one.n_items) + float(two.n_items), (
-        f"{method_class.name}: n_items is not additive: {pair.n_items} vs {one.n_items} + {two.n_items}")
+        f"{method_class.name}: n_items is not additive: {pair.n_items} vs {one.n_items} + {two.n_items}"
+    )
 
 
 def check_resume(method_class, rows, model_dir, tmp_path, overrides, rewards=None, atol=1e-6) -> None:
@@ -270,12 +308,22 @@ def check_resume(method_class, rows, model_dir, tmp_path, overrides, rewards=Non
     uninterrupted = _train(method_class, rows, full, rewards)
     resumed_dir = tmp_path / "resume-part"
     shutil.copytree(tmp_path / "resume-full" / "checkpoint-2", resumed_dir / "checkpoint-2")
-    part = _config(method_class, model_dir, resumed_dir, overrides, max_steps=4, save_steps=2,
-                   resume_from_checkpoint="latest", overwrite_output_dir=False)
+    part = _config(
+        method_class,
+        model_dir,
+        resumed_dir,
+        overrides,
+        max_steps=4,
+        save_steps=2,
+        resume_from_checkpoint="latest",
+        overwrite_output_dir=False,
+    )
     resumed = _train(method_class, rows, part, rewards)
     ok, worst = _close(_losses(uninterrupted)[2:], _losses(resumed), 1e-6)
-    assert ok, (f"{method_class.name}: resumed run's losses {_losses(resumed)} differ from the uninterrupted run's "
-                f"steps 3-4 {_losses(uninterrupted)[2:]} (max relative difference {worst:.2e})")
+    assert ok, (
+        f"{method_class.name}: resumed run's losses {_losses(resumed)} differ from the uninterrupted run's "
+        f"steps 3-4 {_losses(uninterrupted)[2:]} (max relative difference {worst:.2e})"
+    )
     diff, name = _max_weight_diff(_weights(full.output_dir), _weights(resumed_dir))
     assert diff <= atol, f"{method_class.name}: resumed final weights differ by {diff:.2e} (parameter {name})"
 
@@ -295,11 +343,19 @@ def check_determinism(method_class, rows, model_dir, tmp_path, overrides, reward
 _stats = {"suites": 0, "ran": 0, "passed": 0, "failed": 0, "xfailed": 0, "skipped": 0}
 
 
-def conformance_suite(method: Any, rows: list[dict], config: dict | None = None, tier: str = "full",
-                      xfail: dict[str, str] | None = None, rewards: dict | None = None,
-                      model_kwargs: dict | None = None, bad_field: str | None = None,
-                      progress_metric: str = "loss", progress_direction: str = "decrease",
-                      progress_steps: int = 8) -> type:
+def conformance_suite(
+    method: Any,
+    rows: list[dict],
+    config: dict | None = None,
+    tier: str = "full",
+    xfail: dict[str, str] | None = None,
+    rewards: dict | None = None,
+    model_kwargs: dict | None = None,
+    bad_field: str | None = None,
+    progress_metric: str = "loss",
+    progress_direction: str = "decrease",
+    progress_steps: int = 8,
+) -> type:
     """A pytest test class with one test per check. ``method`` is an installed name (or a class).
 
     Args:
@@ -335,27 +391,48 @@ def conformance_suite(method: Any, rows: list[dict], config: dict | None = None,
         return _resolve(method)[0]
 
     checks = {
-        "metadata": lambda self, model_dir, tmp_path: check_metadata(label) if isinstance(method, str)
-        else pytest.skip("method given as a class: no installed metadata to check"),
+        "metadata": lambda self, model_dir, tmp_path: (
+            check_metadata(label)
+            if isinstance(method, str)
+            else pytest.skip("method given as a class: no installed metadata to check")
+        ),
         "protocol": lambda self, model_dir, tmp_path: check_protocol(resolved()),
         "config_roundtrip": lambda self, model_dir, tmp_path: check_config_roundtrip(resolved(), tmp_path, overrides),
         "data_validation": lambda self, model_dir, tmp_path: check_data_validation(
-            resolved(), rows, model_dir, overrides, bad_field),
-        "experimental_warning": lambda self, model_dir, tmp_path: check_experimental_warning(label)
-        if isinstance(method, str) else pytest.skip("method given as a class"),
+            resolved(), rows, model_dir, overrides, bad_field
+        ),
+        "experimental_warning": lambda self, model_dir, tmp_path: (
+            check_experimental_warning(label) if isinstance(method, str) else pytest.skip("method given as a class")
+        ),
         "loss_decreases": lambda self, model_dir, tmp_path: check_loss_decreases(
-            resolved(), rows, model_dir, tmp_path, overrides, rewards, progress_steps, progress_metric,
-            progress_direction),
+            resolved(),
+            rows,
+            model_dir,
+            tmp_path,
+            overrides,
+            rewards,
+            progress_steps,
+            progress_metric,
+            progress_direction,
+        ),
         "grad_accumulation": lambda self, model_dir, tmp_path: check_grad_accumulation(
-            resolved(), rows, model_dir, tmp_path, overrides, rewards),
+            resolved(), rows, model_dir, tmp_path, overrides, rewards
+        ),
         "padding_invariance": lambda self, model_dir, tmp_path: check_padding_invariance(
-            resolved(), rows, model_dir, overrides),
-        "resume": lambda self, model_dir, tmp_path: check_resume(resolved(), rows, model_dir, tmp_path, overrides, rewards),
+            resolved(), rows, model_dir, overrides
+        ),
+        "resume": lambda self, model_dir, tmp_path: check_resume(
+            resolved(), rows, model_dir, tmp_path, overrides, rewards
+        ),
         "determinism": lambda self, model_dir, tmp_path: check_determinism(
-            resolved(), rows, model_dir, tmp_path, overrides, rewards),
+            resolved(), rows, model_dir, tmp_path, overrides, rewards
+        ),
     }
     names = API_CHECKS + (FULL_CHECKS if tier == "full" else ())
-    namespace: dict[str, Any] = {"model_dir": model_dir, "__doc__": f"posttrain conformance kit, tier {tier}, for {label}"}
+    namespace: dict[str, Any] = {
+        "model_dir": model_dir,
+        "__doc__": f"posttrain conformance kit, tier {tier}, for {label}",
+    }
     for name in names:
         func = checks[name]
 
@@ -401,7 +478,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     s = _stats
     terminalreporter.write_line(
         f"posttrain conformance: {s['ran']} checks ran in {s['suites']} suite(s): {s['passed']} passed, "
-        f"{s['failed']} failed, {s['xfailed']} xfailed ({s['skipped']} skipped)")
+        f"{s['failed']} failed, {s['xfailed']} xfailed ({s['skipped']} skipped)"
+    )
 
 
 def pytest_sessionfinish(session, exitstatus):
