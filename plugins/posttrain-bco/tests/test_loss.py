@@ -1,0 +1,112 @@
+"""BCO loss: hand-computed values, limiting cases, the running mean, and the method's loss on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from posttrain_bco import BCO, bco_loss, implicit_rewards, update_running_mean
+
+
+def softplus_neg(x: float) -> float:
+    """-log sigmoid(x) = log(1 + e^-x)."""
+    return math.log1p(math.exp(-x))
+
+
+def test_bco_loss_hand_computed():
+    """beta = 0.1, logps = [-4, -6, -5, -3], ref_logps = [-5, -5, -5, -4], labels = [T, F, T, F], delta = 0.05.
+
+    r = beta * (logps - ref_logps) = [0.1, -0.1, 0.0, 0.1]
+    r - delta = [0.05, -0.15, -0.05, 0.05]; undesirable rows flip the sign: x = [0.05, 0.15, -0.05, -0.05]
+    l = log(1 + e^-x) = [0.668460, 0.620957, 0.718460, 0.718460]; sum = 2.726336
+    """
+    rewards = implicit_rewards(torch.tensor([-4.0, -6.0, -5.0, -3.0]), torch.tensor([-5.0, -5.0, -5.0, -4.0]), 0.1)
+    torch.testing.assert_close(rewards, torch.tensor([0.1, -0.1, 0.0, 0.1]))
+    losses = bco_loss(rewards, torch.tensor([True, False, True, False]), 0.05)
+    torch.testing.assert_close(losses, torch.tensor([0.668460, 0.620957, 0.718460, 0.718460]), atol=1e-6, rtol=0)
+    assert losses.sum().item() == pytest.approx(2.726336, abs=1e-6)
+
+
+def test_policy_equal_to_reference_gives_ln2():
+    """r = 0 and delta = 0: every example, desirable or not, costs -log sigmoid(0) = ln 2."""
+    losses = bco_loss(torch.zeros(3), torch.tensor([True, False, True]), 0.0)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2.0)))
+
+
+def test_limits_and_gradient_direction():
+    """A desirable row far above delta costs ~0, far below ~(delta - r); the gradient raises desirable rewards."""
+    losses = bco_loss(torch.tensor([50.0, -50.0]), torch.tensor([True, True]), 0.0)
+    assert losses[0].item() < 1e-12 and losses[1].item() == pytest.approx(50.0)
+    r = torch.tensor([0.3, 0.3], requires_grad=True)
+    bco_loss(r, torch.tensor([True, False]), 0.1).sum().backward()
+    assert r.grad[0] < 0 < r.grad[1]  # gradient descent raises the desirable reward, lowers the undesirable one
+
+
+def test_delta_tensor_gets_no_gradient_and_shift_is_symmetric():
+    """Shifting rewards and delta by the same constant leaves the loss unchanged."""
+    r, labels = torch.tensor([0.2, -0.4, 0.1]), torch.tensor([True, False, False])
+    torch.testing.assert_close(bco_loss(r, labels, 0.1), bco_loss(r + 3.0, labels, 3.1))
+
+
+def test_running_mean_is_grouping_invariant():
+    """The mean of [1, 2, 3, 10] is 4 whether folded in at once, one by one or 2 + 2; empty batches change nothing."""
+    at_once = update_running_mean(0.0, 0.0, 16.0, 4.0)
+    mean, count = 0.0, 0.0
+    for x in (1.0, 2.0, 3.0, 10.0):
+        mean, count = update_running_mean(mean, count, x, 1.0)
+    halves = update_running_mean(*update_running_mean(0.0, 0.0, 3.0, 2.0), 13.0, 2.0)
+    assert at_once == (4.0, 4.0) and (mean, count) == pytest.approx((4.0, 4.0)) and halves == pytest.approx((4.0, 4.0))
+    assert update_running_mean(1.5, 7.0, 0.0, 0.0) == (1.5, 7.0)
+
+
+def _manual_logps(model, row) -> float:
+    """Independent: run the unpadded sequence alone, sum log p(token) over the completion tokens."""
+    ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    start = len(row["prompt_ids"])
+    return sum(logprobs[t - 1, ids[0, t]].item() for t in range(start, ids.shape[1]))
+
+
+def test_method_loss_matches_independent_computation(bco_ctx):
+    """On a tiny model whose policy differs from the reference, loss_sum = sum of -log sigmoid(+-(r - delta)), with
+    delta = mean of this batch's rewards after the first training update; evaluation leaves delta alone."""
+    method = BCO()
+    method.setup(bco_ctx)
+    with torch.no_grad():  # move the policy away from the reference so rewards are not all zero
+        bco_ctx.model.lm_head.weight.add_(0.05 * torch.randn_like(bco_ctx.model.lm_head.weight))
+    rows = method.prepare(
+        [
+            {"prompt": "Hi ", "completion": "there", "label": True},
+            {"prompt": "Hello, ", "completion": "go", "label": False},
+            {"prompt": "x", "completion": "yes!!", "label": False},
+        ],
+        bco_ctx,
+    )
+    batch = method.collate(rows, bco_ctx)
+    beta = bco_ctx.config.beta
+    rewards = [beta * (_manual_logps(bco_ctx.model, r) - _manual_logps(method.ref_model, r)) for r in rows]
+    delta = sum(rewards) / 3
+    expected = sum(
+        softplus_neg(r - delta) if row["label"] else softplus_neg(delta - r) for r, row in zip(rewards, rows)
+    )
+
+    out = method.loss(bco_ctx.model, batch, bco_ctx)
+    assert out.n_items == 3
+    assert out.loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    assert method.delta == pytest.approx(delta, rel=1e-5) and method.delta_count == 3
+    assert out.metrics["rewards/chosen"] == pytest.approx(rewards[0], rel=1e-5)
+    assert out.metrics["rewards/rejected"] == pytest.approx((rewards[1] + rewards[2]) / 2, rel=1e-5)
+
+    bco_ctx.training = False
+    method.loss(bco_ctx.model, batch, bco_ctx)
+    assert method.delta == pytest.approx(delta, rel=1e-5) and method.delta_count == 3
+
+
+def test_state_dict_round_trip():
+    method = BCO()
+    method.delta, method.delta_count = 0.125, 48.0
+    again = BCO()
+    again.load_state_dict(method.state_dict())
+    assert (again.delta, again.delta_count) == (0.125, 48.0)

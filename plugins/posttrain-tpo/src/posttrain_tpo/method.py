@@ -1,0 +1,95 @@
+"""The TPO method object: one forward over [chosen; rejected; reference], preference term + gold NLL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from posttrain import LossOutput
+from posttrain.ops import shift_for_causal_lm, token_logps
+
+from posttrain_tpo.config import TPOConfig
+from posttrain_tpo.data import collate_rows, prepare_rows, row_problems
+from posttrain_tpo.loss import LENGTH_NORMALISED, preference_loss, reference_nll
+
+
+# Copied from posttrain_bco.method.disable_dropout
+def disable_dropout(model: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``values`` over the positions where ``mask`` is true (0.0 when there are none)."""
+    count = mask.sum()
+    return float((values * mask).sum() / count) if count > 0 else 0.0
+
+
+class TPO:
+    """Triple Preference Optimization (arXiv 2405.16681): chosen over rejected, plus NLL on a gold reference.
+
+    Example::
+
+        posttrain train tpo --model ./tiny --dataset triples.jsonl --output_dir out --loss_type tpo-l
+
+    No reference model: the implicit reward is beta * log pi(y|x) of the policy alone.
+    """
+
+    name = "tpo"
+    config_class = TPOConfig
+    dataset_formats = ("preference",)  # plus the `reference` column, validated in posttrain_tpo.data
+
+    def setup(self, ctx: Any) -> None:
+        if ctx.config.disable_dropout:
+            disable_dropout(ctx.model)
+
+    def check_rows(self, dataset: Any) -> list[str]:
+        """Every bad row, for ``posttrain check-data tpo FILE``."""
+        return [p.message() for p in row_problems(dataset)]
+
+    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+        return prepare_rows(dataset, ctx.tokenizer)
+
+    def collate(self, rows: list[dict], ctx: Any) -> dict:
+        c = ctx.config
+        return collate_rows(rows, ctx.tokenizer.pad_token_id, c.max_length, c.truncation_mode, c.tpo_alpha != 0)
+
+    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+        c = ctx.config
+        branches = 3 if c.tpo_alpha != 0 else 2  # the reference rows are left out when their NLL has weight 0
+        n = batch["input_ids"].shape[0] // branches  # triples in this micro-batch
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits, labels = shift_for_causal_lm(out.logits, batch["input_ids"], batch["completion_mask"])
+        per_token = token_logps(logits, labels)  # (branches * n, T-1), 0 outside completions
+        valid = labels >= 0  # (branches * n, T-1)
+        n_tokens = valid.sum(-1)  # (branches * n,)
+        sums = per_token.sum(-1)  # (branches * n,)
+        # ipo and tpo-l compare mean log-probs per token (SimPO-style), sigmoid and hinge summed ones
+        scores = sums / n_tokens.clamp(min=1) if c.loss_type in LENGTH_NORMALISED else sums
+        chosen, rejected = scores[:n], scores[n : 2 * n]  # (n,) each
+        losses = preference_loss(c.loss_type, chosen, rejected, c.beta, c.label_smoothing, c.tpo_l_gamma)  # (n,)
+        metrics: dict[str, Any] = {}
+        if branches == 3:
+            nll = reference_nll(sums[2 * n :], n_tokens[2 * n :])  # (n,) mean NLL per reference token
+            losses = losses + c.tpo_alpha * nll
+            metrics["nll_loss"] = nll.detach().mean()
+
+        with torch.no_grad():
+            chosen_rewards, rejected_rewards = c.beta * chosen.detach(), c.beta * rejected.detach()
+            mean_logits = logits.detach().float().mean(-1)  # (branches * n, T-1)
+            correct = (logits.detach().argmax(-1) == labels) & valid
+            metrics.update(
+                {
+                    "rewards/chosen": chosen_rewards.mean(),
+                    "rewards/rejected": rejected_rewards.mean(),
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                    "logps/chosen": chosen.detach().mean(),
+                    "logps/rejected": rejected.detach().mean(),
+                    "logits/chosen": _token_mean(mean_logits[:n], valid[:n]),
+                    "logits/rejected": _token_mean(mean_logits[n : 2 * n], valid[n : 2 * n]),
+                    "mean_token_accuracy": _token_mean(correct[:n].float(), valid[:n]),
+                }
+            )
+        return LossOutput(loss_sum=losses.sum(), n_items=n, metrics=metrics)
