@@ -363,20 +363,32 @@ def _log_row(accelerator: Any, window: dict, step: int, epoch: int, scheduler: A
     }
     if window["grad_norm"]:
         row["grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
-    names = sorted(window["metrics"])
-    if names:
-        local = torch.tensor(
-            [sum(window["metrics"][n]) / len(window["metrics"][n]) for n in names],
-            device=accelerator.device,
-            dtype=torch.float64,
-        )
-        means = accelerator.reduce(local, reduction="mean")
-        row.update({n: float(v) for n, v in zip(names, means.tolist())})
+    row.update(_mean_metrics(accelerator, window["metrics"]))
     row["steps_per_second"] = window["steps"] / elapsed if elapsed > 0 else 0.0
     window.update(
         loss_sum=torch.zeros_like(window["loss_sum"]), n=0.0, metrics={}, grad_norm=[], t0=time.perf_counter(), steps=0
     )
     return row
+
+
+def _mean_metrics(accelerator: Any, metrics: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each metric over every value reported on every process.
+
+    Processes may report different names (a shard without rejected examples has no
+    ``rewards/rejected``), so the names are unioned first and each metric is reduced as a (sum, count).
+    """
+    names = set(metrics)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        names = set().union(*gather_object([sorted(names)]))
+    names = sorted(names)
+    if not names:
+        return {}
+    sums = [sum(metrics.get(n, [])) for n in names]
+    counts = [len(metrics.get(n, [])) for n in names]
+    totals = accelerator.reduce(torch.tensor([sums, counts], device=accelerator.device, dtype=torch.float64), "sum")
+    return {n: float(s / c) for n, s, c in zip(names, totals[0].tolist(), totals[1].tolist()) if c > 0}
 
 
 @torch.no_grad()
@@ -402,12 +414,7 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
             metrics.setdefault(name, []).append(_scalar(value))
     loss_sum, n = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(n, "sum")
     row = {"eval_loss": float(loss_sum / n) if n > 0 else float("nan")}
-    names = sorted(metrics)
-    if names:
-        local = torch.tensor(
-            [sum(metrics[m]) / len(metrics[m]) for m in names], device=accelerator.device, dtype=torch.float64
-        )
-        row.update({f"eval_{m}": float(v) for m, v in zip(names, accelerator.reduce(local, "mean").tolist())})
+    row.update({f"eval_{name}": value for name, value in _mean_metrics(accelerator, metrics).items()})
     ctx.training = True
     if was_training:
         model.train()

@@ -1,0 +1,159 @@
+"""The reward-modeling method: a sequence-classification head scored with the Bradley–Terry loss."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+from posttrain import LossOutput, PosttrainError
+from posttrain.errors import DataError
+
+from posttrain_reward.config import RewardConfig
+from posttrain_reward.data import check_pairs, collate_pairs, prepare_pairs
+from posttrain_reward.loss import bradley_terry_loss, reward_metrics
+
+
+class Reward:
+    """Train a scalar reward model on preference pairs (``chosen`` preferred over ``rejected``).
+
+    Example::
+
+        from posttrain.loop import train
+        from posttrain_reward import Reward, RewardConfig
+
+        train(Reward(), RewardConfig(model="my-lm", dataset="prefs.jsonl", output_dir="rm", max_steps=100))
+        # AutoModelForSequenceClassification.from_pretrained("rm") now scores text
+    """
+
+    name = "reward"
+    config_class = RewardConfig
+    dataset_formats = ("preference",)
+
+    def __init__(self) -> None:
+        self._new_head: str | None = None  # what load_model initialised, reported once in setup
+
+    def load_model(self, config: RewardConfig):
+        """Load ``config.model`` as ``AutoModelForSequenceClassification`` with one output (the reward).
+
+        A causal-LM checkpoint is fine: its body is reused and the ``score`` head is newly initialised (from the
+        seed, which the loop sets before this call); its ``lm_head`` is not used.
+        """
+        from posttrain import models
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        try:
+            found = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError):
+            found = None  # a bad path: load_causal_lm below says what is wrong with it
+        is_classifier = any(
+            a.endswith("ForSequenceClassification") for a in getattr(found, "architectures", None) or []
+        )
+        if is_classifier and found.num_labels != 1:
+            raise PosttrainError(
+                f"model at {config.model!r} is a sequence classifier with num_labels={found.num_labels}; a reward model "
+                "has a single output. Start from the causal LM it was built on, or from a reward model (num_labels=1)."
+            )
+        # load_causal_lm's path checks and dtype/attention settings, with a one-output classifier class
+        one_label = SimpleNamespace(
+            __name__="AutoModelForSequenceClassification (num_labels=1)",
+            from_pretrained=functools.partial(AutoModelForSequenceClassification.from_pretrained, num_labels=1),
+        )
+        with contextlib.nullcontext() if is_classifier else _quiet_new_head():
+            model = models.load_causal_lm(config.model, config, model_class=one_label)
+        if not is_classifier:
+            what = ", ".join(getattr(found, "architectures", None) or []) or "no sequence-classification head"
+            self._new_head = (
+                f"reward: {config.model} is {what}; loaded it as {type(model).__name__} with a newly initialised "
+                f"score head (one output, seed {config.seed}); its LM head is not used."
+            )
+        return model
+
+    def setup(self, ctx: Any) -> None:
+        """Point the model at the tokenizer's pad token (so the last real token is scored) and drop dropout."""
+        import torch
+
+        model, config = ctx.model, ctx.config
+        if getattr(model.config, "num_labels", None) != 1 or "ForSequenceClassification" not in type(model).__name__:
+            raise PosttrainError(
+                f"the reward method needs a sequence-classification model with num_labels=1, got {type(model).__name__}. "
+                "Let the method load it from --model (a causal LM checkpoint is fine), or pass "
+                "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+            )
+        # The classifier pools the rightmost token that is not pad_token_id; without it, batches of 2+ fail, and a
+        # stale id would make it score padding.
+        model.config.get_text_config().pad_token_id = ctx.tokenizer.pad_token_id
+        if config.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if self._new_head:
+            _say(ctx, self._new_head)
+            self._new_head = None
+
+    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+        config = ctx.config
+        rows, n_filtered = prepare_pairs(dataset, ctx.tokenizer, config.max_length, config.truncation_mode)
+        if n_filtered:
+            total = n_filtered + len(rows)
+            if not rows:
+                raise DataError(
+                    f"all {total} pairs have a chosen or rejected sequence longer than max_length={config.max_length} "
+                    "tokens, so none is left to train on. Raise --max_length, or pass --truncation_mode keep_end to "
+                    "cut the start of long sequences instead of dropping them."
+                )
+            _say(
+                ctx,
+                f"reward: dropped {n_filtered} of {total} pairs longer than max_length={config.max_length} "
+                "tokens (truncation_mode=filter)",
+            )
+        return rows
+
+    def check_rows(self, dataset: Any) -> list[str]:
+        """Every bad row, for ``posttrain check-data reward FILE``."""
+        return check_pairs(dataset)
+
+    def collate(self, rows: list[dict], ctx: Any) -> dict:
+        return collate_pairs(rows, ctx.tokenizer.pad_token_id)
+
+    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        rewards = out.logits.squeeze(-1)  # (2B,): the head's output at each row's last non-pad token
+        chosen_rewards, rejected_rewards = rewards.chunk(2)  # (B,) each
+        losses = bradley_terry_loss(
+            chosen_rewards, rejected_rewards, batch.get("margin"), ctx.config.center_rewards_coefficient
+        )
+        return LossOutput(losses.sum(), len(losses), reward_metrics(chosen_rewards, rejected_rewards))
+
+
+def _say(ctx: Any, text: str) -> None:
+    """One line on the main process (stderr when there is no accelerator, e.g. in unit tests)."""
+    if ctx.accelerator is not None:
+        ctx.accelerator.print(text)
+    else:
+        print(text, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _quiet_new_head():
+    """Silence transformers' load report for the two expected keys of a causal LM loaded as a classifier.
+
+    ``score.weight`` is missing (it is the new head) and ``lm_head.*`` is unexpected (unused); :meth:`Reward.setup`
+    says so in one line instead. Other missing or unexpected keys are still reported.
+    """
+    from transformers.modeling_layers import GenericForSequenceClassification as Generic
+
+    names = ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected")
+    saved = {name: Generic.__dict__[name] for name in names if name in Generic.__dict__}
+    Generic._keys_to_ignore_on_load_missing = [*(getattr(Generic, names[0], None) or []), r"^score\.weight$"]
+    Generic._keys_to_ignore_on_load_unexpected = [*(getattr(Generic, names[1], None) or []), r"^lm_head\."]
+    try:
+        yield
+    finally:  # put the class back exactly as it was
+        for name in names:
+            if name in saved:
+                setattr(Generic, name, saved[name])
+            else:
+                delattr(Generic, name)

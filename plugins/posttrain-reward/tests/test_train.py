@@ -1,0 +1,160 @@
+"""A tiny model learns a preference rule; the saved model loads with transformers and scores as in training.
+
+The rule: the chosen answer contains the word "good", the rejected one does not. 24 steps of 8 pairs on the
+25k-parameter tiny model reach held-out accuracy 1.0 for seeds 0-4, and already 16 steps do (the test runs seed 0
+and asks for >= 0.9 on 64 held-out pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from posttrain import PosttrainError
+from posttrain.config import build_config
+from posttrain.loop import train
+from posttrain.method import TrainContext
+from posttrain_reward import Reward, RewardConfig, encode
+
+
+def config_for(model_dir, output_dir, **overrides) -> RewardConfig:
+    values = {
+        "model": str(model_dir),
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "seed": 0,
+        "learning_rate": 5e-3,
+        "max_steps": 24,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 8,
+        "save_steps": 0,
+        "disable_progress_bar": True,
+        "max_length": 64,
+    }
+    return build_config(RewardConfig, {**values, **overrides})
+
+
+def test_learns_keyword_rule_and_saved_model_scores_the_same(reward_tiny_model, reward_keyword_pairs, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    held_out = reward_keyword_pairs(2, 64)
+    config = config_for(reward_tiny_model, tmp_path / "rm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(Reward(), config, train_dataset=reward_keyword_pairs(1, 192), eval_dataset=held_out)
+    losses = [row["loss"] for row in result.log_history if "loss" in row]
+    final_eval = result.log_history[-1]
+    assert losses[-1] < losses[0] < math.log(2) + 0.05, losses
+    assert final_eval["eval_accuracy"] >= 0.9, final_eval
+
+    # A consumer's view: only transformers and the documented convention (encode, last non-pad token).
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    assert model.config.pad_token_id == tok.pad_token_id and model.config.num_labels == 1
+    with torch.no_grad():
+
+        def score(prompt, response):  # one sequence, no padding
+            return float(model(torch.tensor([encode(tok, prompt, response)])).logits[0, 0])
+
+        chosen = torch.tensor([score(r["prompt"], r["chosen"]) for r in held_out])
+        rejected = torch.tensor([score(r["prompt"], r["rejected"]) for r in held_out])
+        # right-padded batch: the head must read each row's last real token
+        batch = [encode(tok, r["prompt"], r["chosen"]) for r in held_out[:8]]
+        width = max(map(len, batch))
+        padded = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids in batch])
+        batched = model(padded, attention_mask=(padded != tok.pad_token_id).long()).logits[:, 0]
+    assert torch.allclose(batched, chosen[:8], atol=1e-5)
+    accuracy = float((chosen > rejected).float().mean())
+    loss = float(-torch.nn.functional.logsigmoid(chosen - rejected).mean())
+    assert accuracy == pytest.approx(final_eval["eval_accuracy"])  # the loop's evaluation used the same scores
+    assert loss == pytest.approx(final_eval["eval_loss"], rel=1e-4)
+
+
+def test_load_model_logs_new_head_and_setup_sets_pad_token_id(reward_tiny_model, reward_tokenizer, tmp_path, capsys):
+    """A checkpoint without pad_token_id: batches of two would fail, so setup writes the tokenizer's id."""
+    model_dir = tmp_path / "no-pad"
+    shutil.copytree(reward_tiny_model, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["pad_token_id"] = None
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    config = config_for(model_dir, tmp_path / "out")
+    method = Reward()
+    model = method.load_model(config)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.pad_token_id is None
+    model.extra_dropout = torch.nn.Dropout(0.3)  # the tiny Llama has no nn.Dropout of its own
+    ctx = TrainContext(config=config, tokenizer=reward_tokenizer, model=model)
+    method.setup(ctx)
+    assert model.extra_dropout.p == 0.0  # disable_dropout (default true), as TRL
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "LlamaForCausalLM; loaded it as LlamaForSequenceClassification with a newly initialised score head" in err
+    assert "LOAD REPORT" not in captured.out + err  # the two expected key notes are silenced
+    assert model.config.pad_token_id == reward_tokenizer.pad_token_id
+    rows = method.prepare([{"chosen": "ab", "rejected": "abcdef"}], ctx)
+    batch = method.collate(rows, ctx)
+    with torch.no_grad():
+        padded = model(**batch).logits[:, 0]
+        alone = [float(model(torch.tensor([r])).logits[0, 0]) for r in (rows[0]["chosen_ids"], rows[0]["rejected_ids"])]
+    assert padded.tolist() == pytest.approx(alone, abs=1e-6)
+
+
+def test_refuses_models_that_are_not_one_output_classifiers(reward_tiny_model, reward_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two = AutoModelForSequenceClassification.from_pretrained(reward_tiny_model, num_labels=2)
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(PosttrainError, match="num_labels=2"):
+        Reward().load_model(config_for(tmp_path / "two", tmp_path / "out"))
+    with pytest.raises(PosttrainError, match="does not exist"):
+        Reward().load_model(config_for(tmp_path / "nowhere", tmp_path / "out"))
+    causal = AutoModelForCausalLM.from_pretrained(reward_tiny_model)
+    ctx = TrainContext(config=config_for(reward_tiny_model, tmp_path / "out"), tokenizer=reward_tokenizer, model=causal)
+    with pytest.raises(PosttrainError, match="sequence-classification model"):
+        Reward().setup(ctx)
+
+
+def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pairs, tmp_path, capsys):
+    """The README's quickstart: `posttrain train reward --config configs/tiny.yaml --model ... --dataset ...`."""
+    from pathlib import Path
+
+    from posttrain.cli import main
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reward_keyword_pairs(3, 32)))
+    yaml_path = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    argv = [
+        "train",
+        "reward",
+        "--config",
+        str(yaml_path),
+        "--model",
+        str(reward_tiny_model),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--max_steps",
+        "2",
+        "--disable_progress_bar",
+        "true",
+    ]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]
+    metrics = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert {
+        "loss",
+        "accuracy",
+        "margin",
+        "min_reward",
+        "mean_reward",
+        "max_reward",
+        "rewards/chosen",
+        "rewards/rejected",
+    } <= set(metrics[-1])
