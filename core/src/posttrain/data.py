@@ -145,7 +145,8 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
     alternatives = FORMAT_COLUMNS[fmt]
     present = {k for k, v in row.items() if v is not None}
     if not any(set(alt) <= present for alt in alternatives):
-        best = max(alternatives, key=lambda alt: len(set(alt) & present))
+        # the alternative this row is closest to: fewest missing columns, then the smaller set
+        best = min(alternatives, key=lambda alt: (len(set(alt) - present), len(alt)))
         missing = [c for c in best if c not in present]
         need = " or ".join("+".join(alt) for alt in alternatives)
         return [RowProblem(index, missing[0], "is missing", f"The {fmt} format needs {need}.")]

@@ -82,12 +82,15 @@ def apply_peft(model: Any, config: Any):
         raise PosttrainError(
             "use_peft is true but peft is not installed; run `pip install 'posttrain[peft]'`."
         ) from None
+    # A sequence classifier (reward model) trains its new score head in full next to the adapters.
+    is_classifier = type(model).__name__.endswith("ForSequenceClassification")
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules or "all-linear",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM",
+        modules_to_save=["score"] if is_classifier else None,
     )
     if config.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -158,3 +158,19 @@ def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pair
         "rewards/chosen",
         "rewards/rejected",
     } <= set(metrics[-1])
+
+
+def test_lora_trains_adapters_and_the_score_head(reward_tiny_model, reward_keyword_pairs, tmp_path):
+    """With use_peft the classifier is wrapped for SEQ_CLS: adapters and the new score head train, the base does not."""
+    pytest.importorskip("peft")
+    from peft import AutoPeftModelForSequenceClassification
+
+    config = config_for(reward_tiny_model, tmp_path / "rm-lora", use_peft=True, lora_r=4, max_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(Reward(), config, train_dataset=reward_keyword_pairs(1, 64))
+    assert result.global_step == 4
+    assert (tmp_path / "rm-lora" / "adapter_model.safetensors").is_file()
+    model = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "rm-lora", num_labels=1)
+    trained = {n for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    assert any("score" in n for n in trained) and any("lora_" in n for n in trained)

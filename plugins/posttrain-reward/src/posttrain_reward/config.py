@@ -28,12 +28,4 @@ class RewardConfig(TrainingConfig):
             found.append(f"max_length must be >= 2 or null, got {self.max_length}")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             found.append(f"center_rewards_coefficient must be >= 0 or null, got {self.center_rewards_coefficient}")
-        if self.use_peft:
-            # core's models.apply_peft wraps with task_type="CAUSAL_LM", which cannot wrap a sequence classifier
-            # (peft fails looking for prepare_inputs_for_generation) and would not save the new score head.
-            found.append(
-                "use_peft is not supported by the reward method yet: core wraps models for causal LM, while a reward "
-                "model needs LoRA with task_type SEQ_CLS and the new 'score' head in modules_to_save. "
-                "Train all weights (use_peft false), or use a smaller model."
-            )
         return found
