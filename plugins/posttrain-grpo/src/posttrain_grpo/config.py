@@ -1,0 +1,73 @@
+"""GRPOConfig: TRL 1.16 field names and defaults, only the fields this plugin implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from posttrain.config import TrainingConfig
+
+
+@dataclass
+class GRPOConfig(TrainingConfig):
+    """Group Relative Policy Optimization. `per_device_train_batch_size` counts *prompts*; each prompt gets
+    `num_generations` completions, so a micro-batch holds batch x num_generations sequences."""
+
+    learning_rate: float = 1e-6  # TRL's GRPO default
+    # -- rewards
+    reward_funcs: list[str] = field(default_factory=list)  # reward names (entry points or hook-registered)
+    reward_weights: list[float] | None = None  # one weight per reward function; None -> all 1.0
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantages / group std, micro-batch std, or 1
+    # -- sampling
+    num_generations: int = 8  # completions sampled per prompt (the group size G, >= 2)
+    max_completion_length: int = 512  # new tokens per completion at most
+    temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # 0 disables top-k
+    min_p: float | None = None  # minimum token probability relative to the most likely one
+    repetition_penalty: float = 1.0  # 1.0 disables it
+    generation_kwargs: dict | None = None  # extra transformers GenerationConfig / vLLM SamplingParams fields
+    per_prompt_generation: bool = True  # one generate call per prompt, seeded by (seed, step, row)
+    mask_truncated_completions: bool = False  # completions that end without EOS get no loss
+    # -- objective
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # how token losses are normalised (see README)
+    beta: float = 0.0  # KL coefficient (k3 estimator); 0 loads no reference model
+    use_bias_correction_kl: bool = True  # multiply the per-token KL by the importance ratio, as TRL
+    epsilon: float = 0.2  # lower clipping bound of the importance ratio: 1 - epsilon
+    epsilon_high: float | None = None  # upper bound 1 + epsilon_high (DAPO clip-higher); None -> epsilon
+    num_iterations: int = 1  # optimizer steps per generation batch (mu); >1 reuses each micro-batch's rollout
+    # -- vLLM (pip install 'posttrain-grpo[vllm]')
+    use_vllm: bool = False  # generate with an in-process vLLM engine on this process's GPU
+    vllm_gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take
+    vllm_max_model_length: int | None = None  # vLLM context length; None -> the model's
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.num_generations < 2:
+            found.append(
+                f"num_generations must be >= 2 (group-relative advantages need a group), got {self.num_generations}"
+            )
+        if self.max_completion_length < 1:
+            found.append(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.temperature <= 0:
+            found.append(f"temperature must be > 0 (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            found.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.num_iterations < 1:
+            found.append(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            found.append(f"epsilon and epsilon_high must be >= 0, got {self.epsilon} and {self.epsilon_high}")
+        if self.beta < 0:
+            found.append(f"beta must be >= 0, got {self.beta}")
+        if self.reward_weights is not None and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
+            found.append(
+                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
+                f"{len(self.reward_funcs)} functions ({', '.join(self.reward_funcs)}); give one weight each"
+            )
+        if len(set(self.reward_funcs)) != len(self.reward_funcs):
+            found.append(f"reward_funcs names a function twice: {self.reward_funcs}; use reward_weights to weight it")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            found.append(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        return found

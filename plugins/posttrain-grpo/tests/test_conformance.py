@@ -1,0 +1,26 @@
+"""The posttrain conformance kit, tier "full", on a random tiny model.
+
+Rollouts are sampled per prompt under a seed of (seed, step, row), so batching, accumulation, resuming
+and re-running do not change them and every invariant holds exactly. The EOS bias in
+``generation_kwargs`` makes a random model end completions at varied lengths, so the DAPO loss value
+(−Σ A·length / tokens at ratio 1) is not ~0 and the loss comparisons are meaningful.
+"""
+
+from posttrain.testing.kit import conformance_suite
+
+ROWS = [{"prompt": f"{a}+{b}=" + " " * (a % 3), "answer": str(a + b)} for a in range(4) for b in range(4)]
+
+TestConformance = conformance_suite(
+    "grpo",
+    rows=ROWS,
+    config={
+        "reward_funcs": ["grpo_first_is_digit"],
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "learning_rate": 1e-2,
+        "generation_kwargs": {"sequence_bias": [[[1], 3.0]]},
+    },  # token 1 = EOS
+    tier="full",
+    progress_metric="reward",
+    progress_direction="increase",
+)

@@ -1,0 +1,152 @@
+"""GRPO's loss on hand-made tensors; every expected value is derived in the docstring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from posttrain_grpo import (
+    bnpo_normalization,
+    clipped_surrogate,
+    dapo_normalization,
+    dr_grpo_normalization,
+    group_advantages,
+    grpo_loss,
+    grpo_normalization,
+    k3_kl,
+)
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+
+
+def test_group_advantages_scale_group():
+    """Group 1 = [1, 0, 0, 1]: mean 0.5, Bessel std sqrt(4 x 0.25 / 3) = 0.5773503, so
+    A = ±0.5 / (0.5773503 + 1e-4) = ±0.8658753. Group 2 = [2, 2, 2, 2]: std 0, A = 0 / 1e-4 = 0."""
+    adv, std = group_advantages(REWARDS, 4, "group")
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert a == pytest.approx(0.8658753, abs=1e-6)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+    torch.testing.assert_close(std[:4], torch.full((4,), math.sqrt(1 / 3)))
+    assert (std[4:] == 0).all()
+
+
+def test_group_advantages_scale_batch_and_none():
+    """batch: the std of all 8 rewards (mean 1.25, squared deviations sum 5.5, /7 -> std 0.8864053), the
+    mean still per group: A = ±0.5 / 0.8865053 = ±0.5640126. none: A = r − group mean = ±0.5 (Dr. GRPO)."""
+    adv, _ = group_advantages(REWARDS, 4, "batch")
+    a = 0.5 / (math.sqrt(5.5 / 7) + 1e-4)
+    assert a == pytest.approx(0.5640126, abs=1e-6)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+    adv, _ = group_advantages(REWARDS, 4, "none")
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_unscorable_completions_are_left_out_and_get_zero_advantage():
+    """[nan, 1, 3, nan]: mean and std over {1, 3} only (2, sqrt 2); A = [0, −1/1.4143136, +1/1.4143136, 0]."""
+    adv, _ = group_advantages(torch.tensor([float("nan"), 1.0, 3.0, float("nan")]), 4, "group")
+    a = 1 / (math.sqrt(2) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([0.0, -a, a, 0.0]))
+
+
+# per-token losses [[1, 2, 3], [4, 5, 6]] with mask [[1, 1, 0], [1, 0, 0]]: masked sum 7 over 3 tokens
+LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def test_grpo_normalization_is_a_mean_of_sequence_means():
+    """Sequence means (1+2)/2 = 1.5 and 4/1 = 4 -> loss_sum 5.5 over n_items = 2 sequences = 2.75."""
+    loss_sum, n = grpo_normalization(LOSS, MASK, 4)
+    assert (float(loss_sum), n) == (5.5, 2)
+
+
+def test_bnpo_normalization_is_the_micro_batch_token_mean():
+    """TRL's bnpo: 7 / 3 tokens per micro-batch, n_items = 1, so the step averages micro-batch means."""
+    loss_sum, n = bnpo_normalization(LOSS, MASK, 4)
+    assert float(loss_sum) == pytest.approx(7 / 3) and n == 1
+
+
+def test_dr_grpo_normalization_divides_by_sequences_times_max_length():
+    """Dr. GRPO: 7 / (2 sequences x L_max 4) -> loss_sum 7, n_items 8."""
+    loss_sum, n = dr_grpo_normalization(LOSS, MASK, 4)
+    assert (float(loss_sum), n) == (7.0, 8)
+
+
+def test_dapo_normalization_counts_tokens_and_differs_from_bnpo_over_micro_batches():
+    """DAPO: 7 over 3 tokens. With a second micro-batch of one token of loss 1 the step is
+    dapo (7 + 1) / (3 + 1) = 2.0 but bnpo (7/3 + 1/1) / 2 = 1.6667."""
+    loss_sum, n = dapo_normalization(LOSS, MASK, 4)
+    assert (float(loss_sum), int(n)) == (7.0, 3)
+    other, other_mask = torch.tensor([[1.0]]), torch.tensor([[1.0]])
+    sums = [dapo_normalization(LOSS, MASK, 4), dapo_normalization(other, other_mask, 4)]
+    assert float(sum(s for s, _ in sums) / sum(n for _, n in sums)) == pytest.approx(2.0)
+    sums = [bnpo_normalization(LOSS, MASK, 4), bnpo_normalization(other, other_mask, 4)]
+    assert float(sum(s for s, _ in sums) / sum(n for _, n in sums)) == pytest.approx(5 / 3)
+
+
+def test_clipped_surrogate_values_and_gradients():
+    """ε = 0.2. Per token −min(ρA, clip(ρ, 0.8, 1.2)A), gradient w.r.t. logp is −ρA unless clipped:
+    ρ=1.5, A=+1 -> −1.2, grad 0 (clipped) | ρ=0.5, A=+1 -> −0.5, grad −0.5
+    ρ=0.5, A=−1 -> +0.8, grad 0 (clipped) | ρ=1.5, A=−1 -> +1.5, grad +1.5."""
+    old = torch.zeros(4, 1)
+    logps = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]])).requires_grad_()
+    loss, _ = clipped_surrogate(logps, old, torch.tensor([1.0, 1.0, -1.0, -1.0]), 0.2, 0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-1.2], [-0.5], [0.8], [1.5]]))
+    loss.sum().backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[0.0], [-0.5], [0.0], [1.5]]))
+
+
+def test_epsilon_high_raises_only_the_upper_bound_and_clip_metrics():
+    """ρ = 1.25, A = +1: clipped to 1.2 with ε_high = ε = 0.2 (−1.2), kept with ε_high = 0.28 (−1.25).
+    The clipped token counts in clip_ratio/high_mean (1 of 2 tokens -> 0.5), none in low_mean."""
+    logps = torch.log(torch.tensor([[1.25, 1.0]]))
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    loss_sum, n, stats = grpo_loss(logps, torch.zeros(1, 2), adv, mask, epsilon=0.2)
+    assert float(loss_sum) == pytest.approx(-2.2) and int(n) == 2
+    assert float(stats["clip_ratio/high_mean"]) == 0.5 and float(stats["clip_ratio/low_mean"]) == 0.0
+    assert float(stats["clip_ratio/high_max"]) == 0.5 and float(stats["clip_ratio/region_mean"]) == 0.5
+    loss_sum, _, stats = grpo_loss(logps, torch.zeros(1, 2), adv, mask, epsilon=0.2, epsilon_high=0.28)
+    assert float(loss_sum) == pytest.approx(-2.25) and float(stats["clip_ratio/high_mean"]) == 0.0
+
+
+def test_k3_kl_value_gradient_and_bias_correction():
+    """logp = log 0.5, ref = log 0.25: δ = ref − logp = −log 2, k3 = e^δ − δ − 1 = 0.5 + 0.693147 − 1
+    = 0.193147. On-policy (ρ = 1 with grad), A = 0, β = 0.1: loss = 0.1·0.193147. d(ρ·k3)/dlogp =
+    k3 + (1 − e^δ) = 0.693147 -> grad 0.0693147; without the correction d k3/dlogp = 0.5 -> 0.05."""
+    ref = torch.log(torch.tensor([[0.25]]))
+    for correction, grad in ((True, 0.1 * math.log(2)), (False, 0.05)):
+        logps = torch.log(torch.tensor([[0.5]])).requires_grad_()
+        loss_sum, _, stats = grpo_loss(
+            logps,
+            logps.detach(),
+            torch.zeros(1),
+            torch.ones(1, 1),
+            beta=0.1,
+            ref_logps=ref,
+            use_bias_correction_kl=correction,
+        )
+        assert float(loss_sum.detach()) == pytest.approx(0.1 * (0.5 + math.log(2) - 1), abs=1e-7)
+        assert float(stats["kl"]) == pytest.approx(0.193147, abs=1e-6)
+        loss_sum.backward()
+        assert float(logps.grad) == pytest.approx(grad, abs=1e-6)
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    logps = torch.randn(3, 4)
+    assert torch.equal(k3_kl(logps, logps), torch.zeros(3, 4))
+
+
+def test_on_policy_dapo_gradient_is_minus_advantage_over_tokens():
+    """With old = logp.detach() the ratio is 1 and d loss_sum / d logp_t = −A_i·m_t. A = [1, −2],
+    lengths 2 and 3: loss_sum = −(1·2 − 2·3) = 4 over n_items = 5 tokens; masked tokens get no gradient."""
+    logps = torch.randn(2, 3).requires_grad_()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss_sum, n, _ = grpo_loss(logps, logps.detach(), torch.tensor([1.0, -2.0]), mask)
+    assert float(loss_sum.detach()) == pytest.approx(4.0) and int(n) == 5
+    loss_sum.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, -1.0, 0.0], [2.0, 2.0, 2.0]]))
+
+
+def test_dr_grpo_needs_max_completion_length():
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), loss_type="dr_grpo")

@@ -1,0 +1,121 @@
+"""A learned reward: score each prompt + completion with a sequence-classification model.
+
+The model is a directory written by ``save_pretrained`` (e.g. the output of ``posttrain train reward``)
+holding an ``AutoModelForSequenceClassification`` with one label and its tokenizer. Texts are built as
+TRL does: ``prompt + completion`` for standard data, the chat template over prompt + completion messages
+for conversational data. Models are loaded once per path and process, then kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+REWARD_MODEL_ENV = "POSTTRAIN_REWARD_MODEL"
+_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _default_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_reward_model(path: str, device: Any = None, dtype: str = "auto"):
+    """(model, tokenizer) for ``path``, cached; checks it is a one-label sequence classifier."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = torch.device(device) if device is not None else _default_device()
+    key = (os.path.abspath(os.path.expanduser(path)), str(device))
+    if key not in _CACHE:
+        if not os.path.isfile(os.path.join(key[0], "config.json")):
+            raise FileNotFoundError(
+                f"reward model path {path!r} is not a directory written by save_pretrained "
+                "(no config.json there); point at a trained sequence-classification model"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(key[0])
+        model = AutoModelForSequenceClassification.from_pretrained(key[0], dtype=dtype).to(device).eval()
+        if model.config.num_labels != 1:
+            raise ValueError(
+                f"reward model {path!r} has {model.config.num_labels} labels; a reward model has one "
+                "(train it with `posttrain train reward`, or num_labels=1)"
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:  # needed to find each row's last token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model.requires_grad_(False)
+        _CACHE[key] = (model, tokenizer)
+    return _CACHE[key]
+
+
+def score(model: Any, tokenizer: Any, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+    """The model's scalar output (logit 0) for each prompt + completion."""
+    import torch
+
+    texts = []
+    for prompt, completion in zip(prompts, completions):
+        if isinstance(prompt, list):
+            messages = prompt + (
+                completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            )
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append(prompt + (completion if isinstance(completion, str) else completion[-1]["content"]))
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+            add_special_tokens=False,
+        ).to(device)
+        with torch.inference_mode():
+            out += model(**inputs).logits[:, 0].float().tolist()
+    return out
+
+
+def make_reward_model_reward(path: str, device: Any = None, batch_size: int = 16, dtype: str = "auto"):
+    """A reward scoring completions with the sequence classifier saved at ``path``.
+
+    Example::
+
+        helpful = make_reward_model_reward("runs/reward-model")
+        helpful(["Q: 2+2? A:"], [" 4"])  # [1.73]
+    """
+
+    def reward_model(prompts: list, completions: list, **columns: Any) -> list[float]:
+        model, tokenizer = load_reward_model(path, device, dtype)
+        return score(model, tokenizer, prompts, completions, batch_size)
+
+    reward_model.path = path
+    return reward_model
+
+
+def reward_model(
+    prompts: list, completions: list, reward_model_path: list | None = None, **columns: Any
+) -> list[float]:
+    """The registered ``reward_model`` reward. The model path is, first found: the row's
+    ``reward_model_path`` column or the ``POSTTRAIN_REWARD_MODEL`` environment variable.
+
+    Raises:
+        ValueError: when neither gives a path.
+    """
+    default = os.environ.get(REWARD_MODEL_ENV)
+    paths = [p or default for p in (reward_model_path or [None] * len(completions))]
+    if any(p is None for p in paths):
+        raise ValueError(
+            "the 'reward_model' reward needs the path of a trained reward model: set "
+            f"{REWARD_MODEL_ENV}=/path/to/model, add a 'reward_model_path' column, or register "
+            "make_reward_model_reward('/path') under a name of your own"
+        )
+    scores: list[float] = [0.0] * len(completions)
+    for path in dict.fromkeys(paths):  # one model at a time, in first-seen order
+        idx = [i for i, p in enumerate(paths) if p == path]
+        model, tokenizer = load_reward_model(path)
+        for i, s in zip(idx, score(model, tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx])):
+            scores[i] = s
+    return scores

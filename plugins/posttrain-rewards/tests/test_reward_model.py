@@ -1,0 +1,53 @@
+"""The reward_model reward against a tiny sequence classifier built locally."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from posttrain_rewards import make_reward_model_reward, reward_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+
+def direct_scores(path, texts):
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        return [float(model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0]) for t in texts]
+
+
+def test_scores_equal_the_model_output_one_text_at_a_time(rewards_tiny_rm):
+    """Batched with right padding, each score is the classifier's logit on prompt + completion alone."""
+    reward = make_reward_model_reward(str(rewards_tiny_rm), batch_size=2)
+    prompts, completions = ["Q: 2+2? A:", "Q: hi A:", "x"], [" 4", " hello there", "yz"]
+    got = reward(prompts, completions)
+    expected = direct_scores(rewards_tiny_rm, [p + c for p, c in zip(prompts, completions)])
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert len(set(got)) == 3
+
+
+def test_conversational_texts_use_the_chat_template(rewards_tiny_rm):
+    prompt = [{"role": "user", "content": "hi"}]
+    completion = [{"role": "assistant", "content": "hey"}]
+    got = make_reward_model_reward(str(rewards_tiny_rm))([prompt], [completion])
+    assert got == pytest.approx(direct_scores(rewards_tiny_rm, ["<|user|>hi<|end|><|assistant|>hey<|end|>"]), abs=1e-5)
+
+
+def test_registered_reward_reads_the_path_from_env_or_column(rewards_tiny_rm, monkeypatch):
+    with pytest.raises(ValueError, match="POSTTRAIN_REWARD_MODEL"):
+        reward_model(["a"], ["b"])
+    monkeypatch.setenv("POSTTRAIN_REWARD_MODEL", str(rewards_tiny_rm))
+    from_env = reward_model(["a", "c"], ["b", "d"])
+    monkeypatch.delenv("POSTTRAIN_REWARD_MODEL")
+    from_column = reward_model(["a", "c"], ["b", "d"], reward_model_path=[str(rewards_tiny_rm)] * 2)
+    assert from_env == from_column == pytest.approx(direct_scores(rewards_tiny_rm, ["ab", "cd"]), abs=1e-5)
+
+
+def test_bad_paths_and_multi_label_models_are_explained(rewards_tiny_rm, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        make_reward_model_reward(str(tmp_path / "nowhere"))(["a"], ["b"])
+    config = AutoConfig.from_pretrained(rewards_tiny_rm, num_labels=3)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(tmp_path / "three")
+    AutoTokenizer.from_pretrained(rewards_tiny_rm).save_pretrained(tmp_path / "three")
+    with pytest.raises(ValueError, match="has 3 labels"):
+        make_reward_model_reward(str(tmp_path / "three"))(["a"], ["b"])

@@ -1,0 +1,250 @@
+"""Parity of posttrain-rloo with TRL 1.16 RLOOTrainer on the deterministic parts of an RLOO step.
+
+Both implementations get the same tiny model (fp32, CPU), the same 4 prompts and the *same* 16 completions
+(generation is replaced by a fixed list: sampling streams differ between any two implementations), and the
+same reward functions (posttrain-rewards' accuracy and length_penalty, plus a tiny local reward model that
+TRL scores through its own model path). Compared per case: the rewards per function, the advantages, the
+loss, the KL metric and the full gradient. The policy is perturbed by the same seeded noise on both sides
+so that it differs from the reference and the KL penalty in the reward is exercised.
+
+Run: /work/parity-venv/bin/python plugins/posttrain-rloo/parity/parity_rloo.py   (writes result.json here)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = [("2+3=", "5"), ("4+4=", "8"), ("1+6=", "7"), ("9+0=", "9")]
+G, L = 4, 6
+CASES = [
+    {"beta": 0.05, "normalize_advantages": False, "reward_clip_range": None, "temperature": 1.0},
+    {"beta": 0.0, "normalize_advantages": True, "reward_clip_range": None, "temperature": 0.7},
+    {"beta": 0.1, "normalize_advantages": True, "reward_clip_range": [-0.5, 1.5], "temperature": 1.0},
+    {"beta": 0.05, "normalize_advantages": False, "reward_clip_range": [0.0, 1.0], "temperature": 0.9},
+]
+WEIGHTS = [1.0, 0.5, 2.0]
+TARGET = 1e-4
+
+
+def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
+    """max |a − b| / max(|a|, |b|, 1e-3): values below 1e-3 (a loss that is 0 by construction) count absolutely."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-3)
+    return (a - b).abs().max().item() / scale
+
+
+def build(tmp: Path):
+    from posttrain.testing import build_tiny_model, build_tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model_dir = build_tiny_model(tmp / "policy")
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(config).save_pretrained(tmp / "rm")
+    tok.save_pretrained(tmp / "rm")
+    eos = tok.eos_token_id
+    completions = []
+    for _, answer in PROMPTS:
+        wrong = str((int(answer) + 1) % 10)
+        texts = [(answer, True), (f"x{wrong}", True), (answer * L, False), ("no", True)]
+        for text, ends in texts:
+            ids = tok(text, add_special_tokens=False).input_ids[:L]
+            completions.append([*ids, eos] if ends and len(ids) < L else ids)
+    return model_dir, tmp / "rm", completions
+
+
+def perturb(model) -> None:
+    """Same seeded noise on both sides: the policy moves away from the reference loaded from disk."""
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
+    import datasets
+    from posttrain_rewards import accuracy, make_length_penalty
+    from transformers import AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    args = RLOOConfig(
+        output_dir=str(tmp / "trl"),
+        per_device_train_batch_size=len(completions),
+        num_generations=G,
+        max_completion_length=L,
+        temperature=case["temperature"],
+        beta=case["beta"],
+        normalize_advantages=case["normalize_advantages"],
+        reward_clip_range=case["reward_clip_range"],
+        reward_weights=WEIGHTS,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+    )
+    length_penalty = make_length_penalty(L, 2)
+    trainer = RLOOTrainer(
+        model=str(model_dir),
+        reward_funcs=[accuracy, length_penalty, str(rm_dir)],
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer._generate_single_turn = lambda *a, **k: [list(c) for c in completions]
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model
+    perturb(model)
+    model.train()
+    inputs = [dict(row) for row in rows for _ in range(G)]
+    batch = trainer._generate_and_score_completions(inputs)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    m = trainer._metrics["train"]
+    names = ["accuracy", "length_penalty", "rm"]
+    return {
+        "rewards": [m[f"rewards/{n}/mean"][-1] for n in names],
+        "advantages": batch["advantages"].detach(),
+        "loss": loss.item(),
+        "kl": m["kl"][-1] if "kl" in m else 0.0,
+        "grads": grads(model),
+    }
+
+
+def run_posttrain(case, model_dir, rm_dir, completions, rows):
+    import datasets
+    import posttrain_rloo.rollout as rollout
+    from posttrain.method import TrainContext
+    from posttrain_rewards import accuracy, make_length_penalty, make_reward_model_reward
+    from posttrain_rloo import RLOO, RLOOConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = RLOOConfig(
+        model=str(model_dir),
+        reward_funcs=["accuracy", "length_penalty", "rm"],
+        reward_weights=WEIGHTS,
+        per_device_train_batch_size=len(rows),
+        num_generations=G,
+        max_completion_length=L,
+        temperature=case["temperature"],
+        beta=case["beta"],
+        normalize_advantages=case["normalize_advantages"],
+        reward_clip_range=case["reward_clip_range"],
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rewards = {
+        "accuracy": accuracy,
+        "length_penalty": make_length_penalty(L, 2),
+        "rm": make_reward_model_reward(str(rm_dir)),
+    }
+    ctx = TrainContext(
+        config=config,
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        model=model,
+        model_path=str(model_dir),
+        rewards=rewards,
+    )
+    method = RLOO()
+    method.setup(ctx)
+    perturb(model)
+    model.train()
+    rollout.hf_generate = lambda *a, **k: [list(c) for c in completions]
+    batch = method.collate(method.prepare(datasets.Dataset.from_list(rows), ctx), ctx)
+    with torch.no_grad():
+        batch = method.rollout(model, batch, ctx)
+    out = method.loss(model, batch, ctx)
+    loss = out.loss_sum / out.n_items
+    loss.backward()
+    m = out.metrics
+    return {
+        "rewards": [m[f"rewards/{n}/mean"] for n in config.reward_funcs],
+        "advantages": batch["advantages"],
+        "loss": loss.item(),
+        "kl": float(m.get("kl", 0.0)),
+        "grads": grads(model),
+    }
+
+
+def main() -> int:
+    import trl
+
+    torch.set_num_threads(1)
+    rows = [{"prompt": p, "answer": a} for p, a in PROMPTS]
+    details, worst = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir, rm_dir, completions = build(tmp)
+        print(
+            f"{'case':<66} {'rewards':>9} {'advantages':>11} {'loss':>9} {'kl':>9} {'grad':>9}   loss trl / posttrain"
+        )
+        for case in CASES:
+            theirs = run_trl(case, model_dir, rm_dir, completions, rows, tmp)
+            ours = run_posttrain(case, model_dir, rm_dir, completions, rows)
+            diffs = {
+                "rewards": rel(theirs["rewards"], ours["rewards"]),
+                "advantages": rel(theirs["advantages"], ours["advantages"]),
+                "loss": rel(theirs["loss"], ours["loss"]),
+                "kl": rel(theirs["kl"], ours["kl"]),
+                "grad": max(rel(theirs["grads"][n], ours["grads"][n]) for n in theirs["grads"]),
+            }
+            assert set(theirs["grads"]) == set(ours["grads"]), "different parameter sets received gradients"
+            label = ", ".join(f"{k}={v}" for k, v in case.items())
+            print(
+                f"{label:<66} "
+                + " ".join(f"{v:>9.1e}" for v in diffs.values())
+                + f"   {theirs['loss']:+.6f} / {ours['loss']:+.6f}"
+            )
+            worst = max(worst, *diffs.values())
+            details.append(
+                {
+                    **case,
+                    "max_rel_diff": diffs,
+                    "loss_trl": theirs["loss"],
+                    "loss_posttrain": ours["loss"],
+                    "kl_trl": theirs["kl"],
+                    "kl_posttrain": ours["kl"],
+                }
+            )
+    passed = worst <= TARGET
+    result = {
+        "method": "rloo",
+        "trl_version": trl.__version__,
+        "steps": 1,
+        "cases": len(CASES),
+        "max_rel_diff": worst,
+        "target": TARGET,
+        "passed": passed,
+        "compared": "rewards per function, advantages, loss, kl and every parameter's gradient for one step on "
+        "16 fixed completions (4 prompts x 4), fp32 CPU",
+        "details": details,
+    }
+    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"max relative difference {worst:.2e} (target {TARGET:g}): {'PASSED' if passed else 'FAILED'}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
