@@ -8,15 +8,19 @@ from posttrain_rewards import make_reward_model_reward, reward_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 
-def direct_scores(path, texts):
+def direct_scores(path, texts, standard=True):
+    """Scores one text at a time; standard texts end in EOS, as posttrain-reward trains on them."""
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     with torch.no_grad():
-        return [float(model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0]) for t in texts]
+        return [
+            float(model(**tok(t + (tok.eos_token if standard else ""), return_tensors="pt")).logits[0, 0])
+            for t in texts
+        ]
 
 
 def test_scores_equal_the_model_output_one_text_at_a_time(rewards_tiny_rm):
-    """Batched with right padding, each score is the classifier's logit on prompt + completion alone."""
+    """Batched with right padding, each score is the classifier's logit on prompt + completion + EOS alone."""
     reward = make_reward_model_reward(str(rewards_tiny_rm), batch_size=2)
     prompts, completions = ["Q: 2+2? A:", "Q: hi A:", "x"], [" 4", " hello there", "yz"]
     got = reward(prompts, completions)
@@ -29,7 +33,9 @@ def test_conversational_texts_use_the_chat_template(rewards_tiny_rm):
     prompt = [{"role": "user", "content": "hi"}]
     completion = [{"role": "assistant", "content": "hey"}]
     got = make_reward_model_reward(str(rewards_tiny_rm))([prompt], [completion])
-    assert got == pytest.approx(direct_scores(rewards_tiny_rm, ["<|user|>hi<|end|><|assistant|>hey<|end|>"]), abs=1e-5)
+    assert got == pytest.approx(
+        direct_scores(rewards_tiny_rm, ["<|user|>hi<|end|><|assistant|>hey<|end|>"], standard=False), abs=1e-5
+    )
 
 
 def test_registered_reward_reads_the_path_from_env_or_column(rewards_tiny_rm, monkeypatch):

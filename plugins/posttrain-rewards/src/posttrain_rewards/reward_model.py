@@ -50,31 +50,37 @@ def load_reward_model(path: str, device: Any = None, dtype: str = "auto"):
     return _CACHE[key]
 
 
+def encode(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
+    """Token ids exactly as posttrain-reward trained the model to score them (its ``encode``).
+
+    Conversational rows go through the chat template; standard rows are ``prompt + completion`` with
+    EOS appended when missing and the tokenizer's default special tokens, so the last token, the one
+    the head scores, is the same token it saw in training.
+    """
+    if isinstance(prompt, list):
+        response = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return list(tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"])
+    text = prompt + (completion if isinstance(completion, str) else completion[-1]["content"])
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return list(tokenizer(text).input_ids)
+
+
 def score(model: Any, tokenizer: Any, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
-    """The model's scalar output (logit 0) for each prompt + completion."""
+    """The model's scalar output (logit 0) at the last real token of each prompt + completion."""
     import torch
 
-    texts = []
-    for prompt, completion in zip(prompts, completions):
-        if isinstance(prompt, list):
-            messages = prompt + (
-                completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-            )
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-        else:
-            texts.append(prompt + (completion if isinstance(completion, str) else completion[-1]["content"]))
+    sequences = [encode(tokenizer, p, c) for p, c in zip(prompts, completions)]
     device = next(model.parameters()).device
     out: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            add_special_tokens=False,
-        ).to(device)
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        # right padding: the classifier reads the last non-pad token of each row
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in chunk], device=device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk], device=device)
         with torch.inference_mode():
-            out += model(**inputs).logits[:, 0].float().tolist()
+            out += model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().tolist()
     return out
 
 
