@@ -1,0 +1,141 @@
+"""Preference rows for DPO: validate, split implicit prompts, tokenize once, and collate pairs.
+
+Tokenization follows TRL 1.16's DPOTrainer, so the same row gives the same token ids:
+
+- standard rows get the EOS token appended to ``chosen`` and ``rejected`` when it is missing;
+  ``prompt`` and ``prompt + chosen`` are tokenized with the tokenizer's special tokens;
+- conversational rows render ``prompt`` with the generation prompt and ``prompt + chosen`` without,
+  through the chat template (``tools`` and ``chat_template_kwargs`` columns are passed on);
+- the completion starts where the tokenized prompt and prompt+completion first differ.
+
+Truncation: ``max_prompt_length`` keeps the *last* prompt tokens (the start of the prompt is cut, so
+the text next to the answer stays); ``max_length`` then keeps the *first* tokens of prompt+completion
+(the end of the completion is cut, TRL 1.16's ``keep_start``). Rows whose prompt alone fills
+``max_length`` are dropped with a warning: no completion token would be left to learn from.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import torch
+from posttrain import DataError
+from posttrain.data import RowProblem, apply_chat_template, extract_prompt, is_conversational, validate
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+def preference_problems(dataset: Any, source: str = "the dataset") -> list[RowProblem]:
+    """Every bad row: core's preference-format checks, then standard/conversational mixing within a row."""
+    problems = validate(dataset, ("preference",), source)
+    if problems:
+        return problems
+    for i, row in enumerate(dataset):
+        conversational = isinstance(row["chosen"], list)
+        for name in FIELDS:
+            value = row.get(name)
+            if value is not None and isinstance(value, list) != conversational:
+                kind = "a list of messages" if isinstance(value, list) else "a string"
+                chosen_kind = "a list of messages" if conversational else "a string"
+                problems.append(
+                    RowProblem(
+                        i,
+                        name,
+                        f"is {kind} while 'chosen' is {chosen_kind}",
+                        "Use strings for prompt, chosen and rejected (standard) or message lists for all three "
+                        "(conversational).",
+                    )
+                )
+                break
+    return problems
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tokenize_row(row: dict, tokenizer: Any, max_prompt_length: int | None = None) -> dict:
+    """Token ids of one preference row: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of ints)."""
+    row = extract_prompt(row)  # implicit prompt: the common prefix of chosen and rejected
+    if is_conversational(row):
+        tools = row.get("tools")
+        kwargs = {
+            "tools": json.loads(tools) if isinstance(tools, str) else tools,
+            **(row.get("chat_template_kwargs") or {}),
+        }
+        texts = [
+            apply_chat_template(tokenizer, row["prompt"], add_generation_prompt=True, **kwargs),
+            apply_chat_template(tokenizer, row["prompt"] + row["chosen"], **kwargs),
+            apply_chat_template(tokenizer, row["prompt"] + row["rejected"], **kwargs),
+        ]
+        # the rendered template already holds its special tokens, as transformers' tokenize=True path assumes
+        prompt_ids, chosen_full, rejected_full = (tokenizer(t, add_special_tokens=False).input_ids for t in texts)
+    else:
+        eos = tokenizer.eos_token
+        chosen, rejected = (t if t.endswith(eos) else t + eos for t in (row["chosen"], row["rejected"]))
+        texts = [row["prompt"], row["prompt"] + chosen, row["prompt"] + rejected]
+        prompt_ids, chosen_full, rejected_full = (tokenizer(t).input_ids for t in texts)
+    # a template may render the prompt alone differently, or tokens may merge across the boundary
+    n = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    prompt_ids = prompt_ids[:n]
+    if max_prompt_length is not None:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_full[n:], "rejected_ids": rejected_full[n:]}
+
+
+def tokenize_dataset(dataset: Any, tokenizer: Any, max_length: int | None, max_prompt_length: int | None) -> list[dict]:
+    """Validate every row (DataError on the first bad one), tokenize, and drop rows with no room left."""
+    problems = preference_problems(dataset)
+    if problems:
+        raise DataError(
+            "posttrain-dpo: " + problems[0].message() + " Run `posttrain check-data dpo FILE` to list every bad row."
+        )
+    rows, dropped = [], []
+    for i, row in enumerate(dataset):
+        ids = tokenize_row(row, tokenizer, max_prompt_length)
+        if max_length is not None and len(ids["prompt_ids"]) >= max_length:
+            dropped.append(i)
+            continue
+        rows.append(ids)
+    if dropped:
+        warnings.warn(
+            f"posttrain-dpo: dropped {len(dropped)} of {len(dropped) + len(rows)} rows (first: row {dropped[0]}) whose "
+            f"prompt alone fills max_length={max_length} tokens, so no completion token would be trained on. "
+            "Raise max_length or set max_prompt_length to keep them.",
+            stacklevel=2,
+        )
+    return rows
+
+
+def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int | None = None) -> dict:
+    """Pad B pairs into one 2B batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
+
+    Each sequence is cut to ``max_length`` (end removed) before right padding.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``completion_mask``: (2B, T) long tensors; plus
+        ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,) float32 when the rows carry them.
+    """
+    sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+    masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["chosen_ids"]) for r in rows]
+    masks += [[0] * len(r["prompt_ids"]) + [1] * len(r["rejected_ids"]) for r in rows]
+    if max_length is not None:
+        sequences, masks = [s[:max_length] for s in sequences], [m[:max_length] for m in masks]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
+    for i, (ids, mask) in enumerate(zip(sequences, masks)):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, : len(ids)] = torch.tensor(mask, dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if "ref_chosen_logps" in rows[0]:
+        batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)  # (B,)
+        batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    return batch

@@ -1,0 +1,150 @@
+"""The DPO method object: reference handling, one forward per batch, the loss and TRL's metrics."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from posttrain import LossOutput, PosttrainError
+from posttrain.models import is_peft_model, reference_forward, reference_model
+from posttrain.ops import sequence_logps
+
+from posttrain_dpo.config import DPOConfig
+from posttrain_dpo.data import collate_pairs, preference_problems, tokenize_dataset
+from posttrain_dpo.loss import dpo_loss
+
+
+def completion_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward of the whole (2B, T) batch: chosen and rejected share it, padding masked out.
+
+    Returns:
+        (logps, lengths, logit_sums), each (2B,): summed completion log-probs, completion tokens scored,
+        and the vocabulary-mean logit summed over those tokens (for TRL's ``logits/*`` metrics).
+    """
+    logps, lengths, mean_logits = sequence_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    )
+    return logps, lengths, mean_logits * lengths
+
+
+def _disable_dropout(model: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class DPO:
+    """Direct Preference Optimization on ``prompt`` / ``chosen`` / ``rejected`` rows.
+
+    Example::
+
+        from posttrain.loop import train
+        from posttrain_dpo import DPO, DPOConfig
+
+        train(DPO(), DPOConfig(model="./tiny", dataset="prefs.jsonl", output_dir="out", beta=0.1))
+    """
+
+    name = "dpo"
+    config_class = DPOConfig
+    dataset_formats = ("preference",)
+
+    def __init__(self) -> None:
+        self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
+
+    def setup(self, ctx: Any) -> None:
+        """Disable dropout and, unless the run needs none, build the frozen reference model."""
+        config = ctx.config
+        if config.disable_dropout:
+            _disable_dropout(ctx.model)
+        if not (config.reference_free or config.precompute_ref_log_probs):
+            self.ref_model = reference_model(ctx)  # a frozen copy; None under LoRA
+            if self.ref_model is not None and config.disable_dropout:
+                _disable_dropout(self.ref_model)
+
+    def check_rows(self, dataset: Any) -> list[str]:
+        return [problem.message() for problem in preference_problems(dataset)]
+
+    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+        config = ctx.config
+        rows = tokenize_dataset(dataset, ctx.tokenizer, config.max_length, config.max_prompt_length)
+        if config.precompute_ref_log_probs:
+            self._precompute_ref_logps(rows, ctx)
+        return rows
+
+    def _precompute_ref_logps(self, rows: list[dict], ctx: Any) -> None:
+        """Score every row under the reference once and store it in the row (``ref_*_logps`` floats).
+
+        ``prepare`` runs before the first optimizer step, so the policy itself is still the reference
+        (TRL does the same); under LoRA the adapter is disabled for this pass.
+        """
+        model, config = ctx.model, ctx.config
+        reference = self.ref_model if self.ref_model is not None else (None if is_peft_model(model) else model)
+        batch_size = config.precompute_ref_batch_size or config.per_device_train_batch_size
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                batch = collate_pairs(chunk, ctx.tokenizer.pad_token_id, config.max_length)
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                autocast = ctx.accelerator.autocast() if ctx.accelerator is not None else contextlib.nullcontext()
+                with reference_forward(model, reference) as ref, autocast:
+                    logps = completion_logps(ref, batch)[0]
+                ref_chosen, ref_rejected = logps.float().cpu().chunk(2)
+                for row, chosen, rejected in zip(chunk, ref_chosen.tolist(), ref_rejected.tolist()):
+                    row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
+        finally:
+            model.train(was_training)
+
+    def collate(self, rows: list[dict], ctx: Any) -> dict:
+        return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length)
+
+    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+        config = ctx.config
+        logps, lengths, logit_sums = completion_logps(model, batch)  # (2B,) each
+        chosen_logps, rejected_logps = logps.chunk(2)  # batch is [chosen; rejected]
+        chosen_lengths, rejected_lengths = lengths.chunk(2)
+        if "ref_chosen_logps" in batch:
+            ref_chosen_logps, ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif config.reference_free:
+            ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
+        else:
+            if self.ref_model is None and not is_peft_model(getattr(model, "module", model)):
+                raise PosttrainError(
+                    "posttrain-dpo: no reference model. DPO.setup(ctx) builds it and the training loop calls it; "
+                    "call setup before loss, or set reference_free or precompute_ref_log_probs."
+                )
+            with reference_forward(model, self.ref_model) as ref:
+                ref_logps = completion_logps(ref, batch)[0]
+            ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
+
+        per_pair = dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_lengths,
+            rejected_lengths,
+            beta=config.beta,
+            loss_type=config.loss_type,
+            loss_weights=config.loss_weights,
+            label_smoothing=config.label_smoothing,
+            rpo_alpha=config.rpo_alpha,
+        )  # (B,)
+
+        chosen_rewards = config.beta * (chosen_logps - ref_chosen_logps).detach()  # (B,)
+        rejected_rewards = config.beta * (rejected_logps - ref_rejected_logps).detach()
+        chosen_logit_sums, rejected_logit_sums = logit_sums.chunk(2)
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen_logps.detach().mean(),
+            "logps/rejected": rejected_logps.detach().mean(),
+            # token means of the vocabulary-mean logit, over all chosen (rejected) tokens of the batch
+            "logits/chosen": chosen_logit_sums.sum() / chosen_lengths.sum().clamp(min=1),
+            "logits/rejected": rejected_logit_sums.sum() / rejected_lengths.sum().clamp(min=1),
+        }
+        return LossOutput(loss_sum=per_pair.sum(), n_items=len(per_pair), metrics=metrics)
