@@ -112,7 +112,7 @@ def test_check_raises_with_pointer_to_check_data():
 
 def test_extract_prompt_standard_and_conversational():
     row = data.extract_prompt({"chosen": "The sky is blue", "rejected": "The sky is green"})
-    assert row == {"prompt": "The sky is ", "chosen": "blue", "rejected": "green"}
+    assert row == {"prompt": "The sky is", "chosen": " blue", "rejected": " green"}
     conv = data.extract_prompt(
         {
             "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],

@@ -85,8 +85,16 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
+            where = _first_bad_json_line(path) if builder == "json" else None
+            if where:
+                raise DataError(
+                    f"cannot read dataset file {text!r}: {where}. Each line of a JSONL file must be one JSON object "
+                    '(e.g. {"prompt": "...", "completion": "..."}); fix or remove that line.'
+                ) from None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"cannot read dataset file {text!r} as {builder}: {reason}") from None
+            raise DataError(
+                f"cannot read dataset file {text!r} as {builder}: {reason}. Check that the file is valid {builder}."
+            ) from None
         if len(ds) == 0:
             raise DataError(f"dataset file {text!r} has no rows.")
         return ds
@@ -94,6 +102,32 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         return datasets.load_dataset(text, split=split)
     except Exception as exc:
         raise DataError(f"cannot load dataset {text!r}: {exc}") from None
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON/JSONL file stops being valid, in words: ``datasets``' own error does not say."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"it is not UTF-8 text ({exc})"
+    try:
+        json.loads(text)  # one JSON document (a list of rows or a mapping of columns)
+        return None
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):
+            return f"line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})"
+        if not isinstance(value, dict):
+            return f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def is_conversational(row: dict) -> bool:
@@ -120,13 +154,23 @@ def _check_messages(value: Any, row: int, column: str) -> RowProblem | None:
         )
     for j, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return RowProblem(row, column, f"message {j} is not a {{'role', 'content'}} mapping: {message!r}")
+            return RowProblem(
+                row,
+                column,
+                f"message {j} is not a {{'role', 'content'}} mapping: {message!r}",
+                'Each message is {"role": ..., "content": ...}.',
+            )
         if message["role"] not in ROLES:
             return RowProblem(
                 row, column, f"message {j} has unknown role {message['role']!r}", f"Use one of: {', '.join(ROLES)}."
             )
         if not isinstance(message["content"], str):
-            return RowProblem(row, column, f"message {j} has non-string content {message['content']!r}")
+            return RowProblem(
+                row,
+                column,
+                f"message {j} has non-string content {message['content']!r}",
+                "Write the content as a string.",
+            )
     return None
 
 
@@ -134,7 +178,12 @@ def _check_text(value: Any, row: int, column: str, allow_empty: bool = False) ->
     if isinstance(value, list):
         return _check_messages(value, row, column)
     if not isinstance(value, str):
-        return RowProblem(row, column, f"must be a string or a list of messages, got {type(value).__name__} {value!r}")
+        return RowProblem(
+            row,
+            column,
+            f"must be a string or a list of messages, got {type(value).__name__} {value!r}",
+            'Write it as a JSON string (in quotes) or as a list of {"role": ..., "content": ...} messages.',
+        )
     if not allow_empty and not value.strip():
         return RowProblem(row, column, "is empty", "Remove the row or fill in the field.")
     return None
@@ -160,7 +209,11 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
             if p:
                 problems.append(p)
     if fmt == "unpaired_preference" and "label" in present and not isinstance(row["label"], bool):
-        problems.append(RowProblem(index, "label", f"must be true or false, got {row['label']!r}"))
+        problems.append(
+            RowProblem(
+                index, "label", f"must be true or false, got {row['label']!r}", "Write the JSON literal true or false."
+            )
+        )
     return problems
 
 
@@ -195,14 +248,16 @@ def check(dataset: Any, formats: tuple[str, ...] | str, source: str = "the datas
     """Raise :class:`DataError` for the first bad row, pointing at ``posttrain check-data``."""
     problems = validate(dataset, formats, source, limit=1)
     if problems:
-        raise DataError(problems[0].message(source) + " Run `posttrain check-data METHOD FILE` to list every bad row.")
+        text = problems[0].message(source).rstrip(".")
+        raise DataError(text + ". Run `posttrain check-data METHOD FILE` to list every bad row.")
 
 
 def extract_prompt(row: dict) -> dict:
     """Split an implicit-prompt preference row into prompt / chosen / rejected.
 
     Conversational: the prompt is the longest common prefix of messages. Standard: the longest
-    common prefix of the strings, cut back to the last whitespace so no word is split.
+    common prefix of the strings, with a space just before the first difference moved into the
+    answers (``"The sky is"`` / ``" blue"``), as TRL splits them.
     """
     if "prompt" in row and row["prompt"] is not None:
         return row
@@ -215,9 +270,8 @@ def extract_prompt(row: dict) -> dict:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    cut = chosen[:n]
-    if n < len(chosen) and n < len(rejected) and " " in cut:
-        n = cut.rindex(" ") + 1
+    if n > 0 and chosen[n - 1] == " ":  # the space before the answers belongs to them (as TRL splits)
+        n -= 1
     return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 

@@ -49,8 +49,8 @@ def test_paired_rows_are_unpaired_with_implicit_prompt():
         [{"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}, {"prompt": "P", "chosen": "c", "rejected": "r"}]
     )
     assert rows == [
-        {"prompt": "Q: hi A: ", "completion": "yes", "label": True},
-        {"prompt": "Q: hi A: ", "completion": "no", "label": False},
+        {"prompt": "Q: hi A:", "completion": " yes", "label": True},
+        {"prompt": "Q: hi A:", "completion": " no", "label": False},
         {"prompt": "P", "completion": "c", "label": True},
         {"prompt": "P", "completion": "r", "label": False},
     ]

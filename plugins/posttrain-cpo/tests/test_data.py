@@ -68,8 +68,8 @@ def test_implicit_prompts_standard_and_conversational(tok):
         "rejected": [user, {"role": "assistant", "content": "no"}],
     }
     first, second = _prepare([standard], tok)[0], _prepare([conversational], tok)[0]
-    assert first["prompt_ids"] == tok("Q: x A: ", add_special_tokens=False)["input_ids"]
-    assert first["chosen_ids"] == tok("yes", add_special_tokens=False)["input_ids"] + [1]
+    assert first["prompt_ids"] == tok("Q: x A:", add_special_tokens=False)["input_ids"]
+    assert first["chosen_ids"] == tok(" yes", add_special_tokens=False)["input_ids"] + [1]
     assert second["prompt_ids"] == tok("<|user|>hi<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
 
 

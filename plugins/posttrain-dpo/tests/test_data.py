@@ -79,11 +79,11 @@ def test_conversational_row_uses_the_chat_template(dpo_tokenizer, ids):
 
 
 def test_implicit_prompts_are_extracted(dpo_tokenizer, ids):
-    standard = tokenize_row({"chosen": "Say hi: hi", "rejected": "Say hi: ho"}, dpo_tokenizer)
-    assert standard == {
-        "prompt_ids": ids("Say hi: "),
-        "chosen_ids": [*ids("hi"), EOS],
-        "rejected_ids": [*ids("ho"), EOS],
+    standard = tokenize_row({"chosen": "Say hi: yes", "rejected": "Say hi: no"}, dpo_tokenizer)
+    assert standard == {  # the space before the answers goes with them, as TRL splits
+        "prompt_ids": ids("Say hi:"),
+        "chosen_ids": [*ids(" yes"), EOS],
+        "rejected_ids": [*ids(" no"), EOS],
     }
     user = {"role": "user", "content": "hi"}
     conversational = tokenize_row(

@@ -87,7 +87,7 @@ def test_conversational_rows_use_the_chat_template(tpo_tokenizer):
 
 def test_implicit_prompt_is_stripped_from_reference():
     row = {"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no", "reference": "Q: hi A: ok"}
-    assert split_prompt(row, 0) == {"prompt": "Q: hi A: ", "chosen": "yes", "rejected": "no", "reference": "ok"}
+    assert split_prompt(row, 0) == {"prompt": "Q: hi A:", "chosen": " yes", "rejected": " no", "reference": " ok"}
     with pytest.raises(DataError, match=r"row 4 .*'reference' does not start with the prompt"):
         split_prompt({**row, "reference": "ok"}, 4)
 

@@ -1,0 +1,142 @@
+"""The distillation method object: teacher loading, data, on-policy rollout and the loss wiring."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from posttrain import ConfigError, DataError, LossOutput
+from posttrain.data import check
+from posttrain.models import load_teacher
+
+from posttrain_distill.config import DistillConfig
+from posttrain_distill.data import collate_rows, same_kind_problems, tokenize_row
+from posttrain_distill.loss import generalized_jsd, top1_agreement
+from posttrain_distill.rollout import generate, generation_seed, seeded, use_on_policy
+
+
+def _disable_dropout(model: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+class Distill:
+    """On-policy distillation (GKD): the student samples completions and matches a frozen teacher on them.
+
+    Example::
+
+        posttrain train distill --model ./student --teacher_model ./teacher --dataset prompts.jsonl \\
+            --output_dir out --beta 1.0 --max_completion_length 256
+    """
+
+    name = "distill"
+    config_class = DistillConfig
+    dataset_formats = ("prompt_completion", "prompt_only")
+
+    def __init__(self) -> None:
+        self.teacher = None
+        self._prepared_once = False
+        self._keep_student = self._keep_teacher = False
+
+    def setup(self, ctx: Any) -> None:
+        config = ctx.config
+        if config.disable_dropout:
+            _disable_dropout(ctx.model)
+        self.teacher = load_teacher(config.teacher_model, ctx.tokenizer, config, ctx.device)
+        student_vocab = ctx.model.get_output_embeddings().weight.size(0)
+        teacher_vocab = self.teacher.get_output_embeddings().weight.size(0)
+        if teacher_vocab < student_vocab:
+            raise ConfigError(
+                f"teacher_model {config.teacher_model!r} has an output vocabulary of {teacher_vocab} tokens, smaller "
+                f"than the student's {student_vocab}; the divergence compares full next-token distributions, so the "
+                "teacher must cover the student's vocabulary (same tokenizer, same or larger embedding matrix)."
+            )
+        self._keep_student = _accepts_logits_to_keep(ctx.model)
+        self._keep_teacher = _accepts_logits_to_keep(self.teacher)
+
+    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+        check(dataset, self.dataset_formats)
+        raw = [dict(row) for row in dataset]
+        problems = same_kind_problems(raw)
+        if problems:
+            raise DataError(problems[0])
+        rows = [tokenize_row(row, ctx.tokenizer, ctx.config.max_completion_length) for row in raw]
+        for i, row in enumerate(rows):
+            row["index"] = i  # seeds this row's samples (per_prompt_generation)
+        first, self._prepared_once = not self._prepared_once, True
+        if first and ctx.config.lmbda < 1.0 and rows and "completion_ids" not in rows[0]:
+            raise ConfigError(
+                f"lmbda={ctx.config.lmbda} asks for {1 - ctx.config.lmbda:.0%} off-policy micro-batches, which train "
+                "on dataset completions, but the training data is prompt-only (no 'completion' column). Use "
+                "prompt-completion rows, or set lmbda 1.0 to always generate."
+            )
+        return rows
+
+    def check_rows(self, dataset: Any) -> list[str]:
+        """Problems beyond the standard format checks, for ``posttrain check-data distill FILE``."""
+        return same_kind_problems([dict(row) for row in dataset])
+
+    def collate(self, rows: list[dict], ctx: Any) -> dict:
+        return collate_rows(rows, ctx.tokenizer.pad_token_id)
+
+    def rollout(self, model: Any, batch: dict, ctx: Any) -> dict:
+        config = ctx.config
+        if "completion_ids" not in batch:
+            on_policy = True  # prompt-only rows: the student always writes the completion
+        elif ctx.training:
+            on_policy = use_on_policy(config.seed, ctx.step, ctx.micro_step, config.lmbda)
+        else:
+            on_policy = False  # evaluation scores the dataset completions when there are some
+        if on_policy:
+            mode = "train" if ctx.training else "eval"
+            seeds = None
+            if config.per_prompt_generation:
+                seeds = [generation_seed(config.seed, mode, ctx.step, row) for row in batch["row_index"].tolist()]
+            if seeds is None and not ctx.training:
+                # evaluation samples from its own generator, so it never shifts the training run's randomness
+                with seeded(generation_seed(config.seed, mode, ctx.step, -1), batch["prompt_ids"].device):
+                    ids, mask = generate(model, batch["prompt_ids"], batch["prompt_mask"], config, ctx.tokenizer)
+            else:
+                ids, mask = generate(model, batch["prompt_ids"], batch["prompt_mask"], config, ctx.tokenizer, seeds)
+            batch = {**batch, "completion_ids": ids, "completion_mask": mask}
+        return {**batch, "on_policy": torch.tensor(float(on_policy))}
+
+    def _completion_logits(self, model: Any, batch: dict, keep: bool) -> torch.Tensor:
+        """(B, C, V) logits predicting each completion token (positions P-1 ... P+C-2)."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C)
+        # left-padded prompts: positions count real tokens only, as in generate()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        width = batch["completion_ids"].size(1)
+        kwargs = {"logits_to_keep": width + 1} if keep else {}
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        ).logits
+        return logits[:, -(width + 1) : -1]
+
+    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+        config = ctx.config
+        mask = batch["completion_mask"]  # (B, C)
+        student = self._completion_logits(model, batch, self._keep_student)  # (B, C, V)
+        with torch.no_grad():
+            teacher = self._completion_logits(self.teacher, batch, self._keep_teacher)
+        teacher = teacher[..., : student.size(-1)]  # a padded teacher vocabulary is cut to the student's
+        per_token = generalized_jsd(student, teacher, config.beta, config.temperature)  # (B, C)
+        n_tokens = mask.sum()
+        with torch.no_grad():
+            log_ps = torch.log_softmax(student.detach().float() / config.temperature, dim=-1)
+            entropy = -(log_ps.exp() * log_ps).sum(-1)  # (B, C)
+            metrics = {
+                "entropy": (entropy * mask).sum() / n_tokens.clamp(min=1),
+                "top1_agreement": top1_agreement(student.detach(), teacher, mask),
+                "completions/mean_length": mask.sum(1).float().mean(),
+                "on_policy": batch.get("on_policy", torch.tensor(0.0)),
+            }
+        return LossOutput(loss_sum=(per_token * mask).sum(), n_items=n_tokens, metrics=metrics)

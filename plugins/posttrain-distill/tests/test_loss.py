@@ -1,0 +1,114 @@
+"""Generalised JSD and agreement on hand-made tensors; expected values derived in each docstring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from posttrain_distill import generalized_jsd, top1_agreement, use_on_policy
+from posttrain_distill.rollout import completion_tensors, generation_seed
+
+# one position, vocabulary of 3: p_s = [0.5, 0.3, 0.2], p_t = [0.2, 0.5, 0.3]
+STUDENT = torch.tensor([[[0.5, 0.3, 0.2]]]).log()  # (1, 1, 3) logits
+TEACHER = torch.tensor([[[0.2, 0.5, 0.3]]]).log()
+
+
+def test_beta_0_is_forward_kl_teacher_to_student():
+    """KL(p_t || p_s) = 0.2 ln(0.2/0.5) + 0.5 ln(0.5/0.3) + 0.3 ln(0.3/0.2) = -0.183258 + 0.255413 + 0.121640 = 0.193794."""
+    assert generalized_jsd(STUDENT, TEACHER, beta=0.0).item() == pytest.approx(0.193794, abs=1e-6)
+
+
+def test_beta_1_is_reverse_kl_student_to_teacher():
+    """KL(p_s || p_t) = 0.5 ln(0.5/0.2) + 0.3 ln(0.3/0.5) + 0.2 ln(0.2/0.3) = 0.458145 - 0.153248 - 0.081093 = 0.223805."""
+    assert generalized_jsd(STUDENT, TEACHER, beta=1.0).item() == pytest.approx(0.223805, abs=1e-6)
+
+
+def test_beta_half_is_the_jensen_shannon_divergence():
+    """m = (p_s + p_t)/2 = [0.35, 0.4, 0.25]; KL(p_t||m) = 0.054345, KL(p_s||m) = 0.047404; JSD = mean = 0.050875."""
+    assert generalized_jsd(STUDENT, TEACHER, beta=0.5).item() == pytest.approx(0.050875, abs=1e-6)
+
+
+def test_beta_quarter_uses_the_skewed_mixture():
+    """m = 0.75 p_s + 0.25 p_t = [0.425, 0.35, 0.225]; 0.25 KL(p_t||m) + 0.75 KL(p_s||m)
+    = 0.25 * 0.113888 + 0.75 * 0.011458 = 0.037065."""
+    assert generalized_jsd(STUDENT, TEACHER, beta=0.25).item() == pytest.approx(0.037065, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_matches_a_direct_computation_on_random_logits(beta):
+    """Against torch's kl_div on probabilities, for a (2, 3, 7) batch."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    ps, pt = s.softmax(-1), t.softmax(-1)
+
+    def kl(p, q):  # KL(p || q) per position
+        return torch.nn.functional.kl_div(q.log(), p, reduction="none").sum(-1)
+
+    if beta == 0.0:
+        expected = kl(pt, ps)
+    elif beta == 1.0:
+        expected = kl(ps, pt)
+    else:
+        m = (1 - beta) * ps + beta * pt
+        expected = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+    torch.testing.assert_close(generalized_jsd(s, t, beta), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_identical_distributions_give_zero_and_symmetry_swaps_beta():
+    s, t = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    for beta in (0.0, 0.3, 1.0):
+        assert generalized_jsd(s, s.clone(), beta).abs().max() < 1e-6
+    # JSD_beta(s, t) = JSD_{1-beta}(t, s): the mixture and the weights swap together
+    torch.testing.assert_close(generalized_jsd(s, t, 0.3), generalized_jsd(t, s, 0.7), rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_divides_both_logits():
+    s, t = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    torch.testing.assert_close(generalized_jsd(s, t, 0.5, temperature=0.5), generalized_jsd(s / 0.5, t / 0.5, 0.5))
+
+
+def test_interpolated_formula_vanishes_near_the_ends():
+    """Why beta = 0 and 1 are special-cased: JSD_beta -> 0 as beta -> 0 or 1 (the mixture becomes one side)."""
+    assert generalized_jsd(STUDENT, TEACHER, beta=1e-6).item() < 1e-5
+    assert generalized_jsd(STUDENT, TEACHER, beta=1 - 1e-6).item() < 1e-5
+
+
+def test_gradient_reaches_only_the_student():
+    s = STUDENT.clone().requires_grad_(True)
+    t = TEACHER.clone().requires_grad_(False)
+    generalized_jsd(s, t, 0.5).sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+def test_top1_agreement_counts_masked_positions_only():
+    """Argmax student [0, 1, 2, 2], teacher [0, 2, 2, 1], mask [1, 1, 1, 0]: agree at 0 and 2 -> 2/3."""
+    eye = torch.eye(3)
+    student = eye[[0, 1, 2, 2]][None]  # (1, 4, 3)
+    teacher = eye[[0, 2, 2, 1]][None]
+    assert top1_agreement(student, teacher, torch.tensor([[1, 1, 1, 0]])).item() == pytest.approx(2 / 3)
+    assert top1_agreement(student, teacher, torch.zeros(1, 4)).item() == 0.0
+
+
+def test_completion_tensors_cut_after_the_first_eos():
+    """EOS = 1, pad = 0: tokens after the first EOS are dropped; a completion without EOS is kept whole."""
+    ids, mask = completion_tensors([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0]], eos_id=1, pad_id=0, device="cpu")
+    torch.testing.assert_close(ids, torch.tensor([[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0]]))
+    torch.testing.assert_close(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
+
+
+def test_generation_seed_depends_on_seed_mode_step_and_row_only():
+    seeds = {generation_seed(s, m, t, r) for s in (0, 1) for m in ("train", "eval") for t in (0, 1) for r in (0, 1)}
+    assert len(seeds) == 16 and generation_seed(0, "train", 3, 7) == generation_seed(0, "train", 3, 7)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_on_policy_choice_is_seeded_and_has_the_right_frequency():
+    draws = [use_on_policy(7, step, micro, 0.3) for step in range(500) for micro in range(4)]
+    assert draws == [use_on_policy(7, step, micro, 0.3) for step in range(500) for micro in range(4)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03  # 2000 Bernoulli(0.3) draws: std 0.01
+    assert draws != [use_on_policy(8, step, micro, 0.3) for step in range(500) for micro in range(4)]
+    assert all(use_on_policy(0, s, 0, 1.0) for s in range(10)) and not any(
+        use_on_policy(0, s, 0, 0.0) for s in range(10)
+    )
+    assert math.isclose(sum(use_on_policy(1, s, 0, 0.5) for s in range(2000)) / 2000, 0.5, abs_tol=0.04)

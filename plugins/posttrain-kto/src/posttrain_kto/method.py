@@ -1,0 +1,139 @@
+"""The KTO method object: reference model, data preparation and the loss wiring for the shared loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from posttrain import LossOutput
+from posttrain.data import check
+from posttrain.models import is_peft_model, reference_forward, reference_model
+from posttrain.ops import sequence_logps
+
+from posttrain_kto.config import KTOConfig
+from posttrain_kto.data import collate_rows, fix_kl_partners, prepare_rows, same_kind_problems
+from posttrain_kto.loss import apo_zero_unpaired_loss, kl_reference_point, kto_loss
+
+
+def _disable_dropout(model: Any) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class KTO:
+    """Kahneman-Tversky Optimization on unpaired (or auto-unpaired) preference data.
+
+    Example::
+
+        posttrain train kto --model ./my-sft-model --dataset prefs.jsonl --output_dir out \\
+            --beta 0.1 --desirable_weight 1.0 --undesirable_weight 1.0
+    """
+
+    name = "kto"
+    config_class = KTOConfig
+    dataset_formats = ("unpaired_preference", "preference")
+
+    def __init__(self) -> None:
+        self.ref = None
+        self._prepared_once = False
+
+    def setup(self, ctx: Any) -> None:
+        if ctx.config.disable_dropout:
+            _disable_dropout(ctx.model)
+        # precomputed reference log-probs come from the initial policy in prepare(): no second model kept
+        self.ref = None if ctx.config.precompute_ref_log_probs else reference_model(ctx)
+
+    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+        check(dataset, self.dataset_formats)
+        # the class-balance advice concerns the training data, which the loop prepares first
+        rows = prepare_rows(dataset, ctx.tokenizer, ctx.config, warn_balance=not self._prepared_once)
+        self._prepared_once = True
+        if ctx.config.precompute_ref_log_probs and rows:
+            self._precompute(rows, ctx)
+        return rows
+
+    def check_rows(self, dataset: Any) -> list[str]:
+        """Problems beyond the standard format checks, for ``posttrain check-data kto FILE``."""
+        return same_kind_problems([dict(row) for row in dataset])
+
+    def collate(self, rows: list[dict], ctx: Any) -> dict:
+        return collate_rows(
+            rows, ctx.tokenizer.pad_token_id, ctx.config.max_length, with_kl=ctx.config.loss_type == "kto"
+        )
+
+    @torch.no_grad()
+    def _precompute(self, rows: list[dict], ctx: Any) -> None:
+        """Score every row (and its fixed mismatched pair) with the initial policy, which is the reference."""
+        config, model = ctx.config, ctx.model
+        with_kl = config.loss_type == "kto"
+        if with_kl:
+            fix_kl_partners(rows)
+        size = config.precompute_ref_batch_size or config.per_device_eval_batch_size
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                batch = {k: v.to(ctx.device) for k, v in self.collate(chunk, ctx).items()}
+                ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl)
+                order = sorted(chunk, key=lambda r: r["index"])  # collate's order
+                for i, row in enumerate(order):
+                    row["ref_logps"] = float(ref_logps[i])
+                    if with_kl:
+                        row["ref_kl_logps"] = float(ref_kl_logps[i])
+        finally:
+            model.train(was_training)
+
+    def _reference_logps(self, policy: Any, batch: dict, with_kl: bool):
+        ref = self.ref
+        if ref is None and not is_peft_model(getattr(policy, "module", policy)):
+            ref = policy  # precompute: the policy has not been updated yet
+        with reference_forward(policy, ref) as model:
+            ref_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+            ref_kl_logps = None
+            if with_kl:
+                ref_kl_logps = sequence_logps(
+                    model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"]
+                )[0]
+        return ref_logps, ref_kl_logps
+
+    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+        config = ctx.config
+        with_kl = config.loss_type == "kto"
+        labels = batch["labels"]  # (B,)
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+        if "ref_logps" in batch:
+            ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_kl_logps")
+        else:
+            ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl)
+
+        metrics: dict[str, Any] = {}
+        if with_kl:
+            with torch.no_grad():  # z0 is detached: the mismatched pairs need no graph
+                kl_logps = sequence_logps(
+                    model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"]
+                )[0]
+            kl = kl_reference_point(kl_logps, ref_kl_logps)
+            if ctx.num_processes > 1:  # one z0 for the step's micro-batch on every process, as TRL gathers it
+                raw = ctx.accelerator.reduce((kl_logps - ref_kl_logps).mean(), reduction="mean")
+                kl = raw.clamp(min=0).detach()
+            losses, rewards = kto_loss(
+                logps, ref_logps, labels, kl, config.beta, config.desirable_weight, config.undesirable_weight
+            )
+            metrics["kl"] = kl
+        else:
+            losses, rewards = apo_zero_unpaired_loss(
+                logps, ref_logps, labels, config.beta, config.desirable_weight, config.undesirable_weight
+            )
+
+        chosen, rejected = labels, ~labels
+        if chosen.any():
+            metrics["rewards/chosen"] = rewards[chosen].mean()
+            metrics["logps/chosen"] = logps.detach()[chosen].mean()
+        if rejected.any():
+            metrics["rewards/rejected"] = rewards[rejected].mean()
+            metrics["logps/rejected"] = logps.detach()[rejected].mean()
+        if chosen.any() and rejected.any():
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return LossOutput(loss_sum=losses.sum(), n_items=labels.numel(), metrics=metrics)
