@@ -25,5 +25,11 @@ TestConformance = conformance_suite(
             "and 2 rows x 2 estimate different z0, and batch 1 is rejected because its only 'mismatched' pair is "
             "the row itself. With loss_type apo_zero_unpaired (no z0) the check passes (test_train.py)."
         ),
+        "padding_invariance": (
+            "the kit compares loss_sum([a, b]) with loss_sum([a]) + loss_sum([b]); with loss_type 'kto' the KL point "
+            "z0 comes from the micro-batch, so a row alone and a row beside another see different z0 (0.9937 vs "
+            "0.9967 on the kit's rows). Padding itself changes nothing: test_padding_does_not_change_the_kto_loss "
+            "pads the same batch wider with policy != reference."
+        ),
     },
 )
