@@ -34,8 +34,8 @@ def test_unpair_preference_gives_one_desirable_and_one_undesirable_row_per_pair(
 def test_unpair_preference_extracts_implicit_prompts():
     rows = [{"chosen": "The sky is blue", "rejected": "The sky is green"}]
     assert unpair_preference(rows) == [
-        {"prompt": "The sky is ", "completion": "blue", "label": True},
-        {"prompt": "The sky is ", "completion": "green", "label": False},
+        {"prompt": "The sky is", "completion": " blue", "label": True},
+        {"prompt": "The sky is", "completion": " green", "label": False},
     ]
 
 
