@@ -71,7 +71,9 @@ def posttrain_register_rewards(registry: Any) -> None:
 
     Called once per process, before the rewards a config names (``reward_funcs``) are resolved.
     Call ``registry.add(name, func)``; ``func(prompts, completions, **columns)`` returns one
-    ``float`` per completion, or ``None`` where the reward does not apply. The return value of the
+    ``float`` per completion, or ``None`` where the reward does not apply. ``columns`` holds the
+    dataset's other columns, one value per completion; a function that declares ``completion_ids``
+    (or takes ``**columns``) also receives the completions' token ids. The return value of the
     hook is ignored; all implementations are called.
 
     :param registry: a :class:`posttrain.registry.RewardRegistry`.
