@@ -33,7 +33,7 @@ def install_all(session: nox.Session, *extra: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
-    install_all(session, "pytest-xdist")
+    install_all(session, "pytest-xdist", "ruff==0.17.6")
     # two workers with one torch thread each beat one worker with two threads on tiny models
     session.run(
         "python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs, env={"OMP_NUM_THREADS": "1"}
