@@ -104,7 +104,8 @@ def save_checkpoint(
     tmp = output_dir / f".tmp-checkpoint-{step}"
     main = accelerator.is_main_process
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in output_dir.glob(".tmp-checkpoint-*"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
@@ -123,9 +124,11 @@ def save_checkpoint(
             for file in tmp.iterdir():
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as exc:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, PosttrainError):
+            raise CheckpointWriteError.from_os_error(exc, final) from exc
         raise
     accelerator.wait_for_everyone()
     if main:
@@ -135,9 +138,26 @@ def save_checkpoint(
         _fsync_dir(output_dir)
         if save_total_limit:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
+                (old / STATE_FILE).unlink(missing_ok=True)  # first, so a half-deleted one never looks complete
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(PosttrainError, OSError):
+    """Writing a checkpoint failed (full disk, quota, permissions); nothing partial was left behind."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, final: Path) -> CheckpointWriteError:
+        newest = latest_checkpoint(final.parent)
+        kept = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
+        where = f" ({exc.filename})" if exc.filename else ""
+        error = cls(
+            f"could not write {final.name}: {exc.strerror or exc}{where}. The partial checkpoint was removed and "
+            f"{kept}. Free disk space (or set save_total_limit), then continue with --resume_from_checkpoint latest."
+        )
+        error.errno = exc.errno
+        return error
 
 
 def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | None:
@@ -147,14 +167,24 @@ def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | Non
     if str(value).lower() in ("latest", "true", "yes", "1"):
         path = latest_checkpoint(output_dir)
         if path is None:
-            raise PosttrainError(f"resume_from_checkpoint=latest but {output_dir} holds no complete checkpoint.")
+            raise PosttrainError(
+                f"resume_from_checkpoint=latest but {output_dir} holds no complete checkpoint-*; drop "
+                "--resume_from_checkpoint to start a new run, or set --output_dir to the run to continue."
+            )
         return path
     path = Path(value)
     if not path.is_dir():
-        raise PosttrainError(f"checkpoint {str(path)!r} does not exist.")
+        raise PosttrainError(
+            f"checkpoint {str(path)!r} does not exist; pass a checkpoint-* directory, or 'latest' for the newest "
+            "complete one in output_dir."
+        )
     if not (path / STATE_FILE).is_file():
         newest = latest_checkpoint(path.parent)
-        hint = f" The newest complete checkpoint there is {newest}." if newest else ""
+        hint = (
+            f" Resume from the newest complete checkpoint there, {newest} (or 'latest')."
+            if newest
+            else " No complete checkpoint is left there; start again without resuming."
+        )
         raise PosttrainError(
             f"checkpoint {str(path)!r} is incomplete or corrupt (no {STATE_FILE}); it was probably interrupted while "
             f"being written.{hint}"
@@ -196,5 +226,10 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
     except Exception as exc:  # any unreadable piece means the checkpoint cannot be trusted
-        raise PosttrainError(f"cannot resume from {path}: the checkpoint is corrupt or incomplete ({exc}).") from exc
+        m = _CHECKPOINT_RE.match(path.name)
+        earlier = [p for p in list_checkpoints(path.parent) if m and int(p.name.split("-")[1]) < int(m.group(1))]
+        hint = f"resume from an earlier one ({earlier[-1]})" if earlier else "start again without resuming"
+        raise PosttrainError(
+            f"cannot resume from {path}: the checkpoint is corrupt or incomplete ({exc}). Delete it and {hint}."
+        ) from exc
     return state

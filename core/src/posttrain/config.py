@@ -219,7 +219,12 @@ def build_config(config_class: type, values: dict[str, Any], source: str | None 
     for key, value in values.items():
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f"; {config_class.__name__} has no such field, so remove it (`posttrain train METHOD --help` "
+                "lists the fields)"
+            )
             problems.append(f"unknown key {key!r} for {config_class.__name__}{hint}")
             continue
         try:
@@ -244,7 +249,7 @@ def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, 
 
         path = Path(yaml_path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} does not exist; check the path given to --config")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -348,6 +348,13 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
             if kind == "method" and not hint
             else ""
         )
+        lists = [f"{v}={os.environ[v]!r}" for v in ("POSTTRAIN_PLUGINS", "POSTTRAIN_DISABLE_PLUGINS") if _env_list(v)]
+        if lists:  # an operator list may be what hides it
+            one = len(lists) == 1
+            install = (
+                f" {' and '.join(lists)} {'is' if one else 'are'} set, which hides the plugins not allowed; "
+                f"if {name!r} is installed, change or unset {'it' if one else 'them'}."
+            )
         raise PluginError(f"unknown {kind} {name!r}.{hint}{listing}{install}")
     if len({e.package for e in matches}) > 1:
         packages = sorted({e.package for e in matches})
@@ -358,7 +365,10 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
         )
     entry = matches[0]
     if entry.status == BROKEN:
-        raise PluginError(f"{kind} {name!r} from {entry.package} {entry.version} is broken: {entry.reason}.")
+        raise PluginError(
+            f"{kind} {name!r} from {entry.package} {entry.version} is broken: {entry.reason}. Reinstall it "
+            f"(`pip install --force-reinstall {entry.package}`) or uninstall it."
+        )
     if entry.status == INCOMPATIBLE:
         raise PluginError(
             f"{kind} {name!r} from {entry.package} {entry.version} is incompatible: {entry.reason}. "

@@ -30,7 +30,7 @@ import torch
 
 from posttrain import checkpoint as ckpt
 from posttrain import tracking
-from posttrain.errors import PosttrainError
+from posttrain.errors import DataError, PosttrainError
 from posttrain.method import TrainContext
 
 
@@ -66,6 +66,15 @@ def _step_rows(step: int, n_rows: int, batch_size: int, accumulation: int, world
         order[start + k * global_micro + rank * batch_size : start + k * global_micro + (rank + 1) * batch_size]
         for k in range(accumulation)
     ], epoch
+
+
+def _name_the_file(exc: Exception, path: str, method_name: str) -> None:
+    """Row errors from ``method.prepare`` say "the dataset"; name the file and make the check-data hint runnable."""
+    text = str(exc)
+    text = text.replace("of the dataset", f"of {path}", 1) if "of the dataset" in text else f"{path}: {text}"
+    for placeholder in ("check-data METHOD FILE", f"check-data {method_name} FILE"):
+        text = text.replace(placeholder, f"check-data {method_name} {path}")
+    exc.args = (text,)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -153,11 +162,20 @@ def train(
     if hasattr(method, "setup"):
         method.setup(ctx)
 
-    def prepared(dataset: Any, split: str) -> Any:
-        dataset = data_lib.load_dataset(dataset, split)
-        rows = method.prepare(dataset, ctx)
+    def prepared(source: Any, split: str) -> Any:
+        dataset = data_lib.load_dataset(source, split)
+        path = str(source) if isinstance(source, (str, Path)) else None
+        try:
+            rows = method.prepare(dataset, ctx)
+        except DataError as exc:
+            if path:
+                _name_the_file(exc, path, getattr(method, "name", "METHOD"))
+            raise
         if len(rows) == 0:
-            raise PosttrainError(f"the {split} dataset has no usable rows after preparation (all filtered out).")
+            raise PosttrainError(
+                f"the {split} dataset{f' {path!r}' if path else ''} has no usable rows after preparation (all "
+                "filtered out; the warnings above say why, e.g. prompts longer than max_length)."
+            )
         return rows
 
     train_rows = prepared(train_dataset if train_dataset is not None else config.dataset, config.dataset_split)
@@ -226,6 +244,12 @@ def train(
         "steps": 0,
     }
     has_rollout = hasattr(method, "rollout")
+
+    def save(epoch: int) -> Path:
+        return _save(
+            output_dir, step, accelerator, model, optimizer, scheduler, tokenizer, method, epoch, config, ctx, callbacks
+        )
+
     try:
         while step < total_steps and not stop["requested"]:
             # -- one optimizer step over gradient_accumulation_steps micro-batches -----------------
@@ -298,37 +322,11 @@ def train(
             if eval_rows is not None and config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
                 _evaluate_and_log(method, model, eval_rows, ctx, accelerator, config, callbacks, result)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                _save(
-                    output_dir,
-                    step,
-                    accelerator,
-                    model,
-                    optimizer,
-                    scheduler,
-                    tokenizer,
-                    method,
-                    epoch,
-                    config,
-                    ctx,
-                    callbacks,
-                )
+                save(epoch)
         if stop["requested"] and step < total_steps:
             result.interrupted = True
             if config.save_on_interrupt:
-                path = _save(
-                    output_dir,
-                    step,
-                    accelerator,
-                    model,
-                    optimizer,
-                    scheduler,
-                    tokenizer,
-                    method,
-                    0,
-                    config,
-                    ctx,
-                    callbacks,
-                )
+                path = save(0)
                 accelerator.print(
                     f"interrupted at step {step}; resumable checkpoint in {path} "
                     f"(continue with --resume_from_checkpoint latest)"

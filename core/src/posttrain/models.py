@@ -61,9 +61,14 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
         model = model_class.from_pretrained(path, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
+            name = getattr(model_class, "__name__", str(model_class))
+            fix = (
+                "Pass a causal language model (a checkpoint whose architecture ends in ForCausalLM)."
+                if model_class is AutoModelForCausalLM
+                else f"Pass a model that {name} supports."
+            )
             raise PosttrainError(
-                f"model at {path!r} cannot be loaded as {getattr(model_class, '__name__', model_class)}: "
-                f"{str(exc).splitlines()[0]}"
+                f"model at {path!r} cannot be loaded as {name}: {str(exc).splitlines()[0]}. {fix}"
             ) from None
         raise
     if config.gradient_checkpointing:

@@ -92,6 +92,18 @@ def reset_plugin_manager() -> None:
     _manager = None
 
 
+def _load(entry: discovery.Entry) -> Any:
+    """Import what ``entry`` names; a plugin that fails to import is a PluginError naming the package and the fix."""
+    try:
+        return discovery.load(entry)
+    except Exception as exc:
+        raise PluginError(
+            f"{entry.kind} {entry.name!r} from {entry.package} {entry.version} failed to import: "
+            f"{type(exc).__name__}: {exc}. `posttrain doctor` shows the traceback; reinstall or upgrade "
+            f"{entry.package}, or hide it with POSTTRAIN_DISABLE_PLUGINS={entry.package}."
+        ) from exc
+
+
 def resolve_method(name: str, allow_inactive: bool = False) -> tuple[Any, discovery.Entry | None]:
     """Import the method class for ``name`` (warning once if it is experimental)."""
     hooked = MethodRegistry()
@@ -107,7 +119,7 @@ def resolve_method(name: str, allow_inactive: bool = False) -> tuple[Any, discov
             )
         return hooked.methods[plain][0], None
     entry = discovery.find("method", name, entries, allow_inactive=allow_inactive)
-    method_class = discovery.load(entry)
+    method_class = _load(entry)
     discovery.warn_if_experimental(entry)
     return method_class, entry
 
@@ -123,7 +135,7 @@ def resolve_rewards(names: list[str]) -> dict[str, Callable]:
             out[name] = hooked.rewards[name]
             continue
         entry = discovery.find("reward", name, entries)
-        out[name] = discovery.load(entry)
+        out[name] = _load(entry)
         discovery.warn_if_experimental(entry)
     return out
 

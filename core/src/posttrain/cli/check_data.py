@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
+from posttrain.data import RowProblem
 from posttrain.errors import DataError
 
 
@@ -43,6 +45,16 @@ def read_rows(path: str) -> list[dict]:
     return load_dataset(path).to_list()
 
 
+def _as_problem(item) -> RowProblem:
+    """``check_rows`` returns messages ("row 3 of the dataset: field 'chosen' ...") or RowProblems; read both."""
+    if isinstance(item, RowProblem):
+        return item
+    m = re.match(r"^(?:[^:]*: )?row (\d+) of .*?: field '([^']*)' (.*)$", str(item), re.DOTALL)
+    if m is None:
+        return RowProblem(-1, "", str(item))
+    return RowProblem(int(m.group(1)), m.group(2), m.group(3))
+
+
 def run(command: str, argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="posttrain check-data", description="Validate a dataset against a method's format; no model is loaded."
@@ -61,13 +73,15 @@ def run(command: str, argv: list[str]) -> int:
     rows = read_rows(args.file)
     source = Path(args.file).name
     problems = validate(rows, formats, source, args.limit) if formats else []
-    check_rows = getattr(method_class, "check_rows", None)
+    check_rows = getattr(method_class, "check_rows", None)  # an instance method: `Method.check_rows(dataset)`
     if check_rows is not None and (args.limit is None or len(problems) < args.limit):
         seen = {(q.row, q.field) for q in problems}
-        problems += [q for q in check_rows(rows) if (q.row, q.field) not in seen]
+        extra = [_as_problem(item) for item in method_class().check_rows(rows)]
+        problems += [q for q in extra if (q.row, q.field) not in seen and not seen.add((q.row, q.field))]
+        problems.sort(key=lambda q: q.row)
     if args.limit is not None:
         problems = problems[: args.limit]
-    bad_rows = sorted({q.row for q in problems})
+    bad_rows = sorted({q.row for q in problems if q.row >= 0})
     if args.json:
         print(
             json.dumps(
@@ -84,7 +98,7 @@ def run(command: str, argv: list[str]) -> int:
         )
     else:
         for q in problems:
-            print(q.message(source))
+            print(q.message(source) if q.row >= 0 else q.problem)
         if problems:
             print(
                 f"\n{len(bad_rows)} bad row(s) out of {len(rows)} in {args.file} for method {args.method!r} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PluginError
 
 
 def usage(method_name: str | None, config_class: type | None) -> str:
@@ -32,8 +32,8 @@ def run(command: str, argv: list[str]) -> int:
     from posttrain import config as config_lib
     from posttrain import registry
 
-    allow_inactive = "--allow_inactive" in rest
-    method_class, entry = registry.resolve_method(method_name, allow_inactive=allow_inactive)
+    # inactive methods are refused below, once the config says whether allow_inactive is true (flag or YAML)
+    method_class, entry = registry.resolve_method(method_name, allow_inactive=True)
     if "-h" in rest or "--help" in rest:
         print(usage(method_name, method_class.config_class))
         return 0
@@ -41,7 +41,16 @@ def run(command: str, argv: list[str]) -> int:
     yaml_path = overrides.pop("config", None)
     if yaml_path is True:
         raise ConfigError("--config needs a file path")
-    config = config_lib.load_config(method_class.config_class, yaml_path, overrides)
+    try:
+        config = config_lib.load_config(method_class.config_class, yaml_path, overrides)
+    except ConfigError as exc:  # make the --help hint runnable as printed
+        exc.args = (str(exc).replace("train METHOD --help", f"train {method_name} --help"),)
+        raise
+    if entry is not None and entry.declared_status == "inactive" and not config.allow_inactive:
+        raise PluginError(
+            f"method {entry.name!r} from {entry.package} {entry.version} is inactive (retired); "
+            "pass --allow_inactive true (or allow_inactive: true in the YAML) to use it anyway."
+        )
     return train_from_config(method_class, entry, config)
 
 
