@@ -68,7 +68,7 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
                 else f"Pass a model that {name} supports."
             )
             raise PosttrainError(
-                f"model at {path!r} cannot be loaded as {name}: {str(exc).splitlines()[0]}. {fix}"
+                f"model at {path!r} cannot be loaded as {name}: {str(exc).splitlines()[0].rstrip('.')}. {fix}"
             ) from None
         raise
     if config.gradient_checkpointing:

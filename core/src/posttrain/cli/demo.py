@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the runs, data, summary and plot go (default: posttrain-demo)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in a non-empty --output_dir")
-    p.add_argument("--quick", action="store_true", help="a shorter run (about a minute on a laptop CPU)")
+    p.add_argument(
+        "--quick", action="store_true", help="a shorter run: about half a minute on a CPU instead of one or two"
+    )
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -92,9 +94,8 @@ def require_plugins() -> dict[str, Any]:
                 found[name] = registry.resolve_rewards([name])[name]
         except PluginError as exc:
             raise PosttrainError(
-                f"the demo needs the {kind} {name!r} from {package}, which is not available: {exc} Install it with "
-                f"`pip install ./plugins/{package}` from a posttrain checkout (or `pip install {package}`), "
-                "then run `posttrain demo` again."
+                f"the demo needs {package} (the {kind} {name!r}): install it with `pip install ./plugins/{package}` "
+                f"from a posttrain checkout, or `pip install {package}`, then run `posttrain demo` again. ({exc})"
             ) from None
     return found
 
