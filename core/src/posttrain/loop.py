@@ -87,9 +87,11 @@ def _optimizer(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
-    )
+    kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
+    try:  # one fused kernel (transformers' default, adamw_torch_fused); on CPU torch's default is a per-tensor loop
+        return torch.optim.AdamW(groups, **kwargs, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 def _scalar(value: Any) -> float:
@@ -134,6 +136,9 @@ def train(
     from posttrain.config import save_config
 
     hf_logging.disable_progress_bar()  # our own bar is the one progress display
+    import datasets
+
+    datasets.disable_progress_bars()
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     # without an accelerator, cpu=True is what makes accelerate run multi-process CPU (gloo) under torchrun
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
