@@ -74,35 +74,15 @@ def copies(session: nox.Session) -> None:
 
 @nox.session
 def parity(session: nox.Session) -> None:
-    """Run each plugin's parity script against TRL 1.16 and write one summary table."""
+    """Each plugin's parity script against TRL 1.16; one table in benchmarks/results/parity.md (posargs: plugins)."""
     install_all(session, "trl==1.16.0")
-    results = []
-    for script in sorted(ROOT.glob("plugins/*/parity/parity_*.py")):
-        session.log(f"parity: {script.relative_to(ROOT)}")
-        session.run("python", str(script), success_codes=[0, 1])
-        for result_file in script.parent.glob("result*.json"):
-            data = json.loads(result_file.read_text())
-            for row in data if isinstance(data, list) else [data]:
-                results.append({"plugin": script.parts[-3], **row})
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parity.json").write_text(json.dumps(results, indent=2))
-    lines = ["| plugin | method | TRL | steps | max rel. diff | target | passed |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(
-            f"| {r['plugin']} | {r.get('method')} | {r.get('trl_version')} | {r.get('steps')} | "
-            f"{r.get('max_rel_diff', float('nan')):.2e} | {r.get('target')} | {r.get('passed')} |"
-        )
-    (out / "parity.md").write_text("# Parity against TRL\n\n" + "\n".join(lines) + "\n")
-    session.log("\n".join(lines))
-    if not all(r.get("passed") for r in results):
-        session.error("some parity comparisons missed their target (see benchmarks/results/parity.md)")
+    session.run("python", str(ROOT / "benchmarks" / "parity.py"), *session.posargs)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Speed, memory and start-up against TRL 1.16 and a bare PyTorch loop (see benchmarks/README.md)."""
-    install_all(session, "trl==1.16.0", "psutil")
+    install_all(session, "trl==1.16.0")
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
 
 

@@ -13,6 +13,7 @@ from posttrain.method import TrainContext
 from posttrain_grpo import GRPO, GRPOConfig, RewardError
 from posttrain_grpo.rollout import (
     completion_tensors,
+    generation_config,
     hf_generate,
     resolve_reward_funcs,
     score_completions,
@@ -273,3 +274,22 @@ def test_vllm_backend_wiring_with_a_stand_in_engine(grpo_tiny_model, monkeypatch
     assert torch.equal(out["input_ids"][:, -3:], torch.tensor([[7, 8, 1]] * 8))
     seeds = [p.seed for p in calls["params"][:2]]
     assert len(set(seeds)) == 2 and calls["params"][0].kwargs["max_tokens"] == 5
+
+
+def test_top_k_zero_samples_from_the_whole_vocabulary(grpo_tiny_model):
+    """top_k 0 means no top-k filter, as in TRL (transformers fills a top_k of None with its default, 50).
+
+    The scores ``generate`` samples from (after every logits processor) keep all ~100 tokens finite; a top-50
+    filter would set the other ~50 to -inf.
+    """
+    tok = AutoTokenizer.from_pretrained(grpo_tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(grpo_tiny_model)
+    gen = generation_config(GRPOConfig(max_completion_length=3), tok, [tok.eos_token_id])
+    out = model.generate(
+        input_ids=torch.tensor([tok("ab").input_ids]),
+        generation_config=gen,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    assert gen.top_k == 0
+    assert all(torch.isfinite(scores).all() for scores in out.scores)  # (1, V) per sampled token

@@ -158,7 +158,9 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
     rewards = {
         "accuracy": accuracy,
         "length_penalty": make_length_penalty(L, 2),
-        "rm": make_reward_model_reward(str(rm_dir)),
+        # TRL scores a reward model on the bare text (no EOS); match it here. posttrain-rewards defaults to
+        # the convention posttrain-reward trains with (EOS appended), a documented deviation.
+        "rm": make_reward_model_reward(str(rm_dir), append_eos=False),
     }
     ctx = TrainContext(
         config=config,

@@ -15,6 +15,7 @@ CONFIG = {
     "max_completion_length": 6,
     "learning_rate": 1e-2,
     "generation_kwargs": {"sequence_bias": [[[1], 3.0]]},
+    "top_k": 50,  # sample from the 50 likeliest tokens: the learning signal these 8 steps are tuned to
 }  # token 1 = EOS
 
 TestConformance = conformance_suite(

@@ -79,7 +79,7 @@ def generation_config(config: Any, tokenizer: Any, eos_ids: list[int]):
         "eos_token_id": eos_ids,
         "temperature": config.temperature,
         "top_p": config.top_p,
-        "top_k": config.top_k or None,
+        "top_k": config.top_k,  # 0 disables top-k; None would let transformers apply its default of 50
         "min_p": config.min_p,
         "repetition_penalty": config.repetition_penalty,
     }

@@ -50,27 +50,32 @@ def load_reward_model(path: str, device: Any = None, dtype: str = "auto"):
     return _CACHE[key]
 
 
-def encode(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
+def encode(tokenizer: Any, prompt: Any, completion: Any, append_eos: bool = True) -> list[int]:
     """Token ids exactly as posttrain-reward trained the model to score them (its ``encode``).
 
     Conversational rows go through the chat template; standard rows are ``prompt + completion`` with
     EOS appended when missing and the tokenizer's default special tokens, so the last token, the one
-    the head scores, is the same token it saw in training.
+    the head scores, is the same token it saw in training. ``append_eos=False`` scores the bare
+    text without special tokens, as TRL 1.16's GRPO/RLOO score a reward model (used for parity).
     """
     if isinstance(prompt, list):
         response = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
         return list(tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"])
     text = prompt + (completion if isinstance(completion, str) else completion[-1]["content"])
+    if not append_eos:  # TRL 1.16's reward-model path: the bare text, no special tokens
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
     if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
         text += tokenizer.eos_token
     return list(tokenizer(text).input_ids)
 
 
-def score(model: Any, tokenizer: Any, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+def score(
+    model: Any, tokenizer: Any, prompts: list, completions: list, batch_size: int = 16, append_eos: bool = True
+) -> list[float]:
     """The model's scalar output (logit 0) at the last real token of each prompt + completion."""
     import torch
 
-    sequences = [encode(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    sequences = [encode(tokenizer, p, c, append_eos) for p, c in zip(prompts, completions)]
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(sequences), batch_size):
@@ -84,8 +89,13 @@ def score(model: Any, tokenizer: Any, prompts: list, completions: list, batch_si
     return out
 
 
-def make_reward_model_reward(path: str, device: Any = None, batch_size: int = 16, dtype: str = "auto"):
+def make_reward_model_reward(
+    path: str, device: Any = None, batch_size: int = 16, dtype: str = "auto", append_eos: bool = True
+):
     """A reward scoring completions with the sequence classifier saved at ``path``.
+
+    ``append_eos`` (default) scores each completion as posttrain-reward trained the model; false
+    reproduces TRL 1.16's reward-model scoring (bare text, no EOS, no special tokens).
 
     Example::
 
@@ -95,7 +105,7 @@ def make_reward_model_reward(path: str, device: Any = None, batch_size: int = 16
 
     def reward_model(prompts: list, completions: list, **columns: Any) -> list[float]:
         model, tokenizer = load_reward_model(path, device, dtype)
-        return score(model, tokenizer, prompts, completions, batch_size)
+        return score(model, tokenizer, prompts, completions, batch_size, append_eos)
 
     reward_model.path = path
     return reward_model

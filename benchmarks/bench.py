@@ -1,0 +1,843 @@
+"""posttrain against TRL 1.16 and a bare PyTorch loop: step time, tokens/s, peak RSS, start-up time.
+
+Run from the repository root, in an environment with posttrain, its sft/dpo/reward/grpo plugins, trl==1.16.0 and
+psutil (``nox -s bench`` builds one)::
+
+    python benchmarks/bench.py                      # everything: ~15 min on 2 CPU cores
+    python benchmarks/bench.py --sizes tiny --methods sft --repeats 1   # one quick cell
+
+Every timed run is its own subprocess (``bench.py worker ...``), so peak RSS and start-up time are per run. Runs of
+posttrain, TRL and the bare loop are interleaved (A B C, B C A, ...) so machine load hits them alike. Step times
+come from one global ``torch.optim`` post-step hook: the time between consecutive optimizer steps, whatever the
+framework does in between (data, rollout, forward, backward, clipping, logging). The results land in
+``benchmarks/results/cpu-<date>.{json,md}`` and ``latest.{json,md}``; README.md explains how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+#: Llama shapes built from config (character vocabulary of ~100 tokens, untied embeddings).
+SIZES = {
+    "tiny": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512},
+    "small": {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "intermediate_size": 1536},
+}
+#: Per size and method: micro-batch, accumulation and lengths in tokens. Every row of a workload has the same
+#: length, so every micro-batch holds the same tokens whatever order a framework samples rows in.
+#: sft: ``seq`` tokens per row (text + EOS). dpo/reward: prompt + completion + EOS per side, two sides per pair.
+#: grpo: ``batch`` prompts x ``generations`` completions of exactly ``completion`` tokens (EOS suppressed).
+#: dpo-precomputed: dpo with precompute_ref_log_probs (the reference scores every row once, before the first step).
+WORKLOADS = {
+    "tiny": {
+        "sft": {"batch": 8, "accum": 2, "seq": 128},
+        "dpo": {"batch": 4, "accum": 2, "prompt": 32, "completion": 31},
+        "dpo-precomputed": {"batch": 4, "accum": 2, "prompt": 32, "completion": 31},
+        "reward": {"batch": 4, "accum": 2, "prompt": 32, "completion": 31},
+        "grpo": {"batch": 2, "generations": 4, "accum": 2, "prompt": 16, "completion": 16},
+    },
+    "small": {
+        "sft": {"batch": 4, "accum": 2, "seq": 64},
+        "dpo": {"batch": 2, "accum": 2, "prompt": 16, "completion": 15},
+        "dpo-precomputed": {"batch": 2, "accum": 2, "prompt": 16, "completion": 15},
+        "reward": {"batch": 2, "accum": 2, "prompt": 16, "completion": 15},
+        "grpo": {"batch": 2, "generations": 4, "accum": 1, "prompt": 16, "completion": 16},
+    },
+}
+LEARNING_RATE, MAX_GRAD_NORM, LOGGING_STEPS, SEED = 1e-5, 1.0, 5, 0
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def tokens_per_step(method: str, w: dict) -> int:
+    """Tokens one optimizer step processes (no padding exists: every row has the same length)."""
+    method = base_method(method)
+    if method == "sft":
+        return w["batch"] * w["accum"] * w["seq"]
+    if method in ("dpo", "reward"):
+        return w["batch"] * w["accum"] * 2 * (w["prompt"] + w["completion"] + 1)
+    return w["batch"] * w["generations"] * w["accum"] * (w["prompt"] + w["completion"])
+
+
+def base_method(method: str) -> str:
+    return method.split("-")[0]
+
+
+# -- workloads ---------------------------------------------------------------------------------------------------
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(n))
+
+
+def write_data(method: str, w: dict, n_steps: int, path: Path) -> None:
+    """JSONL rows for ``n_steps`` optimizer steps, every row of the same token length (one token per character)."""
+    rng = random.Random(SEED)
+    method = base_method(method)
+    per_step = w["batch"] * w["accum"]
+    rows = []
+    for _ in range(per_step * n_steps):
+        if method == "sft":
+            rows.append({"text": _text(rng, w["seq"] - 1)})  # + EOS = seq tokens
+        elif method in ("dpo", "reward"):
+            rows.append(
+                {
+                    "prompt": _text(rng, w["prompt"]),
+                    "chosen": _text(rng, w["completion"]),
+                    "rejected": _text(rng, w["completion"]),
+                }
+            )
+        else:
+            rows.append({"prompt": _text(rng, w["prompt"])})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def distinct_chars(completions, **kwargs):
+    """The benchmark's GRPO reward: share of distinct characters in a completion (cheap, varies per sample)."""
+    return [len(set(c)) / max(1, len(c)) for c in completions]
+
+
+# -- the worker: one timed run in its own process --------------------------------------------------------------
+
+
+class Probe:
+    """Timestamps of every optimizer step (any framework: a global torch.optim post-step hook) and peak RSS."""
+
+    def __init__(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.perf: list[float] = []
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+        self.rss_kb = 0
+        register_optimizer_step_post_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        import resource
+
+        self.perf.append(time.perf_counter())
+        self.cpu.append(time.process_time())  # all threads of this process: robust to other load on the machine
+        self.wall.append(time.time())
+        self.rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # high-water mark up to this step
+
+
+def worker(spec: dict) -> None:
+    probe = Probe()  # imports torch: counted in start-up time for every runner alike
+    shapes: dict = {}
+    runner = spec["runner"]
+    if runner.startswith("posttrain"):
+        run_posttrain(spec, shapes)
+    elif runner == "trl":
+        run_trl(spec, shapes)
+    else:
+        run_bare(spec, shapes)
+    import resource
+
+    result = {
+        "perf": probe.perf,
+        "cpu": probe.cpu,
+        "wall": probe.wall,
+        "peak_rss_mb": probe.rss_kb / 1024,
+        "final_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_batch_shapes": shapes,
+    }
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+def _record_shapes(shapes: dict, batch: dict) -> dict:
+    if not shapes:
+        import torch
+
+        shapes.update({k: list(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    return batch
+
+
+def run_posttrain(spec: dict, shapes: dict) -> None:
+    from posttrain.loop import train
+
+    method_name, w = base_method(spec["method"]), spec["workload"]
+    precompute = spec["method"] == "dpo-precomputed"
+    common = {
+        "model": spec["model"],
+        "dataset": spec["data"],
+        "output_dir": spec["output_dir"],
+        "max_steps": spec["steps"],
+        "learning_rate": LEARNING_RATE,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "per_device_train_batch_size": w["batch"],
+        "gradient_accumulation_steps": w["accum"],
+        "logging_steps": LOGGING_STEPS,
+        "save_steps": 0,
+        "disable_progress_bar": True,
+        "seed": SEED,
+        "torch_compile": spec["runner"] == "posttrain-compile",
+        "gradient_checkpointing": spec["gradient_checkpointing"],
+    }
+    rewards = None
+    if method_name == "sft":
+        from posttrain_sft import SFT as Method
+        from posttrain_sft import SFTConfig as Config
+
+        config = Config(**common, max_length=w["seq"])
+    elif method_name == "dpo":
+        from posttrain_dpo import DPO as Method
+        from posttrain_dpo import DPOConfig as Config
+
+        config = Config(**common, max_length=None, precompute_ref_log_probs=precompute)
+    elif method_name == "reward":
+        from posttrain_reward import Reward as Method
+        from posttrain_reward import RewardConfig as Config
+
+        config = Config(**common, max_length=None)
+    else:
+        from posttrain_grpo import GRPO as Method
+        from posttrain_grpo import GRPOConfig as Config
+
+        config = Config(
+            **common,
+            num_generations=w["generations"],
+            max_completion_length=w["completion"],
+            generation_kwargs={"min_new_tokens": w["completion"]},
+            reward_funcs=["distinct_chars"],
+            per_prompt_generation=False,  # one generate call per micro-batch, as TRL does
+        )
+        rewards = {"distinct_chars": distinct_chars}
+    method = Method()
+    collate = method.collate
+    method.collate = lambda rows, ctx: _record_shapes(shapes, collate(rows, ctx))
+    train(method, config, rewards=rewards)
+
+
+def run_trl(spec: dict, shapes: dict) -> None:
+    import datasets
+    import torch
+    import trl
+
+    method_name, w = base_method(spec["method"]), spec["workload"]
+    precompute = spec["method"] == "dpo-precomputed"
+    common = {
+        "output_dir": spec["output_dir"],
+        "max_steps": spec["steps"],
+        "learning_rate": LEARNING_RATE,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "per_device_train_batch_size": w["batch"],
+        "gradient_accumulation_steps": w["accum"],
+        "logging_steps": LOGGING_STEPS,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": SEED,
+        "model_init_kwargs": {"dtype": torch.float32},
+        "gradient_checkpointing": spec["gradient_checkpointing"],  # TRL's default is true; posttrain's false
+        "optim": "adamw_torch_fused",  # TRL's default, stated: posttrain uses the fused AdamW kernel too
+        "bf16": False,  # TRL defaults to bf16 autocast, also on CPU; the benchmark is fp32 throughout
+        "fp16": False,
+    }
+    dataset = datasets.load_dataset("json", data_files=spec["data"], split="train")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    if method_name == "sft":
+        args = trl.SFTConfig(**common, max_length=w["seq"])
+        trainer = trl.SFTTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
+    elif method_name == "dpo":
+        args = trl.DPOConfig(**common, max_length=None, precompute_ref_log_probs=precompute)
+        trainer = trl.DPOTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
+    elif method_name == "reward":
+        args = trl.RewardConfig(**common, max_length=None)
+        trainer = trl.RewardTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
+    else:
+        common["per_device_train_batch_size"] = w["batch"] * w["generations"]  # TRL counts completions
+        args = trl.GRPOConfig(
+            **common,
+            num_generations=w["generations"],
+            max_completion_length=w["completion"],
+            generation_kwargs={"min_new_tokens": w["completion"]},
+        )
+        trainer = trl.GRPOTrainer(
+            model=spec["model"],
+            reward_funcs=[distinct_chars],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    collator = trainer.data_collator
+    if collator is not None and method_name != "grpo":
+        trainer.data_collator = lambda features: _record_shapes(shapes, collator(features))
+    trainer.train()
+
+
+# -- the bare loop: the same model, data and update with nothing around it ---------------------------------------
+
+
+def run_bare(spec: dict, shapes: dict) -> None:
+    """Hand-written eager loop: forward, loss, backward, clip, AdamW, schedule. No logging, no metrics.
+
+    Rows are tokenized up front into fixed-shape tensors and taken in file order. It is the floor a framework's
+    per-step cost is compared against ("loop overhead").
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+    torch.manual_seed(SEED)
+    method_name, w = base_method(spec["method"]), spec["workload"]
+    precompute = spec["method"] == "dpo-precomputed"
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    eos = tok.eos_token_id
+    if method_name == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    ref = None
+    if method_name == "dpo" and not precompute:
+        ref = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval().requires_grad_(False)
+    elif precompute:
+        ref = model  # before the first step the policy is the reference, as TRL and posttrain use it
+    if spec["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0, fused=True)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=spec["steps"])
+
+    def ids(text: str) -> list[int]:
+        return tok(text).input_ids
+
+    if method_name == "sft":
+        data = torch.tensor([[*ids(r["text"]), eos] for r in rows])  # (R, T)
+    elif method_name in ("dpo", "reward"):
+        prompts = [ids(r["prompt"]) for r in rows]
+        chosen = torch.tensor([p + ids(r["chosen"]) + [eos] for p, r in zip(prompts, rows)])  # (R, T)
+        rejected = torch.tensor([p + ids(r["rejected"]) + [eos] for p, r in zip(prompts, rows)])
+        n_prompt = len(prompts[0])
+    else:
+        data = torch.tensor([ids(r["prompt"]) for r in rows])  # (R, P)
+    if precompute:  # every row scored once by the reference, in micro-batches, then the reference is dropped
+        model.eval()
+        with torch.no_grad():
+            ref_table = torch.cat(
+                [
+                    _completion_logps(ref(input_ids=x, use_cache=False).logits, x, n_prompt).view(2, -1)
+                    for x in (
+                        torch.cat([chosen[i : i + w["batch"]], rejected[i : i + w["batch"]]])
+                        for i in range(0, len(rows), w["batch"])
+                    )
+                ],
+                dim=1,
+            )  # (2, R)
+        ref = None
+        model.train()
+    per_micro = w["batch"]
+    for step in range(spec["steps"]):
+        for k in range(w["accum"]):
+            start = (step * w["accum"] + k) * per_micro
+            sl = slice(start, start + per_micro)
+            if method_name == "sft":
+                x = data[sl]
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+                (loss / (x[:, 1:].numel() * w["accum"])).backward()
+                _record_shapes(shapes, {"input_ids": x})
+            elif method_name == "dpo":
+                x = torch.cat([chosen[sl], rejected[sl]])  # (2B, T): one forward for both sides
+                mask = torch.ones_like(x)
+                logps = _completion_logps(model(input_ids=x, attention_mask=mask, use_cache=False).logits, x, n_prompt)
+                if precompute:
+                    ref_logps = ref_table[:, sl].reshape(-1)
+                else:
+                    with torch.no_grad():
+                        ref_logps = _completion_logps(
+                            ref(input_ids=x, attention_mask=mask, use_cache=False).logits, x, n_prompt
+                        )
+                ratios = (logps - ref_logps).view(2, -1)  # (2, B)
+                loss = -F.logsigmoid(0.1 * (ratios[0] - ratios[1])).sum()
+                (loss / (per_micro * w["accum"])).backward()
+                _record_shapes(shapes, {"input_ids": x})
+            elif method_name == "reward":
+                x = torch.cat([chosen[sl], rejected[sl]])
+                rewards = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits.view(2, -1)
+                loss = -F.logsigmoid(rewards[0] - rewards[1]).sum()
+                (loss / (per_micro * w["accum"])).backward()
+                _record_shapes(shapes, {"input_ids": x})
+            else:
+                _bare_grpo_micro_step(model, tok, data[sl], w, shapes)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _completion_logps(logits, x, n_prompt: int):
+    """Summed log-probs of the tokens after the prompt. (2B,)"""
+    import torch
+
+    logp = torch.log_softmax(logits[:, n_prompt - 1 : -1].float(), dim=-1)
+    return logp.gather(-1, x[:, n_prompt:, None]).squeeze(-1).sum(-1)
+
+
+def _bare_grpo_micro_step(model, tok, prompts, w: dict, shapes: dict) -> None:
+    """Sample G completions of fixed length per prompt (KV cache), score, group-normalise, one policy forward."""
+    import torch
+
+    g, c = w["generations"], w["completion"]
+    x = prompts.repeat_interleave(g, dim=0)  # (N, P)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            do_sample=True,
+            max_new_tokens=c,
+            min_new_tokens=c,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )  # (N, P + C)
+    model.train()
+    completions = tok.batch_decode(out[:, x.size(1) :], skip_special_tokens=True)
+    rewards = torch.tensor(distinct_chars(completions)).view(-1, g)  # (B, G)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
+    logits = model(input_ids=out, attention_mask=torch.ones_like(out), use_cache=False, logits_to_keep=c + 1).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, out[:, -c:, None]).squeeze(-1)  # (N, C)
+    ratio = torch.exp(logps - logps.detach())
+    loss = -(ratio * advantages[:, None]).sum() / (logps.numel() * w["accum"])
+    loss.backward()
+    _record_shapes(shapes, {"input_ids": out})
+
+
+# -- orchestration ------------------------------------------------------------------------------------------------
+
+
+def run_one(spec: dict, threads: int, tmp: Path) -> dict:
+    """One worker subprocess; returns its measurements plus load average, wall time and start-up time."""
+    run_dir = Path(tempfile.mkdtemp(dir=tmp))
+    spec = {**spec, "output_dir": str(run_dir / "out"), "result": str(run_dir / "result.json")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_CACHE": str(run_dir / "hf-datasets"),  # every run builds its dataset cache from scratch
+        "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor"),  # and compiles from scratch (torch_compile runs)
+        "HF_HUB_OFFLINE": "1",
+        "CI": "1",  # no TRL usage ping
+        "POSTTRAIN_EXPERIMENTAL_SILENCE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    load = os.getloadavg()[0]
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "worker", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.time() - t0
+    if proc.returncode != 0 or not Path(spec["result"]).is_file():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise RuntimeError(f"{spec['runner']} {spec['method']} ({spec['size']}) failed:\n{tail}")
+    out = json.loads(Path(spec["result"]).read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    perf, cpu, wall_steps = out.pop("perf"), out.pop("cpu"), out.pop("wall")
+    if len(perf) != spec["steps"]:
+        raise RuntimeError(f"{spec['runner']} {spec['method']}: {len(perf)} optimizer steps, expected {spec['steps']}")
+    intervals = [b - a for a, b in itertools.pairwise(perf)]
+    cpu_intervals = [b - a for a, b in itertools.pairwise(cpu)]
+    out.update(
+        step_times=intervals[spec["warmup"] - 1 :],  # steps warmup+1 .. end
+        step_cpu_times=cpu_intervals[spec["warmup"] - 1 :],
+        warmup_times=intervals[: spec["warmup"] - 1],
+        time_to_first_step=wall_steps[0] - t0,
+        cpu_to_first_step=cpu[0],
+        wall=wall,
+        load_avg=load,
+    )
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    times = [t for r in runs for t in r["step_times"]]
+    cpu = [t for r in runs for t in r["step_cpu_times"]]
+    return {
+        "median_step_s": statistics.median(times),
+        "mean_step_s": statistics.fmean(times),
+        "median_step_cpu_s": statistics.median(cpu),
+        "per_run_median_step_s": [statistics.median(r["step_times"]) for r in runs],
+        "per_run_median_step_cpu_s": [statistics.median(r["step_cpu_times"]) for r in runs],
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "time_to_first_step_s": statistics.median(r["time_to_first_step"] for r in runs),
+        "cpu_to_first_step_s": statistics.median(r["cpu_to_first_step"] for r in runs),
+        "load_avg": [round(r["load_avg"], 2) for r in runs],
+        "n_steps": len(times),
+        "first_batch_shapes": runs[0]["first_batch_shapes"],
+    }
+
+
+def time_command(cmd: list[str], env: dict, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def fake_plugins(root: Path, n: int) -> None:
+    """``n`` installed-looking distributions (dist-info with METADATA and entry points), no code."""
+    for i in range(n):
+        info = root / f"posttrain_fake{i:02d}-0.1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: posttrain-fake{i:02d}\nVersion: 0.1.0\n"
+            f"Summary: Benchmark stand-in method {i}.\nRequires-Dist: posttrain>=0.1,<1\n"
+            "Classifier: Development Status :: 3 - Alpha\n"
+        )
+        (info / "entry_points.txt").write_text(f"[posttrain.methods]\nfake{i:02d} = posttrain_fake{i:02d}:Method\n")
+
+
+def bench_startup(tmp: Path, repeats: int) -> dict:
+    """`posttrain list` with 20 extra (fake) plugins installed vs `python -c "import trl"`."""
+    fakes = tmp / "fake-site"
+    fake_plugins(fakes, 20)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fakes), os.environ.get("PYTHONPATH")]))}
+    listed = subprocess.run(
+        [sys.executable, "-m", "posttrain", "list", "--json"], env=env, capture_output=True, text=True
+    )
+    n_entries = len(json.loads(listed.stdout)) if listed.returncode == 0 else None
+    cmds = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "posttrain list": [sys.executable, "-m", "posttrain", "list"],
+        "python -c 'import trl'": [sys.executable, "-c", "import trl"],
+    }
+    times = {name: [] for name in cmds}
+    for _ in range(repeats):  # interleaved
+        for name, cmd in cmds.items():
+            times[name] += time_command(cmd, env, 1)
+    return {
+        "plugins_listed": n_entries,
+        "fake_plugins": 20,
+        "median_s": {name: statistics.median(t) for name, t in times.items()},
+        "all_s": times,
+        "load_avg": os.getloadavg()[0],
+    }
+
+
+def build_model(size: str, root: Path) -> str:
+    from posttrain.testing import build_tiny_model
+    from transformers import AutoConfig
+
+    path = build_tiny_model(root / size, **SIZES[size])
+    config = AutoConfig.from_pretrained(path)
+    h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    SIZES[size]["params"] = layers * per_layer + 2 * vocab * h + h
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,small")
+    p.add_argument("--methods", default="sft,dpo,dpo-precomputed,reward,grpo")
+    p.add_argument("--runners", default="posttrain,trl,bare", help="also: posttrain-compile (SFT only)")
+    p.add_argument("--compile", action="store_true", help="add posttrain with torch_compile: true for SFT")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="every runner recomputes activations (TRL's default)"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="optimizer steps not timed")
+    p.add_argument("--steps", default="tiny=15,small=6", help="timed optimizer steps per run, per size")
+    p.add_argument("--repeats", default="tiny=3,small=2", help="rounds: runs per (size, method, runner), interleaved")
+    p.add_argument(
+        "--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (1: steadiest on a shared machine)"
+    )
+    p.add_argument("--startup-repeats", type=int, default=7)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    args = p.parse_args(argv)
+    sizes, methods = args.sizes.split(","), args.methods.split(",")
+    runners = args.runners.split(",")
+    steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(","))}
+    repeats = {k: int(v) for k, v in (kv.split("=") for kv in args.repeats.split(","))}
+    started = time.time()
+
+    import torch
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+        runners = [r for r in runners if r != "trl"]
+    import posttrain
+
+    report: dict = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "accelerator": "none (CPU only: no GPU machine was available for this run)"
+            if not torch.cuda.is_available()
+            else torch.cuda.get_device_name(),
+            "load_avg_start": os.getloadavg(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl_version,
+            "posttrain": posttrain.__version__,
+        },
+        "settings": {
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "steps": steps,
+            "repeats": repeats,
+            "dtype": "float32",
+            "device": "cpu",
+            "learning_rate": LEARNING_RATE,
+            "logging_steps": LOGGING_STEPS,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "optimizer": "AdamW, fused kernel, in every runner",
+        },
+        "sizes": {},
+        "results": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        report["startup"] = bench_startup(tmp, args.startup_repeats)
+        print(json.dumps(report["startup"]["median_s"]), flush=True)
+        for size in sizes:
+            model = build_model(size, tmp / "models")
+            report["sizes"][size] = SIZES[size]
+            for method in methods:
+                w = WORKLOADS[size][method]
+                total = args.warmup + steps[size]
+                data = tmp / f"{size}-{method}.jsonl"
+                write_data(method, w, total, data)
+                cell_runners = runners + (["posttrain-compile"] if args.compile and method == "sft" else [])
+                cell_runners = [r for r in cell_runners if r != "posttrain-compile" or method == "sft"]
+                runs: dict[str, list[dict]] = {r: [] for r in cell_runners}
+                for rep in range(repeats[size]):
+                    order = cell_runners[rep % len(cell_runners) :] + cell_runners[: rep % len(cell_runners)]
+                    for runner in order:
+                        spec = {
+                            "runner": runner,
+                            "method": method,
+                            "size": size,
+                            "model": model,
+                            "data": str(data),
+                            "workload": w,
+                            "steps": total,
+                            "warmup": args.warmup,
+                            "gradient_checkpointing": args.gradient_checkpointing,
+                        }
+                        r = run_one(spec, args.threads, tmp)
+                        runs[runner].append(r)
+                        print(
+                            f"{size:5} {method:6} {runner:17} median {statistics.median(r['step_times']) * 1e3:8.1f} ms"
+                            f" cpu {statistics.median(r['step_cpu_times']) * 1e3:8.1f} ms"
+                            f"  rss {r['peak_rss_mb']:7.0f} MB  first step {r['time_to_first_step']:5.1f} s"
+                            f"  load {r['load_avg']:.1f}  [{time.time() - started:.0f}s]",
+                            flush=True,
+                        )
+                cell = {runner: summarise(rs) for runner, rs in runs.items()}
+                for stats in cell.values():
+                    stats["tokens_per_s"] = tokens_per_step(method, w) / stats["median_step_s"]
+                report["results"].setdefault(size, {})[method] = {
+                    "workload": w,
+                    "tokens_per_step": tokens_per_step(method, w),
+                    "runners": cell,
+                    "ratios": ratios(cell),
+                }
+                cell_report = report["results"][size][method]
+                cell_report["targets"] = check_targets(method, cell_report["ratios"])
+    report["total_wall_s"] = time.time() - started
+    report["machine"]["load_avg_end"] = os.getloadavg()
+    write_report(report, Path(args.out), args.tag)
+    return 0
+
+
+#: The issue's targets, as (method or "*", ratio, measure) -> limit. A ratio is posttrain's figure over the other's.
+TARGETS = {
+    ("sft", "posttrain/bare", "step_cpu"): 1.05,
+    ("sft", "posttrain/trl", "step_cpu"): 0.85,
+    ("sft", "posttrain-compile/trl", "step_cpu"): 0.7,
+    ("dpo", "posttrain/trl", "step_cpu"): 0.75,
+    ("dpo-precomputed", "posttrain/trl", "step_cpu"): 0.75,
+    ("grpo", "posttrain/trl", "step_cpu"): 0.6,
+    ("*", "posttrain/trl", "peak_rss"): 0.8,
+    ("*", "posttrain/trl", "first_step_wall"): 0.5,
+}
+
+
+def ratios(cell: dict) -> dict:
+    """posttrain / TRL and posttrain / bare for step time, RSS and start-up (below 1: posttrain is better).
+
+    Step-time ratios pair the runs of one round (adjacent in time, so slow drifts of the machine's speed cancel) and
+    take the geometric mean over rounds; ``step_cpu_range`` is the lowest and highest per-round ratio.
+    """
+    out = {}
+    pairs = [(ours, other) for ours in cell if ours.startswith("posttrain") for other in ("trl", "bare")]
+    for ours, other in [*pairs, ("trl", "bare")]:
+        if ours not in cell or other not in cell:
+            continue
+        a, b = cell[ours], cell[other]
+        per_round = [x / y for x, y in zip(a["per_run_median_step_cpu_s"], b["per_run_median_step_cpu_s"])]
+        per_round_wall = [x / y for x, y in zip(a["per_run_median_step_s"], b["per_run_median_step_s"])]
+        out[f"{ours}/{other}"] = {
+            "step_cpu": statistics.geometric_mean(per_round),
+            "step_cpu_range": [min(per_round), max(per_round)],
+            "step_wall": statistics.geometric_mean(per_round_wall),
+            "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+            "first_step_wall": a["time_to_first_step_s"] / b["time_to_first_step_s"],
+            "first_step_cpu": a["cpu_to_first_step_s"] / b["cpu_to_first_step_s"],
+        }
+    return out
+
+
+def check_targets(method: str, cell_ratios: dict) -> list[dict]:
+    found = []
+    for (m, pair, measure), limit in TARGETS.items():
+        if m in ("*", method) and pair in cell_ratios:
+            value = cell_ratios[pair][measure]
+            found.append({"ratio": pair, "measure": measure, "value": value, "limit": limit, "met": value <= limit})
+    return found
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def markdown(report: dict) -> str:
+    m, v, s = report["machine"], report["versions"], report["settings"]
+    models = ", ".join(
+        f"{k} = Llama {x['num_layers']} layers x {x['hidden_size']} ({x['params'] / 1e6:.2f}M params)"
+        for k, x in report["sizes"].items()
+    )
+    lines = [
+        f"# posttrain vs TRL {v['trl']} vs a bare PyTorch loop, CPU ({report['date'][:10]})",
+        "",
+        f"- Machine: {m['cpu_count']} CPU cores ({m['processor']}, {m['platform']}).",
+        f"- Accelerator: {m['accelerator']}",
+        f"- Load average (1 min) at start / end: {m['load_avg_start'][0]:.1f} / {m['load_avg_end'][0]:.1f}; the cores "
+        "were shared with other work, so step times are measured in process CPU time (robust to that load) and in "
+        "wall time; the load at the start of every run is in the JSON.",
+        f"- torch {v['torch']}, transformers {v['transformers']}, TRL {v['trl']}, posttrain {v['posttrain']}, "
+        f"Python {v['python']}; fp32 on CPU, OMP_NUM_THREADS={s['threads']}, fused AdamW everywhere, gradient "
+        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'} everywhere.",
+        f"- Models (built from LlamaConfig): {models}.",
+        f"- Per cell: {', '.join(f'{k}: {n}' for k, n in s['repeats'].items())} run(s) per framework, interleaved, "
+        f"each in its own process; {s['warmup']} warm-up optimizer steps, then "
+        f"{', '.join(f'{k}: {n}' for k, n in s['steps'].items())} timed steps; medians over all timed steps.",
+        f"- Whole benchmark: {report['total_wall_s'] / 60:.1f} min.",
+        "",
+        "## Ratios",
+        "",
+        "posttrain's figure over the other's: below 1 means posttrain is faster or smaller. Step time = median "
+        "process CPU time between consecutive optimizer steps; a step ratio is the geometric mean over rounds of "
+        "the ratio within a round (runs adjacent in time), the lowest and highest round in brackets, the wall-clock "
+        "ratio beside it. Differences within about 10% are machine noise (see the rounds' spread).",
+        "",
+        "| size | method | vs TRL: step (CPU) | step (wall) | peak RSS | first step | vs bare: step (CPU) "
+        "| TRL vs bare (CPU) | targets missed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for size, methods in report["results"].items():
+        for method, cell in methods.items():
+            r = cell["ratios"]
+            for ours in [k for k in cell["runners"] if k.startswith("posttrain")]:
+                t, b = r.get(f"{ours}/trl", {}), r.get(f"{ours}/bare", {})
+                missed = [
+                    f"{x['ratio']} {x['measure']} {x['value']:.2f} > {x['limit']}"
+                    for x in cell["targets"]
+                    if not x["met"] and x["ratio"].startswith(ours + "/")
+                ]
+                name = method if ours == "posttrain" else f"{method} ({ours})"
+                spread = t.get("step_cpu_range")
+                spread_text = (
+                    f" ({spread[0]:.2f}-{spread[1]:.2f})"
+                    if spread and len(cell["runners"][ours]["per_run_median_step_cpu_s"]) > 1
+                    else ""
+                )
+                lines.append(
+                    f"| {size} | {name} | **{_f(t.get('step_cpu'))}**{spread_text} | {_f(t.get('step_wall'))} | "
+                    f"{_f(t.get('peak_rss'))} | {_f(t.get('first_step_wall'))} | {_f(b.get('step_cpu'))} | "
+                    f"{_f(r.get('trl/bare', {}).get('step_cpu')) if ours == 'posttrain' else ''} | "
+                    f"{'; '.join(missed) or 'none'} |"
+                )
+    lines += [
+        "",
+        "Targets: SFT step <= 1.05x bare and <= 0.85x TRL (<= 0.7x TRL with torch_compile); DPO <= 0.75x TRL; "
+        "GRPO <= 0.6x TRL; peak RSS <= 0.8x TRL; time to first step <= 0.5x TRL.",
+        "",
+        "## Measurements",
+        "",
+        "| size | method | workload (tokens/step) | runner | step CPU | step wall | tokens/s (wall) | peak RSS "
+        "| first step wall · CPU |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for size, methods in report["results"].items():
+        for method, cell in methods.items():
+            shape = ", ".join(f"{k} {x}" for k, x in cell["workload"].items()) + f" ({cell['tokens_per_step']})"
+            for runner, st in cell["runners"].items():
+                lines.append(
+                    f"| {size} | {method} | {shape} | {runner} | {st['median_step_cpu_s'] * 1e3:.0f} ms | "
+                    f"{st['median_step_s'] * 1e3:.0f} ms | {st['tokens_per_s']:,.0f} | {st['peak_rss_mb']:.0f} MB | "
+                    f"{st['time_to_first_step_s']:.1f} s · {st['cpu_to_first_step_s']:.1f} s |"
+                )
+    st = report["startup"]
+    med = st["median_s"]
+    list_ratio = med["posttrain list"] / med["python -c 'import trl'"]
+    lines += [
+        "",
+        f"## Start-up: `posttrain list` with {st['fake_plugins']} extra plugins installed "
+        f"({st['plugins_listed']} entries listed) vs `import trl`",
+        "",
+        "| command | median wall time |",
+        "|---|---:|",
+        *[f"| `{name}` | {t * 1e3:.0f} ms |" for name, t in med.items()],
+        "",
+        f"`posttrain list` / `python -c 'import trl'`: **{list_ratio:.2f}**.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path, tag: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu-{report['date'][:10]}{f'-{tag}' if tag else ''}"
+    text = markdown(report)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    if not tag:
+        (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "latest.md").write_text(text)
+    print(text)
+    print(f"\nwrote {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "worker":
+        worker(json.loads(sys.argv[2]))
+    else:
+        sys.exit(main())
