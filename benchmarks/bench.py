@@ -123,6 +123,8 @@ class Probe:
         self.perf: list[float] = []
         self.cpu: list[float] = []
         self.wall: list[float] = []
+        self.faults: list[int] = []
+        self.sys: list[float] = []
         self.rss_kb = 0
         register_optimizer_step_post_hook(self._hook)
 
@@ -132,7 +134,10 @@ class Probe:
         self.perf.append(time.perf_counter())
         self.cpu.append(time.process_time())  # all threads of this process: robust to other load on the machine
         self.wall.append(time.time())
-        self.rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # high-water mark up to this step
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.rss_kb = usage.ru_maxrss  # high-water mark up to this step
+        self.faults.append(usage.ru_minflt)  # page faults: memory the allocator handed back and takes again
+        self.sys.append(usage.ru_stime)
 
 
 def worker(spec: dict) -> None:
@@ -151,6 +156,8 @@ def worker(spec: dict) -> None:
         "perf": probe.perf,
         "cpu": probe.cpu,
         "wall": probe.wall,
+        "faults": probe.faults,
+        "sys": probe.sys,
         "peak_rss_mb": probe.rss_kb / 1024,
         "final_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_batch_shapes": shapes,
@@ -404,6 +411,7 @@ def _bare_grpo_micro_step(model, tok, prompts, w: dict, shapes: dict) -> None:
             input_ids=x,
             attention_mask=torch.ones_like(x),
             do_sample=True,
+            top_k=0,  # no top-k filter, as TRL and posttrain sample (transformers' default would be 50)
             max_new_tokens=c,
             min_new_tokens=c,
             pad_token_id=tok.pad_token_id,
@@ -456,6 +464,7 @@ def run_one(spec: dict, threads: int, tmp: Path) -> dict:
     out = json.loads(Path(spec["result"]).read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     perf, cpu, wall_steps = out.pop("perf"), out.pop("cpu"), out.pop("wall")
+    faults, sys_time = out.pop("faults"), out.pop("sys")
     if len(perf) != spec["steps"]:
         raise RuntimeError(f"{spec['runner']} {spec['method']}: {len(perf)} optimizer steps, expected {spec['steps']}")
     intervals = [b - a for a, b in itertools.pairwise(perf)]
@@ -466,6 +475,8 @@ def run_one(spec: dict, threads: int, tmp: Path) -> dict:
         warmup_times=intervals[: spec["warmup"] - 1],
         time_to_first_step=wall_steps[0] - t0,
         cpu_to_first_step=cpu[0],
+        step_page_faults=[b - a for a, b in itertools.pairwise(faults)][spec["warmup"] - 1 :],
+        step_sys_times=[b - a for a, b in itertools.pairwise(sys_time)][spec["warmup"] - 1 :],
         wall=wall,
         load_avg=load,
     )
