@@ -1,10 +1,10 @@
 """posttrain against TRL 1.16 and a bare PyTorch loop: step time, tokens/s, peak RSS, start-up time.
 
-Run from the repository root, in an environment with posttrain, its sft/dpo/reward/grpo plugins, trl==1.16.0 and
-psutil (``nox -s bench`` builds one)::
+Run from the repository root, in an environment with posttrain, its sft/dpo/reward/grpo plugins and trl==1.16.0
+(``nox -s bench`` builds one)::
 
     python benchmarks/bench.py                      # everything: ~15 min on 2 CPU cores
-    python benchmarks/bench.py --sizes tiny --methods sft --repeats 1   # one quick cell
+    python benchmarks/bench.py --sizes tiny --methods sft --repeats tiny=1   # one quick cell
 
 Every timed run is its own subprocess (``bench.py worker ...``), so peak RSS and start-up time are per run. Runs of
 posttrain, TRL and the bare loop are interleaved (A B C, B C A, ...) so machine load hits them alike. Step times

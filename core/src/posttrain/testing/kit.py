@@ -98,7 +98,9 @@ def _losses(result: Any) -> list[float]:
 def _close(a: list[float], b: list[float], rtol: float, atol: float = 1e-7) -> tuple[bool, float]:
     """Relative comparison, with an absolute floor for losses that are ~0 by construction (RLOO)."""
     diffs = [abs(x - y) for x, y in zip(a, b)]
-    ok = len(a) == len(b) and all(d <= atol + rtol * max(abs(x), abs(y)) for d, x, y in zip(diffs, a, b))
+    ok = len(a) == len(b) and all(
+        d <= atol + (rtol * max(abs(x), abs(y)) if max(abs(x), abs(y)) else 0.0) for d, x, y in zip(diffs, a, b)
+    )
     worst = max((d / max(abs(x), abs(y), 1e-8) for d, x, y in zip(diffs, a, b)), default=0.0)
     return ok, worst
 
@@ -299,6 +301,7 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
     prepared = method.prepare(datasets.Dataset.from_list(copy.deepcopy(rows)), ctx)
     sizes = [len(str(r)) for r in prepared]
     a, b = prepared[sizes.index(min(sizes))], prepared[sizes.index(max(sizes))]
+
     def loss_of(rows: list) -> Any:
         batch = method.collate(rows, ctx)
         if hasattr(method, "rollout"):  # online methods score what they generate
