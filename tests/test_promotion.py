@@ -25,12 +25,20 @@ from posttrain.testing.kit import API_CHECKS, FULL_CHECKS
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def kit_report(path: Path, outcomes: dict[str, str] | None = None, checks=API_CHECKS + FULL_CHECKS,
-               extra: dict[str, str] | None = None) -> Path:
+def kit_report(
+    path: Path,
+    outcomes: dict[str, str] | None = None,
+    checks=API_CHECKS + FULL_CHECKS,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """A pytest JUnit report: one kit suite with ``checks`` (passed unless ``outcomes`` says otherwise)."""
-    tags = {"passed": "", "failed": '<failure message="boom"/>', "error": '<error message="setup failed"/>',
-            "skipped": '<skipped type="pytest.skip" message="skipped"/>',
-            "xfailed": '<skipped type="pytest.xfail" message="cannot hold for this method"/>'}
+    tags = {
+        "passed": "",
+        "failed": '<failure message="boom"/>',
+        "error": '<error message="setup failed"/>',
+        "skipped": '<skipped type="pytest.skip" message="skipped"/>',
+        "xfailed": '<skipped type="pytest.xfail" message="cannot hold for this method"/>',
+    }
     cases = [("tests.test_conformance.TestConformance", f"test_{c}", (outcomes or {}).get(c, "passed")) for c in checks]
     cases += [("tests.test_loss", name, outcome) for name, outcome in (extra or {"test_value": "passed"}).items()]
     body = "".join(f'<testcase classname="{cls}" name="{name}">{tags[o]}</testcase>' for cls, name, o in cases)
@@ -45,8 +53,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def package(tmp_path) -> Path:
     """A freshly generated package (3 - Alpha, 0.1.0) with a benchmark recorded."""
-    root = scaffold.generate("toy-method", tmp_path / "posttrain-toy-method", author="", core_version="0.1.0",
-                             date="2026-01-01")
+    root = scaffold.generate(
+        "toy-method", tmp_path / "posttrain-toy-method", author="", core_version="0.1.0", date="2026-01-01"
+    )
     (root / "BENCHMARK.md").write_text("# Benchmark\n\n20 steps on the tiny model: loss 4.61 -> 2.95.\n")
     return root
 
@@ -62,7 +71,7 @@ def promote(*args) -> int:
 
 # -- pyproject rewrites -------------------------------------------------------------------------------------
 
-PYPROJECT = '''[build-system]
+PYPROJECT = """[build-system]
 requires = ["setuptools>=64"]
 
 [project]
@@ -76,7 +85,7 @@ classifiers = [
 
 [tool.other]
 version = "9.9.9"
-'''
+"""
 
 
 def test_set_classifier_keeps_everything_else():
@@ -90,11 +99,14 @@ def test_set_classifier_keeps_single_quotes():
     assert promotion.set_classifier(text, 7) == text.replace("4 - Beta", "7 - Inactive")
 
 
-@pytest.mark.parametrize("text", [
-    '[project]\nname = "x"\nversion = "1.0"\nclassifiers = ["Topic :: A"]\n',
-    '[project]\nname = "x"\nversion = "1.0"\nclassifiers = [\n    "Topic :: A",\n]\n',
-    '[project]\nname = "x"\nversion = "1.0"\n\n[tool.y]\nz = 1\n',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[project]\nname = "x"\nversion = "1.0"\nclassifiers = ["Topic :: A"]\n',
+        '[project]\nname = "x"\nversion = "1.0"\nclassifiers = [\n    "Topic :: A",\n]\n',
+        '[project]\nname = "x"\nversion = "1.0"\n\n[tool.y]\nz = 1\n',
+    ],
+)
 def test_set_classifier_adds_one_when_missing(text):
     project = tomllib.loads(promotion.set_classifier(text, 5))["project"]
     assert "Development Status :: 5 - Production/Stable" in project["classifiers"]
@@ -112,9 +124,15 @@ def test_dynamic_version_is_refused():
         promotion.set_version('[project]\nname = "x"\ndynamic = ["version"]\n', "1.0.0")
 
 
-@pytest.mark.parametrize(("version", "major", "minor"), [
-    ("0.1.0", "1.0.0", "0.2.0"), ("0.9", "1.0.0", "0.10.0"), ("1.4.2", "2.0.0", "1.5.0"), ("2.0.0rc1", "3.0.0", "2.1.0"),
-])
+@pytest.mark.parametrize(
+    ("version", "major", "minor"),
+    [
+        ("0.1.0", "1.0.0", "0.2.0"),
+        ("0.9", "1.0.0", "0.10.0"),
+        ("1.4.2", "2.0.0", "1.5.0"),
+        ("2.0.0rc1", "3.0.0", "2.1.0"),
+    ],
+)
 def test_version_bumps(version, major, minor):
     assert promotion.next_major(version) == major
     assert promotion.next_minor(version) == minor
@@ -132,8 +150,10 @@ def test_changelog_entry_goes_above_the_newest():
 def test_changelog_unreleased_items_are_released_with_the_entry():
     text = "# Changelog\n\n## [Unreleased]\n\n- fix x\n\n## 0.1.0 - 2026-01-01\n\n- a\n"
     after = promotion.add_changelog_entry(text, "1.0.0", "2026-02-01", ["Promoted."])
-    assert after == ("# Changelog\n\n## [Unreleased]\n\n## 1.0.0 - 2026-02-01\n\n- Promoted.\n- fix x\n\n"
-                     "## 0.1.0 - 2026-01-01\n\n- a\n")
+    assert after == (
+        "# Changelog\n\n## [Unreleased]\n\n## 1.0.0 - 2026-02-01\n\n- Promoted.\n- fix x\n\n"
+        "## 0.1.0 - 2026-01-01\n\n- a\n"
+    )
 
 
 def test_changelog_existing_heading_for_the_version_gets_the_bullet():
@@ -144,14 +164,18 @@ def test_changelog_existing_heading_for_the_version_gets_the_bullet():
 
 def test_changelog_without_entries_gets_its_first():
     assert promotion.add_changelog_entry("# Changelog\n", "1.0.0", "2026-02-01", ["Promoted."]) == (
-        "# Changelog\n\n## 1.0.0 - 2026-02-01\n\n- Promoted.\n")
+        "# Changelog\n\n## 1.0.0 - 2026-02-01\n\n- Promoted.\n"
+    )
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("---\nstatus: experimental\ntitle: X\n---\n\n# x\n", "---\nstatus: stable\ntitle: X\n---\n\n# x\n"),
-    ("---\ntitle: X\n---\n# x\n", "---\ntitle: X\nstatus: stable\n---\n# x\n"),
-    ("# x\n\nbody\n", "---\nstatus: stable\n---\n\n# x\n\nbody\n"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("---\nstatus: experimental\ntitle: X\n---\n\n# x\n", "---\nstatus: stable\ntitle: X\n---\n\n# x\n"),
+        ("---\ntitle: X\n---\n# x\n", "---\ntitle: X\nstatus: stable\n---\n# x\n"),
+        ("# x\n\nbody\n", "---\nstatus: stable\n---\n\n# x\n\nbody\n"),
+    ],
+)
 def test_set_docs_status(text, expected):
     assert promotion.set_docs_status(text, "stable") == expected
     assert promotion.docs_status(expected) == "stable"
@@ -185,7 +209,8 @@ def test_a_generated_package_with_a_benchmark_meets_every_criterion(package, gre
     assert [c.name for c in found.values()] == ["tests", "docs", "parity", "changelog", "conformance"]
     assert all(c.passed for c in found.values()), [c.detail for c in found.values() if not c.passed]
     assert found["conformance"].evidence["suites"]["tests.test_conformance.TestConformance"]["checks"] == {
-        c: "passed" for c in API_CHECKS + FULL_CHECKS}
+        c: "passed" for c in API_CHECKS + FULL_CHECKS
+    }
 
 
 def test_parity_missing(package, green):
@@ -204,8 +229,11 @@ def test_parity_result_failed_wins_over_a_benchmark(package, green):
 def test_parity_result_passed(package, green):
     (package / "BENCHMARK.md").unlink()
     (package / "parity").mkdir()
-    (package / "parity" / "result.json").write_text(json.dumps(
-        {"method": "toy-method", "trl_version": "1.16.0", "passed": True, "max_rel_diff": 3e-7, "target": 1e-4}))
+    (package / "parity" / "result.json").write_text(
+        json.dumps(
+            {"method": "toy-method", "trl_version": "1.16.0", "passed": True, "max_rel_diff": 3e-7, "target": 1e-4}
+        )
+    )
     c = criteria(package, green)["parity"]
     assert c.passed and c.evidence["max_rel_diff"] == 3e-7 and c.evidence["trl_version"] == "1.16.0"
 
@@ -236,16 +264,20 @@ def test_tests_without_the_conformance_kit(package, green):
     assert not c.passed and "conformance_suite" in c.detail
 
 
-@pytest.mark.parametrize(("outcomes", "checks", "extra", "message"), [
-    ({}, API_CHECKS, None, "tier 'api' only"),
-    ({"resume": "failed"}, API_CHECKS + FULL_CHECKS, None, "resume failed"),
-    ({"metadata": "skipped"}, API_CHECKS + FULL_CHECKS, None, "metadata skipped"),
-    ({}, API_CHECKS + FULL_CHECKS, {"test_value": "failed"}, "1 failing tests: tests.test_loss::test_value"),
-    ({}, (), None, "no conformance-kit suite ran"),
-])
+@pytest.mark.parametrize(
+    ("outcomes", "checks", "extra", "message"),
+    [
+        ({}, API_CHECKS, None, "tier 'api' only"),
+        ({"resume": "failed"}, API_CHECKS + FULL_CHECKS, None, "resume failed"),
+        ({"metadata": "skipped"}, API_CHECKS + FULL_CHECKS, None, "metadata skipped"),
+        ({}, API_CHECKS + FULL_CHECKS, {"test_value": "failed"}, "1 failing tests: tests.test_loss::test_value"),
+        ({}, (), None, "no conformance-kit suite ran"),
+    ],
+)
 def test_kit_report_problems(tmp_path, outcomes, checks, extra, message):
-    ok, detail, _ = promotion.judge_kit_report(promotion.read_junit(kit_report(tmp_path / "r.xml", outcomes, checks,
-                                                                               extra)))
+    ok, detail, _ = promotion.judge_kit_report(
+        promotion.read_junit(kit_report(tmp_path / "r.xml", outcomes, checks, extra))
+    )
     assert not ok and message in detail
 
 
@@ -272,9 +304,11 @@ def test_run_kit_runs_pytest_and_reads_its_report(tmp_path):
     """The subprocess path, on a package whose kit-shaped suite needs no model (seconds, not minutes)."""
     root = tmp_path / "pkg"
     (root / "tests").mkdir(parents=True)
-    (root / "pyproject.toml").write_text('[project]\nname = "posttrain-fake"\nversion = "0.1.0"\n'
-                                         '[project.entry-points."posttrain.methods"]\nfake = "fake:Fake"\n'
-                                         '[tool.pytest.ini_options]\naddopts = "-p posttrain.testing.kit"\n')
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "posttrain-fake"\nversion = "0.1.0"\n'
+        '[project.entry-points."posttrain.methods"]\nfake = "fake:Fake"\n'
+        '[tool.pytest.ini_options]\naddopts = "-p posttrain.testing.kit"\n'
+    )
     body = "".join(f"    def test_{c}(self):\n        pass\n\n" for c in API_CHECKS + FULL_CHECKS)
     (root / "tests" / "test_conformance.py").write_text(f"class TestConformance:\n{body}")
     (root / "tests" / "test_own.py").write_text("def test_own():\n    assert 1 + 1 == 2\n")
@@ -337,8 +371,10 @@ def test_promote_refuses_and_changes_nothing_when_a_criterion_fails(package, gre
     assert promote(package, "--kit-report", green) == 1
     out = capsys.readouterr().out
     assert "[FAIL] parity or benchmark result: no parity/result.json" in out
-    assert "Not promoted: 1 of 5 criteria failed (parity). Nothing was changed. The criteria are explained in " \
-           "https://posttrain.readthedocs.io/promotion/" in out
+    assert (
+        "Not promoted: 1 of 5 criteria failed (parity). Nothing was changed. The criteria are explained in "
+        "https://posttrain.readthedocs.io/promotion/" in out
+    )
     assert snapshot(package) == before
 
 
@@ -369,8 +405,13 @@ def test_promote_rewrites_the_package_and_writes_the_record(package, green, caps
     assert event["version"] == {"from": "0.1.0", "to": "1.0.0"}
     assert event["status"] == {"from": "3 - Alpha", "to": "5 - Production/Stable"}
     assert event["docs_status"] == {"from": "experimental", "to": "stable"}
-    assert [c["name"] for c in event["criteria"] if c["passed"]] == ["tests", "docs", "parity", "changelog",
-                                                                      "conformance"]
+    assert [c["name"] for c in event["criteria"] if c["passed"]] == [
+        "tests",
+        "docs",
+        "parity",
+        "changelog",
+        "conformance",
+    ]
     md = (package / "PROMOTION.md").read_text()
     assert "## 1.0.0: promoted to stable" in md and "| parity or benchmark result | passed | BENCHMARK.md" in md
     capsys.readouterr()
@@ -433,8 +474,9 @@ def test_retire_an_experimental_package_and_dry_runs(package, capsys):
 
 def test_promote_without_a_kit_report_in_a_subprocess_reports_the_install_problem(package):
     """The command line end to end, in a fresh process: an uninstalled package cannot pass the kit."""
-    out = subprocess.run([sys.executable, "-m", "posttrain", "promote", str(package)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "posttrain", "promote", str(package)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1, out.stderr
     assert "[FAIL] conformance kit green at tier full: posttrain-toy-method is not installed" in out.stdout
 

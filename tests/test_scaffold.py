@@ -21,10 +21,22 @@ from posttrain import PosttrainError, scaffold
 from posttrain.cli import main
 
 LAYOUT = [
-    ".gitignore", "CHANGELOG.md", "README.md", "configs/tiny.yaml", "data/tiny.jsonl", "docs/my-method.md",
-    "pyproject.toml", "src/posttrain_my_method/__init__.py", "src/posttrain_my_method/config.py",
-    "src/posttrain_my_method/data.py", "src/posttrain_my_method/loss.py", "src/posttrain_my_method/method.py",
-    "tests/conftest.py", "tests/test_conformance.py", "tests/test_data.py", "tests/test_loss.py",
+    ".gitignore",
+    "CHANGELOG.md",
+    "README.md",
+    "configs/tiny.yaml",
+    "data/tiny.jsonl",
+    "docs/my-method.md",
+    "pyproject.toml",
+    "src/posttrain_my_method/__init__.py",
+    "src/posttrain_my_method/config.py",
+    "src/posttrain_my_method/data.py",
+    "src/posttrain_my_method/loss.py",
+    "src/posttrain_my_method/method.py",
+    "tests/conftest.py",
+    "tests/test_conformance.py",
+    "tests/test_data.py",
+    "tests/test_loss.py",
     "tests/test_train.py",
 ]
 
@@ -33,11 +45,14 @@ def files_of(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize(("name", "distribution", "package", "class_name"), [
-    ("my-method", "posttrain-my-method", "posttrain_my_method", "MyMethod"),
-    ("dpo", "posttrain-dpo", "posttrain_dpo", "Dpo"),
-    ("a_b2-c", "posttrain-a_b2-c", "posttrain_a_b2_c", "AB2C"),
-])
+@pytest.mark.parametrize(
+    ("name", "distribution", "package", "class_name"),
+    [
+        ("my-method", "posttrain-my-method", "posttrain_my_method", "MyMethod"),
+        ("dpo", "posttrain-dpo", "posttrain_dpo", "Dpo"),
+        ("a_b2-c", "posttrain-a_b2-c", "posttrain_a_b2_c", "AB2C"),
+    ],
+)
 def test_names(name, distribution, package, class_name):
     assert scaffold.names(name) == scaffold.Names(name, distribution, package, class_name)
 
@@ -83,7 +98,7 @@ def test_generated_python_parses_and_reads_top_to_bottom(tmp_path):
     assert "class MyMethodConfig(TrainingConfig)" in (source / "config.py").read_text()
     assert "def next_token_nll(" in (source / "loss.py").read_text()
     assert 'name = "my-method"' in (source / "method.py").read_text()
-    assert "conformance_suite(\n    \"my-method\"" in (root / "tests" / "test_conformance.py").read_text()
+    assert 'conformance_suite(\n    "my-method"' in (root / "tests" / "test_conformance.py").read_text()
     assert 'tier="full"' in (root / "tests" / "test_conformance.py").read_text()
     command = (root / "configs" / "tiny.yaml").read_text().splitlines()[0]
     assert command == "# posttrain train my-method --config configs/tiny.yaml"
@@ -127,11 +142,16 @@ def test_generated_code_is_ruff_clean(tmp_path):
     pytest.importorskip("ruff")
     root = scaffold.generate("my-method", tmp_path / "pkg", author="", core_version="0.1.0")
     rules = ["--isolated", "--line-length", "120", "--target-version", "py310"]
-    check = subprocess.run([sys.executable, "-m", "ruff", "check", *rules, "--select", "E,F,W,I,B,UP,RUF", "."],
-                           cwd=root, capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", *rules, "--select", "E,F,W,I,B,UP,RUF", "."],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout
-    fmt = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", *rules, "."], cwd=root,
-                         capture_output=True, text=True)
+    fmt = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", *rules, "."], cwd=root, capture_output=True, text=True
+    )
     assert fmt.returncode == 0, fmt.stdout
 
 
@@ -156,15 +176,20 @@ def passing_kit_report(path: Path) -> Path:
     """A JUnit report of a green tier-full kit run, as CI would hand to --kit-report."""
     from posttrain.testing.kit import API_CHECKS, FULL_CHECKS
 
-    cases = "".join(f'<testcase classname="tests.test_conformance.TestConformance" name="test_{c}"/>'
-                    for c in API_CHECKS + FULL_CHECKS)
+    cases = "".join(
+        f'<testcase classname="tests.test_conformance.TestConformance" name="test_{c}"/>'
+        for c in API_CHECKS + FULL_CHECKS
+    )
     path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>')
     return path
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".egg-info" not in str(p) and "__pycache__" not in str(p)}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".egg-info" not in str(p) and "__pycache__" not in str(p)
+    }
 
 
 @pytest.fixture
@@ -173,11 +198,16 @@ def venv(tmp_path) -> Path:
     root = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(root)], check=True)
     python = root / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
     Path(purelib, "_posttrain_parent_venv.pth").write_text(
-        "".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+    )
     return python
 
 
@@ -189,8 +219,9 @@ def test_new_install_train_promote_end_to_end(venv, tmp_path):
     env["OMP_NUM_THREADS"] = "1"  # tiny models: one thread is fastest, and kind to a busy machine
 
     def run(*args, cwd=tmp_path):
-        out = subprocess.run([str(venv), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
-                             timeout=600)
+        out = subprocess.run(
+            [str(venv), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        )
         return out
 
     def posttrain(*args):
@@ -215,8 +246,22 @@ def test_new_install_train_promote_end_to_end(venv, tmp_path):
     model = build_tiny_model(tmp_path / "model")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i}: the cat sat on the mat."}) + "\n" for i in range(8)))
-    train = ("train", "my-method", "--model", model, "--dataset", data, "--max_steps", "2",
-             "--per_device_train_batch_size", "4", "--save_steps", "0", "--disable_progress_bar", "true")
+    train = (
+        "train",
+        "my-method",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "0",
+        "--disable_progress_bar",
+        "true",
+    )
     out = posttrain(*train, "--output_dir", tmp_path / "run-experimental")
     assert out.returncode == 0, out.stderr
     assert "ExperimentalWarning" in out.stderr and "'my-method'" in out.stderr

@@ -34,8 +34,15 @@ except ImportError:  # Python 3.10
     except ImportError:
         tomllib = None
 
-STATUS = {1: "1 - Planning", 2: "2 - Pre-Alpha", 3: "3 - Alpha", 4: "4 - Beta", 5: "5 - Production/Stable",
-          6: "6 - Mature", 7: "7 - Inactive"}
+STATUS = {
+    1: "1 - Planning",
+    2: "2 - Pre-Alpha",
+    3: "3 - Alpha",
+    4: "4 - Beta",
+    5: "5 - Production/Stable",
+    6: "6 - Mature",
+    7: "7 - Inactive",
+}
 STABLE, DEMOTED, RETIRED = 5, 4, 7
 DOCS_STATUSES = ("stable", "experimental", "deprecated", "retired")  # also the docs nav sections, in order
 GROUPS = ("posttrain.methods", "posttrain.rewards", "posttrain.plugins")
@@ -85,11 +92,21 @@ def read_package(root: str | Path) -> Package:
     eps = project.get("entry-points") or {}
     names = [name for group in GROUPS for name in eps.get(group, {})]
     if not project.get("name") or not names:
-        raise PosttrainError(f"{path} declares no posttrain entry points ([project.entry-points.\"posttrain.methods\"]); "
-                             "it is not a posttrain method package.")
+        raise PosttrainError(
+            f'{path} declares no posttrain entry points ([project.entry-points."posttrain.methods"]); '
+            "it is not a posttrain method package."
+        )
     levels = [int(m.group(2)) for c in project.get("classifiers", []) if (m := _CLASSIFIER.match(f'"{c}"'))]
-    return Package(root, text, project, data.get("tool", {}).get("posttrain", {}), names, project["name"],
-                   str(project.get("version", "")), min(levels) if levels else None)
+    return Package(
+        root,
+        text,
+        project,
+        data.get("tool", {}).get("posttrain", {}),
+        names,
+        project["name"],
+        str(project.get("version", "")),
+        min(levels) if levels else None,
+    )
 
 
 def install_source(dist: metadata.Distribution) -> Path | None:
@@ -115,8 +132,10 @@ def find_package(target: str | None, cwd: str | Path | None = None) -> Path:
                     return read_package(d).root
                 except PosttrainError:
                     pass  # a workspace pyproject.toml, not a package: keep looking upwards
-        raise PosttrainError(f"no method package's pyproject.toml in {cwd} or above it; run inside a method "
-                             "package's source tree, or give its NAME or PATH.")
+        raise PosttrainError(
+            f"no method package's pyproject.toml in {cwd} or above it; run inside a method "
+            "package's source tree, or give its NAME or PATH."
+        )
     path = (cwd / target).resolve()
     if path.is_dir() or path.name == "pyproject.toml":
         return read_package(path if path.is_dir() else path.parent).root
@@ -133,10 +152,14 @@ def find_package(target: str | None, cwd: str | Path | None = None) -> Path:
             source = install_source(dist)
             if source is not None and (source / "pyproject.toml").is_file():
                 return source
-            raise PosttrainError(f"{target!r} is installed from {dist.metadata['Name']} {dist.version}, not from a "
-                                 "local source tree; run inside the package's source tree or give its path.")
-    raise PosttrainError(f"cannot find method package {target!r}: no plugins/posttrain-{target} here or above, and no "
-                         "installed distribution provides it. Give the package's path instead.")
+            raise PosttrainError(
+                f"{target!r} is installed from {dist.metadata['Name']} {dist.version}, not from a "
+                "local source tree; run inside the package's source tree or give its path."
+            )
+    raise PosttrainError(
+        f"cannot find method package {target!r}: no plugins/posttrain-{target} here or above, and no "
+        "installed distribution provides it. Give the package's path instead."
+    )
 
 
 def docs_page(pkg: Package, override: str | Path | None = None) -> tuple[Path | None, list[Path]]:
@@ -182,20 +205,45 @@ def check_tests(pkg: Package) -> Criterion:
     own, kit_files = 0, []
     for f in files:
         tree = ast.parse(f.read_text(encoding="utf-8"), str(f))
-        if "conformance_suite" in {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
-                                   for n in ast.walk(tree) if isinstance(n, ast.Call)}:
+        if "conformance_suite" in {
+            n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call)
+        }:
             kit_files.append(display_path(f, pkg.root))
-        own += sum(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test")
-                   for n in ast.walk(tree))
-    evidence = {"files": [display_path(f, pkg.root) for f in files], "test_functions": own, "conformance_files": kit_files}
+        own += sum(
+            isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test") for n in ast.walk(tree)
+        )
+    evidence = {
+        "files": [display_path(f, pkg.root) for f in files],
+        "test_functions": own,
+        "conformance_files": kit_files,
+    }
     if own == 0:
-        return Criterion("tests", title, False, "tests/ has no test functions of the package's own; add tests/test_*.py "
-                         "(hand-computed loss values, exact collator tensors, a tiny model that learns).", evidence)
+        return Criterion(
+            "tests",
+            title,
+            False,
+            "tests/ has no test functions of the package's own; add tests/test_*.py "
+            "(hand-computed loss values, exact collator tensors, a tiny model that learns).",
+            evidence,
+        )
     if not kit_files:
-        return Criterion("tests", title, False, f"{own} test functions, but no tests/test_*.py calls "
-                         "posttrain.testing.kit.conformance_suite(...); add tests/test_conformance.py.", evidence)
-    return Criterion("tests", title, True, f"{len(files)} test files, {own} test functions, "
-                     f"conformance suite in {', '.join(kit_files)}", evidence)
+        return Criterion(
+            "tests",
+            title,
+            False,
+            f"{own} test functions, but no tests/test_*.py calls "
+            "posttrain.testing.kit.conformance_suite(...); add tests/test_conformance.py.",
+            evidence,
+        )
+    return Criterion(
+        "tests",
+        title,
+        True,
+        f"{len(files)} test files, {own} test functions, conformance suite in {', '.join(kit_files)}",
+        evidence,
+    )
 
 
 def check_docs(pkg: Package, page: Path | None, looked: list[Path]) -> Criterion:
@@ -207,8 +255,10 @@ def check_docs(pkg: Package, page: Path | None, looked: list[Path]) -> Criterion
     if not readme.is_file() or not readme.read_text(encoding="utf-8").strip():
         missing.append(f"{display_path(readme, pkg.root)} is missing or empty")
     if page is None:
-        missing.append("no docs page (looked for " + ", ".join(display_path(p, pkg.root) for p in looked) + "); write one, "
-                       "or point [tool.posttrain] docs-page in pyproject.toml at it")
+        missing.append(
+            "no docs page (looked for " + ", ".join(display_path(p, pkg.root) for p in looked) + "); write one, "
+            "or point [tool.posttrain] docs-page in pyproject.toml at it"
+        )
     elif not _FRONT_MATTER.sub("", page.read_text(encoding="utf-8")).strip():
         missing.append(f"the docs page {display_path(page, pkg.root)} is empty")
     evidence = {"readme": display_path(readme, pkg.root), "docs_page": display_path(page, pkg.root) if page else None}
@@ -229,16 +279,37 @@ def check_parity(pkg: Package) -> Criterion:
         keys = ("method", "trl_version", "steps", "max_rel_diff", "target", "passed")
         evidence = {"file": str(PARITY_RESULT), **{k: data[k] for k in keys if k in data}}
         if data.get("passed") is not True:
-            return Criterion("parity", title, False, f"{PARITY_RESULT} records passed: {data.get('passed')} "
-                             f"(max_rel_diff {data.get('max_rel_diff')}, target {data.get('target')}); fix the "
-                             "difference and run the parity script again.", evidence)
-        return Criterion("parity", title, True, f"{PARITY_RESULT}: passed, max_rel_diff {data.get('max_rel_diff')} "
-                         f"(target {data.get('target')})", evidence)
+            return Criterion(
+                "parity",
+                title,
+                False,
+                f"{PARITY_RESULT} records passed: {data.get('passed')} "
+                f"(max_rel_diff {data.get('max_rel_diff')}, target {data.get('target')}); fix the "
+                "difference and run the parity script again.",
+                evidence,
+            )
+        return Criterion(
+            "parity",
+            title,
+            True,
+            f"{PARITY_RESULT}: passed, max_rel_diff {data.get('max_rel_diff')} (target {data.get('target')})",
+            evidence,
+        )
     if bench.is_file() and bench.read_text(encoding="utf-8").strip():
-        return Criterion("parity", title, True, f"{BENCHMARK} ({len(bench.read_text().splitlines())} lines)",
-                         {"file": str(BENCHMARK)})
-    return Criterion("parity", title, False, f"no {PARITY_RESULT} and no {BENCHMARK}: record a parity run against a "
-                     "reference implementation (a JSON with \"passed\": true) or measured benchmark results.")
+        return Criterion(
+            "parity",
+            title,
+            True,
+            f"{BENCHMARK} ({len(bench.read_text().splitlines())} lines)",
+            {"file": str(BENCHMARK)},
+        )
+    return Criterion(
+        "parity",
+        title,
+        False,
+        f"no {PARITY_RESULT} and no {BENCHMARK}: record a parity run against a "
+        'reference implementation (a JSON with "passed": true) or measured benchmark results.',
+    )
 
 
 def check_changelog(pkg: Package) -> Criterion:
@@ -248,9 +319,16 @@ def check_changelog(pkg: Package) -> Criterion:
     versions = [m.group(1) for m in _HEADING.finditer(text) if m.group(1).lower() != "unreleased"]
     if not versions:
         problem = "CHANGELOG.md has no `## <version>` entry" if path.is_file() else "no CHANGELOG.md"
-        return Criterion("changelog", "changelog", False, f"{problem}; add a `## <version> - <date>` entry per release.")
-    return Criterion("changelog", "changelog", True, f"CHANGELOG.md, latest entry {versions[0]}",
-                     {"file": "CHANGELOG.md", "latest": versions[0]})
+        return Criterion(
+            "changelog", "changelog", False, f"{problem}; add a `## <version> - <date>` entry per release."
+        )
+    return Criterion(
+        "changelog",
+        "changelog",
+        True,
+        f"CHANGELOG.md, latest entry {versions[0]}",
+        {"file": "CHANGELOG.md", "latest": versions[0]},
+    )
 
 
 def read_junit(path: str | Path) -> list[dict]:
@@ -266,10 +344,21 @@ def read_junit(path: str | Path) -> list[dict]:
     cases = []
     for case in root.iter("testcase"):
         found = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-        outcome = "passed" if found is None else "xfailed" if found.get("type") == "pytest.xfail" else \
-            {"failure": "failed"}.get(found.tag, found.tag)
-        cases.append({"classname": case.get("classname", ""), "name": case.get("name", ""), "outcome": outcome,
-                      "message": "" if found is None else found.get("message", "")})
+        outcome = (
+            "passed"
+            if found is None
+            else "xfailed"
+            if found.get("type") == "pytest.xfail"
+            else {"failure": "failed"}.get(found.tag, found.tag)
+        )
+        cases.append(
+            {
+                "classname": case.get("classname", ""),
+                "name": case.get("name", ""),
+                "outcome": outcome,
+                "message": "" if found is None else found.get("message", ""),
+            }
+        )
     return cases
 
 
@@ -289,9 +378,13 @@ def judge_kit_report(cases: list[dict]) -> tuple[bool, str, dict]:
     evidence = {"tests": len(cases), **counts, "suites": {}}
     problems = []
     for cls, tests in suites.items():
-        checks = {k: tests[f"test_{k}"]["outcome"] if f"test_{k}" in tests else "absent" for k in API_CHECKS + FULL_CHECKS}
-        evidence["suites"][cls] = {"checks": checks, "xfail": {k: tests[f"test_{k}"]["message"]
-                                                                for k, o in checks.items() if o == "xfailed"}}
+        checks = {
+            k: tests[f"test_{k}"]["outcome"] if f"test_{k}" in tests else "absent" for k in API_CHECKS + FULL_CHECKS
+        }
+        evidence["suites"][cls] = {
+            "checks": checks,
+            "xfail": {k: tests[f"test_{k}"]["message"] for k, o in checks.items() if o == "xfailed"},
+        }
         if "absent" in checks.values():
             problems.append(f"{cls} runs tier 'api' only; pass tier=\"full\" to conformance_suite")
         bad = [f"{k} {o}" for k, o in checks.items() if o not in ("passed", "xfailed", "absent")]
@@ -301,19 +394,35 @@ def judge_kit_report(cases: list[dict]) -> tuple[bool, str, dict]:
         problems.append("no conformance-kit suite ran; tests/ must call posttrain.testing.kit.conformance_suite(...)")
     failing = [f"{c['classname']}::{c['name']}" for c in cases if c["outcome"] in ("failed", "error")]
     if failing:
-        problems.append(f"{len(failing)} failing tests: " + ", ".join(failing[:5]) + (" ..." if len(failing) > 5 else ""))
+        problems.append(
+            f"{len(failing)} failing tests: " + ", ".join(failing[:5]) + (" ..." if len(failing) > 5 else "")
+        )
     n_checks = sum(len(s["checks"]) for s in evidence["suites"].values())
     n_xfail = sum(len(s["xfail"]) for s in evidence["suites"].values())
-    summary = (f"{len(suites)} kit suite(s), {n_checks} checks ({n_xfail} declared xfail); {len(cases)} tests: "
-               f"{counts['passed']} passed, {counts['failed'] + counts['error']} failed, {counts['xfailed']} xfailed, "
-               f"{counts['skipped']} skipped")
+    summary = (
+        f"{len(suites)} kit suite(s), {n_checks} checks ({n_xfail} declared xfail); {len(cases)} tests: "
+        f"{counts['passed']} passed, {counts['failed'] + counts['error']} failed, {counts['xfailed']} xfailed, "
+        f"{counts['skipped']} skipped"
+    )
     return not problems, "; ".join(problems) + "." if problems else summary, evidence
 
 
 def run_kit(pkg: Package, report: Path, python: str = sys.executable) -> subprocess.CompletedProcess:
     """Run the package's tests (conformance kit loaded) with pytest in a subprocess, writing ``report``."""
-    command = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-p", "posttrain.testing.kit",
-               f"--junitxml={report}", "-o", "junit_family=xunit2"]
+    command = [
+        python,
+        "-m",
+        "pytest",
+        "tests",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "posttrain.testing.kit",
+        f"--junitxml={report}",
+        "-o",
+        "junit_family=xunit2",
+    ]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # leave the source tree as it was
     return subprocess.run(command, cwd=pkg.root, capture_output=True, text=True, env=env)
 
@@ -364,15 +473,22 @@ def check_preconditions(pkg: Package, action: str) -> None:
     if action == "promote" and level in (5, 6):
         raise PosttrainError(f"{where} is already stable ({declared}); nothing to promote.")
     if action == "demote" and level not in (5, 6):
-        raise PosttrainError(f"{where} is not stable ({declared}); only a stable package is demoted. "
-                             "To retire it, run `posttrain demote --retire`.")
+        raise PosttrainError(
+            f"{where} is not stable ({declared}); only a stable package is demoted. "
+            "To retire it, run `posttrain demote --retire`."
+        )
     if action == "retire" and level == RETIRED:
         raise PosttrainError(f"{where} is already retired ({declared}).")
     set_version(pkg.text, pkg.version)  # a dynamic version cannot be bumped: say so before any work
 
 
-def check_criteria(pkg: Package, page: Path | None, looked: list[Path], kit_report: str | Path | None = None,
-                   on_kit_start: Callable[[], None] | None = None) -> list[Criterion]:
+def check_criteria(
+    pkg: Package,
+    page: Path | None,
+    looked: list[Path],
+    kit_report: str | Path | None = None,
+    on_kit_start: Callable[[], None] | None = None,
+) -> list[Criterion]:
     """Every criterion, cheapest first; the test run (announced through ``on_kit_start``) last."""
     found = [check_tests(pkg), check_docs(pkg, page, looked), check_parity(pkg), check_changelog(pkg)]
     if on_kit_start is not None and kit_report is None:
@@ -414,9 +530,11 @@ def set_version(text: str, version: str) -> str:
     start, end = _project_span(text)
     m = re.compile(r"""^(\s*version\s*=\s*)(["'])[^"']*\2""", re.M).search(text, start, end)
     if not m:
-        raise PosttrainError("pyproject.toml has no static `version = \"...\"` in [project] (a dynamic version?); "
-                             "promotion bumps a static version only: write it in pyproject.toml.")
-    return text[: m.start()] + f"{m.group(1)}{m.group(2)}{version}{m.group(2)}" + text[m.end():]
+        raise PosttrainError(
+            'pyproject.toml has no static `version = "..."` in [project] (a dynamic version?); '
+            "promotion bumps a static version only: write it in pyproject.toml."
+        )
+    return text[: m.start()] + f"{m.group(1)}{m.group(2)}{version}{m.group(2)}" + text[m.end() :]
 
 
 def _release(version: str) -> list[int]:
@@ -447,13 +565,13 @@ def add_changelog_entry(text: str, version: str, date: str, bullets: list[str]) 
     same = next((h for h in headings if h.group(1) == version), None)
     if same or (headings and headings[0].group(1).lower() == "unreleased"):
         anchor = same or headings[0]
-        head, rest = text[: anchor.end()] + "\n", text[anchor.end():].lstrip("\n")
+        head, rest = text[: anchor.end()] + "\n", text[anchor.end() :].lstrip("\n")
         new_heading = "" if same else f"\n## {version} - {date}\n"
         gap = "\n" if rest.startswith("#") or not rest else ""
         return head + new_heading + "\n" + items + gap + rest
     entry = f"## {version} - {date}\n\n{items}"
     if headings:
-        return text[: headings[0].start()] + entry + "\n" + text[headings[0].start():]
+        return text[: headings[0].start()] + entry + "\n" + text[headings[0].start() :]
     return text.rstrip("\n") + "\n\n" + entry
 
 
@@ -474,7 +592,7 @@ def set_docs_status(text: str, status: str) -> str:
         body = re.sub(r"^status\s*:.*$", f"status: {status}", body, count=1, flags=re.M)
     else:
         body += f"status: {status}\n"
-    return f"---\n{body}---\n" + text[m.end():]
+    return f"---\n{body}---\n" + text[m.end() :]
 
 
 def method_nav(docs_dir: str | Path, subdir: str = "methods") -> list[dict]:
@@ -505,8 +623,14 @@ class Change:
 
     def diff(self, root: Path) -> str:
         name = display_path(self.path, root)
-        return "".join(difflib.unified_diff((self.before or "").splitlines(True), self.after.splitlines(True),
-                                            f"a/{name}" if self.before is not None else "/dev/null", f"b/{name}"))
+        return "".join(
+            difflib.unified_diff(
+                (self.before or "").splitlines(True),
+                self.after.splitlines(True),
+                f"a/{name}" if self.before is not None else "/dev/null",
+                f"b/{name}",
+            )
+        )
 
 
 def apply(changes: list[Change]) -> None:
@@ -525,8 +649,10 @@ def _check_pyproject(text: str, level: int, version: str) -> None:
     project = _parse_toml(text, Path("pyproject.toml (rewritten)"))["project"]
     statuses = [c for c in project.get("classifiers", []) if c.startswith("Development Status")]
     if statuses != [f"Development Status :: {STATUS[level]}"] or project.get("version") != version:
-        raise PosttrainError(f"rewriting pyproject.toml went wrong (classifiers {statuses}, version "
-                             f"{project.get('version')!r}); nothing was changed. Edit it by hand.")
+        raise PosttrainError(
+            f"rewriting pyproject.toml went wrong (classifiers {statuses}, version "
+            f"{project.get('version')!r}); nothing was changed. Edit it by hand."
+        )
 
 
 def _record(pkg: Package, event: dict) -> list[Change]:
@@ -535,8 +661,10 @@ def _record(pkg: Package, event: dict) -> list[Change]:
     events = json.loads(before_json).get("events", []) if before_json else []
     record = {"distribution": pkg.distribution, "names": pkg.names, "events": [*events, event]}
     md_before = md_path.read_text(encoding="utf-8") if md_path.is_file() else None
-    return [Change(json_path, before_json, json.dumps(record, indent=2) + "\n", f"{RECORD_JSON}: the record, as data"),
-            Change(md_path, md_before, render_record(record), f"{RECORD_MD}: the record, to read")]
+    return [
+        Change(json_path, before_json, json.dumps(record, indent=2) + "\n", f"{RECORD_JSON}: the record, as data"),
+        Change(md_path, md_before, render_record(record), f"{RECORD_MD}: the record, to read"),
+    ]
 
 
 _VERBS = {"promote": "promoted to stable", "demote": "demoted (deprecated)", "retire": "retired"}
@@ -544,26 +672,41 @@ _VERBS = {"promote": "promoted to stable", "demote": "demoted (deprecated)", "re
 
 def render_record(record: dict) -> str:
     """PROMOTION.md: every status change of the package, newest first."""
-    lines = [f"# Status record of {record['distribution']}", "",
-             f"Written by `posttrain promote` and `posttrain demote`; the same data is in {RECORD_JSON}. "
-             "Newest first.", ""]
+    lines = [
+        f"# Status record of {record['distribution']}",
+        "",
+        f"Written by `posttrain promote` and `posttrain demote`; the same data is in {RECORD_JSON}. Newest first.",
+        "",
+    ]
     for e in reversed(record["events"]):
-        lines += [f"## {e['version']['to']}: {_VERBS[e['action']]} ({e['date']})", "",
-                  f"From {e['version']['from']} (`Development Status :: {e['status']['from']}`) to "
-                  f"{e['version']['to']} (`Development Status :: {e['status']['to']}`), docs section "
-                  f"`{e['docs_status']['to']}`; posttrain {e['posttrain']}.", ""]
+        lines += [
+            f"## {e['version']['to']}: {_VERBS[e['action']]} ({e['date']})",
+            "",
+            f"From {e['version']['from']} (`Development Status :: {e['status']['from']}`) to "
+            f"{e['version']['to']} (`Development Status :: {e['status']['to']}`), docs section "
+            f"`{e['docs_status']['to']}`; posttrain {e['posttrain']}.",
+            "",
+        ]
         if e.get("note"):
             lines += [f"Note: {e['note']}", ""]
         if e.get("criteria"):
             lines += ["| criterion | result | evidence |", "|---|---|---|"]
-            lines += [f"| {c['title']} | {'passed' if c['passed'] else 'FAILED'} | {c['detail'].replace('|', '/')} |"
-                      for c in e["criteria"]]
+            lines += [
+                f"| {c['title']} | {'passed' if c['passed'] else 'FAILED'} | {c['detail'].replace('|', '/')} |"
+                for c in e["criteria"]
+            ]
             lines.append("")
     return "\n".join(lines)
 
 
-def plan(pkg: Package, action: str, page: Path | None, criteria: list[Criterion] | None = None,
-         note: str | None = None, date: str | None = None) -> list[Change]:
+def plan(
+    pkg: Package,
+    action: str,
+    page: Path | None,
+    criteria: list[Criterion] | None = None,
+    note: str | None = None,
+    date: str | None = None,
+) -> list[Change]:
     """The changes of ``action`` ("promote", "demote" or "retire"): pyproject, changelog, docs page, record."""
     date = date or datetime.date.today().isoformat()
     level = {"promote": STABLE, "demote": DEMOTED, "retire": RETIRED}[action]
@@ -572,15 +715,21 @@ def plan(pkg: Package, action: str, page: Path | None, criteria: list[Criterion]
     old = STATUS.get(pkg.level or 0, "none")
     text = set_version(set_classifier(pkg.text, level), version)
     _check_pyproject(text, level, version)
-    changes = [Change(pkg.root / "pyproject.toml", pkg.text, text,
-                      f"pyproject.toml: Development Status {old} -> {STATUS[level]}, version {pkg.version} -> {version}")]
+    changes = [
+        Change(
+            pkg.root / "pyproject.toml",
+            pkg.text,
+            text,
+            f"pyproject.toml: Development Status {old} -> {STATUS[level]}, version {pkg.version} -> {version}",
+        )
+    ]
     bullet = {
         "promote": f"Promoted to stable (`Development Status :: {STATUS[STABLE]}`): from this release the method "
-                   f"follows semantic versioning; {RECORD_MD} lists the promotion criteria it met.",
+        f"follows semantic versioning; {RECORD_MD} lists the promotion criteria it met.",
         "demote": f"Deprecated (`Development Status :: {STATUS[DEMOTED]}`): the method is experimental again and "
-                  "warns when used; it may change or be removed in a later release.",
+        "warns when used; it may change or be removed in a later release.",
         "retire": f"Retired (`Development Status :: {STATUS[RETIRED]}`): `posttrain list` hides the method and "
-                  "training with it needs `--allow_inactive true`.",
+        "training with it needs `--allow_inactive true`.",
     }[action]
     log = pkg.root / "CHANGELOG.md"
     log_before = log.read_text(encoding="utf-8") if log.is_file() else None
@@ -591,13 +740,26 @@ def plan(pkg: Package, action: str, page: Path | None, criteria: list[Criterion]
     if page is not None:
         page_text = page.read_text(encoding="utf-8")
         docs_from = docs_status(page_text)
-        changes.append(Change(page, page_text, set_docs_status(page_text, docs_to),
-                              f"{display_path(page, pkg.root)}: status {docs_from or '(none)'} -> {docs_to}"))
+        changes.append(
+            Change(
+                page,
+                page_text,
+                set_docs_status(page_text, docs_to),
+                f"{display_path(page, pkg.root)}: status {docs_from or '(none)'} -> {docs_to}",
+            )
+        )
     from posttrain.discovery import core_version
 
-    event = {"action": action, "date": date, "version": {"from": pkg.version, "to": version},
-             "status": {"from": old, "to": STATUS[level]}, "docs_status": {"from": docs_from, "to": docs_to},
-             "docs_page": display_path(page, pkg.root) if page else None, "posttrain": core_version(), "note": note or ""}
+    event = {
+        "action": action,
+        "date": date,
+        "version": {"from": pkg.version, "to": version},
+        "status": {"from": old, "to": STATUS[level]},
+        "docs_status": {"from": docs_from, "to": docs_to},
+        "docs_page": display_path(page, pkg.root) if page else None,
+        "posttrain": core_version(),
+        "note": note or "",
+    }
     if criteria is not None:
         event["criteria"] = [asdict(c) for c in criteria]
     return changes + _record(pkg, event)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from posttrain import hookimpl
@@ -54,42 +52,10 @@ def grpo_tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def grpo_echo_model(tmp_path_factory):
-    """A tiny model taught by a short cross-entropy loop to answer ``echo D`` with one digit and EOS.
+    """A tiny model that answers ``echo D`` with one digit and EOS, right ~20-55% of the time."""
+    from posttrain.testing import build_echo_model
 
-    Half of its training targets are the prompt's digit and half a random digit, so it starts well
-    below perfect on the echo verifier and RL has something to improve.
-    """
-    from posttrain.testing import build_tiny_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixtures run before the per-test thread pinning
-    path = build_tiny_model(tmp_path_factory.mktemp("grpo-echo") / "model")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    rng = random.Random(0)
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    digit_ids = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    for _ in range(150):
-        rows = []
-        for _ in range(16):
-            d = rng.randrange(10)
-            target = d if rng.random() < 0.5 else rng.randrange(10)
-            rows.append([*tok(f"echo {d}").input_ids, digit_ids[target], tok.eos_token_id])
-        x = torch.tensor(rows)
-        labels = x[:, 1:].clone()
-        labels[:, :-2] = -100  # learn the answer digit and EOS only
-        logits = model(input_ids=x).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    out = path.parent / "echo"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    torch.set_num_threads(threads)
-    return out
+    return build_echo_model(tmp_path_factory.mktemp("grpo-echo"), seed=0)
 
 
 @pytest.fixture

@@ -14,8 +14,12 @@ def parser() -> argparse.ArgumentParser:
         "conformance kit, a README, a CHANGELOG, a docs page and configs/tiny.yaml. Works offline.",
     )
     p.add_argument("name", help="public method name, [a-z][a-z0-9_-]* (e.g. my-method)")
-    p.add_argument("--directory", "-d", metavar="DIR",
-                   help="the package directory to create (default: ./posttrain-NAME); must not exist, or be empty")
+    p.add_argument(
+        "--directory",
+        "-d",
+        metavar="DIR",
+        help="the package directory to create (default: ./posttrain-NAME); must not exist, or be empty",
+    )
     p.add_argument("--description", metavar="TEXT", help="one-line summary shown by `posttrain list`")
     p.add_argument("--author", metavar="NAME", help="author for pyproject.toml (default: git config user.name)")
     return p

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-TARGET_HELP = ("the package's source directory, or a method NAME (plugins/posttrain-NAME here or above, or the "
-               "source of an editable install); default: the package whose tree holds the working directory")
+TARGET_HELP = (
+    "the package's source directory, or a method NAME (plugins/posttrain-NAME here or above, or the "
+    "source of an editable install); default: the package whose tree holds the working directory"
+)
 
 
 def promote_parser() -> argparse.ArgumentParser:
@@ -22,9 +24,12 @@ def promote_parser() -> argparse.ArgumentParser:
         "promotion.json. Exit code 1 and no change when a criterion fails.",
     )
     p.add_argument("target", nargs="?", metavar="NAME_OR_PATH", help=TARGET_HELP)
-    p.add_argument("--kit-report", metavar="FILE",
-                   help="a pytest JUnit XML report (pytest tests -p posttrain.testing.kit --junitxml FILE) to judge "
-                   "instead of running the package's tests")
+    p.add_argument(
+        "--kit-report",
+        metavar="FILE",
+        help="a pytest JUnit XML report (pytest tests -p posttrain.testing.kit --junitxml FILE) to judge "
+        "instead of running the package's tests",
+    )
     p.add_argument("--docs-page", metavar="PATH", help="the method's docs page, when it is not found on its own")
     p.add_argument("--note", metavar="TEXT", help="why now (usage, maintainers); goes into the record and CHANGELOG")
     p.add_argument("--dry-run", action="store_true", help="check and show what would change, without changing it")
@@ -71,8 +76,10 @@ def _reinstall_hint(pkg) -> None:
     except metadata.PackageNotFoundError:
         return
     if source is not None and source.resolve() == pkg.root:
-        print(f"\nThe installed metadata (what `posttrain list` shows) was copied at install time; refresh it with:\n"
-              f"  {sys.executable} -m pip install --no-deps -e {pkg.root}")
+        print(
+            f"\nThe installed metadata (what `posttrain list` shows) was copied at install time; refresh it with:\n"
+            f"  {sys.executable} -m pip install --no-deps -e {pkg.root}"
+        )
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -89,15 +96,22 @@ def run(command: str, argv: list[str]) -> int:
     criteria = None
     if action == "promote":
         criteria = promotion.check_criteria(
-            pkg, page, looked, args.kit_report,
-            on_kit_start=lambda: print("  running the package's tests with the conformance kit (pytest tests) ...",
-                                       flush=True))
+            pkg,
+            page,
+            looked,
+            args.kit_report,
+            on_kit_start=lambda: print(
+                "  running the package's tests with the conformance kit (pytest tests) ...", flush=True
+            ),
+        )
         for c in criteria:
             print(f"  {'[ok]  ' if c.passed else '[FAIL]'} {c.title}: {c.detail}")
         failed = [c for c in criteria if not c.passed]
         if failed:
-            print(f"\nNot promoted: {len(failed)} of {len(criteria)} criteria failed ({', '.join(c.name for c in failed)}). "
-                  f"Nothing was changed. The criteria are explained in {DOCS_PROMOTION}")
+            print(
+                f"\nNot promoted: {len(failed)} of {len(criteria)} criteria failed ({', '.join(c.name for c in failed)}). "
+                f"Nothing was changed. The criteria are explained in {DOCS_PROMOTION}"
+            )
             return 1
     elif page is None:
         print("  no docs page found (looked for " + ", ".join(str(p) for p in looked) + "); only the package changes")

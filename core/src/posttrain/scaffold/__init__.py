@@ -48,7 +48,7 @@ def names(name: str) -> Names:
         )
     if name.startswith("posttrain-"):
         raise PosttrainError(
-            f"give the method name, not the distribution name: `posttrain new {name[len('posttrain-'):]}` "
+            f"give the method name, not the distribution name: `posttrain new {name[len('posttrain-') :]}` "
             f"creates the package {name}."
         )
     words = [w for w in re.split(r"[-_]+", name) if w]
@@ -134,8 +134,14 @@ def render_files(values: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def generate(name: str, directory: str | Path | None = None, description: str | None = None,
-             author: str | None = None, core_version: str | None = None, date: str | None = None) -> Path:
+def generate(
+    name: str,
+    directory: str | Path | None = None,
+    description: str | None = None,
+    author: str | None = None,
+    core_version: str | None = None,
+    date: str | None = None,
+) -> Path:
     """Write a new method package and return its directory.
 
     Args:

@@ -1,9 +1,20 @@
 """Test helpers and the conformance kit for method plugins.
 
-``build_tiny_model`` / ``build_tokenizer`` make hub-free tiny models. The conformance kit is a pytest
-plugin that a method package opts into with ``pytest_plugins = ["posttrain.testing.kit"]``.
+``build_tiny_model`` / ``build_tokenizer`` make hub-free tiny models; ``build_echo_model`` and
+``echo_exact_probability`` give online-RL tests a verifiable task with a noise-free learning measure.
+The conformance kit is a pytest plugin that a method package opts into with
+``pytest_plugins = ["posttrain.testing.kit"]``.
 """
 
+from posttrain.testing.echo_task import build_echo_model, echo_exact, echo_exact_probability, echo_rows
 from posttrain.testing.tiny import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
 
-__all__ = ["CHAT_TEMPLATE", "build_tiny_model", "build_tokenizer"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "build_echo_model",
+    "build_tiny_model",
+    "build_tokenizer",
+    "echo_exact",
+    "echo_exact_probability",
+    "echo_rows",
+]
