@@ -14,7 +14,8 @@ import pytest
 @pytest.fixture(autouse=True)
 def _isolated_plugins(monkeypatch):
     """No leaked warning state, operator lists or plugin manager between tests."""
-    from posttrain import discovery, registry
+    from posttrain import _discovery as discovery
+    from posttrain import _registry as registry
 
     for var in (
         "POSTTRAIN_EXPERIMENTAL_SILENCE",
@@ -107,7 +108,7 @@ import torch
 
 from posttrain.config import TrainingConfig
 from posttrain.data import check
-from posttrain.method import LossOutput
+from posttrain._method import LossOutput
 from posttrain.ops import token_logps
 
 

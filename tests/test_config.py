@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+from posttrain._errors import ConfigError
 from posttrain.config import (
     TrainingConfig,
     build_config,
@@ -14,7 +15,6 @@ from posttrain.config import (
     parse_cli_overrides,
     save_config,
 )
-from posttrain.errors import ConfigError
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from posttrain.checkpoint import STATE_FILE, latest_checkpoint
+from posttrain._checkpoint import STATE_FILE, latest_checkpoint
 from posttrain.cli import main
 
 #: Test hooks appended to the toy method: a pause per loss call, and a pause after every torch.save into a

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from posttrain import data
-from posttrain.errors import DataError
+from posttrain._errors import DataError
 
 ROWS = [{"prompt": "2+2=", "completion": "four"}, {"prompt": "1+1=", "completion": "two"}]
 

@@ -14,8 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from posttrain import demo_task
-from posttrain.cli import demo, main
+from posttrain.cli import demo, demo_task, main
 
 needs_plugins = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("posttrain_sft", "posttrain_grpo", "posttrain_rewards")),

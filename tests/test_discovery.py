@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import metadata
 
 import pytest
-from posttrain import discovery
-from posttrain.errors import PluginError
+from posttrain import _discovery as discovery
+from posttrain._errors import PluginError
 
 GOOD = "def Method():\n    pass\n"
 

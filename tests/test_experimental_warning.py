@@ -6,7 +6,8 @@ import warnings
 
 import posttrain
 import pytest
-from posttrain import discovery, registry
+from posttrain import _discovery as discovery
+from posttrain import _registry as registry
 
 CODE = "class Method:\n    name = 'x'\n"
 

@@ -6,8 +6,9 @@ import inspect
 import warnings
 
 import pytest
-from posttrain import hookspecs, registry
-from posttrain.errors import PluginError
+from posttrain import _registry as registry
+from posttrain import hookspecs
+from posttrain._errors import PluginError
 
 
 def hook_functions():

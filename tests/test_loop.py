@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from posttrain.errors import PosttrainError
+from posttrain._errors import PosttrainError
 from posttrain.loop import NonFiniteLossError
 from safetensors.torch import load_file
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from posttrain import models
+from posttrain._errors import ConfigError, PosttrainError
+from posttrain._method import TrainContext
 from posttrain.config import TrainingConfig
-from posttrain.errors import ConfigError, PosttrainError
-from posttrain.method import TrainContext
 
 
 def test_missing_and_non_model_paths(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from posttrain import discovery
+from posttrain import _discovery as discovery
 from posttrain.cli import main
 
 GOOD = "class Method:\n    name = 'ok'\n"

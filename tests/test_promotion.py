@@ -18,7 +18,8 @@ try:
 except ImportError:  # Python 3.10: pytest itself depends on tomli there
     import tomli as tomllib
 
-from posttrain import PosttrainError, promotion, scaffold
+from posttrain import PosttrainError
+from posttrain._lifecycle import promotion, scaffold
 from posttrain.cli import main
 from posttrain.testing.kit import API_CHECKS, FULL_CHECKS
 

@@ -17,7 +17,8 @@ try:
 except ImportError:  # Python 3.10: pytest itself depends on tomli there
     import tomli as tomllib
 
-from posttrain import PosttrainError, scaffold
+from posttrain import PosttrainError
+from posttrain._lifecycle import scaffold
 from posttrain.cli import main
 
 LAYOUT = [

@@ -6,7 +6,7 @@ one of the names below is actually used, so ``posttrain list`` and ``--help`` st
 
 from __future__ import annotations
 
-from posttrain.errors import (
+from posttrain._errors import (
     ConfigError,
     DataError,
     ExperimentalWarning,
@@ -16,9 +16,9 @@ from posttrain.errors import (
 
 TYPE_CHECKING = False  # not imported from typing: keeps `import posttrain` (and `posttrain list`) cheap
 if TYPE_CHECKING:  # pragma: no cover
+    from posttrain._method import LossOutput, Method, TrainContext
     from posttrain.config import TrainingConfig
     from posttrain.hookspecs import hookimpl
-    from posttrain.method import LossOutput, Method, TrainContext
 
 #: Version of the plugin API (hookspecs, the Method protocol, posttrain.testing).
 #: Equal to core's ``major.minor``; plugins declare ``Requires-Dist: posttrain>=X.Y,<X+1``.
@@ -41,9 +41,9 @@ __all__ = [
 
 _LAZY = {
     "hookimpl": ("posttrain.hookspecs", "hookimpl"),
-    "LossOutput": ("posttrain.method", "LossOutput"),
-    "Method": ("posttrain.method", "Method"),
-    "TrainContext": ("posttrain.method", "TrainContext"),
+    "LossOutput": ("posttrain._method", "LossOutput"),
+    "Method": ("posttrain._method", "Method"),
+    "TrainContext": ("posttrain._method", "TrainContext"),
     "TrainingConfig": ("posttrain.config", "TrainingConfig"),
 }
 

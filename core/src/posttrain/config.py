@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.errors import ConfigError
+from posttrain._errors import ConfigError
 
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 

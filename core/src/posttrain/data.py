@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import DataError
+from posttrain._errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {

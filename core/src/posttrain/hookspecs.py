@@ -49,7 +49,7 @@ def posttrain_register_methods(registry: Any) -> None:
     All implementations are called. A name already provided by an installed distribution is a
     conflict and fails with an error that names both providers.
 
-    :param registry: a :class:`posttrain.registry.MethodRegistry`; ``add(name, cls)`` with
+    :param registry: a :class:`posttrain._registry.MethodRegistry`; ``add(name, cls)`` with
         ``name`` matching ``[a-z][a-z0-9_-]*``.
 
     Example::
@@ -76,7 +76,7 @@ def posttrain_register_rewards(registry: Any) -> None:
     (or takes ``**columns``) also receives the completions' token ids. The return value of the
     hook is ignored; all implementations are called.
 
-    :param registry: a :class:`posttrain.registry.RewardRegistry`.
+    :param registry: a :class:`posttrain._registry.RewardRegistry`.
 
     Example::
 
@@ -106,7 +106,7 @@ def posttrain_add_callbacks(registry: Any, config: Any) -> None:
     ``on_train_end(ctx)``; missing methods are simply not called. Callbacks run on the main
     process only. All implementations are called; the return value is ignored.
 
-    :param registry: a :class:`posttrain.registry.CallbackRegistry`.
+    :param registry: a :class:`posttrain._registry.CallbackRegistry`.
     :param config: the resolved run configuration (a method's config dataclass), so a plugin can
         decide from ``config.report_to`` whether to add itself.
 

@@ -10,7 +10,7 @@
     save_pretrained(output_dir)
 
 Why the gradient is scaled after backward: a method returns a *sum* and a count (the contract in
-``posttrain.method``). DDP averages gradients over processes, so the summed gradient is
+``posttrain._method``). DDP averages gradients over processes, so the summed gradient is
 ``world_size * mean``; multiplying by ``world_size / N`` gives exactly d(sum of all losses / N).
 The count is known only after the forward passes (online methods generate first), and gradients are
 linear, so scaling them once per step is exact and costs one fused multiply.
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from posttrain import checkpoint as ckpt
-from posttrain import tracking
-from posttrain.errors import DataError, PosttrainError
-from posttrain.method import TrainContext
+from posttrain import _checkpoint as ckpt
+from posttrain import _tracking as tracking
+from posttrain._errors import DataError, PosttrainError
+from posttrain._method import TrainContext
 
 
 @dataclass

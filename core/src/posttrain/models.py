@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain._errors import ConfigError, PosttrainError
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from posttrain import ConfigError, TrainContext
 from posttrain.config import build_config
-from posttrain.errors import ConfigError
-from posttrain.method import TrainContext
 from posttrain_cpo import CPO, CPOConfig, alphapo_loss, alphapo_rewards, cpo_loss, hinge_loss, ipo_loss, simpo_loss
 from posttrain_cpo.data import collate_pairs
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import datasets
 import torch
-from posttrain import ExperimentalWarning
+from posttrain import ExperimentalWarning, TrainContext
+from posttrain._discovery import Entry
 from posttrain.config import build_config, load_config
-from posttrain.discovery import Entry
 from posttrain.loop import train
-from posttrain.method import TrainContext
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain_cpo import CPO, CPOConfig
 from posttrain_cpo.method import concatenated_forward
@@ -70,7 +69,7 @@ def test_quickstart_command_warns_once_and_logs_cpo_metrics(cpo_model_dir, cpo_f
 
 def test_silencing_orpo_leaves_cpo_warning(cpo_fresh_warnings, monkeypatch):
     """POSTTRAIN_EXPERIMENTAL_SILENCE=orpo: an experimental orpo is silent, resolving cpo still warns once."""
-    from posttrain.registry import resolve_method
+    from posttrain._registry import resolve_method
 
     monkeypatch.setenv("POSTTRAIN_EXPERIMENTAL_SILENCE", "orpo")
     orpo = dict(kind="method", name="orpo", value="posttrain_orpo:ORPO", package="posttrain-orpo", version="0.1.0")

@@ -45,7 +45,7 @@ def dpo_tokenizer():
 @pytest.fixture
 def dpo_ctx(dpo_tokenizer, dpo_model_dir):
     """``make(model=None, **config_fields)`` -> a TrainContext with a DPOConfig, the tokenizer and a model."""
-    from posttrain.method import TrainContext
+    from posttrain import TrainContext
     from posttrain_dpo import DPOConfig
 
     def make(model=None, **fields):

@@ -32,7 +32,7 @@ class _GRPOTestRewards:
 @pytest.fixture(autouse=True)
 def grpo_test_env():
     """One torch thread (tiny matrices: threads only contend) and the test rewards on a fresh plugin manager."""
-    from posttrain import registry
+    from posttrain import _registry as registry
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,8 +8,7 @@ import types
 import datasets
 import pytest
 import torch
-from posttrain.errors import ConfigError, PluginError
-from posttrain.method import TrainContext
+from posttrain import ConfigError, PluginError, TrainContext
 from posttrain_grpo import GRPO, GRPOConfig, RewardError
 from posttrain_grpo.rollout import (
     completion_tensors,

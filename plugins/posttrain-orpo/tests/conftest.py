@@ -43,7 +43,7 @@ def orpo_rows():
 @pytest.fixture
 def orpo_fresh_warnings(monkeypatch):
     """Forget which methods already warned, so each test sees the once-per-process warning anew."""
-    from posttrain import discovery
+    from posttrain import _discovery as discovery
 
     monkeypatch.setattr(discovery, "_warned", set())
     monkeypatch.delenv("POSTTRAIN_EXPERIMENTAL_SILENCE", raising=False)

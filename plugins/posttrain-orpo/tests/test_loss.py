@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from posttrain import TrainContext
 from posttrain.config import build_config
-from posttrain.method import TrainContext
 from posttrain_orpo import ORPO, ORPOConfig, log1mexp, log_odds_ratio, orpo_loss
 from posttrain_orpo.data import collate_pairs
 

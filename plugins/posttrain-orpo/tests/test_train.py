@@ -8,11 +8,10 @@ from pathlib import Path
 
 import datasets
 import torch
-from posttrain import ExperimentalWarning
+from posttrain import ExperimentalWarning, TrainContext
+from posttrain._discovery import Entry
 from posttrain.config import build_config, load_config
-from posttrain.discovery import Entry
 from posttrain.loop import train
-from posttrain.method import TrainContext
 from posttrain.models import load_causal_lm, load_tokenizer
 from posttrain_orpo import ORPO, ORPOConfig
 from posttrain_orpo.method import concatenated_forward
@@ -70,7 +69,7 @@ def test_quickstart_command_warns_once_and_logs_orpo_metrics(orpo_model_dir, orp
 
 def test_silencing_orpo_leaves_cpo_warning(orpo_fresh_warnings, monkeypatch):
     """POSTTRAIN_EXPERIMENTAL_SILENCE=orpo: resolving orpo is silent, an experimental cpo still warns once."""
-    from posttrain.registry import resolve_method
+    from posttrain._registry import resolve_method
 
     monkeypatch.setenv("POSTTRAIN_EXPERIMENTAL_SILENCE", "orpo")
     cpo = dict(kind="method", name="cpo", value="posttrain_cpo:CPO", package="posttrain-cpo", version="0.1.0")

@@ -159,8 +159,8 @@ def run_posttrain(
 
 
 def _context(model_dir: Path, fields: dict):
+    from posttrain import TrainContext
     from posttrain.config import build_config
-    from posttrain.method import TrainContext
     from posttrain.models import load_tokenizer
     from posttrain_reward import RewardConfig
 

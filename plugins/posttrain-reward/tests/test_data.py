@@ -5,9 +5,8 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError
+from posttrain import ConfigError, DataError, TrainContext
 from posttrain.config import build_config, load_config
-from posttrain.method import TrainContext
 from posttrain_reward import Reward, RewardConfig, collate_pairs, encode, prepare_pairs
 
 

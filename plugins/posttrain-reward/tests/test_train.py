@@ -14,10 +14,9 @@ import warnings
 
 import pytest
 import torch
-from posttrain import PosttrainError
+from posttrain import PosttrainError, TrainContext
 from posttrain.config import build_config
 from posttrain.loop import train
-from posttrain.method import TrainContext
 from posttrain_reward import Reward, RewardConfig, encode
 
 

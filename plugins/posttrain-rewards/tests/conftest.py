@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def rewards_test_env(monkeypatch):
-    from posttrain import registry
+    from posttrain import _registry as registry
 
     for var in (
         "POSTTRAIN_FORMAT_PATTERN",

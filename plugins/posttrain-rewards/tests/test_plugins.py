@@ -7,8 +7,8 @@ import textwrap
 
 import posttrain_rewards
 import pytest
-from posttrain import hookimpl, registry
-from posttrain.errors import PluginError
+from posttrain import PluginError, hookimpl
+from posttrain import _registry as registry
 
 
 def test_shipped_rewards_resolve_by_entry_point_name():
@@ -22,7 +22,7 @@ def test_shipped_rewards_resolve_by_entry_point_name():
 
 
 def test_listing_reads_metadata_without_importing(monkeypatch):
-    from posttrain import discovery
+    from posttrain import _discovery as discovery
 
     entries = {e.name: e for e in discovery.discover(("reward",)) if e.package == "posttrain-rewards"}
     assert set(entries) == {"accuracy", "format", "length_penalty", "reward_model"}

@@ -137,7 +137,7 @@ def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
 def run_posttrain(case, model_dir, rm_dir, completions, rows):
     import datasets
     import posttrain_rloo.rollout as rollout
-    from posttrain.method import TrainContext
+    from posttrain import TrainContext
     from posttrain_rewards import accuracy, make_length_penalty, make_reward_model_reward
     from posttrain_rloo import RLOO, RLOOConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from posttrain.errors import DataError
+from posttrain import DataError
 from posttrain.testing import build_tokenizer
 from posttrain_rloo.data import collate, prepare
 

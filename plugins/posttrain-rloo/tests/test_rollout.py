@@ -7,8 +7,7 @@ import sys
 import datasets
 import pytest
 import torch
-from posttrain.errors import ConfigError
-from posttrain.method import TrainContext
+from posttrain import ConfigError, TrainContext
 from posttrain_rloo import RLOO, RewardError, RLOOConfig, rloo_advantages
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -38,7 +38,7 @@ def sft_tokenizer():
 @pytest.fixture
 def sft_ctx(sft_tokenizer):
     """``make(**config_fields)`` -> a TrainContext with an SFTConfig and the tiny tokenizer."""
-    from posttrain.method import TrainContext
+    from posttrain import TrainContext
     from posttrain_sft import SFTConfig
 
     def make(**fields):

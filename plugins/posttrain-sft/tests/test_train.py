@@ -9,9 +9,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError
+from posttrain import ConfigError, TrainContext
 from posttrain.loop import train
-from posttrain.method import TrainContext
 from posttrain_sft import SFT, SFTConfig, prepare_rows
 from posttrain_sft.method import check_packed_attention
 from transformers import AutoModelForCausalLM

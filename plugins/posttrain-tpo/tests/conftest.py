@@ -23,8 +23,8 @@ def tpo_tokenizer():
 @pytest.fixture()
 def tpo_ctx(tpo_model_dir):
     """A TrainContext around a freshly loaded tiny policy, as the loop would build it (no accelerator)."""
+    from posttrain import TrainContext
     from posttrain.config import build_config
-    from posttrain.method import TrainContext
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain_tpo import TPOConfig
 

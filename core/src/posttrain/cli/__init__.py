@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[command][0])
-    from posttrain.errors import PosttrainError
+    from posttrain._errors import PosttrainError
 
     try:
         return int(module.run(command, rest) or 0)

@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from posttrain._errors import DataError
 from posttrain.data import RowProblem
-from posttrain.errors import DataError
 
 
 def read_rows(path: str) -> list[dict]:
@@ -65,7 +65,7 @@ def run(command: str, argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     args = p.parse_args(argv)
 
-    from posttrain import registry
+    from posttrain import _registry as registry
     from posttrain.data import validate
 
     method_class, _ = registry.resolve_method(args.method, allow_inactive=True)

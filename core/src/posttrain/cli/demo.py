@@ -2,7 +2,7 @@
 
 Everything goes through the installed plugins and the shared loop, exactly as a user's run would:
 ``registry.resolve_method``, ``config.build_config``, ``loop.train`` on JSONL files written into the
-output directory. The demo adds only the task (:mod:`posttrain.demo_task`), a held-out evaluation
+output directory. The demo adds only the task (:mod:`posttrain.cli.demo_task`), a held-out evaluation
 callback, a table, a summary and a plot.
 """
 
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain import demo_task
-from posttrain.errors import PluginError, PosttrainError
+from posttrain._errors import PluginError, PosttrainError
+from posttrain.cli import demo_task
 
 # What each stage needs, and where it comes from.
 REQUIRED = (
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def require_plugins() -> dict[str, Any]:
     """The SFT and GRPO method classes (with their entry points) and the accuracy reward, or a one-line error."""
-    from posttrain import registry
+    from posttrain import _registry as registry
 
     found: dict[str, Any] = {}
     for kind, name, package in REQUIRED:
@@ -212,7 +212,9 @@ class Stages:
     def train(self, name: str, plugin: tuple, values: dict, rewards: dict | None = None) -> None:
         """One stage through ``posttrain.loop.train`` as ``posttrain train`` runs it (config checks, plugin
         callbacks, provenance), then its saved model scored."""
-        from posttrain import discovery, environment, registry
+        from posttrain import _discovery as discovery
+        from posttrain import _environment as environment
+        from posttrain import _registry as registry
         from posttrain.config import build_config
         from posttrain.loop import train
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from posttrain import discovery
+from posttrain import _discovery as discovery
 
 PROBE = r"""
 import importlib, json, sys, time, traceback

@@ -10,7 +10,7 @@ def run(command: str, argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain env", description="Print environment details for bug reports.")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from posttrain.environment import summary
+    from posttrain._environment import summary
 
     env = summary(with_hardware=True)
     if args.json:

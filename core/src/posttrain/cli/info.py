@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from posttrain import discovery
+from posttrain import _discovery as discovery
 
 
 def run(command: str, argv: list[str]) -> int:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from posttrain import discovery
+from posttrain import _discovery as discovery
 
 PROBLEMS = (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT)
 

@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from posttrain import scaffold
+    from posttrain._lifecycle import scaffold
 
     target = scaffold.generate(args.name, args.directory, description=args.description, author=args.author)
     n = scaffold.names(args.name)

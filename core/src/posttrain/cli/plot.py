@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from posttrain.errors import PosttrainError
+from posttrain._errors import PosttrainError
 
 DEFAULT_METRICS = (
     "loss",

@@ -1,7 +1,7 @@
 """``posttrain promote [NAME_OR_PATH]`` and ``posttrain demote [--retire] [NAME_OR_PATH]``.
 
 Promote checks the promotion criteria (docs/promotion.md) and changes the package only when all
-hold; demote and retire need no criteria. The logic lives in :mod:`posttrain.promotion`.
+hold; demote and retire need no criteria. The logic lives in :mod:`posttrain._lifecycle.promotion`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def demote_parser() -> argparse.ArgumentParser:
 
 
 def _show_changes(pkg, changes, dry_run: bool) -> None:
-    from posttrain.promotion import display_path
+    from posttrain._lifecycle.promotion import display_path
 
     if dry_run:
         print("\nDry run: nothing was changed. It would write:")
@@ -69,7 +69,7 @@ def _show_changes(pkg, changes, dry_run: bool) -> None:
 def _reinstall_hint(pkg) -> None:
     from importlib import metadata
 
-    from posttrain.promotion import install_source
+    from posttrain._lifecycle.promotion import install_source
 
     try:
         source = install_source(metadata.distribution(pkg.distribution))
@@ -83,8 +83,8 @@ def _reinstall_hint(pkg) -> None:
 
 
 def run(command: str, argv: list[str]) -> int:
-    from posttrain import promotion
-    from posttrain.discovery import DOCS_PROMOTION
+    from posttrain._discovery import DOCS_PROMOTION
+    from posttrain._lifecycle import promotion
 
     args = (promote_parser() if command == "promote" else demote_parser()).parse_args(argv)
     action = "promote" if command == "promote" else "retire" if args.retire else "demote"

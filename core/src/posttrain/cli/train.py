@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from posttrain.errors import ConfigError, PluginError
+from posttrain._errors import ConfigError, PluginError
 
 
 def usage(method_name: str | None, config_class: type | None) -> str:
@@ -29,8 +29,8 @@ def run(command: str, argv: list[str]) -> int:
         print(usage(None, None))
         return 0
     method_name, rest = argv[0], argv[1:]
+    from posttrain import _registry as registry
     from posttrain import config as config_lib
-    from posttrain import registry
 
     # inactive methods are refused below, once the config says whether allow_inactive is true (flag or YAML)
     method_class, entry = registry.resolve_method(method_name, allow_inactive=True)
@@ -55,12 +55,13 @@ def run(command: str, argv: list[str]) -> int:
 
 
 def train_from_config(method_class, entry, config) -> int:
-    from posttrain import environment, registry
+    from posttrain import _environment as environment
+    from posttrain import _registry as registry
     from posttrain.loop import train
 
     reward_names = list(getattr(config, "reward_funcs", None) or [])
     rewards = registry.resolve_rewards(reward_names) if reward_names else {}
-    from posttrain import discovery
+    from posttrain import _discovery as discovery
 
     reward_entries = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
     method = method_class()

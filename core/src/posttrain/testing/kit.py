@@ -38,7 +38,7 @@ _BAD_FIELD_ORDER = ("rejected", "completion", "label", "chosen", "messages", "te
 def _resolve(method: Any) -> tuple[Any, Any]:
     """(method_class, discovery entry or None) from a name or a class."""
     if isinstance(method, str):
-        from posttrain import discovery
+        from posttrain import _discovery as discovery
 
         entry = discovery.find("method", method, allow_inactive=True)
         return discovery.load(entry), entry
@@ -117,7 +117,7 @@ def tiny_model(path: Path, **kwargs: Any) -> Path:
 
 
 def check_metadata(method_name: str) -> None:
-    from posttrain import discovery
+    from posttrain import _discovery as discovery
 
     entries = [e for e in discovery.discover(("method",)) if e.name == method_name]
     assert entries, f"method {method_name!r}: no 'posttrain.methods' entry point is installed under that name"
@@ -154,8 +154,8 @@ def check_protocol(method_class: Any) -> None:
 
 
 def check_config_roundtrip(method_class: Any, tmp_path: Path, overrides: dict) -> None:
+    from posttrain._errors import ConfigError
     from posttrain.config import config_to_dict, load_config, save_config
-    from posttrain.errors import ConfigError
 
     config = _config(method_class, tmp_path / "model", tmp_path / "out", overrides)
     save_config(config, tmp_path / "config.yaml", method_class.name)
@@ -178,8 +178,8 @@ def check_data_validation(
 ) -> None:
     import datasets
 
-    from posttrain.errors import DataError
-    from posttrain.method import TrainContext
+    from posttrain._errors import DataError
+    from posttrain._method import TrainContext
     from posttrain.models import load_tokenizer
 
     rows = copy.deepcopy(rows)
@@ -202,8 +202,9 @@ def check_data_validation(
 
 
 def check_experimental_warning(method_name: str) -> None:
-    from posttrain import discovery, registry
-    from posttrain.errors import ExperimentalWarning
+    from posttrain import _discovery as discovery
+    from posttrain import _registry as registry
+    from posttrain._errors import ExperimentalWarning
 
     discovery._warned.discard(method_name)
     with warnings.catch_warnings(record=True) as caught:
@@ -275,7 +276,7 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
     """loss_sum([a, b]) == loss_sum([a]) + loss_sum([b]) for rows of different lengths (eval mode)."""
     import torch
 
-    from posttrain.method import TrainContext
+    from posttrain._method import TrainContext
     from posttrain.models import load_causal_lm, load_tokenizer
 
     config = _config(method_class, model_dir, model_dir.parent / "out-pad", overrides)

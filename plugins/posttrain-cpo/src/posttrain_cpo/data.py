@@ -19,8 +19,8 @@ import warnings
 from typing import Any
 
 import torch
+from posttrain import DataError
 from posttrain.data import apply_chat_template, check, extract_prompt, is_conversational
-from posttrain.errors import DataError
 
 FORMATS = ("preference",)
 _FIELDS = ("prompt", "chosen", "rejected")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain import ConfigError
 
 
 class VLLMGenerator:

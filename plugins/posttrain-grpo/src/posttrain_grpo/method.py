@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain.method import LossOutput
+from posttrain import LossOutput
 
 from posttrain_grpo import data
 from posttrain_grpo.config import GRPOConfig

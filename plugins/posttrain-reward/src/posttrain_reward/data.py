@@ -15,8 +15,8 @@ import math
 from typing import Any
 
 import torch
+from posttrain import DataError
 from posttrain.data import check, extract_prompt, validate
-from posttrain.errors import DataError
 
 
 def encode(tokenizer: Any, prompt: str | list[dict] | None, response: str | list[dict]) -> list[int]:

@@ -8,8 +8,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
-from posttrain import LossOutput, PosttrainError
-from posttrain.errors import DataError
+from posttrain import DataError, LossOutput, PosttrainError
 
 from posttrain_reward.config import RewardConfig
 from posttrain_reward.data import check_pairs, collate_pairs, prepare_pairs

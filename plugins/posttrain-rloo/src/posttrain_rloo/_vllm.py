@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain import ConfigError
 
 
 # Copied from posttrain_grpo._vllm.VLLMGenerator with grpo->rloo

@@ -7,8 +7,8 @@ each completion of the prompt (``answer``, ``solution``, ...).
 from __future__ import annotations
 
 import torch
+from posttrain import DataError
 from posttrain.data import apply_chat_template, check, is_conversational
-from posttrain.errors import DataError
 
 FORMATS = ("prompt_only",)
 

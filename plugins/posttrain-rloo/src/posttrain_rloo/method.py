@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain.method import LossOutput
+from posttrain import LossOutput
 
 from posttrain_rloo import data
 from posttrain_rloo.config import RLOOConfig

@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 import torch
-from posttrain.errors import ConfigError
+from posttrain import ConfigError
 from posttrain.ops import token_logps
 
 from posttrain_rloo.loss import kl_penalized_rewards, nanstd, rloo_advantages
@@ -32,7 +32,7 @@ def resolve_reward_funcs(config: Any, given: dict, method_name: str) -> tuple[li
     """(names, functions, weights (K,)) from ``config.reward_funcs`` and the callables the run was given.
 
     Names the run did not receive (the Python API without ``rewards=``) are resolved through
-    ``posttrain.registry.resolve_rewards`` (entry points and ``posttrain_register_rewards`` hooks).
+    ``posttrain._registry.resolve_rewards`` (entry points and ``posttrain_register_rewards`` hooks).
     """
     names = list(config.reward_funcs) or list(given)
     if not names:
@@ -43,7 +43,7 @@ def resolve_reward_funcs(config: Any, given: dict, method_name: str) -> tuple[li
         )
     missing = [n for n in names if n not in given]
     if missing:
-        from posttrain.registry import resolve_rewards
+        from posttrain._registry import resolve_rewards
 
         given = {**given, **resolve_rewards(missing)}
     weights = config.reward_weights if config.reward_weights is not None else [1.0] * len(names)

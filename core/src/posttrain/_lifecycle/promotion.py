@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from posttrain.errors import PosttrainError
+from posttrain._errors import PosttrainError
 
 try:
     import tomllib
@@ -139,7 +139,7 @@ def find_package(target: str | None, cwd: str | Path | None = None) -> Path:
     path = (cwd / target).resolve()
     if path.is_dir() or path.name == "pyproject.toml":
         return read_package(path if path.is_dir() else path.parent).root
-    from posttrain.discovery import NAME_RE
+    from posttrain._discovery import NAME_RE
 
     if not NAME_RE.match(target):
         raise PosttrainError(f"{target!r} is neither a directory nor a method name ([a-z][a-z0-9_-]*).")
@@ -748,7 +748,7 @@ def plan(
                 f"{display_path(page, pkg.root)}: status {docs_from or '(none)'} -> {docs_to}",
             )
         )
-    from posttrain.discovery import core_version
+    from posttrain._discovery import core_version
 
     event = {
         "action": action,

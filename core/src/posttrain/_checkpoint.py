@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import PosttrainError
+from posttrain._errors import PosttrainError
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

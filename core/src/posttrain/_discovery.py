@@ -328,7 +328,7 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
     Raises :class:`posttrain.PluginError` naming the problem and its fix: unknown name (with
     suggestions), conflict (naming both distributions), broken, incompatible or inactive.
     """
-    from posttrain.errors import PluginError
+    from posttrain._errors import PluginError
 
     entries = discover((kind,)) if entries is None else entries
     package = None
@@ -416,7 +416,7 @@ def _silenced(name: str) -> bool:
 
 def warn_if_experimental(entry: Entry) -> bool:
     """Emit :class:`posttrain.ExperimentalWarning` once per method per process. Returns True if emitted."""
-    from posttrain.errors import ExperimentalWarning
+    from posttrain._errors import ExperimentalWarning
 
     if entry.declared_status != EXPERIMENTAL or entry.name in _warned or _silenced(entry.name):
         return False

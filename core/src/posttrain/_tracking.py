@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import ConfigError
+from posttrain._errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -53,7 +53,7 @@ def accelerator_info() -> dict[str, Any]:
 
 
 def summary(with_hardware: bool = True) -> dict[str, Any]:
-    from posttrain import discovery
+    from posttrain import _discovery as discovery
 
     env: dict[str, Any] = {
         "platform": platform.platform(),
@@ -75,7 +75,7 @@ def summary(with_hardware: bool = True) -> dict[str, Any]:
 
 def provenance(method_entry: Any, reward_entries: list[Any]) -> dict[str, Any]:
     """What a run used: its plugins (name/version/status), core, environment, git commit."""
-    from posttrain import discovery
+    from posttrain import _discovery as discovery
 
     used = [method_entry, *reward_entries]
     return {

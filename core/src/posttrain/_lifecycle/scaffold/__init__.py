@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from posttrain.errors import PosttrainError
+from posttrain import PosttrainError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -107,7 +107,7 @@ def render(text: str, values: dict[str, str], where: str = "the template") -> st
 
 def template_files() -> list[tuple[str, str]]:
     """(relative path with placeholders, text) of every template file, sorted by path."""
-    root = resources.files("posttrain.scaffold") / "template"
+    root = resources.files("posttrain._lifecycle.scaffold") / "template"
     found: list[tuple[str, str]] = []
 
     def walk(node, prefix: str) -> None:
@@ -166,7 +166,7 @@ def generate(
     if description is not None and ("\n" in description or not description.strip()):
         raise PosttrainError("--description must be one non-empty line (it becomes the package Summary).")
     if core_version is None:
-        from posttrain.discovery import core_version as installed_core
+        from posttrain._discovery import core_version as installed_core
 
         core_version = installed_core()
     values = placeholders(

@@ -1,6 +1,6 @@
 """Resolve what a run uses: its method, its reward functions and its callback plugins.
 
-Entry points are found by :mod:`posttrain.discovery` from metadata; only what a run names is
+Entry points are found by :mod:`posttrain._discovery` from metadata; only what a run names is
 imported. ``posttrain.plugins`` modules (pluggy hookimpls) are loaded here, for training only.
 """
 
@@ -11,8 +11,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from posttrain import discovery
-from posttrain.errors import PluginError
+from posttrain import _discovery as discovery
+from posttrain._errors import PluginError
 
 
 class MethodRegistry:
