@@ -588,7 +588,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(fake_site, paths, toy_method_source
     (checkpoint,) = [p for p in out.iterdir() if "checkpoint" in p.name]
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
     assert 2 <= step < 40 and checkpoint.name == f"checkpoint-{step}"
-    assert f"interrupted at step {step}; resumable checkpoint in {checkpoint}" in err
+    assert f"interrupted at step {step} (SIGINT); resumable checkpoint in {checkpoint}" in err
     assert "--resume_from_checkpoint latest" in err and "Traceback" not in err
     assert cli(*args, "--resume_from_checkpoint", "latest").code == 0
     assert cli(*args, "--output_dir", paths["tmp"] / "reference").code == 0
