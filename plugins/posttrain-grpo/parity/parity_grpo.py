@@ -32,11 +32,23 @@ CASES = [
     {"loss_type": "dapo", "scale_rewards": "group", "beta": 0.1, "temperature": 0.9},
     # off-policy: the policy moves between rollout and loss, so the ratio is not 1
     {"loss_type": "dapo", "scale_rewards": "group", "beta": 0.04, "temperature": 1.0, "num_iterations": 2},
-    {"loss_type": "cispo", "scale_rewards": "group", "beta": 0.0, "temperature": 1.0, "num_iterations": 2,
-     "epsilon_high": 1.1},
+    {
+        "loss_type": "cispo",
+        "scale_rewards": "group",
+        "beta": 0.0,
+        "temperature": 1.0,
+        "num_iterations": 2,
+        "epsilon_high": 1.1,
+    },
     {"loss_type": "sapo", "scale_rewards": "group", "beta": 0.04, "temperature": 1.0, "num_iterations": 2},
-    {"loss_type": "grpo", "scale_rewards": "group", "beta": 0.0, "temperature": 1.0, "num_iterations": 2,
-     "importance_sampling_level": "sequence"},
+    {
+        "loss_type": "grpo",
+        "scale_rewards": "group",
+        "beta": 0.0,
+        "temperature": 1.0,
+        "num_iterations": 2,
+        "importance_sampling_level": "sequence",
+    },
 ]
 WEIGHTS = [1.0, 0.5, 2.0]
 TARGET = 1e-4
