@@ -140,6 +140,8 @@ def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pair
         str(tmp_path / "cli"),
         "--max_steps",
         "2",
+        "--logging_steps",
+        "1",
         "--disable_progress_bar",
         "true",
     ]
@@ -156,7 +158,11 @@ def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pair
         "max_reward",
         "rewards/chosen",
         "rewards/rejected",
+        "num_tokens",
     } <= set(metrics[-1])
+    # TRL's running count of tokens trained on (padding excluded): 16 pairs of two sequences per step in the yaml
+    tokens = [row["num_tokens"] for row in metrics]
+    assert len(tokens) == 2 and 32 <= tokens[0] < tokens[1]
 
 
 def test_lora_trains_adapters_and_the_score_head(reward_tiny_model, reward_keyword_pairs, tmp_path):
