@@ -30,15 +30,22 @@ GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def row_problems(dataset: Any) -> list[RowProblem]:
-    """Rows whose prompt and completion mix a string and a list of messages (the chat template needs one kind).
+    """Every bad row: core's format checks, then rows whose prompt and completion mix a string and a message list
+    (the chat template needs one kind). ``SFT.check_rows`` reports these and :func:`prepare_rows` refuses them.
 
-    Core's format checks (``posttrain.data.validate``) come first in :func:`prepare_rows` and ``check-data``; this is
-    SFT's own check, the one ``SFT.check_rows`` reports, and ``prepare_rows`` refuses exactly these rows too.
+    The format is prompt-completion when the rows have both columns, else language modeling, as in ``prepare_rows``.
     """
-    problems = []
+    fmt = "prompt_completion" if {"prompt", "completion"} <= set(_columns(dataset)) else "language_modeling"
+    problems = validate(dataset, fmt)
+    reported = {p.row for p in problems}
     for i, row in enumerate(dataset):
         prompt, completion = row.get("prompt"), row.get("completion")
-        if prompt is None or completion is None or isinstance(prompt, list) == isinstance(completion, list):
+        if (
+            i in reported
+            or prompt is None
+            or completion is None
+            or isinstance(prompt, list) == isinstance(completion, list)
+        ):
             continue
         kinds = ["a list of messages" if isinstance(v, list) else "a string" for v in (completion, prompt)]
         problems.append(
@@ -49,7 +56,7 @@ def row_problems(dataset: Any) -> list[RowProblem]:
                 "Use strings for both (standard) or message lists for both (conversational).",
             )
         )
-    return problems
+    return sorted(problems, key=lambda p: p.row)
 
 
 def common_prefix_length(ids: list[int], other: list[int]) -> int:
@@ -208,11 +215,9 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
             "Set dataset_text_field to the column that holds the text."
         )
     fmt = "prompt_completion" if {"prompt", "completion"} <= set(columns) else "language_modeling"
-    problems = validate(dataset, fmt)
-    reported = {p.row for p in problems}
-    problems += [p for p in row_problems(dataset) if p.row not in reported]
+    problems = row_problems(dataset)
     if problems:
-        raise DataError(sorted(problems, key=lambda p: p.row), method="sft")
+        raise DataError(problems, method="sft")
     completion_only = fmt == "prompt_completion" if config.completion_only_loss is None else config.completion_only_loss
     if completion_only and fmt != "prompt_completion":
         raise ConfigError(

@@ -69,7 +69,8 @@ class SFT:
             check_packed_attention(ctx.model)
 
     def check_rows(self, rows: Any) -> list[RowProblem]:
-        """Rows mixing a string and messages in prompt/completion; ``prepare`` refuses exactly these (and core's)."""
+        """Every bad row (core's format checks, then prompt/completion mixing a string and messages), for ``posttrain
+        check-data``; ``prepare`` refuses exactly these, plus rows the options or the tokenizer cannot use."""
         return row_problems(rows)
 
     def prepare(self, dataset: Any, ctx: TrainContext[SFTConfig]) -> list[dict]:
