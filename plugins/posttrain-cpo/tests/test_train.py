@@ -53,17 +53,16 @@ def test_learns_held_out_preference(cpo_model_dir, cpo_rows, tmp_path):
 
 
 def test_quickstart_command_logs_cpo_metrics(cpo_model_dir, tmp_path):
-    """The README's command on the shipped config and data, cut to 2 steps."""
-    from posttrain.cli import main
-
+    """The README's command on the shipped config and data, cut to 2 steps, in a fresh process."""
     out = tmp_path / "out"
     argv = (
         f"train cpo --config {PLUGIN}/configs/tiny.yaml --model {cpo_model_dir} --dataset {PLUGIN}/configs/tiny.jsonl"
     )
     argv += f" --output_dir {out} --max_steps 2 --logging_steps 1 --disable_progress_bar true"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert main(argv.split()) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "posttrain", *argv.split()], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "nll_loss", "rewards/chosen", "rewards/margins", "logps/rejected"} <= set(logged[0])
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -247,34 +249,18 @@ def test_gradient_checkpointing_changes_no_number(sft_model_dir, tmp_path):
     assert max(abs(a - b) / a for a, b in zip(plain, checkpointed)) < 1e-6
 
 
-def test_the_yaml_example_runs_from_the_command_line(sft_model_dir, tmp_path, monkeypatch):
-    """configs/tiny.yaml with the command its first comment gives (plus a short max_steps)."""
-    from posttrain.cli import main
-
+def test_the_yaml_example_runs_from_the_command_line(sft_model_dir, tmp_path):
+    """configs/tiny.yaml with the command its first comment gives (plus a short max_steps), in a fresh process."""
     yaml_path = PLUGIN / "configs" / "tiny.yaml"
     first_comment = yaml_path.read_text().splitlines()[0]
     assert first_comment.startswith("# posttrain train sft --config plugins/posttrain-sft/configs/tiny.yaml")
-    monkeypatch.chdir(PLUGIN.parents[1])  # the command runs from the repository root
     out = tmp_path / "cli"
-    code = main(
-        [
-            "train",
-            "sft",
-            "--config",
-            str(yaml_path),
-            "--model",
-            str(sft_model_dir),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--disable_progress_bar",
-            "true",
-        ]
-    )
-    assert code == 0
+    command = [sys.executable, "-m", "posttrain", "train", "sft", "--config", str(yaml_path)]
+    command += ["--model", str(sft_model_dir), "--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1"]
+    command += ["--disable_progress_bar", "true"]
+    # the command runs from the repository root (the yaml names its dataset relative to it)
+    done = subprocess.run(command, cwd=PLUGIN.parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "grad_norm", "learning_rate", "mean_token_accuracy", "entropy", "num_tokens"} <= set(rows[0])
