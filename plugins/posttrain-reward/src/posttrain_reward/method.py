@@ -6,7 +6,7 @@ import contextlib
 import functools
 import sys
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain import DataError, LossOutput, Metric, PosttrainError, RowProblem, TrainContext
 from posttrain.models import disable_dropout
@@ -14,6 +14,9 @@ from posttrain.models import disable_dropout
 from posttrain_reward.config import RewardConfig
 from posttrain_reward.data import collate_pairs, pair_problems, prepare_pairs
 from posttrain_reward.loss import bradley_terry_loss, reward_metrics
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from transformers import PreTrainedModel
 
 
 class Reward:
@@ -35,7 +38,7 @@ class Reward:
     def __init__(self) -> None:
         self._new_head: str | None = None  # what load_model initialised, reported once in setup
 
-    def load_model(self, config: RewardConfig):
+    def load_model(self, config: RewardConfig) -> PreTrainedModel:
         """Load ``config.model`` as ``AutoModelForSequenceClassification`` with one output (the reward).
 
         A causal-LM checkpoint is fine: its body is reused and the ``score`` head is newly initialised (from the
