@@ -220,3 +220,35 @@ def test_lora_trains_adapters_only(runner, toy_rows):
     a = load_file(str(runner.tmp / "lora-resume" / "adapter_model.safetensors"))
     b = load_file(str(runner.tmp / "lora-part" / "adapter_model.safetensors"))
     assert max_diff(a, b) == 0.0
+
+
+def test_metric_kinds_and_totals_survive_a_resume_between_logs(runner, toy_rows, toy_module, monkeypatch):
+    """Metric.total keeps a running sum over the run, saved with checkpoints including values reported since the
+    last log (save_steps 3 is not a multiple of logging_steps 2); sum/max/ratio reduce over the window."""
+    from posttrain import Metric
+
+    original = toy_module.Toy.loss
+
+    def with_kinds(self, model, batch, ctx):
+        out = original(self, model, batch, ctx)
+        n = out.n_items.float()
+        out.metrics = {
+            "tokens_total": Metric.total(n),
+            "tokens_window": Metric.sum(n),
+            "tokens_max": Metric.max(n),
+            "half": Metric.ratio(n, 2 * n),
+        }
+        return out
+
+    monkeypatch.setattr(toy_module.Toy, "loss", with_kinds)
+    full = runner.train(toy_rows, "kinds-full", max_steps=6, save_steps=3, logging_steps=2)
+    logged = [r for r in full.log_history if "loss" in r]
+    assert [r["half"] for r in logged] == [0.5, 0.5, 0.5]
+    assert logged[-1]["tokens_total"] == pytest.approx(sum(r["tokens_window"] for r in logged))
+    assert all(r["tokens_max"] <= r["tokens_window"] for r in logged)
+    shutil.copytree(runner.tmp / "kinds-full" / "checkpoint-3", runner.tmp / "kinds-part" / "checkpoint-3")
+    resumed = runner.train(
+        toy_rows, "kinds-part", max_steps=6, save_steps=3, logging_steps=2, resume_from_checkpoint="latest"
+    )
+    again = [r for r in resumed.log_history if "loss" in r]
+    assert again[-1]["tokens_total"] == logged[-1]["tokens_total"]  # exact: step 3's tokens were saved

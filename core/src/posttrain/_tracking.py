@@ -79,6 +79,28 @@ class LogWindow:
         self._reset()
         return row
 
+    def totals_for_checkpoint(self) -> dict[str, float]:
+        """The run's ``total`` metrics including this window's not yet logged values, without starting a new
+        window: what a checkpoint saves, so a resumed run counts exactly what the uninterrupted one does.
+        Collective: every process calls it (checkpoints are saved by all processes)."""
+        import torch
+
+        names = sorted(n for n, (kind, _, _) in self.metrics.items() if kind == "total")
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted({n for part in gather_object([names]) for n in part})
+        totals = dict(self.totals)
+        if not names:
+            return totals
+        local = torch.tensor(
+            [sum(self.metrics[n][1]) if n in self.metrics else 0.0 for n in names], dtype=torch.float64
+        )
+        summed = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").tolist()
+        for name, value in zip(names, summed):
+            totals[name] = totals.get(name, 0.0) + value
+        return totals
+
     def reduce_metrics(self) -> dict[str, float]:
         """Every metric of the window reduced over micro-batches and processes (one gather)."""
         import torch

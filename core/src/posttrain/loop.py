@@ -467,7 +467,7 @@ def _save(run: _Run) -> Path:
         scheduler=run.scheduler,
         tokenizer=run.tokenizer,
         method=run.method,
-        state={"epoch": run.epoch, "metric_totals": dict(run.window.totals)},
+        state={"epoch": run.epoch, "metric_totals": run.window.totals_for_checkpoint()},
         rollout_cache=run.rollout_cache,
         save_total_limit=run.config.save_total_limit,
     )
