@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["sequence_logps", "shift_for_causal_lm", "token_logps"]
+
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each label under ``logits``.
@@ -15,6 +17,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Returns:
         (B, T) float32 tensor of log-probs, 0 where ``labels < 0``.
+
+    .. versionadded:: 0.1
     """
     safe = labels.clamp(min=0)
     # log_softmax in float32: bf16 loses too much precision over large vocabularies
@@ -23,7 +27,10 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def shift_for_causal_lm(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
-    """Align next-token predictions: returns (logits[:, :-1], labels[:, 1:] with -100 where masked)."""
+    """Align next-token predictions: returns (logits[:, :-1], labels[:, 1:] with -100 where masked).
+
+    .. versionadded:: 0.1
+    """
     labels = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100)
     return logits[:, :-1], labels
 
@@ -36,6 +43,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     Returns:
         (logps (B,), n_tokens (B,), mean_logits (B,)).
+
+    .. versionadded:: 0.1
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits, labels = shift_for_causal_lm(out.logits, input_ids, loss_mask)
