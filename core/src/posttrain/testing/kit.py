@@ -378,11 +378,13 @@ def _package_hook_problems(distribution: str, config_class: type) -> list[str]:
 
     from posttrain import hookspecs
     from posttrain._method import callback_problems
-    from posttrain.config import build_config
 
     entries = [ep for ep in metadata.distribution(distribution).entry_points if ep.group == "posttrain.plugins"]
-    # a plugin may add its callback only when named in report_to (as loggers do): name them all
-    config = build_config(config_class, {"report_to": ["all", *(ep.name for ep in entries)]})
+    if not entries:
+        return []
+    # a plugin may add its callback only when named in report_to (as loggers do): name them all. The dataclass
+    # is built directly: a method's required fields (a teacher path) do not matter to its hooks
+    config = config_class(report_to=["all", *(ep.name for ep in entries)])
     specs = [n for n in dir(hookspecs) if n.startswith("posttrain_")]
     problems = []
     for ep in entries:
@@ -713,8 +715,14 @@ def _kept_modules(method: Any, ctx: Any, policy: Any) -> dict[str, Any]:
 
     def visit(where: str, value: Any, depth: int) -> None:
         if isinstance(value, torch.nn.Module):
-            if value is not policy and getattr(value, "module", None) is not policy:
+            is_policy = value is policy or getattr(value, "module", None) is policy
+            if not is_policy:
                 found[where] = value
+            elif "ref" in where.lower():  # keeping the policy itself is fine, calling it the reference is not
+                raise AssertionError(
+                    f"{where} is the policy model itself, so the reference moves with every step: load a frozen "
+                    "copy with posttrain.models.reference_model(ctx) in setup"
+                )
         elif depth < 1 and isinstance(value, dict):
             for key, item in value.items():
                 visit(f"{where}[{key!r}]", item, depth + 1)
