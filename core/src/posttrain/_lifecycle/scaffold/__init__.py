@@ -109,6 +109,21 @@ def template_info(template: str) -> dict[str, str]:
     return json.loads((root / "template.json").read_text(encoding="utf-8"))
 
 
+def placeholder_phrases() -> list[str]:
+    """The instruction of every section the templates leave for the author, as it reads without its mark.
+
+    ``posttrain promote`` refuses docs that still hold one, with or without the mark in front of it.
+    """
+    quoted = re.compile(r"^> \*\*\{\{placeholder_mark\}\}\*\* (.+?)(?:\n(?!>)|\Z)", re.M | re.S)
+    phrases = set()
+    for template in template_names():
+        for rel, text in template_files(template):
+            for block in quoted.findall(text) if rel.endswith(".md.tmpl") else ():
+                instruction = " ".join(line.lstrip("> ").strip() for line in block.splitlines())
+                phrases.add(instruction.split(". ")[0][:80])  # the first sentence is the template's own wording
+    return sorted(phrases)
+
+
 def placeholders(
     n: Names,
     description: str,
