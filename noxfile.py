@@ -62,7 +62,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    session.install("mkdocs-material==9.8.2")
+    # mkdocstrings renders docs/api.md from the docstrings of core (installed, so its imports resolve)
+    session.install("mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11", "-e", "core")
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
 
 

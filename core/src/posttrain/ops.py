@@ -35,14 +35,20 @@ def shift_for_causal_lm(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask
     return logits[:, :-1], labels
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **kwargs):
+def sequence_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
 
     Args:
-        input_ids, attention_mask, loss_mask: (B, T); ``loss_mask`` marks the tokens scored.
+        model: a causal LM (called with ``use_cache=False`` and ``kwargs``).
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 on real tokens.
+        loss_mask: (B, T), 1 on the tokens scored.
 
     Returns:
-        (logps (B,), n_tokens (B,), mean_logits (B,)).
+        ``(logps, n_tokens, mean_logits)``, each (B,): summed log-probs, scored-token counts, and the mean
+        logit over the scored tokens (a TRL metric).
 
     .. versionadded:: 0.1
     """

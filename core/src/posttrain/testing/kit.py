@@ -844,8 +844,9 @@ def conformance_suite(
         xfail: check name -> reason, for checks that cannot hold for this method (strict xfail).
         rewards: reward functions by name, for online methods.
         model_kwargs: passed to ``build_tiny_model`` (architecture, hidden_size, ...).
-        progress_metric / progress_direction: what "learning" means for the loss_decreases check
-            (e.g. ``"reward"``, ``"increase"`` for online RL).
+        progress_metric: what "learning" means for the loss_decreases check (e.g. ``"reward"`` for online RL).
+        progress_direction: ``"decrease"`` or ``"increase"``.
+        progress_steps: training steps of the loss_decreases check.
 
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``.
