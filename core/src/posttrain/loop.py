@@ -347,19 +347,26 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _micro_batch(run: _Run, k: int, indices: list[int]) -> dict:
-    """Collate (and roll out) micro-batch ``k``; with batch_reuse > 1 the first step of a group rolls out
-    and the next ones train on the cached result, so each data step is used ``reuse`` times."""
-    if run.reuse > 1 and run.step % run.reuse != 0 and k in run.rollout_cache:
-        return _to_device(run.rollout_cache[k], run.accelerator.device)
-    batch = _to_device(run.method.collate([run.train_rows[i] for i in indices], run.ctx), run.accelerator.device)
+def _step_batches(run: _Run, micro_rows: list[list[int]]) -> list[dict]:
+    """The collated (and rolled-out) micro-batches of this step. An online method's rollout gets them all at
+    once; with batch_reuse > 1 the first step of a group rolls out and the next ones reuse the result, so
+    each data step is trained on ``reuse`` times and no row is skipped."""
+    if run.reuse > 1 and run.step % run.reuse != 0 and run.rollout_cache:
+        return [_to_device(run.rollout_cache[k], run.accelerator.device) for k in range(len(micro_rows))]
+    device = run.accelerator.device
+    batches = [_to_device(run.method.collate([run.train_rows[i] for i in ix], run.ctx), device) for ix in micro_rows]
     rollout = optional_member(run.method, "rollout")
     if rollout:
         with torch.no_grad():
-            batch = rollout(run.accelerator.unwrap_model(run.model), batch, run.ctx)
+            batches = list(rollout(run.accelerator.unwrap_model(run.model), batches, run.ctx))
+        if len(batches) != len(micro_rows):
+            raise PluginError(
+                f"method {run.method.name!r}: rollout returned {len(batches)} micro-batches for {len(micro_rows)}; "
+                "it must return one rolled-out batch per micro-batch it is given, in order"
+            )
     if run.reuse > 1:
-        run.rollout_cache[k] = batch
-    return batch
+        run.rollout_cache = dict(enumerate(batches))
+    return batches
 
 
 def _optimizer_step(run: _Run) -> None:
@@ -378,9 +385,9 @@ def _optimizer_step(run: _Run) -> None:
     model.train()
     step_loss = torch.zeros((), device=accelerator.device)
     step_n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for k, indices in enumerate(micro_rows):
+    run.ctx.micro_step = 0
+    for k, batch in enumerate(_step_batches(run, micro_rows)):
         run.ctx.micro_step = k
-        batch = _micro_batch(run, k, indices)
         # skip the DDP all-reduce on all but the last micro-batch
         sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
@@ -547,7 +554,7 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
             batch = _to_device(method.collate(chunk, ctx), accelerator.device)
             if rollout:
-                batch = rollout(accelerator.unwrap_model(model), batch, ctx)
+                batch = rollout(accelerator.unwrap_model(model), [batch], ctx)[0]
             with accelerator.autocast():
                 out = method.loss(model, batch, ctx)
             loss_sum += out.loss_sum.double()

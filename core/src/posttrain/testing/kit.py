@@ -228,7 +228,7 @@ def _loss_of(method: Any, model: Any, ctx: Any, rows: list) -> tuple[float, floa
         rollout = optional_member(method, "rollout")
         if rollout:  # online methods score what they generate; the same seed keeps probes comparable
             torch.manual_seed(0)
-            batch = rollout(model, batch, ctx)
+            batch = rollout(model, [batch], ctx)[0]  # rollout takes and returns the step's micro-batches
         out = method.loss(model, batch, ctx)
     return float(out.loss_sum), float(out.n_items)
 
@@ -522,15 +522,17 @@ def check_loss_decreases(
 
 
 def check_grad_accumulation(
-    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5
+    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5, batch_unit=1
 ) -> None:
-    """Batch 4 x accumulation 1, 1 x 4 and 2 x 2 give the same losses and the same weights after 2 steps.
+    """Batch 4 x accumulation 1, 1 x 4 and 2 x 2 give the same losses and the same weights after 2 steps, in
+    units of ``batch_unit`` items (an online method's group size: its batch counts completions,
+    ``num_generations`` per prompt).
 
     On a failure the loss is probed to say why (:func:`_normalisation_findings`): a mean instead of a sum,
     padding scored or counted, or rows influencing each other.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 a failure names the cause probing found.
+    .. versionchanged:: 1.0 a failure names the cause probing found; ``batch_unit``.
     """
     runs = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
@@ -540,7 +542,7 @@ def check_grad_accumulation(
             tmp_path / f"ga-{bs}x{ga}",
             overrides,
             max_steps=2,
-            per_device_train_batch_size=bs,
+            per_device_train_batch_size=bs * batch_unit,
             gradient_accumulation_steps=ga,
         )
         runs[(bs, ga)] = (_losses(_train(method_class, rows, config, rewards)), _weights(config.output_dir))
@@ -688,7 +690,7 @@ def _check_frozen_once(method_class, rows, model_dir, overrides, rewards) -> Non
     rollout = optional_member(method, "rollout")
     if rollout:
         with torch.no_grad():
-            batch = rollout(model, batch, ctx)
+            batch = rollout(model, [batch], ctx)[0]
     method.loss(model, batch, ctx).loss_sum.backward()
     got_grad = {n: float(p.grad.abs().max()) for n, p in frozen.items() if p.grad is not None and bool(p.grad.any())}
     assert not got_grad, (
@@ -759,7 +761,7 @@ def check_batch_unchanged(method_class, rows, model_dir, overrides, rewards=None
     if rollout:
         before = _snapshot(batch)
         with torch.no_grad():
-            rolled = rollout(model, batch, ctx)
+            rolled = rollout(model, [batch], ctx)[0]
         changes = _changes(before, batch, "batch", allow_new_keys=True)
         assert not changes, f"{method_class.name}: rollout changed the batch it was given: " + "; ".join(changes)
         batch = rolled
@@ -834,6 +836,7 @@ def conformance_suite(
     progress_metric: str = "loss",
     progress_direction: str = "decrease",
     progress_steps: int = 8,
+    batch_unit: int = 1,
 ) -> type:
     """A pytest test class with one test per check. ``method`` is an installed name (or a class).
 
@@ -847,9 +850,11 @@ def conformance_suite(
         progress_metric: what "learning" means for the loss_decreases check (e.g. ``"reward"`` for online RL).
         progress_direction: ``"decrease"`` or ``"increase"``.
         progress_steps: training steps of the loss_decreases check.
+        batch_unit: items per dataset row when a row expands into several (an online method's
+            ``num_generations``): batch sizes the checks use are multiples of it.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``.
+    .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``; ``batch_unit``.
     """
     import pytest
 
@@ -864,7 +869,8 @@ def conformance_suite(
     unknown = set(xfail) - set(API_CHECKS + FULL_CHECKS)
     if unknown:
         raise ValueError(f"unknown checks in xfail: {sorted(unknown)}; checks are {API_CHECKS + FULL_CHECKS}")
-    overrides = dict(config or {})
+    overrides = {"per_device_train_batch_size": 4 * batch_unit, "per_device_eval_batch_size": 4 * batch_unit}
+    overrides.update(config or {})
     label = method if isinstance(method, str) else getattr(method, "name", str(method))
     _stats["suites"] += 1
 
@@ -906,7 +912,7 @@ def conformance_suite(
             progress_direction,
         ),
         "grad_accumulation": lambda self, model_dir, tmp_path: check_grad_accumulation(
-            resolved(), rows, model_dir, tmp_path, overrides, rewards
+            resolved(), rows, model_dir, tmp_path, overrides, rewards, batch_unit=batch_unit
         ),
         "padding_invariance": lambda self, model_dir, tmp_path: check_padding_invariance(
             resolved(), rows, model_dir, overrides, rewards=rewards
