@@ -11,6 +11,7 @@ from posttrain._errors import ConfigError, PosttrainError
 
 __all__ = [
     "apply_peft",
+    "disable_dropout",
     "eval_mode",
     "frozen_copy",
     "is_peft_model",
