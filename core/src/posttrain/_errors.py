@@ -4,13 +4,18 @@ from __future__ import annotations
 
 
 class PosttrainError(Exception):
-    """A user-facing error: the CLI prints its message on one line, without a traceback."""
+    """A user-facing error: the CLI prints its message on one line, without a traceback.
+
+    .. versionadded:: 0.1
+    """
 
 
 class ConfigError(PosttrainError, ValueError):
     """A configuration problem (unknown key, wrong type, contradictory options).
 
     Carries every problem found, so a user fixes them all in one go.
+
+    .. versionadded:: 0.1
     """
 
     def __init__(self, problems: list[str] | str, source: str | None = None):
@@ -72,6 +77,9 @@ class DataError(PosttrainError, ValueError):
     the message names the first one, how many more there are, and the ``check-data`` command that lists
     them all. :meth:`for_source` re-formats it for a named file and method (the loop does this), so no
     message is ever rewritten or parsed.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 1.0 carries :class:`RowProblem` values (``problems``) instead of only a message.
     """
 
     def __init__(
@@ -109,15 +117,24 @@ class DataError(PosttrainError, ValueError):
 
 
 class PluginError(PosttrainError):
-    """A plugin cannot be used: unknown, broken, incompatible, inactive or in conflict."""
+    """A plugin cannot be used: unknown, broken, incompatible, inactive or in conflict.
+
+    .. versionadded:: 0.1
+    """
 
 
 class ExperimentalWarning(FutureWarning):
     """Emitted once per method and process when an experimental method is used.
 
     Silence all with ``POSTTRAIN_EXPERIMENTAL_SILENCE=1``, some with
-    ``POSTTRAIN_EXPERIMENTAL_SILENCE=kto,orpo``, or filter
-    ``-W ignore::posttrain.ExperimentalWarning``.
+    ``POSTTRAIN_EXPERIMENTAL_SILENCE=kto,orpo``, or in code with
+    ``warnings.filterwarnings("ignore", category=posttrain.ExperimentalWarning)``. Python's own
+    ``-W ignore::posttrain.ExperimentalWarning`` (and ``PYTHONWARNINGS``) does *not* work: Python
+    reads ``-W`` before site-packages can be imported, prints "Invalid -W option ignored" and drops
+    the filter. ``-W ignore::FutureWarning`` works but hides every FutureWarning, deprecations of
+    other libraries included.
+
+    .. versionadded:: 0.1
     """
 
 

@@ -16,7 +16,12 @@ from posttrain._errors import PluginError
 
 
 class MethodRegistry:
-    """Handed to ``posttrain_register_methods``; ``add(name, method_class)``."""
+    """Handed to ``posttrain_register_methods``; ``add(name, method_class)``.
+
+    Public as ``posttrain.hookspecs.MethodRegistry`` (for type hints in hook implementations).
+
+    .. versionadded:: 1.0 (handed to the hook since 0.1)
+    """
 
     def __init__(self) -> None:
         self.methods: dict[str, tuple[Any, str]] = {}
@@ -30,7 +35,12 @@ class MethodRegistry:
 
 
 class RewardRegistry:
-    """Handed to ``posttrain_register_rewards``; ``add(name, func)``."""
+    """Handed to ``posttrain_register_rewards``; ``add(name, func)``.
+
+    Public as ``posttrain.hookspecs.RewardRegistry`` (for type hints in hook implementations).
+
+    .. versionadded:: 1.0 (handed to the hook since 0.1)
+    """
 
     def __init__(self) -> None:
         self.rewards: dict[str, Callable] = {}
@@ -44,7 +54,12 @@ class RewardRegistry:
 
 
 class CallbackRegistry:
-    """Handed to ``posttrain_add_callbacks``; ``add(callback)``."""
+    """Handed to ``posttrain_add_callbacks``; ``add(callback)``.
+
+    Public as ``posttrain.hookspecs.CallbackRegistry`` (for type hints in hook implementations).
+
+    .. versionadded:: 1.0 (handed to the hook since 0.1)
+    """
 
     def __init__(self) -> None:
         self.callbacks: list[Any] = []

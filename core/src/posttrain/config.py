@@ -19,12 +19,25 @@ from typing import Any, Literal
 
 from posttrain._errors import ConfigError
 
+__all__ = [
+    "TrainingConfig",
+    "build_config",
+    "config_to_dict",
+    "describe_fields",
+    "load_config",
+    "parse_cli_overrides",
+    "save_config",
+]
+
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 
 @dataclass
 class TrainingConfig:
-    """Fields every method shares. A method's config adds its own fields and paper defaults."""
+    """Fields every method shares. A method's config adds its own fields and paper defaults.
+
+    .. versionadded:: 0.1
+    """
 
     # -- what to train on
     model: str = ""  # local directory (or hub name) of a causal LM
@@ -189,7 +202,10 @@ def _coerce(name: str, value: Any, hint: Any, from_cli: bool) -> Any:
 
 
 def parse_cli_overrides(argv: list[str]) -> dict[str, str | bool]:
-    """``["--lr", "1e-5", "--flag", "--k=v"]`` -> ``{"lr": "1e-5", "flag": True, "k": "v"}``."""
+    """``["--lr", "1e-5", "--flag", "--k=v"]`` -> ``{"lr": "1e-5", "flag": True, "k": "v"}``.
+
+    .. versionadded:: 0.1
+    """
     out: dict[str, str | bool] = {}
     i = 0
     while i < len(argv):
@@ -212,7 +228,10 @@ def parse_cli_overrides(argv: list[str]) -> dict[str, str | bool]:
 
 
 def build_config(config_class: type, values: dict[str, Any], source: str | None = None, from_cli: bool = False):
-    """Instantiate ``config_class`` from raw values, reporting every problem at once."""
+    """Instantiate ``config_class`` from raw values, reporting every problem at once.
+
+    .. versionadded:: 0.1
+    """
     hints = _hints(config_class)
     fields = {f.name for f in dataclasses.fields(config_class)}
     problems, kwargs = [], {}
@@ -248,7 +267,10 @@ def build_options(options_class: type, values: dict[str, Any], source: str) -> A
 
 
 def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, overrides: dict | None = None):
-    """YAML file first, then ``overrides`` (CLI flags) on top. Raises :class:`ConfigError`."""
+    """YAML file first, then ``overrides`` (CLI flags) on top. Raises :class:`ConfigError`.
+
+    .. versionadded:: 0.1
+    """
     values: dict[str, Any] = {}
     source = None
     if yaml_path:
@@ -283,11 +305,18 @@ def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, 
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as a plain dict (field name -> value), as :func:`save_config` writes it.
+
+    .. versionadded:: 0.1
+    """
     return dataclasses.asdict(config)
 
 
 def save_config(config: Any, path: str | os.PathLike, method: str | None = None) -> None:
-    """Write the resolved config as YAML (atomically), loadable again with ``--config``."""
+    """Write the resolved config as YAML (atomically), loadable again with ``--config``.
+
+    .. versionadded:: 0.1
+    """
     import yaml
 
     data = {"method": method} if method else {}
@@ -299,7 +328,10 @@ def save_config(config: Any, path: str | os.PathLike, method: str | None = None)
 
 
 def describe_fields(config_class: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for each field, help taken from the source's trailing comments."""
+    """(name, type, default, help) for each field, help taken from the source's trailing comments.
+
+    .. versionadded:: 0.1
+    """
     import inspect
 
     comments: dict[str, str] = {}

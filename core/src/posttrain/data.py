@@ -24,7 +24,25 @@ from typing import Any
 
 from posttrain._errors import DataError, RowProblem
 
+__all__ = [
+    "FORMAT_COLUMNS",
+    "ROLES",
+    "RowProblem",
+    "apply_chat_template",
+    "check",
+    "detect_format",
+    "extract_prompt",
+    "is_conversational",
+    "load_dataset",
+    "row_problems",
+    "validate",
+]
+
 ROLES = ("system", "user", "assistant", "tool", "developer")
+"""Message roles a conversational row may use.
+
+.. versionadded:: 0.1
+"""
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     # each alternative is a set of required columns
     "language_modeling": (("text",), ("messages",)),
@@ -33,6 +51,10 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
     "unpaired_preference": (("prompt", "completion", "label"),),
 }
+"""Format name -> the alternative sets of required columns (TRL's formats and column names).
+
+.. versionadded:: 0.1
+"""
 _SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -40,6 +62,8 @@ def load_dataset(path_or_name: Any, split: str = "train"):
     """Load a ``datasets.Dataset`` from a local file, a saved directory, a Dataset or a hub name.
 
     Raises :class:`DataError` naming the path for a missing, empty or unreadable file.
+
+    .. versionadded:: 0.1
     """
     import datasets
 
@@ -122,6 +146,10 @@ def _first_bad_json_line(path: Path) -> str | None:
 
 
 def is_conversational(row: dict) -> bool:
+    """Whether a row holds message lists (``[{"role", "content"}, ...]``) rather than plain strings.
+
+    .. versionadded:: 0.1
+    """
     for key in ("prompt", "chosen", "rejected", "completion", "messages"):
         value = row.get(key)
         if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -130,7 +158,10 @@ def is_conversational(row: dict) -> bool:
 
 
 def detect_format(columns: list[str] | set[str]) -> str | None:
-    """The most specific standard format whose columns are all present."""
+    """The most specific standard format whose columns are all present.
+
+    .. versionadded:: 0.1
+    """
     cols = set(columns)
     for fmt in ("unpaired_preference", "preference", "prompt_completion", "language_modeling", "prompt_only"):
         if any(set(alt) <= cols for alt in FORMAT_COLUMNS[fmt]):
@@ -181,7 +212,10 @@ def _check_text(value: Any, row: int, column: str, allow_empty: bool = False) ->
 
 
 def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
-    """Everything wrong with one row for ``fmt``."""
+    """Everything wrong with one row for ``fmt``.
+
+    .. versionadded:: 0.1
+    """
     alternatives = FORMAT_COLUMNS[fmt]
     present = {k for k, v in row.items() if v is not None}
     if not any(set(alt) <= present for alt in alternatives):
@@ -211,7 +245,10 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
 def validate(
     dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset", limit: int | None = None
 ) -> list[RowProblem]:
-    """Check every row against the first of ``formats`` the columns match; return all problems."""
+    """Check every row against the first of ``formats`` the columns match; return all problems.
+
+    .. versionadded:: 0.1
+    """
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
     fmt = next((f for f in formats if any(set(alt) <= set(columns) for alt in FORMAT_COLUMNS[f])), None)
@@ -236,7 +273,10 @@ def validate(
 
 
 def check(dataset: Any, formats: tuple[str, ...] | str, source: str | None = None) -> None:
-    """Raise :class:`DataError` carrying every bad row's :class:`RowProblem` (its message names the first)."""
+    """Raise :class:`DataError` carrying every bad row's :class:`RowProblem` (its message names the first).
+
+    .. versionadded:: 0.1
+    """
     problems = validate(dataset, formats, source or "the dataset")
     if problems:
         raise DataError(problems, source=source)
@@ -248,6 +288,8 @@ def extract_prompt(row: dict) -> dict:
     Conversational: the prompt is the longest common prefix of messages. Standard: the longest
     common prefix of the strings, with a space just before the first difference moved into the
     answers (``"The sky is"`` / ``" blue"``), as TRL splits them.
+
+    .. versionadded:: 0.1
     """
     if "prompt" in row and row["prompt"] is not None:
         return row
@@ -266,7 +308,10 @@ def extract_prompt(row: dict) -> dict:
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-    """Render messages with the tokenizer's chat template; a clear error when it has none."""
+    """Render messages with the tokenizer's chat template; a clear error when it has none.
+
+    .. versionadded:: 0.1
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             "the dataset is conversational but the tokenizer has no chat template; "

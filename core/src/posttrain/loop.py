@@ -36,7 +36,10 @@ __all__ = ["NonFiniteLossError", "TrainResult", "evaluate", "train"]
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: steps done, where the run is, every logged row, how it ended."""
+    """What :func:`train` returns: steps done, where the run is, every logged row, how it ended.
+
+    .. versionadded:: 0.1
+    """
 
     global_step: int
     output_dir: Path
@@ -50,7 +53,10 @@ class TrainResult:
 
 
 class NonFiniteLossError(PosttrainError):
-    """The loss became NaN or infinite; the message names the step and the rows of its batch."""
+    """The loss became NaN or infinite; the message names the step and the rows of its batch.
+
+    .. versionadded:: 0.1
+    """
 
 
 @dataclass
@@ -98,6 +104,8 @@ def train(
 
     Emits the method's ``ExperimentalWarning`` and writes ``provenance.json`` exactly as ``posttrain train``
     does. Raises :class:`PosttrainError` subclasses for user errors (bad config, data, paths).
+
+    .. versionadded:: 0.1
     """
     run = _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator)
     _write_run_files(run, provenance)
@@ -531,6 +539,8 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
     """Loss (sum / count over the whole eval set) and reduced metrics, each process taking a shard.
 
     ``batch_size`` counts dataset rows per micro-batch.
+
+    .. versionadded:: 0.1
     """
     was_training, ctx.training = model.training, False
     model.eval()

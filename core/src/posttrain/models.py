@@ -9,6 +9,19 @@ from typing import Any
 
 from posttrain._errors import ConfigError, PosttrainError
 
+__all__ = [
+    "apply_peft",
+    "disable_dropout",
+    "eval_mode",
+    "frozen_copy",
+    "is_peft_model",
+    "load_causal_lm",
+    "load_teacher",
+    "load_tokenizer",
+    "reference_forward",
+    "reference_model",
+]
+
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -33,7 +46,10 @@ def _dtype(name: str):
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Load a tokenizer; give it a pad token (the EOS token) when it has none."""
+    """Load a tokenizer; give it a pad token (the EOS token) when it has none.
+
+    .. versionadded:: 0.1
+    """
     from transformers import AutoTokenizer
 
     _check_path(path)
@@ -49,7 +65,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, config: Any, model_class: Any = None):
-    """Load a model with ``from_pretrained`` and the config's dtype/attention/remote-code settings."""
+    """Load a model with ``from_pretrained`` and the config's dtype/attention/remote-code settings.
+
+    .. versionadded:: 0.1
+    """
     from transformers import AutoModelForCausalLM
 
     _check_path(path)
@@ -78,7 +97,10 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
 
 
 def apply_peft(model: Any, config: Any):
-    """Wrap ``model`` with LoRA adapters when ``config.use_peft`` (needs the ``peft`` extra)."""
+    """Wrap ``model`` with LoRA adapters when ``config.use_peft`` (needs the ``peft`` extra).
+
+    .. versionadded:: 0.1
+    """
     if not config.use_peft:
         return model
     try:
@@ -103,6 +125,10 @@ def apply_peft(model: Any, config: Any):
 
 
 def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` carries PEFT adapters (then :func:`reference_model` returns None).
+
+    .. versionadded:: 0.1
+    """
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
@@ -123,7 +149,10 @@ def disable_dropout(model: Any) -> None:
 
 
 def frozen_copy(model: Any):
-    """A frozen, eval-mode copy (used as reference when no path is available)."""
+    """A frozen, eval-mode copy (used as reference when no path is available).
+
+    .. versionadded:: 0.1
+    """
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
@@ -134,6 +163,8 @@ def reference_model(ctx: Any, path: str | None = None):
 
     By default a frozen copy is loaded from the policy's own path; with LoRA the reference is the
     base model with adapters disabled (see :func:`reference_forward`), which costs no memory.
+
+    .. versionadded:: 0.1
     """
     if is_peft_model(ctx.model):
         return None
@@ -151,7 +182,10 @@ def reference_model(ctx: Any, path: str | None = None):
 
 @contextlib.contextmanager
 def reference_forward(policy: Any, ref: Any):
-    """Yield the module that computes reference outputs: ``ref``, or the adapter-disabled policy."""
+    """Yield the module that computes reference outputs: ``ref``, or the adapter-disabled policy.
+
+    .. versionadded:: 0.1
+    """
     import torch
 
     with torch.no_grad():
@@ -164,7 +198,10 @@ def reference_forward(policy: Any, ref: Any):
 
 
 def load_teacher(path: str, tokenizer: Any, config: Any, device: Any = None):
-    """Load a frozen teacher for distillation; it must share the student's tokenizer vocabulary."""
+    """Load a frozen teacher for distillation; it must share the student's tokenizer vocabulary.
+
+    .. versionadded:: 0.1
+    """
     from transformers import AutoTokenizer
 
     _check_path(path, "teacher")
@@ -185,6 +222,8 @@ def eval_mode(model: Any):
     """Run ``model`` in eval mode (no dropout noise; gradient checkpointing inactive), then restore its mode.
 
     Online methods score their own samples this way: the old and reference log-probs of a rollout.
+
+    .. versionadded:: 1.0
     """
     was_training = model.training
     model.eval()
