@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from posttrain import _reader
 from posttrain._errors import DataError, RowProblem
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -67,58 +68,26 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         builder = _SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"cannot tell the format of {text!r}; use .json, .jsonl, .csv or .parquet")
+        if _reader.is_readable_here(path):  # JSON, JSONL, CSV: the reader `posttrain check-data` uses too
+            table = _reader.read_file(text)
+            problems = table.problems + _reader.mixed_type_problems(table.rows, table.numbers)
+            if problems:
+                raise DataError(sorted(problems, key=lambda q: q.row), source=text)
+            return _reader.to_dataset(table)
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
-            where = _first_bad_json_line(path) if builder == "json" else None
-            if where == "":
-                raise DataError(f"dataset file {text!r} has no rows; write one JSON object per line (JSONL).") from None
-            if where:
-                raise DataError(f"cannot read dataset file {text!r}: {where}") from None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(
                 f"cannot read dataset file {text!r} as {builder}: {reason}. Check that the file is valid {builder}."
             ) from None
         if len(ds) == 0:
-            raise DataError(f"dataset file {text!r} has no rows; write one JSON object per line (JSONL).")
+            raise DataError(f"dataset file {text!r} has no rows.")
         return ds
     try:  # a hub name; never reached by the test suite
         return datasets.load_dataset(text, split=split)
     except Exception as exc:
         raise DataError(f"cannot load dataset {text!r}: {exc}") from None
-
-
-def _first_bad_json_line(path: Path) -> str | None:
-    """Where a JSON/JSONL file stops being valid, in words (``datasets``' own error does not say); "" when
-    it holds only blank lines, None when it looks valid."""
-    import json
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"it is not UTF-8 text ({exc}); save it as UTF-8."
-    try:
-        json.loads(text)  # one JSON document (a list of rows or a mapping of columns)
-        return None
-    except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):
-            return f"line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}); fix that line."
-    if not text.strip():
-        return ""
-    fix = (
-        'Each line of a JSONL file must be one JSON object (e.g. {"prompt": "...", "completion": "..."}); '
-        "fix or remove that line."
-    )
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno}). {fix}"
-        if not isinstance(value, dict):
-            return f"line {number} is a JSON {type(value).__name__}, not an object. {fix}"
-    return None
 
 
 def is_conversational(row: dict) -> bool:
