@@ -21,22 +21,22 @@ ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_atte
 _FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
-def check(config: Any, accelerator: Any) -> None:
-    """Every problem of ``config`` on this machine, reported together."""
-    problems = precision_problems(config, accelerator) + attention_problems(config, accelerator)
+def check(config: Any, device: str) -> None:
+    """Every problem of ``config`` on this machine (``device``: "cpu", "cuda", ...), reported together."""
+    problems = precision_problems(config, device) + attention_problems(config, device)
     problems += report_to_problems(config) + dataset_split_problems(config)
     if problems:
         raise ConfigError(problems)
 
 
-def precision_problems(config: Any, accelerator: Any) -> list[str]:
+def precision_problems(config: Any, device: str) -> list[str]:
     import torch
 
-    on_cuda = getattr(accelerator.device, "type", "cpu") == "cuda"
+    on_cuda = device == "cuda"
     found = []
     if getattr(config, "fp16", False) and not on_cuda:
         found.append(
-            f"fp16 is true but this run is on {accelerator.device.type.upper()}: float16 mixed precision (with loss "
+            f"fp16 is true but this run is on {device.upper()}: float16 mixed precision (with loss "
             "scaling) needs a CUDA GPU and would silently not apply; drop --fp16, or use --bf16 true"
         )
     if getattr(config, "bf16", False) and on_cuda and not torch.cuda.is_bf16_supported():
@@ -46,7 +46,7 @@ def precision_problems(config: Any, accelerator: Any) -> list[str]:
     return found
 
 
-def attention_problems(config: Any, accelerator: Any) -> list[str]:
+def attention_problems(config: Any, device: str) -> list[str]:
     name = getattr(config, "attn_implementation", None)
     if not name:
         return []
@@ -66,8 +66,11 @@ def attention_problems(config: Any, accelerator: Any) -> list[str]:
     module = _FLASH_MODULES.get(name)
     if module is None:
         return []
-    if getattr(accelerator.device, "type", "cpu") != "cuda":
-        return [f"attn_implementation {name!r} runs only on CUDA GPUs and this run is on CPU; use sdpa (the default)"]
+    if device != "cuda":
+        return [
+            f"attn_implementation {name!r} runs only on CUDA GPUs and this run is on {device.upper()}; use sdpa "
+            "(the default)"
+        ]
     if importlib.util.find_spec(module) is None:
         return [
             f"attn_implementation {name!r} needs the {module} package, which is not installed; install it "

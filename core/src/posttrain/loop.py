@@ -156,9 +156,11 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     # without an accelerator, cpu=True is what makes accelerate run multi-process CPU (gloo) under torchrun
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=config.use_cpu or not has_accelerator)
+    cpu = config.use_cpu or not has_accelerator
+    device = accelerator.device.type if accelerator is not None else ("cpu" if cpu else "cuda")
+    _preflight.check(config, device)  # before Accelerator(), which fails on some of these with a traceback
+    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=cpu)
     output_dir = Path(config.output_dir)
-    _preflight.check(config, accelerator)
     models.fit_max_length(config)  # before the saved config is compared on resume
     resume_path, lock = _claim_output_dir(method, config, output_dir, accelerator.is_main_process)
     try:

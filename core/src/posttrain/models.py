@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,12 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
         kwargs["attn_implementation"] = config.attn_implementation
     try:
         model = model_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:  # a .bin weights file holding objects: refused by weights_only, never run
+        raise PosttrainError(
+            f"cannot load the model at {path!r}: its weights file holds Python objects other than tensors, which "
+            "could run code when loaded, so it was not loaded. Use a model saved as safetensors from a source you "
+            "trust."
+        ) from None
     except (OSError, ImportError) as exc:
         known = _load_error(exc, path, "model")
         if known is None and not isinstance(exc, OSError):
