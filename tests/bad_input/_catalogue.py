@@ -124,6 +124,7 @@ class Case:
     files: dict[str, object] = field(default_factory=dict)  # path -> text, rows, bytes or callable(path, paths)
     env: dict[str, str] = field(default_factory=dict)
     stream: str = "err"
+    site: list[dict] = field(default_factory=list)  # fake distributions to install first (FakeSite.add kwargs)
 
 
 def train(method: str, *flags: str) -> list[str]:
@@ -154,8 +155,10 @@ def expand(argv: list[str], paths: dict) -> list[str]:
     return out
 
 
-def run_case(case: Case, paths: dict, monkeypatch, watched: tuple[Path, ...]) -> Outcome:
+def run_case(case: Case, paths: dict, monkeypatch, watched: tuple[Path, ...], site=None) -> Outcome:
     """Run one table case and check its four promises."""
+    for dist in case.site:
+        site.add(**dist)
     write_files(case.files, paths)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value.format(**paths))
