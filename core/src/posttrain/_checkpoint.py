@@ -276,11 +276,11 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
         )
         import pickle
 
-        if isinstance(exc, pickle.UnpicklingError):  # weights_only refused a pickled object: never run it
+        if isinstance(exc, pickle.UnpicklingError):  # garbage, or objects weights_only refused: never run them
             raise PosttrainError(
-                f"cannot resume from {path}: {reading.name} holds Python objects other than tensors and plain data, "
-                "which could run code when loaded, so it was not loaded. posttrain never writes such files: if you "
-                f"did not make this checkpoint, do not trust it. Delete it and {hint}."
+                f"cannot resume from {path}: {reading.name} is not a plain file of tensors and data (it is corrupt, "
+                "or it holds Python objects that could run code when loaded), so it was not loaded. posttrain never "
+                f"writes such files: if you did not make this checkpoint, do not trust it. Delete it and {hint}."
             ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PosttrainError(
