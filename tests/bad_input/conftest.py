@@ -68,7 +68,13 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     """An SFT run of 3 steps with checkpoint-1 and checkpoint-2, for the resume and output_dir cases."""
     root = tmp_path_factory.mktemp("finished")
     (root / "lm.jsonl").write_text(catalogue.jsonl(catalogue.LM))
-    args = ["train", "sft", *catalogue.base_args({"model": tiny_model_dir, "tmp": root}), "--dataset", root / "lm.jsonl"]
+    args = [
+        "train",
+        "sft",
+        *catalogue.base_args({"model": tiny_model_dir, "tmp": root}),
+        "--dataset",
+        root / "lm.jsonl",
+    ]
     outcome = catalogue.cli(*args, "--max_steps", "3", "--save_steps", "1")
     assert outcome.code == 0, outcome.err
     return root / "out"

@@ -45,6 +45,9 @@ CASES = [
          ["empty.jsonl", "is empty"], ["needs at least one row"], {"empty.jsonl": ""}),
     Case("dataset-only-blank-lines", train("sft", "--dataset", "{tmp}/blank.jsonl"), 2,
          ["blank.jsonl", "is empty"], ["needs at least one row"], {"blank.jsonl": "\n\n  \n"}),
+    Case("dataset-path-typo-without-extension", train("sft", "--dataset", "{tmp}/data/trian"), 2,
+         ["dataset path '{tmp}/data/trian' does not exist"], ["Check the path", "needs its extension"],
+         {"data/train.jsonl": LM}),
     Case("dataset-unknown-suffix", train("sft", "--dataset", "{tmp}/data.txt"), 2,
          ["data.txt", "cannot tell the format"], ["use .json, .jsonl, .csv or .parquet"], {"data.txt": "hello"}),
     Case("dataset-directory-not-saved", train("sft", "--dataset", "{tmp}/folder"), 2,
@@ -127,6 +130,9 @@ CASES = [
     Case("chosen-equals-rejected-warns-naming-rows", train("dpo", "--dataset", "{tmp}/pairs.jsonl"), 0,
          ["{tmp}/pairs.jsonl: 2 row(s)", "'chosen/rejected' are identical", "rows 2, 6"],
          ["Remove the row or fix one of the answers"], {"pairs.jsonl": SAME_PAIR}),
+    Case("prompt-longer-than-max-length-dropped-with-a-warning", train("dpo", "--dataset", "{tmp}/pairs.jsonl",
+         "--max_length", "12"), 0, ["dropped 1 of 9 rows (first: row 1)", "max_length=12"], ["Raise max_length"],
+         {"pairs.jsonl": edit(PAIRS, 1, prompt="a long prompt " * 3) + PAIRS[:1]}),
     Case("utf8-byte-order-mark-is-skipped", train("sft", "--dataset", "{tmp}/bom.jsonl"), 0, ["done: 2 steps"], [],
          {"bom.jsonl": BOM_UTF8}),
     Case("utf16-with-byte-order-mark-is-read", train("sft", "--dataset", "{tmp}/u16.jsonl"), 0, ["done: 2 steps"],
@@ -208,3 +214,22 @@ def test_check_data_reports_degenerate_rows_as_warnings(paths):
     assert checked.code == 0, checked.out
     assert "warning: row 2 of pairs.jsonl: field 'chosen/rejected' are identical" in checked.out
     assert "warning: row 6 of pairs.jsonl" in checked.out and "2 warning(s)" in checked.out
+
+
+@pytest.mark.parametrize(
+    "env, said",
+    [({"HF_ENDPOINT": "http://127.0.0.1:9"}, "127.0.0.1 cannot be reached"), ({"HF_HUB_OFFLINE": "1"}, "tried as")],
+    ids=["no-network", "offline"],
+)
+def test_dataset_hub_name_without_hub_fails_fast(env, said, paths, watched, monkeypatch):
+    """A name shaped like a hub dataset, with no network or in offline mode: one line, in seconds, no retries."""
+    import time
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(paths["tmp"])
+    case = Case(f"dataset-hub-name-{said}", train("sft", "--dataset", "someorg/somedata"), 2,
+                ["dataset 'someorg/somedata'", "not a local file or directory", said], ["Check the"])  # fmt: skip
+    start = time.monotonic()
+    run_case(case, paths, monkeypatch, watched)
+    assert time.monotonic() - start < 20

@@ -47,6 +47,8 @@ CASES = [
     Case("no-model-given", train("sft", *D, "--model", ""), 2, ["no model given"], ["pass --model PATH"], LM_FILE),
     Case("tokenizer-without-pad-or-eos", train("sft", *D, "--model", "{noeos}"), 2,
          ["'{noeos}' has neither a pad nor an EOS token"], ["add_special_tokens({{'pad_token'"], LM_FILE),
+    Case("tokenizer-without-pad-token-pads-with-eos", train("sft", *D, "--model", "{nopad}"), 0, ["done: 2 steps"],
+         [], LM_FILE),
     Case("model-without-tokenizer", train("sft", *D, "--model", "{notokenizer}"), 2,
          ["model directory '{notokenizer}' has no tokenizer"], ["tokenizer.save_pretrained('{notokenizer}')"], LM_FILE),
     Case("model-type-unknown-to-transformers", train("sft", *D, "--model", "{unknowntype}"), 2,

@@ -35,7 +35,9 @@ HOOK_RAISES = (
     "from posttrain import hookimpl\n\n\n@hookimpl\ndef posttrain_add_callbacks(registry, config):\n"
     "    raise RuntimeError('tracker server unreachable')\n"
 )
-HOOK_MISSPELT = "from posttrain import hookimpl\n\n\n@hookimpl\ndef posttrain_add_callback(registry, config):\n    pass\n"
+HOOK_MISSPELT = (
+    "from posttrain import hookimpl\n\n\n@hookimpl\ndef posttrain_add_callback(registry, config):\n    pass\n"
+)
 
 CASES = [
     # -- names

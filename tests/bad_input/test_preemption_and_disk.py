@@ -40,7 +40,10 @@ Toy.loss = _signalling_loss
 def toy(fake_site, toy_method_source):
     """The toy LM method installed as posttrain-ptoy, slowed by TOY_STEP_DELAY, signalling at TOY_SIGNAL_AT_STEP."""
     fake_site.add(
-        "posttrain-ptoy", methods={"ptoy": "pt_ptoy:Toy"}, module="pt_ptoy", code=toy_method_source + SLOW_TOY + SIGNAL_TOY
+        "posttrain-ptoy",
+        methods={"ptoy": "pt_ptoy:Toy"},
+        module="pt_ptoy",
+        code=toy_method_source + SLOW_TOY + SIGNAL_TOY,
     )
     return fake_site
 

@@ -208,7 +208,9 @@ def test_resume_override_applies_in_full_and_is_recorded(paths):
     unfinished(out)
     (paths["tmp"] / "lm.jsonl").write_text(jsonl(LM))
     flags = ["--max_steps", "4", "--save_steps", "1", "--logging_steps", "1", "--resume_from_checkpoint", "latest"]
-    outcome = cli(*base(paths, "out", *flags, "--learning_rate", "0.01", "--resume_override", "learning_rate,max_steps"))
+    outcome = cli(
+        *base(paths, "out", *flags, "--learning_rate", "0.01", "--resume_override", "learning_rate,max_steps")
+    )
     assert outcome.code == 0, outcome.err
     assert "resuming" in outcome.err and "learning_rate: 0.001 -> 0.01" in outcome.err
     rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -82,7 +81,7 @@ PLANTS = {
 
 @pytest.fixture(scope="module")
 def stateful_run(tmp_path_factory, tiny_model_dir, toy_module):
-    """Checkpoints 1 and 2 of a 2-step run of the stateful toy (a fresh copy per test)."""
+    """A fake installed package providing the stateful toy (each test trains its own run)."""
     root = tmp_path_factory.mktemp("stateful")
     site = root / "site"
     site.mkdir()

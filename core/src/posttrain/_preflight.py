@@ -134,3 +134,46 @@ def dataset_split_problems(config: Any) -> list[str]:
             "option would be ignored; point --dataset at the file of that split and drop --dataset_split"
         ]
     return []
+
+
+def offline_mode() -> str | None:
+    """The variable that puts the Hugging Face libraries offline, if one is set."""
+    import os
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes", "on"):
+            return f"{variable}=1 is set"
+    return None
+
+
+def hub_unavailable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline mode, or no answer within ``timeout``), or None.
+
+    Checked before a hub name is looked up, so a typo or a missing network fails in a second instead of after
+    a minute of retries.
+    """
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    offline = offline_mode()
+    if offline:
+        return offline
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(f"{host} cannot be reached ({exc.strerror or exc})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"{host} did not answer within {timeout:.0f} s"

@@ -19,6 +19,7 @@ rejected (:func:`extract_prompt`).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,52 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         if len(ds) == 0:
             raise DataError(f"dataset file {text!r} has no rows.")
         return ds
-    try:  # a hub name; never reached by the test suite
-        return datasets.load_dataset(text, split=split)
+    if text.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise DataError(  # a path, not a hub name: never a hub lookup for a typo
+            f"dataset path {text!r} does not exist (relative to {Path.cwd()}). Check the path; a file needs its "
+            "extension (.jsonl, .json, .csv, .parquet)."
+        )
+    from posttrain._preflight import hub_unavailable, offline_mode
+
+    reason = None if offline_mode() else hub_unavailable()  # offline mode reads the cache, quickly
+    if reason is not None:  # fail in a second, not after a minute of retries
+        raise DataError(
+            f"dataset {text!r} is not a local file or directory (none at {Path.cwd() / text}), and as a hub name it "
+            f"cannot be downloaded: {reason}. Check the path; for a cached hub dataset set HF_HUB_OFFLINE=1."
+        )
+    try:  # a hub name; in offline mode from the cache only (the libraries read the variable at import)
+        with _offline(offline_mode() is not None):
+            return datasets.load_dataset(text, split=split)
     except Exception as exc:
-        raise DataError(f"cannot load dataset {text!r}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load dataset {text!r} (not a local file or directory, so tried as a hub name): {reason}. "
+            "Check the path or the dataset name."
+        ) from None
+
+
+@contextlib.contextmanager
+def _offline(on: bool):
+    """Hold ``datasets`` and ``huggingface_hub`` to offline mode when the environment asks for it, even when they
+    were imported before the variable was set."""
+    if not on:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+        huggingface_hub.constants.HF_HUB_OFFLINE,
+    )
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved[:2]
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved[2]
 
 
 def is_conversational(row: dict) -> bool:

@@ -52,12 +52,9 @@ def _check_path(path: str, what: str = "model") -> dict:
 
 def _hub_kwargs(name: str, what: str) -> dict:
     """``local_files_only`` when the hub is unreachable but the files are cached; a one-line error otherwise."""
-    import os
+    from posttrain._preflight import hub_unavailable
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "yes") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", ""
-    ) in ("1", "true", "yes")
-    reason = "HF_HUB_OFFLINE=1 is set" if offline else _hub_unreachable()
+    reason = hub_unavailable()
     if reason is None:
         return {}
     from huggingface_hub import try_to_load_from_cache
@@ -69,31 +66,6 @@ def _hub_kwargs(name: str, what: str) -> dict:
         f"{reason}, so it cannot be downloaded. Check the path, or download the model where there is network "
         "(`huggingface-cli download NAME`) and pass its directory."
     )
-
-
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached (DNS or connection failure within ``timeout``), or None when it can."""
-    import os
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    port = urlparse(endpoint).port or (443 if endpoint.startswith("https") else 80)
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as exc:
-            result.append(f"{host} cannot be reached ({exc.strerror or exc})")
-
-    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0] if result else f"{host} did not answer within {timeout:.0f} s"
 
 
 def _model_type(path: str) -> str:
