@@ -83,7 +83,8 @@ CASES = [
     Case("dataset-two-bad-lines-both-counted", train("sft", "--dataset", "{tmp}/two.jsonl"), 2,
          ["row 2 of {tmp}/two.jsonl", "line 3 is not valid JSON", "1 more problem in other rows"],
          ["posttrain check-data sft {tmp}/two.jsonl", "rows count from 0"], {"two.jsonl": TWO_BAD_LINES}),
-    Case("csv-row-with-extra-cell", train("grpo", "--dataset", "{tmp}/p.csv", "--reward_funcs", "accuracy"), 2,
+    Case("csv-row-with-extra-cell", train("grpo", "--dataset", "{tmp}/p.csv", "--reward_funcs", "accuracy",
+         "--num_generations", "2"), 2,
          ["row 2 of {tmp}/p.csv", "line 4 has 3 cells but the header has 2"], ["Quote cells that contain commas"],
          {"p.csv": "prompt,answer\n1+1=,2\n2+2=,4\n3+3=,6,extra\n"}),
     # -- rows
@@ -98,7 +99,7 @@ CASES = [
          ["row 5 of {tmp}/pairs.jsonl", "field 'chosen'", "got int 7"], ["Write it as a JSON string"],
          {"pairs.jsonl": edit(PAIRS, 5, chosen=7)}),
     Case("number-among-strings-never-coerced", train("grpo", "--dataset", "{tmp}/p.jsonl", "--reward_funcs",
-         "accuracy"), 2, ["row 5 of {tmp}/p.jsonl", "field 'answer' is a number (6) but a string in row 0"],
+         "accuracy", "--num_generations", "2"), 2, ["row 5 of {tmp}/p.jsonl", "field 'answer' is a number (6) but a string in row 0"],
          ['write "6"', "nothing is converted for you"], {"p.jsonl": MIXED_ANSWER}),
     Case("empty-completion", train("sft", "--dataset", "{tmp}/pc.jsonl"), 2,
          ["row 2 of {tmp}/pc.jsonl", "field 'completion' is empty"], ["Remove the row or fill in the field"],

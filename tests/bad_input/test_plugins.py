@@ -45,9 +45,10 @@ CASES = [
          ["unknown method 'dpp'"], ["Did you mean 'dpo'?"]),
     Case("unknown-method-far", train("zzz-method"), 2,
          ["unknown method 'zzz-method'"], ["pip install posttrain-zzz-method", "`posttrain list`"]),
-    Case("unknown-reward", train("grpo", "--dataset", "{tmp}/prompts.jsonl", "--reward_funcs", "acuracy"), 2,
+    Case("unknown-reward", train("grpo", "--dataset", "{tmp}/prompts.jsonl", "--reward_funcs", "acuracy",
+         "--num_generations", "2"), 2,
          ["unknown reward 'acuracy'"], ["Did you mean 'accuracy'?"], {"prompts.jsonl": PROMPTS}),
-    Case("online-method-without-reward", train("grpo", "--dataset", "{tmp}/prompts.jsonl"), 2,
+    Case("online-method-without-reward", train("grpo", "--dataset", "{tmp}/prompts.jsonl", "--num_generations", "2"), 2,
          ["needs at least one reward function"], ["--reward_funcs accuracy"], {"prompts.jsonl": PROMPTS}),
     Case("method-from-incompatible-plugin", train("future", *D), 2,
          ["method 'future' from posttrain-future 1.0.0 is incompatible", "needs posttrain>=9,<10"],
@@ -146,9 +147,9 @@ def test_plugin_case(case, paths, watched, monkeypatch, site):
     run_case(case, paths, monkeypatch, watched, site)
 
 
-def test_reward_function_that_raises_names_reward_and_prompt(fake_site, paths):
-    """A bug in a reward function is a bug in code: its traceback is kept (exit 1), and the error names the
-    reward, the prompt (its index in the micro-batch) and the dataset row."""
+def test_reward_function_that_raises_names_reward_and_prompt(fake_site, paths, watched, monkeypatch):
+    """A reward function that raises stops the run with one message naming the reward, the completion, the
+    dataset row, the step, the exception and where in the function it was raised (file:line)."""
     fake_site.add(
         "pt-fragile-rewards",
         rewards={"fragile": "pt_fragile:fragile"},
@@ -158,17 +159,12 @@ def test_reward_function_that_raises_names_reward_and_prompt(fake_site, paths):
         "        raise ValueError('cannot parse the answer')\n"
         "    return [0.0] * len(completions)\n",
     )
-    data = paths["tmp"] / "prompts.jsonl"
-    data.write_text(jsonl(PROMPTS))
     flags = ["--reward_funcs", "fragile", "--num_generations", "2", "--max_completion_length", "2"]
-    flags += ["--per_device_train_batch_size", "8", "--save_steps", "1"]
-    base = ["--model", paths["model"], "--output_dir", paths["tmp"] / "out", "--max_steps", "2"]
-    with pytest.raises(
-        Exception,
-        match=r"reward function 'fragile' raised on completion 0 of prompt \d+ \(dataset "
-        r"row 5\) at step 0: ValueError: cannot parse the answer",
-    ):
-        cli("train", "grpo", *base, "--disable_progress_bar", "--dataset", data, *flags)
+    flags += ["--per_device_train_batch_size", "16", "--save_steps", "1"]  # all 8 prompts x 2 in step 1
+    case = Case("reward-function-raises", train("grpo", "--dataset", "{tmp}/prompts.jsonl", *flags), 2,
+                ["reward function 'fragile' raised on completion 0 of dataset row 5 at step 1", "cannot parse the answer"],
+                ["pt_fragile.py:3 in fragile"], {"prompts.jsonl": PROMPTS}, modifies="out")  # fmt: skip
+    run_case(case, paths, monkeypatch, watched)
     assert not list((paths["tmp"] / "out").glob("*checkpoint*"))
     assert not (paths["tmp"] / "out" / ".posttrain.lock").exists(), "the lock outlived a failed run"
 

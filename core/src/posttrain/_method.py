@@ -6,7 +6,8 @@ it with no arguments, then calls, in order::
     method.setup(ctx)                         # optional: reference model, precomputation
     rows = method.prepare(dataset, ctx)       # validate + tokenize, once, before training
     batch = method.collate(rows, ctx)         # per micro-batch
-    batch = method.rollout(model, batch, ctx) # optional, online methods: generate + score
+    batches = method.rollout(model, batches, ctx)  # optional, online methods: generate + score, every
+                                              # micro-batch of the optimizer step at once
     out = method.loss(model, batch, ctx)      # -> LossOutput
 
 **The normalisation contract.** ``loss`` returns the *sum* of its per-item losses and the number of
@@ -163,14 +164,16 @@ class Method(Protocol):
     - ``setup(ctx)``: once, after the model loads and before data is prepared.
     - ``check_rows(rows) -> list[RowProblem]``: method-specific row problems, for ``posttrain
       check-data`` (no model, no tokenizer) and for ``prepare`` to raise as :class:`DataError`.
-    - ``rollout(model, batch, ctx) -> batch``: online methods generate and score here (no grad).
+    - ``rollout(model, batches, ctx) -> batches``: online methods generate and score here (no grad). It
+      receives every micro-batch of this process's optimizer step at once, so a generator can sample them
+      in one call, and returns the rolled-out micro-batches in the same order.
     - ``load_model(config) -> model``: a model class other than a causal LM (a reward model).
     - ``state_dict() -> dict`` / ``load_state_dict(state)``: method state saved in checkpoints
       (tensors, numbers, strings, lists and dicts only: checkpoints load with ``weights_only``).
     - ``batch_reuse(config) -> int``: train on each rolled-out batch for this many consecutive
       optimizer steps (GRPO's μ); the data advances once per group, so no row is skipped.
-    - ``rows_per_batch(config) -> int``: dataset rows per micro-batch when a row expands into several
-      items (prompts into completions); default ``per_device_train_batch_size``.
+    - ``rows_per_batch(config, batch_size) -> int``: dataset rows in a micro-batch of ``batch_size`` items
+      when a row expands into several (prompts into completions); default ``batch_size``.
 
     Example::
 
@@ -208,12 +211,12 @@ REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
 OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
     "setup": ("ctx",),
     "check_rows": ("rows",),
-    "rollout": ("model", "batch", "ctx"),
+    "rollout": ("model", "batches", "ctx"),
     "load_model": ("config",),
     "state_dict": (),
     "load_state_dict": ("state",),
     "batch_reuse": ("config",),
-    "rows_per_batch": ("config",),
+    "rows_per_batch": ("config", "batch_size"),
 }
 REQUIRED_ATTRIBUTES = ("name", "config_class", "dataset_formats")
 

@@ -181,6 +181,41 @@ def check_output_dir_usable(output_dir: Path, model: str | None) -> None:
             )
 
 
+def claim(config: Any, method_name: str | None, main: bool) -> tuple[Path | None, RunLock | None]:
+    """Before any model loads: the directory is usable, resuming is consistent with it and with the saved
+    configuration, and (on the main process) the directory is locked. Returns the checkpoint and the lock."""
+    from posttrain import _resume
+    from posttrain._errors import ConfigError
+
+    output_dir = Path(config.output_dir)
+    check_output_dir_usable(output_dir, config.model)
+    resume_path = resolve_resume(config.resume_from_checkpoint, output_dir)
+    if resume_path is not None and config.overwrite_output_dir and resume_path.parent.resolve() == output_dir.resolve():
+        raise ConfigError(
+            "overwrite_output_dir and resume_from_checkpoint are both set: overwriting would delete the checkpoint to "
+            "resume from. Pass --resume_from_checkpoint latest to continue the run, or --overwrite_output_dir true "
+            "alone to start again"
+        )
+    refuse_existing(output_dir, config.overwrite_output_dir, resuming=resume_path is not None)
+    if resume_path is not None:
+        _resume.check(config, resume_path, method_name)
+    lock = RunLock(output_dir) if main else None
+    if lock is not None:
+        lock.acquire()
+    return resume_path, lock
+
+
+def open_directory(output_dir: Path, overwrite: bool) -> None:
+    """Once set-up succeeded: create the directory, delete the old run when overwriting, and drop the completion
+    record (a resumed run is unfinished until its final save)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        removed = clear_previous_run(output_dir)
+        if removed:
+            print(f"overwrite_output_dir: removed the previous run in {output_dir}: {', '.join(removed)}")
+    (output_dir / COMPLETE_FILE).unlink(missing_ok=True)
+
+
 # -- one run per directory --------------------------------------------------------------------------------------
 
 

@@ -160,8 +160,9 @@ def generic_problems(config: Any) -> list[str]:
 def config_problems(config: Any) -> list[str]:
     """The generic rules, then the config's own :meth:`TrainingConfig.problems`."""
     found = generic_problems(config)
+    check = getattr(config, "problems", None)  # TrainingConfig's cross-field checks; plain options have none
     try:
-        own = config.problems()
+        own = check() if callable(check) else []
     except (TypeError, ValueError) as exc:  # a method's rule tripped over a value
         own = [f"the configuration could not be checked ({type(exc).__name__}: {exc})"]
     return found + [p for p in own if p not in found]
@@ -304,6 +305,12 @@ def build_config(config_class: type, values: dict[str, Any], source: str | None 
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def build_options(options_class: type, values: dict[str, Any], source: str) -> Any:
+    """A plugin's options dataclass (a reward's, a tracker's) from raw values, checked like a config:
+    unknown keys get a "did you mean", values are coerced to the field types, every problem is reported."""
+    return build_config(options_class, values, source)
 
 
 def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, overrides: dict | None = None):

@@ -151,8 +151,9 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
         raise PluginError(
             f"method {getattr(method, 'name', method)!r} breaks the plugin contract: " + "; ".join(problems)
         )
-    if config_problems(config):  # the CLI checked already; a config built in Python is checked here
-        raise ConfigError(config_problems(config))
+    problems = config_problems(config)  # the CLI checked already; a config built in Python is checked here
+    if problems:
+        raise ConfigError(problems)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     # without an accelerator, cpu=True is what makes accelerate run multi-process CPU (gloo) under torchrun
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -160,9 +161,8 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     device = accelerator.device.type if accelerator is not None else ("cpu" if cpu else "cuda")
     _preflight.check(config, device)  # before Accelerator(), which fails on some of these with a traceback
     accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=cpu)
-    output_dir = Path(config.output_dir)
     models.fit_max_length(config)  # before the saved config is compared on resume
-    resume_path, lock = _claim_output_dir(method, config, output_dir, accelerator.is_main_process)
+    resume_path, lock = _run_guard.claim(config, getattr(method, "name", None), accelerator.is_main_process)
     try:
         run = _load_everything(
             method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator, resume_path
@@ -173,25 +173,6 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
         raise
     run.lock = lock
     return run
-
-
-def _claim_output_dir(method: Any, config: Any, output_dir: Path, main: bool):
-    """Before any model loads: the directory is usable, resuming is consistent with it, and it is locked."""
-    _run_guard.check_output_dir_usable(output_dir, config.model)
-    resume_path = _run_guard.resolve_resume(config.resume_from_checkpoint, output_dir)
-    if resume_path is not None and config.overwrite_output_dir and resume_path.parent.resolve() == output_dir.resolve():
-        raise ConfigError(
-            "overwrite_output_dir and resume_from_checkpoint are both set: overwriting would delete the checkpoint to "
-            "resume from. Pass --resume_from_checkpoint latest to continue the run, or --overwrite_output_dir true "
-            "alone to start again"
-        )
-    _run_guard.refuse_existing(output_dir, config.overwrite_output_dir, resuming=resume_path is not None)
-    if resume_path is not None:
-        _resume.check(config, resume_path, getattr(method, "name", None))
-    lock = _run_guard.RunLock(output_dir) if main else None
-    if lock is not None:
-        lock.acquire()
-    return resume_path, lock
 
 
 def _load_everything(
@@ -355,12 +336,7 @@ def _write_run_files(run: _Run, provenance: dict | None) -> None:
     from posttrain.config import save_config
 
     with _run_guard.writing("the run's files", run.output_dir):
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        if run.config.overwrite_output_dir and run.resume_path is None:
-            removed = _run_guard.clear_previous_run(run.output_dir)
-            if removed:
-                run.accelerator.print(f"overwrite_output_dir: removed the previous run in {run.output_dir}: {removed}")
-        (run.output_dir / _run_guard.COMPLETE_FILE).unlink(missing_ok=True)  # resuming a finished run reopens it
+        _run_guard.open_directory(run.output_dir, run.config.overwrite_output_dir and run.resume_path is None)
         save_config(run.config, run.output_dir / "posttrain_config.yaml", getattr(run.method, "name", None))
         if provenance is None:
             provenance = _environment.provenance_for(run.method, list(run.ctx.rewards))
@@ -391,19 +367,26 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _micro_batch(run: _Run, k: int, indices: list[int]) -> dict:
-    """Collate (and roll out) micro-batch ``k``; with batch_reuse > 1 the first step of a group rolls out
-    and the next ones train on the cached result, so each data step is used ``reuse`` times."""
-    if run.reuse > 1 and run.step % run.reuse != 0 and k in run.rollout_cache:
-        return _to_device(run.rollout_cache[k], run.accelerator.device)
-    batch = _to_device(run.method.collate([run.train_rows[i] for i in indices], run.ctx), run.accelerator.device)
+def _step_batches(run: _Run, micro_rows: list[list[int]]) -> list[dict]:
+    """The collated (and rolled-out) micro-batches of this step. An online method's rollout gets them all at
+    once; with batch_reuse > 1 the first step of a group rolls out and the next ones reuse the result, so
+    each data step is trained on ``reuse`` times and no row is skipped."""
+    if run.reuse > 1 and run.step % run.reuse != 0 and run.rollout_cache:
+        return [_to_device(run.rollout_cache[k], run.accelerator.device) for k in range(len(micro_rows))]
+    device = run.accelerator.device
+    batches = [_to_device(run.method.collate([run.train_rows[i] for i in ix], run.ctx), device) for ix in micro_rows]
     rollout = optional_member(run.method, "rollout")
     if rollout:
         with torch.no_grad():
-            batch = rollout(run.accelerator.unwrap_model(run.model), batch, run.ctx)
+            batches = list(rollout(run.accelerator.unwrap_model(run.model), batches, run.ctx))
+        if len(batches) != len(micro_rows):
+            raise PluginError(
+                f"method {run.method.name!r}: rollout returned {len(batches)} micro-batches for {len(micro_rows)}; "
+                "it must return one rolled-out batch per micro-batch it is given, in order"
+            )
     if run.reuse > 1:
-        run.rollout_cache[k] = batch
-    return batch
+        run.rollout_cache = dict(enumerate(batches))
+    return batches
 
 
 def _optimizer_step(run: _Run) -> None:
@@ -422,9 +405,9 @@ def _optimizer_step(run: _Run) -> None:
     model.train()
     step_loss = torch.zeros((), device=accelerator.device)
     step_n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for k, indices in enumerate(micro_rows):
+    run.ctx.micro_step = 0
+    for k, batch in enumerate(_step_batches(run, micro_rows)):
         run.ctx.micro_step = k
-        batch = _micro_batch(run, k, indices)
         # skip the DDP all-reduce on all but the last micro-batch
         sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
@@ -588,7 +571,7 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
             batch = _to_device(method.collate(chunk, ctx), accelerator.device)
             if rollout:
-                batch = rollout(accelerator.unwrap_model(model), batch, ctx)
+                batch = rollout(accelerator.unwrap_model(model), [batch], ctx)[0]
             with accelerator.autocast():
                 out = method.loss(model, batch, ctx)
             loss_sum += out.loss_sum.double()
