@@ -55,8 +55,8 @@ CASES = [
     Case("infinite-max-grad-norm", train("sft", *D, "--max_grad_norm", "inf"), 2,
          ["max_grad_norm must be a finite number, got inf"], [], LM_FILE),
     Case("nan-in-yaml", train("sft", "--config", "{tmp}/run.yaml", *D), 2,
-         ["{tmp}/run.yaml", "warmup_ratio must be a finite number, got nan"], [],
-         {"run.yaml": "warmup_ratio: .nan\n", **LM_FILE}),
+         ["{tmp}/run.yaml", "adam_epsilon must be a finite number, got nan"], [],
+         {"run.yaml": "adam_epsilon: .nan\n", **LM_FILE}),
     Case("nan-method-field", train("dpo", "--dataset", "{tmp}/pairs.jsonl", "--beta", "nan"), 2,
          ["beta must be a finite number, got nan"], [], {"pairs.jsonl": PAIRS}),
     Case("nan-inside-a-list-field", train("dpo", "--dataset", "{tmp}/pairs.jsonl", "--loss_weights", "nan"), 2,
@@ -66,13 +66,13 @@ CASES = [
     Case("seed-too-large", train("sft", *D, "--seed", "4294967296"), 2, ["seed must be in [0, 2**32 - 1]"], [],
          LM_FILE),
     Case("probability-above-one", train("grpo", "--dataset", "{tmp}/p.jsonl", "--reward_funcs", "accuracy",
-         "--num_generations", "2", "--top_p", "1.5"), 2, ["top_p must be in [0, 1]", "got 1.5"], [], {"p.jsonl": PROMPTS}),
+         "--num_generations", "2", "--top_p", "1.5"), 2, ["top_p must be in", "got 1.5"], [], {"p.jsonl": PROMPTS}),
     Case("negative-dropout", train("sft", *D, "--lora_dropout", "-0.1"), 2, ["lora_dropout must be in [0, 1]"], [],
          LM_FILE),
     Case("adam-beta-of-one", train("sft", *D, "--adam_beta2", "1"), 2, ["adam_beta2 must be in [0, 1)", "got 1.0"],
          [], LM_FILE),
     Case("zero-temperature", train("grpo", "--dataset", "{tmp}/p.jsonl", "--reward_funcs", "accuracy",
-         "--num_generations", "2", "--temperature", "0"), 2, ["temperature must be > 0", "logits are divided by it"], [], {"p.jsonl": PROMPTS}),
+         "--num_generations", "2", "--temperature", "0"), 2, ["temperature must be > 0", "got 0.0"], [], {"p.jsonl": PROMPTS}),
     Case("max-length-holds-no-completion-token", train("sft", *D, "--max_length", "1"), 2,
          ["max_length must be >= 2", "one completion token"], [], LM_FILE),
     Case("every-problem-at-once", train("sft", *D, "--seed", "-3", "--learning_rate", "nan", "--adam_epsilon",
@@ -105,7 +105,8 @@ def test_configuration_case(case, paths, watched, monkeypatch, no_model_load):
 
 
 def test_generic_rules_cover_every_plugin_config():
-    """NaN is refused for every float field of every installed method's config, with no code in the plugin."""
+    """NaN is refused for every float field of every installed method's config, with no code in the plugin (a
+    method's own rule for the field, when it has one that NaN trips, is the message shown instead)."""
     import dataclasses
     import typing
 
@@ -120,7 +121,7 @@ def test_generic_rules_cover_every_plugin_config():
         hints = typing.get_type_hints(config_class)
         for f in dataclasses.fields(config_class):
             if hints[f.name] in (float, float | None):
-                with pytest.raises(ConfigError, match=f"{f.name} must be a finite number, got nan"):
+                with pytest.raises(ConfigError, match=rf"{f.name} must be .*got nan"):
                     build_config(config_class, {f.name: "nan"}, from_cli=True)
                 checked += 1
     assert checked >= 50

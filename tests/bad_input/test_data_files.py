@@ -234,3 +234,12 @@ def test_dataset_hub_name_without_hub_fails_fast(env, said, paths, watched, monk
     start = time.monotonic()
     run_case(case, paths, monkeypatch, watched)
     assert time.monotonic() - start < 20
+
+
+def test_a_column_missing_from_the_first_row_is_a_row_problem(paths):
+    """Columns are the union over rows (as `datasets` builds them), so row 0 lacking 'rejected' is row 0's
+    problem in both commands, not "the file lacks the column"."""
+    data = paths["tmp"] / "pairs.jsonl"
+    data.write_text(jsonl(edit(PAIRS, 0, rejected=DROP)))
+    checked = cli("check-data", "dpo", data)
+    assert checked.code == 1 and "row 0 of pairs.jsonl: field 'rejected' is missing" in checked.out

@@ -281,7 +281,8 @@ def problems_and_warnings(method: Any, table: Any, source: str) -> tuple[list[Ro
         if formats:
             found += _renumber(data.validate(rows, formats, source), numbers)
         found += _renumber(method_row_problems(method, rows), numbers)
-        found += mixed_type_problems(rows, numbers)
+        if isinstance(table, Table):  # Arrow-backed datasets are typed per column already
+            found += mixed_type_problems(rows, numbers)
     seen: set[tuple[int, str]] = set()
     unique = []
     for problem in found:

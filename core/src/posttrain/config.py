@@ -127,7 +127,7 @@ def _floats(value: Any) -> list[float]:
     return []
 
 
-def generic_problems(config: Any) -> list[str]:
+def generic_problems(config: Any) -> dict[str, str]:
     """Rules that hold for a field of any method by its type and name, so every plugin gets them for free.
 
     - every float (alone or in a list) is finite: NaN and infinity are refused;
@@ -137,35 +137,40 @@ def generic_problems(config: Any) -> list[str]:
     """
     import math
 
-    found = []
+    found: dict[str, str] = {}  # field -> problem
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         bad = [v for v in _floats(value) if not math.isfinite(v)]
         if bad:
-            found.append(f"{f.name} must be a finite number, got {bad[0]}")
+            found[f.name] = f"{f.name} must be a finite number, got {bad[0]}"
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if (f.name in _UNIT_INTERVAL or f.name.endswith(_UNIT_SUFFIXES)) and not 0 <= value <= 1:
-            found.append(f"{f.name} must be in [0, 1] (a probability or share), got {value}")
+            found[f.name] = f"{f.name} must be in [0, 1] (a probability or share), got {value}"
         if f.name == "temperature" and value <= 0:
-            found.append(f"temperature must be > 0 (logits are divided by it), got {value}")
+            found[f.name] = f"temperature must be > 0 (logits are divided by it), got {value}"
         if f.name == "max_length" and value < 2:
-            found.append(f"max_length must be >= 2 (one prompt token and one completion token), got {value}")
+            found[f.name] = f"max_length must be >= 2 (one prompt token and one completion token), got {value}"
         elif f.name.startswith("max_") and f.name.endswith("_length") and isinstance(value, int) and value < 1:
-            found.append(f"{f.name} must be >= 1, got {value}")
+            found[f.name] = f"{f.name} must be >= 1, got {value}"
     return found
 
 
 def config_problems(config: Any) -> list[str]:
-    """The generic rules, then the config's own :meth:`TrainingConfig.problems`."""
-    found = generic_problems(config)
+    """The config's own :meth:`TrainingConfig.problems`, plus the generic rules for the fields they do not cover.
+
+    A config's own problems name their field first (the convention every method follows), so a field the
+    method already reports is not reported twice; the method's message, which knows the method, wins.
+    """
+    generic = generic_problems(config)
     check = getattr(config, "problems", None)  # TrainingConfig's cross-field checks; plain options have none
     try:
         own = check() if callable(check) else []
-    except (TypeError, ValueError) as exc:  # a method's rule tripped over a value
-        own = [f"the configuration could not be checked ({type(exc).__name__}: {exc})"]
-    return found + [p for p in own if p not in found]
+    except (TypeError, ValueError) as exc:  # a method's rule tripped over a value the generic rules refuse
+        own = [] if generic else [f"the configuration could not be checked ({type(exc).__name__}: {exc})"]
+    covered = {problem.split(" ", 1)[0] for problem in own}
+    return [p for name, p in generic.items() if name not in covered] + own
 
 
 # -- loading -----------------------------------------------------------------------------------------

@@ -225,7 +225,10 @@ def validate(
 ) -> list[RowProblem]:
     """Check every row against the first of ``formats`` the columns match; return all problems."""
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
-    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
+    if hasattr(dataset, "column_names"):
+        columns = list(dataset.column_names)
+    else:  # rows as read from a file: every column any row has, in first-seen order (as `datasets` would)
+        columns = list(dict.fromkeys(key for row in dataset for key in row))
     fmt = next((f for f in formats if any(set(alt) <= set(columns) for alt in FORMAT_COLUMNS[f])), None)
     if fmt is None:
         need = "; ".join(f"{f}: " + " or ".join("+".join(a) for a in FORMAT_COLUMNS[f]) for f in formats)
