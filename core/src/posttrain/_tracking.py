@@ -156,20 +156,25 @@ class JsonlLogger:
     """One JSON object per logged step; on resume, rows after the resumed step are dropped."""
 
     def __init__(self, output_dir: str | Path, resume_step: int | None = None):
+        from posttrain._run_guard import writing
+
         self.path = Path(output_dir) / METRICS_FILE
-        if resume_step is not None and self.path.is_file():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        with writing(METRICS_FILE, self.path.parent):
+            if resume_step is not None and self.path.is_file():
+                kept = [
+                    line
+                    for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
+                self.path.write_text("".join(line + "\n" for line in kept))
+            elif self.path.exists():
+                self.path.unlink()
 
     def on_log(self, ctx: Any, metrics: dict) -> None:
+        from posttrain._run_guard import writing
+
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        with open(self.path, "a") as fh:
+        with writing(METRICS_FILE, self.path.parent), open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
 
     on_evaluate = on_log

@@ -23,9 +23,10 @@ def run(command: str, argv: list[str]) -> int:
         print(f"docs:     {entry.docs_url}")
     if args.no_import:
         return 0
+    from posttrain import _registry as registry
     from posttrain.config import describe_fields
 
-    method_class = discovery.load(entry)
+    method_class = registry.load_method(entry)  # a failing or non-conforming plugin is a one-line error
     formats = ", ".join(getattr(method_class, "dataset_formats", ()) or ["(not declared)"])
     print(f"data:     {formats}")
     print(f"\nconfig fields ({method_class.config_class.__name__}):")
