@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,53 +63,60 @@ def tiny_model_dir(tmp_path_factory):
 # -- a toy method: next-token cross-entropy on text rows, enough to drive the loop --------------------------------
 
 
-@functools.cache
-def _toy():
-    """The toy method and its config class (built once: they import torch)."""
-    import torch
-    from posttrain import LossOutput
-    from posttrain.config import TrainingConfig
-    from posttrain.ops import token_logps
+TOY_SOURCE = """
+from dataclasses import dataclass
 
-    @dataclass
-    class ToyConfig(TrainingConfig):
-        max_length: int = 64  # tokens per row
-        nan_at_step: int = -1  # make the loss NaN at this step (a failed run)
+import torch
+from posttrain import LossOutput
+from posttrain.config import TrainingConfig
+from posttrain.ops import token_logps
 
-    class Toy:
-        name = "toy"
-        config_class = ToyConfig
-        dataset_formats = ("language_modeling",)
 
-        def prepare(self, dataset, ctx):
-            tok = ctx.tokenizer
-            return [
-                {"input_ids": [*tok(r["text"]).input_ids[: ctx.config.max_length - 1], tok.eos_token_id]}
-                for r in dataset
-            ]
+@dataclass
+class ToyConfig(TrainingConfig):
+    max_length: int = 64  # tokens per row
+    nan_at_step: int = -1  # make the loss NaN at this step (a failed run)
 
-        def collate(self, rows, ctx):
-            width = max(len(r["input_ids"]) for r in rows)
-            ids = torch.full((len(rows), width), ctx.tokenizer.pad_token_id)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-                mask[i, : len(r["input_ids"])] = 1
-            return {"input_ids": ids, "attention_mask": mask}
 
-        def loss(self, model, batch, ctx):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            n = (labels >= 0).sum()
-            loss_sum = -token_logps(logits[:, :-1], labels).sum()
-            if ctx.step == ctx.config.nan_at_step:
-                loss_sum = loss_sum * float("nan")
-            return LossOutput(loss_sum, n, {"num_tokens": n.float(), "rewards/margins": n.float() / 100})
+class Toy:
+    name = "toy"
+    config_class = ToyConfig
+    dataset_formats = ("language_modeling",)
 
-    return Toy, ToyConfig
+    def prepare(self, dataset, ctx):
+        tok = ctx.tokenizer
+        return [{"input_ids": [*tok(r["text"]).input_ids[: ctx.config.max_length - 1], tok.eos_token_id]} for r in dataset]
+
+    def collate(self, rows, ctx):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), ctx.tokenizer.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, : len(r["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def loss(self, model, batch, ctx):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        n = (labels >= 0).sum()
+        loss_sum = -token_logps(logits[:, :-1], labels).sum()
+        if ctx.step == ctx.config.nan_at_step:
+            loss_sum = loss_sum * float("nan")
+        return LossOutput(loss_sum, n, {"num_tokens": n.float(), "rewards/margins": n.float() / 100})
 
 
 ROWS = [{"text": ("abc " * (1 + i % 5)) + str(i)} for i in range(16)]
+"""
+
+
+@functools.cache
+def _toy():
+    """The toy module (Toy, ToyConfig, ROWS), built once; a module other processes can import from a file too."""
+    module = types.ModuleType("posttrain_trackers_toy")
+    sys.modules[module.__name__] = module  # dataclasses and get_type_hints look the module up
+    exec(TOY_SOURCE, module.__dict__)
+    return module
 
 
 class InterruptAt:
@@ -128,7 +137,6 @@ class Trainer:
     tmp: Path
 
     def config(self, name: str = "run", **fields):
-        _, ToyConfig = _toy()
         values = dict(
             model=str(self.model_dir),
             output_dir=str(self.tmp / name),
@@ -142,23 +150,26 @@ class Trainer:
             seed=0,
         )
         values.update(fields)
-        return ToyConfig(**values)
+        return _toy().ToyConfig(**values)
 
     def train(self, config, callbacks=(), expect_error: type[BaseException] | None = None):
         """Train the toy method with ``callbacks``; returns the rows of metrics.jsonl."""
         from posttrain.loop import train
 
-        Toy, _ = _toy()
+        toy = _toy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # the toy is nobody's experimental method
             if expect_error is None:
-                train(Toy(), config, train_dataset=ROWS, eval_dataset=ROWS[:8], callbacks=list(callbacks))
+                train(toy.Toy(), config, train_dataset=toy.ROWS, eval_dataset=toy.ROWS[:8], callbacks=list(callbacks))
             else:
                 with pytest.raises(expect_error):
-                    train(Toy(), config, train_dataset=ROWS, eval_dataset=ROWS[:8], callbacks=list(callbacks))
+                    train(
+                        toy.Toy(), config, train_dataset=toy.ROWS, eval_dataset=toy.ROWS[:8], callbacks=list(callbacks)
+                    )
         return metrics_rows(config.output_dir)
 
     interrupt_at = InterruptAt
+    toy_source = TOY_SOURCE
 
     @staticmethod
     def expected_points(output_dir) -> dict[str, dict[int, float]]:

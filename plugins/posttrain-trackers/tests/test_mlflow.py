@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -110,12 +111,8 @@ def mlflow_server(store, tmp_path):
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn worker; nothing on them is needed any more
+        proc.wait()
 
 
 @pytest.mark.slow

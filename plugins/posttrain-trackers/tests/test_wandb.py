@@ -86,6 +86,8 @@ def test_interrupted_then_resumed_run_is_one_wandb_run_equal_to_metrics_jsonl(tr
 
     assert (first["summary"]["posttrain/status"], first["exit_code"]) == ("interrupted", 130)
     assert (second["summary"]["posttrain/status"], second["exit_code"]) == ("finished", 0)
-    assert first["artifacts"] == [(f"checkpoint-{first['id']}", ["step-2", "latest"])]
+    assert [(name, sorted(aliases)) for name, aliases in first["artifacts"]] == [
+        (f"checkpoint-{first['id']}", ["latest", "step-2"])
+    ]
     state = json.loads((trainer.tmp / "run" / "trackers.json").read_text())["wandb"]
     assert state["run_id"] == first["id"] and state["project"] == "pt-wandb"
