@@ -52,13 +52,17 @@ class MLflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri=o.tracking_uri)  # None: MLFLOW_TRACKING_URI, else the default
         uri = self.client.tracking_uri
         check_reachable(uri)
-        self.run_id = (saved or {}).get("run_id") or os.environ.get("MLFLOW_RUN_ID")
-        if self.run_id:  # resume: the same run, config already logged
+        saved = saved if saved and saved.get("tracking_uri") == uri else None  # a run of this store only
+        if saved:  # resume: the same run, its config already logged
+            self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            experiment_id = self._experiment_id(o.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME"))
-            tags = {**self._provenance_tags(), **{str(k): str(v) for k, v in o.tags.items()}}
-            self.run_id = self.client.create_run(experiment_id, run_name=self.run_name(), tags=tags).info.run_id
+            self.run_id = os.environ.get("MLFLOW_RUN_ID")  # a run the user created, as mlflow.start_run honours it
+            if self.run_id:
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                experiment_id = self._experiment_id(o.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME"))
+                self.run_id = self.client.create_run(experiment_id, run_name=self.run_name()).info.run_id
             self._log_config(ctx)
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
         return {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
@@ -111,8 +115,11 @@ class MLflowTracker(Tracker):
         return {k: v[:MAX_TAG_LENGTH] for k, v in tags.items() if v}
 
     def _log_config(self, ctx: Any) -> None:
-        from mlflow.entities import Param
+        """Once per MLflow run: the config as params, provenance and the user's tags, the two files as artifacts."""
+        from mlflow.entities import Param, RunTag
 
+        tags = {**self._provenance_tags(), **{str(k): str(v) for k, v in self.options.tags.items()}}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         params = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in flatten(self.run_config(ctx)).items()]
         for i in range(0, len(params), MAX_PARAMS):
             self.client.log_batch(self.run_id, params=params[i : i + MAX_PARAMS])

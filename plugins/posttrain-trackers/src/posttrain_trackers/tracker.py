@@ -139,9 +139,10 @@ class Tracker:
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _begin(self, ctx: Any) -> None:
-        saved = read_state(self.output_dir).get(self.name) if ctx.step > 0 else None  # step > 0: resumed
+        resumed = ctx.step > 0  # the loop restored a checkpoint
+        saved = read_state(self.output_dir).get(self.name) if resumed else None
         state = self.start(ctx, saved)
-        write_state(self.output_dir, self.name, state)
+        write_state(self.output_dir, self.name, state, new_run=not resumed)
 
     def _guarded(self, event: str, func: Any, *args: Any) -> None:
         if self.disabled:
@@ -176,10 +177,18 @@ def read_state(output_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def write_state(output_dir: Path, name: str, state: dict) -> None:
-    """Merge ``state`` under ``name`` into ``trackers.json``, atomically (write a temporary file, then rename)."""
+def write_state(output_dir: Path, name: str, state: dict, new_run: bool = False) -> None:
+    """Merge ``state`` under ``name`` into ``trackers.json``, atomically (write a temporary file, then rename).
+
+    A new run in an overwritten ``output_dir`` drops what an earlier run left: core writes ``provenance.json`` just
+    before ``on_train_begin``, so a ``trackers.json`` older than it belongs to another run, and resuming this one
+    must never reopen that run's tracker runs.
+    """
     path = Path(output_dir) / STATE_FILE
     data = read_state(output_dir)
+    provenance = Path(output_dir) / "provenance.json"
+    if new_run and data and provenance.is_file() and path.stat().st_mtime_ns < provenance.stat().st_mtime_ns:
+        data = {}
     data[name] = state
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
