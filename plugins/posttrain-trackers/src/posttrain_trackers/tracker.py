@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from posttrain import ConfigError
-from posttrain.config import build_config, config_to_dict
+from posttrain.config import build_options, config_to_dict
 
 STATE_FILE = "trackers.json"  # in output_dir: {tracker name: what start() returned}
 PACKAGE = "posttrain-trackers"
@@ -52,12 +52,10 @@ class TrackerOptions:
     run_name: str | None = None  # the run's name in the tracker; default: the last part of output_dir
     log_checkpoints: bool = False  # upload each checkpoint-<step> directory as an artifact when it is saved
 
-    def problems(self) -> list[str]:
-        return []
-
 
 def parse_options(options_class: type, name: str, values: dict[str, Any]) -> Any:
-    """``options_class`` from the mapping ``tracker_options[name]``; every unknown key and wrong type at once."""
+    """``options_class`` from the mapping ``tracker_options[name]``, checked as core checks ``reward_kwargs``; every
+    unknown key (with "did you mean", else the list of options) and wrong type at once."""
     known = [f.name for f in dataclasses.fields(options_class)]
     problems = []
     for key in values:
@@ -67,7 +65,7 @@ def parse_options(options_class: type, name: str, values: dict[str, Any]) -> Any
             problems.append(f"unknown option {key!r} for {name}; {hint}")
     if problems:
         raise ConfigError(problems, f"tracker_options.{name}")
-    return build_config(options_class, dict(values), source=f"tracker_options.{name}")
+    return build_options(options_class, dict(values), source=f"tracker_options.{name}")
 
 
 class Tracker:
