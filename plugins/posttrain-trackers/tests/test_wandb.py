@@ -73,7 +73,8 @@ def test_interrupted_then_resumed_run_is_one_wandb_run_equal_to_metrics_jsonl(tr
     resumed = trainer.config(report_to=["wandb"], tracker_options=options, resume_from_checkpoint="latest")
     trainer.train(resumed, trackers_for(resumed))
 
-    first, second = read_runs(trainer.tmp / "run" / "wandb")  # offline: one directory per process that logged
+    wandb.teardown()  # the W&B service writes run files asynchronously: stop it, so that they are complete
+    first, second = read_runs(trainer.tmp / "run" / "wandb")  # offline: one directory per wandb.init
     assert first["id"] == second["id"]  # the resumed run continued the same W&B run
     points = {k: {**first["points"].get(k, {}), **second["points"].get(k, {})} for k in first["points"]}
     assert points == trainer.expected_points(config.output_dir)

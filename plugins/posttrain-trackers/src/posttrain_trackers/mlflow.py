@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import hookimpl
+from posttrain.hookspecs import CallbackRegistry
 
 from posttrain_trackers.tracker import Tracker, TrackerOptions, tracker_for
 
@@ -154,7 +155,7 @@ def check_reachable(uri: str) -> None:
 
 
 @hookimpl
-def posttrain_add_callbacks(registry: Any, config: Any) -> None:
+def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
     tracker = tracker_for(MLflowTracker, config)
     if tracker is not None:
         registry.add(tracker)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from posttrain import ConfigError
-from posttrain.config import build_options, config_to_dict
+from posttrain.config import build_config, config_to_dict
 
 STATE_FILE = "trackers.json"  # in output_dir: {tracker name: what start() returned}
 PACKAGE = "posttrain-trackers"
@@ -65,7 +65,7 @@ def parse_options(options_class: type, name: str, values: dict[str, Any]) -> Any
             problems.append(f"unknown option {key!r} for {name}; {hint}")
     if problems:
         raise ConfigError(problems, f"tracker_options.{name}")
-    return build_options(options_class, dict(values), source=f"tracker_options.{name}")
+    return build_config(options_class, dict(values), source=f"tracker_options.{name}")
 
 
 class Tracker:

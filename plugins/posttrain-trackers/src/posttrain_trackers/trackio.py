@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import hookimpl
+from posttrain.hookspecs import CallbackRegistry
 
 from posttrain_trackers.tracker import Tracker, TrackerOptions, tracker_for
 
@@ -75,7 +76,7 @@ class TrackioTracker(Tracker):
 
 
 @hookimpl
-def posttrain_add_callbacks(registry: Any, config: Any) -> None:
+def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
     tracker = tracker_for(TrackioTracker, config)
     if tracker is not None:
         registry.add(tracker)

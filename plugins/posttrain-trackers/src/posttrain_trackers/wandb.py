@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain import hookimpl
+from posttrain.hookspecs import CallbackRegistry
 
 from posttrain_trackers.tracker import Tracker, TrackerOptions, tracker_for
 
@@ -80,7 +81,7 @@ class WandbTracker(Tracker):
 
 
 @hookimpl
-def posttrain_add_callbacks(registry: Any, config: Any) -> None:
+def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
     tracker = tracker_for(WandbTracker, config)
     if tracker is not None:
         registry.add(tracker)
