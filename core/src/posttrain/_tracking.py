@@ -300,32 +300,10 @@ class ProgressBar:
             self.progress.stop()
 
 
-#: ``report_to`` names that a plugin package provides (its ``posttrain.plugins`` entry point has the same name),
-#: so that naming one that is not installed says what to install instead of being silently ignored.
-TRACKER_PACKAGES = {
-    "wandb": "posttrain-trackers[wandb]",
-    "mlflow": "posttrain-trackers[mlflow]",
-    "trackio": "posttrain-trackers[trackio]",
-}
-
-
 def build_loggers(config: Any, output_dir: Path, resume_step: int | None) -> list[Any]:
     loggers: list[Any] = [JsonlLogger(output_dir, resume_step)]
     wanted = {r.lower() for r in config.report_to}
     # names other than these (e.g. "wandb") are for plugin callbacks to recognise
     if "tensorboard" in wanted or "all" in wanted:
         loggers.append(TensorBoardLogger(output_dir))
-    missing = sorted(wanted & set(TRACKER_PACKAGES))
-    if missing:
-        from posttrain import _discovery as discovery
-
-        provided = {e.name for e in discovery.discover(("plugin",))}  # a broken one was reported when it loaded
-        missing = [n for n in missing if n not in provided]
-    for name in missing:
-        warnings.warn(
-            f"report_to names {name!r}, but no installed plugin provides it, so this run is not logged to {name} "
-            f"(metrics.jsonl has every row). Install it with `pip install '{TRACKER_PACKAGES[name]}'`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     return loggers

@@ -28,6 +28,7 @@ def test_interrupted_then_resumed_run_is_one_trackio_run_equal_to_metrics_jsonl(
     alerts = SQLiteStorage.get_alerts("pt-trackio", "toy-1")
     assert [(a["title"], a["level"], a["step"]) for a in alerts] == [("training interrupted", "warn", 2)]
 
+    options = {"trackio": {"project": "pt-trackio", "run_name": "toy-1"}}  # a resumed run may change them
     resumed = trainer.config(report_to=["trackio"], tracker_options=options, resume_from_checkpoint="latest")
     rows = trainer.train(resumed, trackers_for(resumed))
 

@@ -205,16 +205,17 @@ def _provided_names() -> set[str]:
 
 
 def _check_spelling(config: Any, name: str) -> None:
-    """A ``report_to`` name or ``tracker_options`` key that is one typo away from ``name`` and that no installed
-    plugin provides is a config error, reported before the model loads."""
-    candidates = [str(n) for n in config.report_to] + [str(k) for k in getattr(config, "tracker_options", {}) or {}]
-    typos = [
-        c for c in candidates if c.lower() != name and difflib.get_close_matches(c.lower(), [name], n=1, cutoff=0.8)
-    ]
-    typos = [t for t in dict.fromkeys(typos) if t not in _provided_names()]
+    """A ``tracker_options`` key one typo away from ``name`` that no installed plugin provides is a config error,
+    reported before the model loads (core checks the ``report_to`` names themselves the same way)."""
+    keys = [str(k) for k in getattr(config, "tracker_options", None) or {}]
+    typos = [k for k in keys if k != name and difflib.get_close_matches(k.lower(), [name], n=1, cutoff=0.8)]
+    typos = [t for t in typos if t not in _provided_names()]
     if typos:
         raise ConfigError(
-            [f"{t!r} is not a tracker any installed plugin provides; did you mean {name!r}?" for t in typos]
+            [
+                f"tracker_options has options for {t!r}, which no installed plugin provides; did you mean {name!r}?"
+                for t in typos
+            ]
         )
 
 
