@@ -231,7 +231,7 @@ def discover(kinds: tuple[str, ...] = ("method", "reward", "plugin")) -> list[En
         if "[posttrain." not in text:
             continue
         try:
-            package = dist.metadata["Name"] or ""
+            package = dist.metadata.get("Name") or ""
         except Exception:  # unreadable METADATA; nothing to show it under
             continue
         key = normalize(package)
@@ -266,7 +266,9 @@ def discover(kinds: tuple[str, ...] = ("method", "reward", "plugin")) -> list[En
                 value=ep.value,
                 package=package,
                 version=dist.version or "?",
-                summary=(dist.metadata["Summary"] or "").strip(),
+                # .get: the importlib_metadata backport (imported by mlflow, OpenTelemetry ...) takes over
+                # importlib.metadata's finders, and its metadata raises KeyError for a missing field
+                summary=(dist.metadata.get("Summary") or "").strip(),
                 status=declared,
                 declared_status=declared,
                 requires_core=requires,
