@@ -217,7 +217,11 @@ def test_the_yaml_example_runs_from_the_command_line(sft_model_dir, tmp_path, mo
     yaml_path = PLUGIN / "configs" / "tiny.yaml"
     first_comment = yaml_path.read_text().splitlines()[0]
     assert first_comment.startswith("# posttrain train sft --config plugins/posttrain-sft/configs/tiny.yaml")
-    monkeypatch.chdir(PLUGIN.parents[1])  # the command runs from the repository root
+    # The command runs from the repository root, where plugins/posttrain-sft/... resolves; a link makes that
+    # true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-sft").symlink_to(PLUGIN, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "root")
     out = tmp_path / "cli"
     code = main(
         [
