@@ -47,6 +47,7 @@ class FakeSite:
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
+        commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
         code: str | None = None,
@@ -69,6 +70,7 @@ class FakeSite:
             ("posttrain.methods", methods),
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
+            ("posttrain.commands", commands),
         ):
             if items:
                 eps.append(f"[{group}]")

@@ -295,7 +295,7 @@ CASES = [
     Case("unknown-method-close", "dpp", ["--dataset", "{tmp}/pairs.jsonl"], 2,
          ["unknown method 'dpp'"], ["Did you mean 'dpo'?"]),
     Case("unknown-method-far", "zzz-method", [], 2,
-         ["unknown method 'zzz-method'"], ["pip install posttrain-zzz-method", "`posttrain list`"]),
+         ["unknown method 'zzz-method'"], ["`posttrain install zzz-method`", "`posttrain list`"]),
     Case("unknown-reward", "grpo", ["--dataset", "{tmp}/prompts.jsonl", "--reward_funcs", "acuracy"], 2,
          ["unknown reward 'acuracy'"], ["Did you mean 'accuracy'?"], {"prompts.jsonl": PROMPTS}),
     Case("online-method-without-reward", "grpo", ["--dataset", "{tmp}/prompts.jsonl"], 2,

@@ -92,7 +92,9 @@ def _links(entry: dict) -> str:
     """Official packages link their page in these docs; third-party ones their own URLs."""
     links = []
     if entry.get("origin") == "official":
-        pages = [f"methods/{m}.md" for m in entry.get("methods", [])] or (["rewards.md"] if entry.get("rewards") else [])
+        pages = [f"methods/{m}.md" for m in entry.get("methods", [])] or (
+            ["rewards.md"] if entry.get("rewards") else []
+        )
         links += [f"[docs]({page})" for page in pages if (DOCS / page).is_file()]
     elif entry.get("docs"):
         links.append(f"[docs]({entry['docs']})")
@@ -134,7 +136,7 @@ def render(index: dict) -> str:
         "",
         "Every package here installs with `posttrain install NAME`, where NAME is the package, its short",
         "form (`dpo` for posttrain-dpo) or a method, reward or command it provides. The same list answers",
-        '"method \'dpo\' is not installed; it is provided by posttrain-dpo: run `posttrain install dpo`".',
+        "\"method 'dpo' is not installed; it is provided by posttrain-dpo: run `posttrain install dpo`\".",
         "**stable** packages follow semver; **experimental** ones may change in any release (see the",
         "[promotion policy](promotion.md)). The core range is the `posttrain` versions a package supports;",
         "`posttrain install` keeps the installed core and refuses a package whose range excludes it.",
@@ -149,7 +151,7 @@ def render(index: dict) -> str:
     ]
     if unpublished:
         lines += [
-            "!!! note \"Not on PyPI yet\"",
+            '!!! note "Not on PyPI yet"',
             "    The official packages are not published on PyPI yet. `posttrain install dpo` installs them",
             "    from the `plugins/` folder of the source checkout your core was installed from (see",
             "    [posttrain install](cli.md#posttrain-install)); without a checkout it says so and how to get one.",
@@ -202,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     index_text = json.dumps(index, indent=2) + "\n"
     page_text = render(index)
     stale = [
-        path for path, text in ((INDEX, index_text), (PAGE, page_text)) if not path.is_file() or path.read_text() != text
+        path
+        for path, text in ((INDEX, index_text), (PAGE, page_text))
+        if not path.is_file() or path.read_text() != text
     ]
     if args.check:
         for path in stale:

@@ -357,8 +357,8 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
         hint = _suggest(name, known)
         listing = f" Installed: {', '.join(known)}." if known else f" No {kind} plugins are installed."
         install = (
-            f" If it is published, install it with `posttrain install posttrain-{name}`; `posttrain list` shows "
-            "what is installed."
+            f" If it is published as posttrain-{name}, install it with `posttrain install {name}`; `posttrain list` "
+            "shows what is installed."
             if kind == "method" and not hint
             else ""
         )

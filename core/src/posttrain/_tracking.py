@@ -147,9 +147,9 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def _duration(seconds: float) -> str:
+def _duration(value: float) -> str:
     """``42s``, ``3m05s``, ``2h07m``: short enough for a log line."""
-    seconds = int(round(seconds))
+    seconds = round(value)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:

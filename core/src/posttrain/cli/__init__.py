@@ -26,7 +26,10 @@ COMMANDS = {
         "Validate a dataset file against a method's format, before any model loads.",
     ),
     "schema": ("posttrain.cli.schema", "Print the JSON Schema of a method's config (editors validate run.yaml)."),
-    "generate": ("posttrain.cli.generate", "Generate text from a model directory: posttrain generate DIR --prompt TEXT."),
+    "generate": (
+        "posttrain.cli.generate",
+        "Generate text from a model directory: posttrain generate DIR --prompt TEXT.",
+    ),
     "chat": ("posttrain.cli.chat", "Chat with a model directory in the terminal."),
     "install": ("posttrain.cli.install", "Install plugin packages (by name, path or URL), keeping the core as it is."),
     "uninstall": ("posttrain.cli.install", "Uninstall plugin packages."),
@@ -119,9 +122,10 @@ def _dispatch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = _dispatch(argv)
-        sys.stdout.flush()  # inside the try: a reader that went away (`| head`) shows up here, not at exit
-        return code
+        try:
+            return _dispatch(argv)
+        finally:  # argparse's --help exits through here too
+            sys.stdout.flush()  # a reader that went away (`| head`) shows up here, not at interpreter exit
     except BrokenPipeError:
         # The reader closed the pipe: nothing more can be shown, so stop quietly. Point stdout at devnull
         # so the interpreter's final flush does not raise again.

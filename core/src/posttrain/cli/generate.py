@@ -21,7 +21,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a directory saved with save_pretrained (a run's output_dir)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens generated per answer (default 256)")
     p.add_argument("--temperature", type=float, help="sampling temperature; 0 means greedy (default: the model's)")
-    p.add_argument("--top_p", type=float, help="nucleus sampling: keep the smallest set with this mass (default: model's)")
+    p.add_argument(
+        "--top_p", type=float, help="nucleus sampling: keep the smallest set with this mass (default: model's)"
+    )
     p.add_argument("--top_k", type=int, help="sample among the k likeliest tokens; 0 disables (default: the model's)")
     p.add_argument("--seed", type=int, help="seed for sampling, for a reproducible answer")
     p.add_argument("--system", help="a system message put before the conversation (chat template only)")
@@ -79,10 +81,9 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from types import SimpleNamespace
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     from posttrain.models import load_causal_lm, load_tokenizer
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the answer is the output; no loading bars around it
     path = Path(args.model_dir).expanduser()

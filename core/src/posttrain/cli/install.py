@@ -335,7 +335,9 @@ def install(argv: list[str]) -> int:
         constraint.write_text(f"posttrain=={core}\n")
         pip_args = ["install", "-c", str(constraint), *flags, *[a for t in targets for a in t.pip_args]]
         if args.dry_run:
-            print(" ".join([sys.executable, "-m", "pip", *pip_args]).replace(str(constraint), "<posttrain==" + core + ">"))
+            print(
+                " ".join([sys.executable, "-m", "pip", *pip_args]).replace(str(constraint), "<posttrain==" + core + ">")
+            )
             return 0
         _require_pip()
         before = _snapshot()
