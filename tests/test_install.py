@@ -135,6 +135,9 @@ def test_names_resolve_to_the_checkout_or_the_index(checkout, index):
     assert install.resolve("nothing", checkout, False, False, False).pip_args == ["posttrain-nothing"]
     assert install.resolve("nothing", checkout, False, False, exact=True).pip_args == ["nothing"]
     assert install.resolve("zzdemo[extra]", None, False, True, False).pip_args == ["posttrain-zzdemo[extra]"]
+    local = checkout / "plugins" / "posttrain-zzdemo"
+    assert install.resolve(str(local), None, True, False, False).pip_args == [str(local)]  # a path: as given
+    assert install.resolve(str(local), None, False, False, False, editable_paths=True).pip_args == ["-e", str(local)]
     url = "git+https://example.org/acme/simpo.git"
     assert install.resolve(url, checkout, False, False, False).pip_args == [url]
 

@@ -187,3 +187,9 @@ def test_info_without_a_shipped_schema_imports_and_says_so(fake_site, toy_method
     assert "max_length" in captured.out and "tokens per row" in captured.out
     assert main(["info", "toy", "--no-import"]) == 0
     assert "none shipped" in capsys.readouterr().out
+
+
+def test_info_json(capsys):
+    assert main(["info", "dpo", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["entry"]["package"] == "posttrain-dpo" and data["schema"]["title"] == "DPOConfig"

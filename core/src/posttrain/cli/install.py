@@ -162,8 +162,14 @@ def _check_core_range(label: str, requirements: list[str]) -> None:
             )
 
 
-def resolve(name: str, checkout: Path | None, editable: bool, use_index: bool, exact: bool) -> Target:
-    """What pip is given for one NAME (see the module docstring for the rules)."""
+def resolve(
+    name: str, checkout: Path | None, editable: bool, use_index: bool, exact: bool, editable_paths: bool = False
+) -> Target:
+    """What pip is given for one NAME (see the module docstring for the rules).
+
+    ``editable`` applies to packages taken from the checkout (it follows the core's install mode);
+    ``editable_paths`` to directories given by path (``--editable``).
+    """
     if URL_RE.match(name):
         return Target(name, [name], None, "url")
     looks_like_path = os.sep in name or "/" in name or name.startswith(".") or name.endswith(ARCHIVES)
@@ -178,7 +184,7 @@ def resolve(name: str, checkout: Path | None, editable: bool, use_index: bool, e
         if project and plugin_index.normalize(project) == "posttrain":
             _refuse_core(project)
         _check_core_range(f"{project or path.name} ({path})", requires)
-        args = ["-e", str(path.resolve())] if editable and path.is_dir() else [str(path.resolve())]
+        args = ["-e", str(path.resolve())] if editable_paths and path.is_dir() else [str(path.resolve())]
         return Target(name, args, project, "path")
     m = REQUIREMENT_RE.fullmatch(name.strip())
     if not m:
@@ -324,7 +330,7 @@ def install(argv: list[str]) -> int:
 
     checkout = None if args.index else source_checkout()
     editable = args.editable or (checkout is not None and core_is_editable())
-    targets = [resolve(n, checkout, editable, args.index, args.exact) for n in args.names]
+    targets = [resolve(n, checkout, editable, args.index, args.exact, editable_paths=args.editable) for n in args.names]
     core = discovery.core_version()
     flags = [f for f, on in (("--upgrade", args.upgrade), ("--force-reinstall", args.force_reinstall)) if on]
     flags += [f for f, on in (("--no-cache-dir", args.no_cache_dir), ("--pre", args.pre)) if on]
