@@ -202,8 +202,7 @@ def resolve(
         _refuse_core(name)
     local = checkout / "plugins" / plugin_index.normalize(package) if checkout else None
     if local and not use_index and not spec and (local / "pyproject.toml").is_file():
-        project, requires = _project_of(local)
-        _check_core_range(f"{package} ({local})", requires)
+        _check_core_range(f"{package} ({local})", _project_of(local)[1])
         target = f"{local}{extras}"
         return Target(name, ["-e", target] if editable else [target], package, "checkout")
     return Target(name, [f"{package}{extras}{spec}"], package, "index")
