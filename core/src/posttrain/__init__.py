@@ -12,39 +12,54 @@ from posttrain._errors import (
     ExperimentalWarning,
     PluginError,
     PosttrainError,
+    RowProblem,
 )
 
 TYPE_CHECKING = False  # not imported from typing: keeps `import posttrain` (and `posttrain list`) cheap
 if TYPE_CHECKING:  # pragma: no cover
-    from posttrain._method import LossOutput, Method, TrainContext
+    from posttrain._method import Callback, LossOutput, Method, Metric, TrainContext, TrainOutcome
     from posttrain.config import TrainingConfig
     from posttrain.hookspecs import hookimpl
+    from posttrain.loop import TrainResult, train
 
-#: Version of the plugin API (hookspecs, the Method protocol, posttrain.testing).
-#: Equal to core's ``major.minor``; plugins declare ``Requires-Dist: posttrain>=X.Y,<X+1``.
-API_VERSION = "0.1"
+#: Version of the plugin API: the names in ``__all__`` here and in the public modules (``posttrain.config``,
+#: ``.data``, ``.models``, ``.ops``, ``.rewards``, ``.generation``, ``.loop``, ``.hookspecs``, ``.testing``).
+#: A minor release only adds; a major release may remove or change (see docs/api.md, "Compatibility").
+#: Plugins declare ``Requires-Dist: posttrain>=X.Y,<X+1``.
+API_VERSION = "1.0"
 
 __all__ = [
     "API_VERSION",
+    "Callback",
     "ConfigError",
     "DataError",
     "ExperimentalWarning",
     "LossOutput",
     "Method",
+    "Metric",
     "PluginError",
     "PosttrainError",
+    "RowProblem",
     "TrainContext",
+    "TrainOutcome",
+    "TrainResult",
     "TrainingConfig",
     "__version__",
     "hookimpl",
+    "train",
 ]
 
 _LAZY = {
     "hookimpl": ("posttrain.hookspecs", "hookimpl"),
+    "Callback": ("posttrain._method", "Callback"),
     "LossOutput": ("posttrain._method", "LossOutput"),
     "Method": ("posttrain._method", "Method"),
+    "Metric": ("posttrain._method", "Metric"),
     "TrainContext": ("posttrain._method", "TrainContext"),
+    "TrainOutcome": ("posttrain._method", "TrainOutcome"),
     "TrainingConfig": ("posttrain.config", "TrainingConfig"),
+    "TrainResult": ("posttrain.loop", "TrainResult"),
+    "train": ("posttrain.loop", "train"),
 }
 
 
@@ -62,3 +77,7 @@ def __getattr__(name: str) -> object:
         module_name, attr = _LAZY[name]
         return getattr(importlib.import_module(module_name), attr)
     raise AttributeError(f"module 'posttrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,7 +12,12 @@ Layout (transformers-compatible: ``from_pretrained("out/checkpoint-20")`` works)
         optimizer.pt, scheduler.pt        # torch state dicts
         rng_state_<rank>.pt               # python, numpy, torch (and CUDA) RNG, per process
         method_state.pt                   # the method's own state, when it has one
-        trainer_state.json                # step, epoch; written last
+        rollout_cache_<rank>.pt           # rolled-out batches of an unfinished batch_reuse group
+        trainer_state.json                # step, epoch, metric totals; written last
+
+Every ``.pt`` file is loaded with ``torch.load(weights_only=True)``: only tensors, numbers, strings,
+lists, tuples and dicts come back, so a planted pickle payload cannot run code on resume. States are
+converted to those types when saved (the numpy RNG state's array becomes a tensor).
 """
 
 from __future__ import annotations
@@ -50,10 +55,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG the run uses, as weights_only-loadable values (tensors, ints, lists, strings)."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,11 +75,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load(path: Path, map_location: Any = None) -> Any:
+    """``torch.load`` restricted to plain data: a checkpoint file never runs code."""
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,6 +115,7 @@ def save_checkpoint(
     tokenizer=None,
     method=None,
     state: dict | None = None,
+    rollout_cache: dict | None = None,
     save_total_limit: int | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically; every process must call this (collective)."""
@@ -110,6 +132,12 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        if rollout_cache:
+            cpu = {
+                k: {n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in b.items()}
+                for k, b in rollout_cache.items()
+            }
+            torch.save(cpu, tmp / f"rollout_cache_{accelerator.process_index}.pt")
         if main:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(tmp, safe_serialization=True)
@@ -117,8 +145,9 @@ def save_checkpoint(
                 tokenizer.save_pretrained(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if method is not None and hasattr(method, "state_dict"):
-                torch.save(method.state_dict(), tmp / "method_state.pt")
+            method_state = getattr(method, "state_dict", None) if method is not None else None
+            if method_state is not None:
+                torch.save(method_state(), tmp / "method_state.pt")
             # trainer_state.json last: its presence marks a complete checkpoint
             (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}, indent=2))
             for file in tmp.iterdir():
@@ -194,7 +223,6 @@ def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | Non
 
 def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, scheduler, method=None) -> dict:
     """Restore model, optimizer, scheduler, method state and this process's RNG; return trainer state."""
-    import torch
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -218,13 +246,16 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
                 raise ValueError(
                     f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        if method is not None and hasattr(method, "load_state_dict") and (path / "method_state.pt").is_file():
-            method.load_state_dict(torch.load(path / "method_state.pt", weights_only=False))
+        optimizer.load_state_dict(_load(path / "optimizer.pt", map_location="cpu"))
+        scheduler.load_state_dict(_load(path / "scheduler.pt"))
+        load_method_state = getattr(method, "load_state_dict", None) if method is not None else None
+        if load_method_state is not None and (path / "method_state.pt").is_file():
+            load_method_state(_load(path / "method_state.pt"))
         rng_file = path / f"rng_state_{accelerator.process_index}.pt"
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            _set_rng_state(_load(rng_file))
+        cache_file = path / f"rollout_cache_{accelerator.process_index}.pt"
+        state["rollout_cache"] = _load(cache_file) if cache_file.is_file() else {}
     except Exception as exc:  # any unreadable piece means the checkpoint cannot be trusted
         m = _CHECKPOINT_RE.match(path.name)
         earlier = [p for p in list_checkpoints(path.parent) if m and int(p.name.split("-")[1]) < int(m.group(1))]

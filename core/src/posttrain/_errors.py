@@ -1,4 +1,4 @@
-"""Exceptions and warnings users see. Imports nothing heavy."""
+"""Exceptions, warnings and row problems users see. Imports nothing but the standard library."""
 
 from __future__ import annotations
 
@@ -25,8 +25,87 @@ class ConfigError(PosttrainError, ValueError):
         super().__init__(message)
 
 
+class RowProblem:
+    """One bad row: where, which field, what is wrong, how to fix it.
+
+    Methods return these from ``check_rows`` and raise them inside :class:`DataError`; the message is
+    formatted once, at the edge (``posttrain check-data`` lists them, ``train`` names the file).
+
+    Attributes:
+        row: index of the row in the dataset, counted from 0 in file order (``-1``: the dataset as a whole).
+        field: the column (``"chosen"``), or ``"/"``-joined columns when several are involved.
+        problem: what is wrong, phrased to follow "field 'x' ..." (``"is missing"``, ``"is empty"``).
+        fix: how to fix it, a full sentence (may be empty).
+
+    .. versionadded:: 1.0 (in ``posttrain.data`` since 0.1)
+    """
+
+    __slots__ = ("field", "fix", "problem", "row")  # a plain class: dataclasses would slow `posttrain list`
+
+    def __init__(self, row: int, field: str, problem: str, fix: str = ""):
+        self.row, self.field, self.problem, self.fix = row, field, problem, fix
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RowProblem) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.row, self.field, self.problem, self.fix))
+
+    def __repr__(self) -> str:
+        return f"RowProblem(row={self.row!r}, field={self.field!r}, problem={self.problem!r}, fix={self.fix!r})"
+
+    def as_dict(self) -> dict:
+        return {"row": self.row, "field": self.field, "problem": self.problem, "fix": self.fix}
+
+    def message(self, source: str = "the dataset") -> str:
+        if self.row < 0:
+            text = f"{source}: field {self.field!r} {self.problem}" if self.field else f"{source}: {self.problem}"
+        else:
+            text = f"row {self.row} of {source}: field {self.field!r} {self.problem}"
+        return f"{text}. {self.fix}" if self.fix else text
+
+
 class DataError(PosttrainError, ValueError):
-    """A dataset problem; the message names the file, the row and the field."""
+    """A dataset problem. Carries the :class:`RowProblem` values it is about, when it is about rows.
+
+    ``DataError("text")`` for a problem with the file as a whole; ``DataError(problems)`` for bad rows:
+    the message names the first one, how many more there are, and the ``check-data`` command that lists
+    them all. :meth:`for_source` re-formats it for a named file and method (the loop does this), so no
+    message is ever rewritten or parsed.
+    """
+
+    def __init__(
+        self, problems: str | RowProblem | list[RowProblem], *, source: str | None = None, method: str | None = None
+    ):
+        if isinstance(problems, str):
+            self.problems: list[RowProblem] = []
+            self.text: str | None = problems
+        else:
+            self.problems = [problems] if isinstance(problems, RowProblem) else list(problems)
+            self.text = None
+        self.source, self.method = source, method
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if self.text is not None:
+            return f"{self.source}: {self.text}" if self.source and self.source not in self.text else self.text
+        if not self.problems:
+            return f"{self.source or 'the dataset'} has a problem that was not described"
+        source = self.source or "the dataset"
+        text = self.problems[0].message(source).rstrip(".") + "."
+        more = len(self.problems) - 1
+        if more:
+            text += f" ({more} more problem{'s' if more > 1 else ''} in other rows.)"
+        command = f"posttrain check-data {self.method or 'METHOD'} {self.source or 'FILE'}"
+        return f"{text} Run `{command}` to list every bad row."
+
+    def for_source(self, source: str, method: str | None = None) -> DataError:
+        """The same error, naming ``source`` (a file) and ``method`` in its message and check-data hint."""
+        again = DataError(
+            self.problems if self.text is None else self.text, source=source, method=method or self.method
+        )
+        again.__cause__ = self.__cause__
+        return again
 
 
 class PluginError(PosttrainError):
@@ -47,3 +126,4 @@ PosttrainError.__module__ = "posttrain"
 ConfigError.__module__ = "posttrain"
 DataError.__module__ = "posttrain"
 PluginError.__module__ = "posttrain"
+RowProblem.__module__ = "posttrain"

@@ -234,10 +234,17 @@ def build_config(config_class: type, values: dict[str, Any], source: str | None 
     if problems:
         raise ConfigError(problems, source)
     config = config_class(**kwargs)
-    problems = config.problems()
+    check = getattr(config, "problems", None)  # TrainingConfig's cross-field checks; plain options have none
+    problems = check() if callable(check) else []
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def build_options(options_class: type, values: dict[str, Any], source: str) -> Any:
+    """A plugin's options dataclass (a reward's, a tracker's) from raw values, checked like a config:
+    unknown keys get a "did you mean", values are coerced to the field types, every problem is reported."""
+    return build_config(options_class, values, source)
 
 
 def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, overrides: dict | None = None):

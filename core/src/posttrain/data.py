@@ -19,11 +19,10 @@ rejected (:func:`extract_prompt`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain._errors import DataError
+from posttrain._errors import DataError, RowProblem
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -35,20 +34,6 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     "unpaired_preference": (("prompt", "completion", "label"),),
 }
 _SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-@dataclass
-class RowProblem:
-    """One bad row: where, which field, what is wrong, how to fix it."""
-
-    row: int
-    field: str
-    problem: str
-    fix: str = ""
-
-    def message(self, source: str = "the dataset") -> str:
-        text = f"row {self.row} of {source}: field {self.field!r} {self.problem}"
-        return f"{text}. {self.fix}" if self.fix else text
 
 
 def load_dataset(path_or_name: Any, split: str = "train"):
@@ -250,12 +235,11 @@ def validate(
     return problems
 
 
-def check(dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset") -> None:
-    """Raise :class:`DataError` for the first bad row, pointing at ``posttrain check-data``."""
-    problems = validate(dataset, formats, source, limit=1)
+def check(dataset: Any, formats: tuple[str, ...] | str, source: str | None = None) -> None:
+    """Raise :class:`DataError` carrying every bad row's :class:`RowProblem` (its message names the first)."""
+    problems = validate(dataset, formats, source or "the dataset")
     if problems:
-        text = problems[0].message(source).rstrip(".")
-        raise DataError(text + ". Run `posttrain check-data METHOD FILE` to list every bad row.")
+        raise DataError(problems, source=source)
 
 
 def extract_prompt(row: dict) -> dict:

@@ -162,3 +162,17 @@ def load_teacher(path: str, tokenizer: Any, config: Any, device: Any = None):
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher.to(device) if device is not None else teacher
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any):
+    """Run ``model`` in eval mode (no dropout noise; gradient checkpointing inactive), then restore its mode.
+
+    Online methods score their own samples this way: the old and reference log-probs of a rollout.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -44,3 +44,42 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     n = valid.sum(-1)
     mean_logits = (logits.detach().float().mean(-1) * valid).sum(-1) / n.clamp(min=1)
     return per_token.sum(-1), n, mean_logits
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_width: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the last ``completion_width`` tokens of each row, at a sampling temperature.
+
+    Args:
+        model: a causal LM (called with ``logits_to_keep`` so only completion positions reach the LM head).
+        input_ids, attention_mask: (N, P + C), a left-padded prompt followed by the right-padded completion.
+        completion_width: C.
+        temperature: logits are divided by it, as when the completions were sampled.
+        with_entropy: also return the per-token entropy (detached).
+
+    Returns:
+        (logps (N, C) float32, entropy (N, C) or None).
+    """
+    # positions count real tokens only, as generate() numbers them after left padding
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=completion_width + 1,
+    ).logits[:, :-1]  # (N, C, V)
+    logits = logits.float() / temperature
+    logps = token_logps(logits, input_ids[:, -completion_width:])
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            log_p = torch.log_softmax(logits.detach(), dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+    return logps, entropy

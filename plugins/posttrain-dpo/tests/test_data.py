@@ -7,7 +7,7 @@ to one id, and the special tokens <pad>=0, <|end|>=1 (EOS), <|user|>=3, <|assist
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError
+from posttrain import ConfigError, DataError, RowProblem
 from posttrain_dpo import DPO, DPOConfig
 from posttrain_dpo.data import collate_pairs, tokenize_dataset, tokenize_row
 
@@ -146,7 +146,8 @@ def test_bad_rows_raise_naming_row_and_field(dpo_tokenizer, bad, field, words):
 def test_check_rows_lists_every_bad_row():
     rows = datasets.Dataset.from_list([GOOD, {**GOOD, "chosen": None}, GOOD, {**GOOD, "rejected": None}])
     problems = DPO().check_rows(rows)
-    assert len(problems) == 2 and "row 1" in problems[0] and "row 3" in problems[1]
+    assert [(p.row, p.field) for p in problems] == [(1, "chosen"), (3, "rejected")]
+    assert all(isinstance(p, RowProblem) and p.problem == "is missing" for p in problems)
 
 
 def test_config_reports_every_problem_at_once():

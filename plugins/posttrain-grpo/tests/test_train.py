@@ -30,7 +30,7 @@ def test_grpo_raises_the_verifier_reward(grpo_echo_model, tmp_path):
         reward_funcs=["echo_exact"],
         max_steps=40,
         learning_rate=3e-3,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=64,  # completions: 8 prompts x 8
         num_generations=8,
         max_completion_length=4,
         logging_steps=1,
@@ -93,7 +93,7 @@ def test_kl_and_multi_iteration_runs(grpo_tiny_model, grpo_echo_rows, tmp_path, 
         reward_funcs=["grpo_first_is_digit"],
         max_steps=4,
         learning_rate=1e-2,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=8,  # completions: 2 prompts x 4
         num_generations=4,
         max_completion_length=4,
         logging_steps=1,
@@ -113,3 +113,29 @@ def test_kl_and_multi_iteration_runs(grpo_tiny_model, grpo_echo_rows, tmp_path, 
     if fields.get("num_iterations"):  # steps 1 and 3 train on the rollouts of steps 0 and 2 again
         rewards = [row["reward"] for row in history if "loss" in row]
         assert rewards[0] == rewards[1] and rewards[2] == rewards[3]
+
+
+def test_num_iterations_uses_every_prompt_once_per_epoch(grpo_tiny_model, tmp_path):
+    """mu = 2 over 8 prompts, 2 per step: 4 data steps x 2 optimizer steps each. Every prompt is rolled out
+    exactly once (TRL's repeat sampler), none is dropped, and each rollout is trained on twice."""
+    seen = []
+
+    def record(prompts, completions, **columns):
+        seen.extend(prompts[:: len(prompts) // 2])  # one entry per prompt of the micro-batch
+        return [float(c[:1].isdigit()) for c in completions]
+
+    rows = [{"prompt": f"q{i}="} for i in range(8)]
+    config = GRPOConfig(
+        model=str(grpo_tiny_model),
+        output_dir=str(tmp_path / "run"),
+        num_iterations=2,
+        num_train_epochs=1,
+        per_device_train_batch_size=8,  # 2 prompts x 4 completions
+        num_generations=4,
+        max_completion_length=3,
+        logging_steps=1,
+        save_steps=0,
+        disable_progress_bar=True,
+    )
+    result = train(GRPO(), config, train_dataset=rows, rewards={"record": record})
+    assert result.global_step == 8 and sorted(seen) == sorted(r["prompt"] for r in rows)

@@ -29,7 +29,7 @@ def test_rloo_raises_the_verifier_reward(rloo_echo_model, tmp_path):
         reward_funcs=["echo_exact"],
         max_steps=40,
         learning_rate=3e-3,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=64,  # completions: 8 prompts x 8
         num_generations=8,
         max_completion_length=4,
         logging_steps=1,

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-from posttrain._errors import DataError
-from posttrain.data import RowProblem
+from posttrain._errors import DataError, PluginError, RowProblem
 
 
 def read_rows(path: str) -> list[dict]:
@@ -45,14 +43,22 @@ def read_rows(path: str) -> list[dict]:
     return load_dataset(path).to_list()
 
 
-def _as_problem(item) -> RowProblem:
-    """``check_rows`` returns messages ("row 3 of the dataset: field 'chosen' ...") or RowProblems; read both."""
-    if isinstance(item, RowProblem):
-        return item
-    m = re.match(r"^(?:[^:]*: )?row (\d+) of .*?: field '([^']*)' (.*)$", str(item), re.DOTALL)
-    if m is None:
-        return RowProblem(-1, "", str(item))
-    return RowProblem(int(m.group(1)), m.group(2), m.group(3))
+def _method_problems(method_class, rows: list[dict]) -> list[RowProblem]:
+    """The method's own ``check_rows``, held to the contract: a list of RowProblem values."""
+    from posttrain._method import optional_member
+
+    check_rows = optional_member(method_class(), "check_rows")
+    if check_rows is None:
+        return []
+    found = list(check_rows(rows))
+    wrong = [item for item in found if not isinstance(item, RowProblem)]
+    if wrong:
+        raise PluginError(
+            f"{method_class.__module__}.{method_class.__qualname__}.check_rows returned {type(wrong[0]).__name__} "
+            f"{wrong[0]!r}; the Method protocol asks for posttrain.RowProblem values (row, field, problem, fix). "
+            "Update the plugin."
+        )
+    return found
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -73,10 +79,9 @@ def run(command: str, argv: list[str]) -> int:
     rows = read_rows(args.file)
     source = Path(args.file).name
     problems = validate(rows, formats, source, args.limit) if formats else []
-    check_rows = getattr(method_class, "check_rows", None)  # an instance method: `Method.check_rows(dataset)`
-    if check_rows is not None and (args.limit is None or len(problems) < args.limit):
+    if args.limit is None or len(problems) < args.limit:
         seen = {(q.row, q.field) for q in problems}
-        extra = [_as_problem(item) for item in method_class().check_rows(rows)]
+        extra = _method_problems(method_class, rows)
         problems += [q for q in extra if (q.row, q.field) not in seen and not seen.add((q.row, q.field))]
         problems.sort(key=lambda q: q.row)
     if args.limit is not None:
@@ -91,7 +96,7 @@ def run(command: str, argv: list[str]) -> int:
                     "rows": len(rows),
                     "formats": list(formats),
                     "bad_rows": len(bad_rows),
-                    "problems": [vars(q) for q in problems],
+                    "problems": [q.as_dict() for q in problems],
                 },
                 indent=2,
             )

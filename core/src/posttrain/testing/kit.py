@@ -243,8 +243,10 @@ def check_loss_decreases(
 
 
 def check_grad_accumulation(
-    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5
+    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5, batch_unit=1
 ) -> None:
+    """batch 4 x accumulation 1 == 1 x 4 == 2 x 2, in units of ``batch_unit`` items (an online method's
+    group size: its batch counts completions, num_generations per prompt)."""
     runs = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
         config = _config(
@@ -253,7 +255,7 @@ def check_grad_accumulation(
             tmp_path / f"ga-{bs}x{ga}",
             overrides,
             max_steps=2,
-            per_device_train_batch_size=bs,
+            per_device_train_batch_size=bs * batch_unit,
             gradient_accumulation_steps=ga,
         )
         runs[(bs, ga)] = (_losses(_train(method_class, rows, config, rewards)), _weights(config.output_dir))
@@ -306,7 +308,7 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
     def loss_of(rows: list) -> Any:
         batch = method.collate(rows, ctx)
         if hasattr(method, "rollout"):  # online methods score what they generate
-            batch = method.rollout(model, batch, ctx)
+            batch = method.rollout(model, [batch], ctx)[0]
         return method.loss(model, batch, ctx)
 
     with torch.no_grad():
@@ -374,6 +376,7 @@ def conformance_suite(
     progress_metric: str = "loss",
     progress_direction: str = "decrease",
     progress_steps: int = 8,
+    batch_unit: int = 1,
 ) -> type:
     """A pytest test class with one test per check. ``method`` is an installed name (or a class).
 
@@ -386,6 +389,8 @@ def conformance_suite(
         model_kwargs: passed to ``build_tiny_model`` (architecture, hidden_size, ...).
         progress_metric / progress_direction: what "learning" means for the loss_decreases check
             (e.g. ``"reward"``, ``"increase"`` for online RL).
+        batch_unit: items per dataset row when a row expands into several (an online method's
+            ``num_generations``): batch sizes the checks use are multiples of it.
     """
     import pytest
 
@@ -397,7 +402,8 @@ def conformance_suite(
     unknown = set(xfail) - set(API_CHECKS + FULL_CHECKS)
     if unknown:
         raise ValueError(f"unknown checks in xfail: {sorted(unknown)}; checks are {API_CHECKS + FULL_CHECKS}")
-    overrides = dict(config or {})
+    overrides = {"per_device_train_batch_size": 4 * batch_unit, "per_device_eval_batch_size": 4 * batch_unit}
+    overrides.update(config or {})
     label = method if isinstance(method, str) else getattr(method, "name", str(method))
     _stats["suites"] += 1
 
@@ -435,7 +441,7 @@ def conformance_suite(
             progress_direction,
         ),
         "grad_accumulation": lambda self, model_dir, tmp_path: check_grad_accumulation(
-            resolved(), rows, model_dir, tmp_path, overrides, rewards
+            resolved(), rows, model_dir, tmp_path, overrides, rewards, batch_unit=batch_unit
         ),
         "padding_invariance": lambda self, model_dir, tmp_path: check_padding_invariance(
             resolved(), rows, model_dir, overrides

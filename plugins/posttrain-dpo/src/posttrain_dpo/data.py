@@ -21,8 +21,8 @@ import warnings
 from typing import Any
 
 import torch
-from posttrain import DataError
-from posttrain.data import RowProblem, apply_chat_template, extract_prompt, is_conversational, validate
+from posttrain import DataError, RowProblem
+from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -92,9 +92,7 @@ def tokenize_dataset(dataset: Any, tokenizer: Any, max_length: int | None, max_p
     """Validate every row (DataError on the first bad one), tokenize, and drop rows with no room left."""
     problems = preference_problems(dataset)
     if problems:
-        raise DataError(
-            "posttrain-dpo: " + problems[0].message() + " Run `posttrain check-data dpo FILE` to list every bad row."
-        )
+        raise DataError(problems, method="dpo")
     rows, dropped = [], []
     for i, row in enumerate(dataset):
         ids = tokenize_row(row, tokenizer, max_prompt_length)

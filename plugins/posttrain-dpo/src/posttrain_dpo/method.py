@@ -6,7 +6,7 @@ import contextlib
 from typing import Any
 
 import torch
-from posttrain import LossOutput, PosttrainError
+from posttrain import LossOutput, PosttrainError, RowProblem
 from posttrain.models import is_peft_model, reference_forward, reference_model
 from posttrain.ops import sequence_logps
 
@@ -62,8 +62,8 @@ class DPO:
             if self.ref_model is not None and config.disable_dropout:
                 _disable_dropout(self.ref_model)
 
-    def check_rows(self, dataset: Any) -> list[str]:
-        return [problem.message() for problem in preference_problems(dataset)]
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        return preference_problems(rows)
 
     def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
         config = ctx.config
