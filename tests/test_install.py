@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from posttrain import _discovery as discovery
 from posttrain._errors import PluginError, PosttrainError
-from posttrain.cli import install, main, plugin_index
+from posttrain.cli import install, main, plugin_index, uninstall
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = discovery.core_version()
@@ -257,7 +257,7 @@ def test_uninstall_refuses_the_core_non_plugins_and_unknown_names(capsys):
 
 def test_uninstall_by_provided_name(fake_site, fake_pip, capsys):
     fake_site.add("acme-zz", methods={"zz-m": "acme_zz:M"}, module="acme_zz", code="M = 1\n")
-    assert install.resolve_uninstall("zz-m") == "acme-zz"
+    assert uninstall.resolve_uninstall("zz-m") == "acme-zz"
     assert main(["uninstall", "zz-m", "--dry-run", "-y"]) == 0
     assert capsys.readouterr().out.strip().endswith("pip uninstall -y acme-zz")
 

@@ -32,7 +32,7 @@ COMMANDS = {
     ),
     "chat": ("posttrain.cli.chat", "Chat with a model directory in the terminal."),
     "install": ("posttrain.cli.install", "Install plugin packages (by name, path or URL), keeping the core as it is."),
-    "uninstall": ("posttrain.cli.install", "Uninstall plugin packages."),
+    "uninstall": ("posttrain.cli.uninstall", "Uninstall plugin packages."),
     "doctor": ("posttrain.cli.doctor", "Import every plugin in a subprocess and report problems."),
     "env": ("posttrain.cli.env", "Print versions and hardware, for bug reports."),
     "new": ("posttrain.cli.new", "Scaffold a new method package."),
