@@ -270,72 +270,73 @@ def test_vllm_backend_without_vllm_installed_is_a_clear_error(tiny_model_dir, mo
         build_generator(ctx_for(tiny_model_dir, generation_backend="vllm"))
 
 
-def test_vllm_backend_uses_the_public_weight_transfer_api(tiny_model_dir, monkeypatch):
-    """A stand-in ``vllm``: the engine is built with the IPC weight-transfer backend, weights go through
-    start/update/finish_weight_update once per step, each prompt's SamplingParams carries its seed, and the
-    sampled tokens and log-probs flow into the rollout."""
-    calls = {"updates": [], "params": [], "events": []}
+def test_vllm_backend_uses_the_public_weight_transfer_api(tiny_model_dir, monkeypatch, vllm_stand_in):
+    """A stand-in vLLM 0.33: the engine is built with the IPC weight-transfer backend and processed log-probs;
+    the trainer-side engine pushes the policy's weights through collective_rpc once per step; each prompt's
+    SamplingParams carries its seed; the sampled tokens and log-probs flow into the rollout."""
+    calls = {"rpc": [], "params": [], "delivered": []}
 
     class LLM:
         def __init__(self, model, **kwargs):
             calls["init"] = kwargs
 
-        def init_weight_transfer_engine(self, request):
-            calls["events"].append("init")
-
-        def start_weight_update(self, is_checkpoint_format):
-            calls["events"].append("start")
-
-        def update_weights(self, request):
-            calls["updates"].append(request)
-
-        def finish_weight_update(self):
-            calls["events"].append("finish")
+        def collective_rpc(self, method, kwargs=None):
+            calls["rpc"].append(method)
 
         def reset_prefix_cache(self):
-            calls["events"].append("reset")
+            pass
 
         def generate(self, prompts, sampling_params, use_tqdm):
             calls["params"] += sampling_params
-            sample_out = types.SimpleNamespace(token_ids=[7, 8, 1], logprobs=[{7: -0.5}, {8: -0.25}, {1: -0.125}])
-            return [types.SimpleNamespace(outputs=[sample_out] * p.n) for p in sampling_params]
+            out = types.SimpleNamespace(token_ids=[7, 8, 1], logprobs=[{7: -0.5}, {8: -0.25}, {1: -0.125}])
+            return [types.SimpleNamespace(outputs=[out] * p.n) for p in sampling_params]
 
     class SamplingParams_:
         def __init__(self, n, seed, **kwargs):
             self.n, self.seed, self.kwargs = n, seed, kwargs
 
-    class SendArgs:
-        def __init__(self, send_mode):
-            self.send_mode = send_mode
-
-    class Engine:
-        @staticmethod
-        def trainer_send_weights(items, args):
-            args.send_mode(types.SimpleNamespace(names=[name for name, _ in items]))
-
-    ipc = types.ModuleType("vllm.distributed.weight_transfer.ipc_engine")
-    ipc.IPCTrainerSendWeightsArgs, ipc.IPCWeightTransferEngine = SendArgs, Engine
-
-    import dataclasses
-
-    monkeypatch.setattr(dataclasses, "asdict", lambda info: {"names": info.names})
+    record = {}
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams_))
-    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
-    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer", types.ModuleType("wt"))
-    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.ipc_engine", ipc)
+    vllm_stand_in(calls["delivered"].append, record)
     ctx = ctx_for(tiny_model_dir, generation_backend="vllm", per_prompt_generation=True)
     generator = build_generator(ctx)
     assert calls["init"]["weight_transfer_config"] == {"backend": "ipc"} and generator.reports_logps
+    assert calls["init"]["logprobs_mode"] == "processed_logprobs"
     (r,) = sample(generator, ctx.model, [batch_of(ctx, ["ab", "abcd"])], ctx, num_generations=4)
     sample(generator, ctx.model, [batch_of(ctx, ["ab", "abcd"])], ctx, num_generations=4)
-    assert calls["events"].count("start") == 1 and calls["events"].count("finish") == 1  # same step: one push
-    names = calls["updates"][0]["update_info"]["names"]
-    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
+    assert record["sends"] == 1  # same step: one push
+    assert calls["rpc"] == [
+        "init_weight_transfer_engine",
+        "start_weight_update",
+        "update_weights",
+        "finish_weight_update",
+    ]
+    pushed = calls["delivered"][0]
+    assert set(pushed) == {n for n, _ in ctx.model.named_parameters()} and "lm_head.weight" in pushed
     assert torch.equal(r.completion_ids, torch.tensor([[7, 8, 1]] * 8))
     assert torch.allclose(r.sampling_logps, torch.tensor([[-0.5, -0.25, -0.125]] * 8))
     seeds = [p.seed for p in calls["params"][:2]]
     assert len(set(seeds)) == 2 and calls["params"][0].kwargs["max_tokens"] == 5
     assert calls["params"][0].kwargs["top_k"] == -1 and calls["params"][0].kwargs["logprobs"] == 0
+
+
+def test_lora_policy_is_pushed_merged_under_base_names(tiny_model_dir):
+    """vLLM loads the base architecture: a LoRA policy goes out merged, under the base model's names, and is
+    left unmerged afterwards."""
+    from peft import LoraConfig, get_peft_model
+    from posttrain.generation._vllm import policy_weights
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = {n for n, _ in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pushed = dict(policy_weights(model))
+    assert set(pushed) == names
+    q = "model.layers.0.self_attn.q_proj.weight"
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = layer.base_layer.weight + layer.get_delta_weight("default")
+    assert torch.allclose(pushed[q], expected, atol=1e-6)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # unmerged again
 
 
 def test_vllm_backend_refuses_several_processes(tiny_model_dir, monkeypatch):

@@ -106,6 +106,22 @@ def is_peft_model(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def disable_dropout(model: Any) -> None:
+    """Set the probability of every ``torch.nn.Dropout`` module in ``model`` to 0, in place.
+
+    Preference and reward methods do this by default (TRL's ``disable_dropout_in_model``): with dropout on, the
+    policy's log-probs are noisy while the reference's (in eval mode) are not, which biases the log-ratios.
+    Dropout a model applies functionally from a config value (Llama's ``attention_dropout``) is not changed.
+
+    .. versionadded:: 1.0
+    """
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def frozen_copy(model: Any):
     """A frozen, eval-mode copy (used as reference when no path is available)."""
     ref = copy.deepcopy(model)

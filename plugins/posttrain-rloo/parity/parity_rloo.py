@@ -134,9 +134,28 @@ def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
     }
 
 
+class FixedCompletions:
+    """A generation backend that returns the same completions as the TRL side (sampling cannot be compared)."""
+
+    name, reports_logps = "fixed", False
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def generate(self, prompt_ids, n, seeds=None):
+        from posttrain.generation import Completions
+
+        return Completions([list(c) for c in self.completions], [c[-1:] != [1] for c in self.completions])
+
+    def sync_weights(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
 def run_posttrain(case, model_dir, rm_dir, completions, rows):
     import datasets
-    import posttrain_rloo.rollout as rollout
     from posttrain import TrainContext
     from posttrain_rewards import accuracy, make_length_penalty, make_reward_model_reward
     from posttrain_rloo import RLOO, RLOOConfig
@@ -146,7 +165,7 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
         model=str(model_dir),
         reward_funcs=["accuracy", "length_penalty", "rm"],
         reward_weights=WEIGHTS,
-        per_device_train_batch_size=len(rows),
+        per_device_train_batch_size=len(completions),
         num_generations=G,
         max_completion_length=L,
         temperature=case["temperature"],
@@ -173,10 +192,9 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
     method.setup(ctx)
     perturb(model)
     model.train()
-    rollout.hf_generate = lambda *a, **k: [list(c) for c in completions]
+    method.generator = FixedCompletions(completions)
     batch = method.collate(method.prepare(datasets.Dataset.from_list(rows), ctx), ctx)
-    with torch.no_grad():
-        batch = method.rollout(model, batch, ctx)
+    (batch,) = method.rollout(model, [batch], ctx)
     out = method.loss(model, batch, ctx)
     loss = out.loss_sum / out.n_items
     loss.backward()

@@ -1,9 +1,10 @@
 """The ``vllm`` backend: a vLLM engine in this process, sharing the GPU with training.
 
-Only vLLM's public API is used: ``vllm.LLM`` (``generate``, ``sleep``/``wake_up``, ``reset_prefix_cache``)
-and its weight-transfer API (``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` with
-the IPC engine, which hands the trainer's CUDA tensors to the engine without a copy). Supported vLLM
-versions are pinned by core's ``vllm`` extra.
+Only vLLM's public API is used: ``vllm.LLM`` (``generate``, ``collective_rpc``, ``sleep``/``wake_up``,
+``reset_prefix_cache``) and its trainer-side weight-transfer API (``vllm.distributed.weight_transfer``:
+``WeightTransferTrainerFactory`` with the IPC engine, which hands the trainer's CUDA tensors to the engine's
+workers without a copy, driven through a client that forwards the four control calls to the workers with
+``collective_rpc``). The supported vLLM versions are pinned by core's ``vllm`` extra (the API of 0.33).
 """
 
 from __future__ import annotations
@@ -32,23 +33,70 @@ def import_vllm(backend: str) -> Any:
 def policy_weights(model: Any) -> Iterator[tuple[str, Any]]:
     """(name, tensor) of the policy's full weights as vLLM names them (checkpoint format).
 
-    A LoRA policy is merged for the duration of the iteration (adapters folded into the base weights, then
-    unfolded), so the engine samples from exactly the policy being trained.
+    A LoRA policy is sent merged, computed out of place (base weight + the active adapters' deltas) under the
+    base model's names: the model itself is never modified, so its frozen base weights cannot drift by the
+    rounding of repeated merge/unmerge cycles.
     """
-    is_peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
-    if is_peft:
-        model.merge_adapter()
-    try:
+    if not (hasattr(model, "get_base_model") and hasattr(model, "peft_config")):
         for name, param in model.named_parameters():
-            if is_peft:
-                if "lora_" in name or ".original_module." in name:
-                    continue  # adapters are merged in; a trained copy replaces the original module
-                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                name = name.replace(".modules_to_save.default", "")
             yield name, param.data
-    finally:
-        if is_peft:
-            model.unmerge_adapter()
+        return
+    base = model.get_base_model()
+    adapted = {n: m for n, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    for name, param in base.named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue  # adapters are folded in below; a trained copy replaces the original module
+        tensor = param.data
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        if owner is not None and name.endswith(".base_layer.weight"):
+            module = adapted[owner]
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype)
+        yield name.replace(".base_layer", "").replace(".modules_to_save.default", ""), tensor
+
+
+def policy_source(model: Any) -> Any:
+    """A vLLM ``WeightSource`` over the policy: names, dtypes and shapes declared once, and every round the
+    current full weights (a LoRA policy merged, see :func:`policy_weights`; FSDP shards gathered by
+    ``full_tensor``). Built lazily: importing vLLM costs seconds and needs a GPU build."""
+    from functools import cached_property
+
+    from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+
+    class PolicySource(WeightSource):
+        def __init__(self, module: Any) -> None:
+            self.module = module
+
+        @cached_property
+        def metadata(self) -> list:
+            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in policy_weights(self.module)]
+
+        def iter_full(self):
+            for name, tensor in policy_weights(self.module):
+                full = getattr(tensor, "full_tensor", None)
+                yield name, full() if callable(full) else tensor
+
+    return PolicySource(model)
+
+
+class LocalClient:
+    """vLLM's weight-sync client protocol for an in-process ``LLM``: each control call runs on every worker."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: Any) -> None:
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.collective_rpc("finish_weight_update")
 
 
 def vllm_sampling_kwargs(params: SamplingParams, n: int) -> dict[str, Any]:
@@ -107,8 +155,8 @@ class VLLMGenerator:
             logprobs_mode="processed_logprobs",  # at the sampling temperature, as the trainer computes them
             weight_transfer_config={"backend": "ipc"},
         )
-        self.llm.init_weight_transfer_engine({"init_info": {}})
         self.asleep = False
+        self.transfer = None  # the trainer-side engine, created at the first push
 
     def _wake(self) -> None:
         if self.asleep:
@@ -116,17 +164,15 @@ class VLLMGenerator:
             self.asleep = False
 
     def sync_weights(self, model: Any) -> None:
-        from dataclasses import asdict
-
-        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerSendWeightsArgs, IPCWeightTransferEngine
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
         self._wake()
-        self.llm.start_weight_update(is_checkpoint_format=True)
-        IPCWeightTransferEngine.trainer_send_weights(
-            policy_weights(model),
-            IPCTrainerSendWeightsArgs(send_mode=lambda info: self.llm.update_weights({"update_info": asdict(info)})),
-        )
-        self.llm.finish_weight_update()
+        if self.transfer is None or self.transfer.source.module is not model:
+            self.transfer = WeightTransferTrainerFactory.trainer_init(
+                IPCTrainerInitInfo(rank=0), client=LocalClient(self.llm), source=policy_source(model)
+            )
+        self.transfer.send_weights()  # start_weight_update, update_weights, finish_weight_update
         self.llm.reset_prefix_cache()
 
     def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions:

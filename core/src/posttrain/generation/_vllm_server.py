@@ -6,16 +6,16 @@ Start the server on GPUs the trainer does not use (``posttrain vllm-serve-comman
         --weight-transfer-config '{"backend": "nccl"}' --logprobs-mode processed_logprobs
 
 Sampling uses the OpenAI-compatible ``/v1/completions`` route with token-id prompts (``return_token_ids``,
-``logprobs: 0``). Weights go through vLLM's native weight-transfer API: the HTTP control routes
-(``/init_weight_transfer_engine``, ``/start_weight_update``, ``/update_weights``, ``/finish_weight_update``,
-``/pause``, ``/resume``) and an NCCL group between the main training process and the server's workers.
-Only the standard library talks HTTP here.
+``logprobs: 0``). Weights go through vLLM's native weight-transfer API: ``WeightTransferTrainerFactory`` with
+the NCCL engine and vLLM's ``HTTPVLLMWeightSyncClient`` drive the control routes (``/init_weight_transfer_engine``,
+``/start_weight_update``, ``/update_weights``, ``/finish_weight_update``) while the main training process
+broadcasts over an NCCL group with the server's workers; generation is paused (``/pause``, ``/resume``) around
+each push. Sampling requests use only the standard library.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +23,7 @@ from typing import Any
 
 from posttrain._errors import ConfigError, PosttrainError
 from posttrain.generation import Completions, SamplingParams
-from posttrain.generation._vllm import policy_weights, vllm_sampling_kwargs
+from posttrain.generation._vllm import vllm_sampling_kwargs
 
 SERVER_ROUTES = (
     "/health",
@@ -64,11 +64,12 @@ class VLLMServerGenerator:
         self.params = params
         self.request_timeout = request_timeout
         self.accelerator = ctx.accelerator
-        self.main = ctx.process_index == 0
+        self.rank = ctx.process_index
+        self.main = self.rank == 0
         self._wait_until_ready(config.vllm_server_timeout, ctx.model_path or "MODEL")
         models = self._request("GET", "/v1/models")["data"]
         self.model_name = models[0]["id"]
-        self.group = None  # the NCCL weight-transfer group, created at the first push
+        self.transfer = None  # the trainer-side NCCL engine, created at the first push
 
     # -- HTTP ------------------------------------------------------------------------------------------
 
@@ -133,69 +134,43 @@ class VLLMServerGenerator:
     # -- weights ------------------------------------------------------------------------------------------
 
     def sync_weights(self, model: Any) -> None:
-        """Main process: pause the server, send every weight over NCCL, resume. Others wait for it."""
-        if self.main:
-            from vllm.distributed.weight_transfer.nccl_engine import (
-                NCCLTrainerSendWeightsArgs,
-                NCCLWeightTransferEngine,
-            )
+        """Every process runs the trainer-side engine (FSDP shards are gathered collectively); the main one
+        opens the NCCL group, drives the control routes and sends. Generation is paused meanwhile."""
+        from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient, WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-            if self.group is None:
-                self.group = self._init_group(NCCLWeightTransferEngine)
-            names, dtypes, shapes = [], [], []
-            for name, tensor in policy_weights(model):
-                names.append(name)
-                dtypes.append(str(tensor.dtype).split(".")[-1])
-                shapes.append(list(tensor.shape))
+        from posttrain.generation._vllm import policy_source
+
+        if self.transfer is None or self.transfer.source.module is not model:
+            host, port = _free_endpoint()
+            world = int(self._request("GET", "/get_world_size")["world_size"]) + 1  # server workers + the sender
+            init = NCCLTrainerInitInfo(
+                master_address=host, master_port=port, world_size=world, rank=0 if self.main else self.rank
+            )
+            self.transfer = WeightTransferTrainerFactory.trainer_init(
+                init, client=HTTPVLLMWeightSyncClient(self.url), source=policy_source(model)
+            )
+        if self.main:
             self._request("POST", "/pause", {"mode": "keep"})
-            try:
-                self._request("POST", "/start_weight_update", {"is_checkpoint_format": True})
-                info = {"update_info": {"names": names, "dtype_names": dtypes, "shapes": shapes, "packed": True}}
-                receiver = _Background(lambda: self._request("POST", "/update_weights", info))
-                NCCLWeightTransferEngine.trainer_send_weights(
-                    policy_weights(model), NCCLTrainerSendWeightsArgs(group=self.group, packed=True)
-                )
-                receiver.join()
-                self._request("POST", "/finish_weight_update", {})
-            finally:
+        try:
+            self.transfer.send_weights()  # start_weight_update, update_weights with the broadcast, finish
+        finally:
+            if self.main:
                 self._request("POST", "/resume", {})
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
-    def _init_group(self, engine: Any) -> Any:
-        import socket
-
-        world = int(self._request("GET", "/get_world_size")["world_size"]) + 1  # server workers + this process
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        host = socket.gethostbyname(socket.gethostname())
-        init = {"master_address": host, "master_port": port, "rank_offset": 1, "world_size": world}
-        remote = _Background(lambda: self._request("POST", "/init_weight_transfer_engine", {"init_info": init}))
-        group = engine.trainer_init({"master_address": host, "master_port": port, "world_size": world})
-        remote.join()
-        return group
-
     def close(self) -> None:
-        self.group = None
+        if self.transfer is not None:
+            self.transfer.shutdown()
+        self.transfer = None
 
 
-class _Background:
-    """Run one HTTP call on a thread (the server blocks in its NCCL receive while we send); re-raise its error."""
+def _free_endpoint() -> tuple[str, int]:
+    """This host's address and a free port for the NCCL rendezvous (the trainer is the TCPStore master)."""
+    import socket
 
-    def __init__(self, call: Any):
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                call()
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def join(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return socket.gethostbyname(socket.gethostname()), port
