@@ -44,6 +44,10 @@ def test_sdist_manifest_carries_what_the_tests_need(package):
     for folder in ("tests", "configs", "parity"):
         if (package / folder).is_dir():
             assert f"graft {folder}" in manifest, f"{package.name}/MANIFEST.in does not graft {folder}/"
+    included = " ".join(line for line in manifest if line.startswith("include "))
+    for name in ("CHANGELOG.md", "PROMOTION.md", "promotion.json"):
+        if (package / name).is_file():
+            assert name in included, f"{package.name}/MANIFEST.in does not include {name}"
     project = tomllib.loads((package / "pyproject.toml").read_text())["project"]
     if project.get("entry-points", {}).get("posttrain.methods"):
         module = project["name"].replace("-", "_")
