@@ -180,10 +180,13 @@ def read_shipped(entry: discovery.Entry) -> tuple[dict | None, Path | None]:
 
 
 def generate(entry: discovery.Entry) -> dict:
-    """Import the method (no experimental warning: nothing is trained) and build its schema."""
+    """Import the method (no experimental warning: nothing is trained) and build its schema.
+
+    A plugin that fails to import or breaks the Method protocol is a one-line PluginError.
+    """
     from posttrain import _registry as registry
 
-    return config_schema(registry._load(entry), entry.name)
+    return config_schema(registry.load_method(entry), entry.name)
 
 
 # -- the command -------------------------------------------------------------------------------------------
