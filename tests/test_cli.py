@@ -53,7 +53,9 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.startswith("posttrain ")
 
 
-def test_list_table_shows_status_and_reasons(fake_site, capsys):
+def test_list_table_shows_status_and_reasons(fake_site, capsys, monkeypatch):
+    # the last column shrinks to the terminal: wide enough that the installed packages' names do not cut the reason
+    monkeypatch.setenv("COLUMNS", "200")
     fake_site.add("pt-s", methods={"zz-s": "pt_s:Method"}, module="pt_s", code=GOOD, summary="stable thing")
     fake_site.add("pt-e", status="3 - Alpha", methods={"zz-e": "pt_e:Method"}, module="pt_e", code=GOOD)
     fake_site.add("pt-x", methods={"zz-x": "pt_missing:Method"})
