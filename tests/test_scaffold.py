@@ -226,7 +226,7 @@ def test_unknown_template_is_refused(tmp_path):
 
 
 def test_a_template_is_one_folder(tmp_path, monkeypatch):
-    """Adding a template (online, environment) is adding a folder with template.json beside common/."""
+    """Adding a template (environment, ...) is adding a folder with template.json beside common/."""
     templates = Path(scaffold.__file__).parent / "templates"
     assert sorted(p.name for p in templates.iterdir() if p.is_dir()) == ["common", *scaffold.template_names()]
     for name in scaffold.template_names():
