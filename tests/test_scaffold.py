@@ -182,6 +182,7 @@ ONLINE_LAYOUT = sorted(
         *(f for f in LAYOUT if not f.endswith("/data.py")),
         "src/posttrain_my_method/rewards.py",
         "tests/test_rewards.py",
+        "tests/test_rollout.py",
     ]
 )
 
