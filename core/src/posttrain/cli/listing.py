@@ -13,13 +13,15 @@ PROBLEMS = (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posttrain list", description="List installed methods, rewards and plugins.")
+    p = argparse.ArgumentParser(
+        prog="posttrain list", description="List installed methods, rewards, environments and plugins."
+    )
     p.add_argument(
         "--status",
         choices=["stable", "experimental", "inactive", "broken", "incompatible", "conflict"],
         help="show only entries with this status",
     )
-    p.add_argument("--kind", choices=["method", "reward", "plugin", "all"], default="all")
+    p.add_argument("--kind", choices=[*discovery.KINDS, "all"], default="all")
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     p.add_argument("--all", action="store_true", help="include inactive (retired) packages")
     p.add_argument("--verbose", "-v", action="store_true", help="show entry-point values, core ranges and reasons")
@@ -46,7 +48,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    kinds = ("method", "reward", "plugin") if args.kind == "all" else (args.kind,)
+    kinds = discovery.KINDS if args.kind == "all" else (args.kind,)
     entries = discovery.discover(kinds)
     if not args.all and args.status != "inactive":
         entries = [e for e in entries if e.status != discovery.INACTIVE]
@@ -65,7 +67,7 @@ def run(command: str, argv: list[str]) -> int:
             group = [e for e in entries if e.kind == kind]
             if not group:
                 continue
-            title = {"method": "Methods", "reward": "Rewards", "plugin": "Plugins"}[kind]
+            title = {"method": "Methods", "reward": "Rewards", "environment": "Environments", "plugin": "Plugins"}[kind]
             headers = [kind, "package", "version", "status", "compat", "summary"]
             rows = []
             for e in group:
