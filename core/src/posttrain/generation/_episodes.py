@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain._errors import ConfigError, PluginError
-from posttrain.environments import EpisodeError, Step, ToolCallParser, _check_reward, environment_problems
+from posttrain.environments import EpisodeError, Step, ToolCallParser, Turn, _check_reward, environment_problems
 from posttrain.generation import (
     Generator,
     Rollout,
@@ -70,27 +70,35 @@ def environment_for(ctx: Any) -> EnvironmentSpec:
 
     cls, entry = resolve_environment(config.environment)
     source = f"environment {config.environment!r}" + (f" ({entry.package} {entry.version})" if entry else "")
+    spec = build_spec(config.environment, cls, config.environment_kwargs, ctx.tokenizer, source)
+    spec.package = entry.package if entry else ""
+    state["environment_key"], state["environment"] = key, spec
+    return spec
+
+
+def build_spec(name: str, cls: type, kwargs: dict | None, tokenizer: Any, source: str = "") -> EnvironmentSpec:
+    """Check an environment class, its options and the tokenizer's template against each other, once."""
+    source = source or f"environment {name!r}"
     problems = environment_problems(cls)
     if problems:
         raise PluginError(
             f"{source} does not follow the Environment protocol: {'; '.join(problems)}. Fix the environment "
             "class (posttrain.environments.Environment documents the protocol), or upgrade its package."
         )
-    kwargs = dict(config.environment_kwargs or {})
+    kwargs = dict(kwargs or {})
     try:
         probe = cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(
             f"environment_kwargs {kwargs} do not fit {source}: {cls.__name__}{inspect.signature(cls)} says "
-            f"{exc}. Fix environment_kwargs (`posttrain info {config.environment}` lists the options)."
+            f"{exc}. Fix environment_kwargs (`posttrain info {name}` lists the options)."
         ) from None
     tools = list(getattr(probe, "tools", None) or [])
     parser = getattr(probe, "tool_parser", None) or ToolCallParser()
     _close(probe)
-    spec = EnvironmentSpec(config.environment, cls, kwargs, tools, parser, entry.package if entry else "")
-    if ctx.tokenizer is not None:
-        _check_template(ctx.tokenizer, spec, source)
-    state["environment_key"], state["environment"] = key, spec
+    spec = EnvironmentSpec(name, cls, kwargs, tools, parser)
+    if tokenizer is not None:
+        _check_template(tokenizer, spec, source)
     return spec
 
 
@@ -230,7 +238,9 @@ class _Episodes:
         if truncated:  # no end of turn within the limits: the message is unfinished, the episode ends here
             ep.done = ep.truncated = True
             return
-        parsed = self.spec.parser.parse(text, self.spec.tools, turn)
+        # without tools there are no calls to find: "<tool_call>" is then just text the environment reads
+        parsed = self.spec.parser.parse(text, self.spec.tools, turn) if self.spec.tools else Turn(text, text.strip())
+        parsed.index = turn
         step = self._call(ep, "step", turn, ep.env.step, parsed)
         ep.calls += len(parsed.tool_calls)
         ep.malformed += len(parsed.malformed)
