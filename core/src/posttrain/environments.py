@@ -342,7 +342,9 @@ def environment_problems(environment: Any) -> list[str]:
     for attr in sorted(vars(cls)):
         if attr.startswith("_") or attr in known:
             continue
-        close = difflib.get_close_matches(attr, sorted(known), n=1, cutoff=0.8)
+        # a close spelling, or the same letters swapped ("setp"), but not merely a similar word ("stop")
+        close = [k for k in sorted(known) if sorted(k) == sorted(attr)]
+        close = close or difflib.get_close_matches(attr, sorted(known), n=1, cutoff=0.8)
         if close:
             problems.append(
                 f"{owner} defines {attr!r}, which is not part of the Environment protocol and is never used; "
