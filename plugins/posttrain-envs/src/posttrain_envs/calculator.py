@@ -50,7 +50,7 @@ def evaluate(expression: str) -> Fraction:
 
 def _value(node: ast.AST) -> Fraction:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(node.value)
+        return Fraction(repr(node.value))  # "0.1" as written (1/10), not the binary float nearest to it
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _value(node.operand)
         return -value if isinstance(node.op, ast.USub) else value
