@@ -52,7 +52,7 @@ GRPO = {
     "temperature": 1.0,
     "logging_steps": 10,
 }
-PLANS = {"full": {"sft_steps": 200, "grpo_steps": 120}, "quick": {"sft_steps": 120, "grpo_steps": 40}}
+PLANS = {"full": {"sft_steps": 100, "grpo_steps": 120}, "quick": {"sft_steps": 100, "grpo_steps": 30}}
 
 
 def problems() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -15,6 +15,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="public method name, [a-z][a-z0-9_-]* (e.g. my-method)")
     p.add_argument(
+        "--template",
+        choices=["lm", "environment"],
+        default="lm",
+        help="lm: a method (default); environment: a multi-turn environment with a tool (posttrain.environments)",
+    )
+    p.add_argument(
         "--directory",
         "-d",
         metavar="DIR",
@@ -29,8 +35,12 @@ def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from posttrain._lifecycle import scaffold
 
-    target = scaffold.generate(args.name, args.directory, description=args.description, author=args.author)
+    target = scaffold.generate(
+        args.name, args.directory, description=args.description, author=args.author, template=args.template
+    )
     n = scaffold.names(args.name)
+    if args.template == "environment":
+        return _next_steps_environment(target, n)
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     shown = os.path.relpath(target) if not os.path.relpath(target).startswith("..") else str(target)
     print(f"Created {n.distribution} in {shown}/ ({len(files)} files):")
@@ -45,5 +55,22 @@ def run(command: str, argv: list[str]) -> int:
         f"  posttrain train {n.name} --config configs/tiny.yaml\n"
         f"\nThe method lives in {Path('src', n.package)}/ (config.py, data.py, loss.py, method.py). "
         f"When it is ready for users, `posttrain promote` checks the promotion criteria."
+    )
+    return 0
+
+
+def _next_steps_environment(target: Path, n) -> int:
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    shown = os.path.relpath(target) if not os.path.relpath(target).startswith("..") else str(target)
+    print(f"Created {n.distribution} in {shown}/ ({len(files)} files):")
+    for f in files:
+        print(f"  {f}")
+    print(
+        f"\nNext steps:\n"
+        f"  cd {shown}\n"
+        f"  pip install -e .            # registers the '{n.name}' environment (posttrain list shows it, experimental)\n"
+        f"  pytest                      # unit tests and the environment conformance kit\n"
+        f"  posttrain train grpo --environment {n.name} --dataset data/tiny.jsonl --model MODEL --output_dir runs/{n.name}\n"
+        f"\nThe environment lives in {Path('src', n.package, 'environment.py')}."
     )
     return 0

@@ -1,6 +1,7 @@
 """``posttrain new``: generate a method package from the template shipped inside core.
 
-The template lives in ``template/``: every file ends in ``.tmpl`` (so neither Python, pytest nor
+The method template lives in ``template/``; ``templates/environment/`` holds the environment package's
+(``posttrain new NAME --template environment``). Every file ends in ``.tmpl`` (so neither Python, pytest nor
 pip byte-compilation treats it as code) and holds ``{{key}}`` placeholders, in file contents and in
 path names alike. Rendering is a plain substitution; an unknown key is an error, so the template
 and :func:`placeholders` cannot drift apart unnoticed. Standard library only: works offline.
@@ -22,6 +23,8 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _SUFFIX = ".tmpl"
 _RENAMES = {"gitignore": ".gitignore"}  # dotfiles are stored without the dot
+#: ``--template`` -> the folder holding its files; the environment's ``template.json`` gives its default summary.
+TEMPLATES = {"lm": ("template",), "environment": ("templates", "environment")}
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,9 @@ def render(text: str, values: dict[str, str], where: str = "the template") -> st
     return _PLACEHOLDER.sub(replace, text)
 
 
-def template_files() -> list[tuple[str, str]]:
-    """(relative path with placeholders, text) of every template file, sorted by path."""
-    root = resources.files("posttrain._lifecycle.scaffold") / "template"
+def template_files(template: str = "lm") -> list[tuple[str, str]]:
+    """(relative path with placeholders, text) of every file of ``template``, sorted by path."""
+    root = resources.files("posttrain._lifecycle.scaffold").joinpath(*TEMPLATES[template])
     found: list[tuple[str, str]] = []
 
     def walk(node, prefix: str) -> None:
@@ -123,10 +126,10 @@ def template_files() -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def render_files(values: dict[str, str]) -> dict[str, str]:
-    """Relative output path -> rendered text, for every template file."""
+def render_files(values: dict[str, str], template: str = "lm") -> dict[str, str]:
+    """Relative output path -> rendered text, for every file of ``template``."""
     out = {}
-    for rel, text in template_files():
+    for rel, text in template_files(template):
         path = render(rel[: -len(_SUFFIX)], values, rel)
         head, _, base = path.rpartition("/")
         base = _RENAMES.get(base, base)
@@ -141,6 +144,7 @@ def generate(
     author: str | None = None,
     core_version: str | None = None,
     date: str | None = None,
+    template: str = "lm",
 ) -> Path:
     """Write a new method package and return its directory.
 
@@ -152,10 +156,16 @@ def generate(
         author: written to ``authors`` in pyproject.toml; default ``git config user.name`` if set.
         core_version: the posttrain version to require (``>=X.Y,<X+1``); default the installed one.
         date: the date of the first CHANGELOG entry (ISO format); default today.
+        template: ``lm`` (a method: next-token cross-entropy) or ``environment`` (a multi-turn environment
+            with a tool, tested by the environment conformance kit).
 
     Raises:
-        PosttrainError: invalid name, or the directory exists and is not empty.
+        PosttrainError: invalid name or template, or the directory exists and is not empty.
     """
+    if template not in TEMPLATES:
+        raise PosttrainError(
+            f"unknown template {template!r}: the templates are {', '.join(TEMPLATES)}. Pass one with --template."
+        )
     n = names(name)
     target = Path(directory) if directory is not None else Path.cwd() / n.distribution
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -169,14 +179,18 @@ def generate(
         from posttrain._discovery import core_version as installed_core
 
         core_version = installed_core()
+    default = f"{n.name}: next-token cross-entropy on text rows."
+    if template == "environment":
+        info = resources.files("posttrain._lifecycle.scaffold").joinpath(*TEMPLATES[template], "template.json")
+        default = json.loads(info.read_text(encoding="utf-8"))["description"].format(name=n.name)
     values = placeholders(
         n,
-        description.strip() if description else f"{n.name}: next-token cross-entropy on text rows.",
+        description.strip() if description else default,
         (author if author is not None else _git_author()).strip(),
         core_version,
         date or datetime.date.today().isoformat(),
     )
-    files = render_files(values)  # render everything before writing anything
+    files = render_files(values, template)  # render everything before writing anything
     for rel, text in files.items():
         path = target / rel
         path.parent.mkdir(parents=True, exist_ok=True)
