@@ -3,6 +3,7 @@ see an environment token."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import datasets
@@ -58,6 +59,8 @@ def test_trains_against_an_environment_by_name(method_class, config_class, tool_
     assert result.global_step == 2 and torch.isfinite(torch.tensor(logged["loss"]))
     for key in ("rewards/calculator/mean", "environment/turns", "tools/malformed_calls", "environment/seconds"):
         assert key in logged, key
+    used = json.loads((tmp_path / "run" / "provenance.json").read_text())["plugins_used"]
+    assert {"name": "calculator", "kind": "environment", "package": "posttrain-envs"}.items() <= used[-1].items()
 
 
 @pytest.mark.parametrize(("method_class", "config_class"), METHODS)
@@ -111,3 +114,14 @@ def use_calculator_turns(row: dict) -> str:
     """The model's tokens of a perfectly played episode: the call and its end of turn, the answer and its end."""
     question = row["prompt"][0]["content"]
     return use_calculator(f"<|user|>{question}<|end|>") + "<|end|>" + row["answer"] + "<|end|>"
+
+
+@pytest.mark.parametrize(("name", "config_class"), [("calculator", GRPOConfig), ("guess-number", RLOOConfig)])
+def test_shipped_configs_load(name, config_class):
+    from pathlib import Path
+
+    from posttrain.config import load_config
+
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    config = load_config(config_class, path)
+    assert config.environment == name and (Path(__file__).parents[3] / config.dataset).is_file()
