@@ -5,8 +5,8 @@ posttrain-envs) exactly as a user's runs would go.
     python plugins/posttrain-envs/examples/calculator_tool_use.py --seeds 0 1 2 --output_dir runs/calculator
 
 The task: two-digit x two-digit products (``"37*48"``), which a model of this size cannot compute in its head
-(untrained and SFT-only models answer without the tool at ~0%). With the tool the whole job is to copy the
-operands into a well-formed call, then copy the result into the answer. SFT sees only ``N_DEMONSTRATIONS``
+(the baseline stage, the same SFT on the same problems answered directly, measures that). With the tool the
+whole job is to copy the operands into a well-formed call, then copy the result into the answer. SFT sees only ``N_DEMONSTRATIONS``
 worked conversations (user, a tool call, the tool's result, the answer; loss on the assistant turns only); GRPO
 then trains on many more prompts with the environment's reward alone (1.0 for a correct final answer).
 
@@ -89,6 +89,11 @@ def sft_rows(pairs: list[tuple[int, int]]) -> list[dict]:
     ]
 
 
+def direct_rows(pairs: list[tuple[int, int]]) -> list[dict]:
+    """The baseline's demonstrations: the same problems answered directly, without the tool."""
+    return [{"messages": [*prompt(a, b), {"role": "assistant", "content": str(a * b)}]} for a, b in pairs]
+
+
 def grpo_rows(pairs: list[tuple[int, int]]) -> list[dict]:
     return [{"prompt": prompt(a, b), "answer": str(a * b)} for a, b in pairs]
 
@@ -149,6 +154,7 @@ def run_seed(seed: int, plan: dict, out: Path) -> dict:
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     write_jsonl(data / "sft.jsonl", sft_rows(train_pairs[:N_DEMONSTRATIONS]))
+    write_jsonl(data / "direct.jsonl", direct_rows(train_pairs[:N_DEMONSTRATIONS]))
     write_jsonl(data / "grpo.jsonl", grpo_rows(train_pairs[N_DEMONSTRATIONS:]))
     base = build_tiny_model(out / "base-model", **MODEL, seed=seed, tokenizer=build_tool_tokenizer())
     common = {"seed": seed, "use_cpu": True, "save_steps": 0, "disable_progress_bar": True}
@@ -156,6 +162,10 @@ def run_seed(seed: int, plan: dict, out: Path) -> dict:
     sft = {**SFT, **common, "model": str(base), "dataset": str(data / "sft.jsonl"), "max_steps": plan["sft_steps"]}
     result["sft_seconds"] = round(train_stage("sft", SFTMethod(), SFTConfig, sft, out), 1)
     result["sft"] = score(out / "sft", held_out)
+    # the baseline: the same SFT on the same problems answered in the head, scored the same way
+    direct = {**sft, "dataset": str(data / "direct.jsonl")}
+    train_stage("sft-no-tool", SFTMethod(), SFTConfig, direct, out)
+    result["sft_no_tool"] = score(out / "sft-no-tool", held_out)
     grpo = {
         **GRPO,
         **common,
@@ -207,12 +217,12 @@ def main() -> None:
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{'seed':>4} {'stage':>9} {'mode':>8} {'accuracy':>9} {'well-formed call':>17} {'malformed/ep':>13}")
+    print(f"\n{'seed':>4} {'stage':>11} {'mode':>8} {'accuracy':>9} {'well-formed call':>17} {'malformed/ep':>13}")
     for r in results:
-        for stage in ("untrained", "sft", "grpo"):
+        for stage in ("untrained", "sft_no_tool", "sft", "grpo"):
             for mode, s in r[stage].items():
                 print(
-                    f"{r['seed']:>4} {stage:>9} {mode:>8} {s['accuracy']:>9.1%} "
+                    f"{r['seed']:>4} {stage:>11} {mode:>8} {s['accuracy']:>9.1%} "
                     f"{s['episodes_with_well_formed_call']:>17.1%} {s['malformed_per_episode']:>13.2f}"
                 )
     print(f"done in {summary['wall_seconds']} s; summary in {args.output_dir / 'summary.json'}")

@@ -1,8 +1,9 @@
 """A tiny model gets better at using the calculator from GRPO against the environment alone.
 
-The small version of ``examples/calculator_tool_use.py``: a tiny model is taught the tool-call format with a few
-SFT steps (through posttrain-sft, on conversations that hold a call and its result), then trained with GRPO
-against the ``calculator`` environment (reward: a correct final answer). What RL should raise is measured
+The small version of ``examples/calculator_tool_use.py`` (same task, model, data split and stage settings, a
+quarter of the GRPO steps): a tiny model is taught the tool-call format by SFT on 64 conversations that hold a
+call and its result (through posttrain-sft), then trained with GRPO against the ``calculator`` environment
+(reward: a correct final answer) on two-digit products. What RL should raise is measured
 without sampling noise: the probability, averaged over the problems, that the policy writes exactly the
 perfect episode's turns (the call, then the tool's result as the answer), teacher-forced through the tokens
 that core's sampler builds for that episode.
@@ -10,6 +11,7 @@ that core's sampler builds for that episode.
 
 from __future__ import annotations
 
+import random
 import re
 import tempfile
 import warnings
@@ -23,12 +25,14 @@ from posttrain.environments import ToolCallParser
 # perfect-episode probability after GRPO ranged CALIBRATION_RANGE; MARGIN sits well below the minimum.
 CALIBRATION_RANGE = "pending"
 MARGIN = 0.05
-SFT_STEPS, GRPO_STEPS = 60, 16
-PAIRS = [(a, b) for a in range(2, 10) for b in range(2, 10)]  # 64 single-digit products
+SFT_STEPS, GRPO_STEPS, N_DEMONSTRATIONS, N_HELD_OUT = 100, 30, 64, 64
+_PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+random.Random(1234).shuffle(_PAIRS)  # the example's split: the held-out set is the same for every seed
+HELD_OUT, TRAIN = _PAIRS[:N_HELD_OUT], _PAIRS[200:]
 
 
-def rows() -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": f"{a}*{b}"}], "answer": str(a * b)} for a, b in PAIRS]
+def rows(pairs: list[tuple[int, int]]) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"{a}*{b}"}], "answer": str(a * b)} for a, b in pairs]
 
 
 def demonstrations() -> list[dict]:
@@ -46,7 +50,7 @@ def demonstrations() -> list[dict]:
             ],
             "tools": [get_json_schema(calculate)],
         }
-        for a, b in PAIRS[::4]  # 16 demonstrations
+        for a, b in TRAIN[:N_DEMONSTRATIONS]
     ]
 
 
@@ -65,7 +69,7 @@ def perfect_episode_probability(model_dir: Path) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rollout, _ = play("calculator", rows(), perfect, tokenizer=tokenizer, num_generations=1)
+    rollout, _ = play("calculator", rows(HELD_OUT), perfect, tokenizer=tokenizer, num_generations=1)
     with torch.no_grad():
         logps, _ = completion_logps(model, rollout.input_ids, rollout.attention_mask, rollout.completion_mask.size(1))
     return float((logps * rollout.completion_mask).sum(-1).exp().mean())
@@ -90,9 +94,11 @@ def learning_run(seed: int, threads: int = 1) -> dict:
         posttrain.train(SFT(), build_config(SFTConfig, {**sft, **common}), train_dataset=demonstrations())
         before = perfect_episode_probability(Path(tmp, "sft"))
         grpo = {"model": f"{tmp}/sft", "output_dir": f"{tmp}/grpo", "max_steps": GRPO_STEPS, "learning_rate": 1e-3}
-        grpo.update(environment="calculator", max_turns=2, max_completion_length=32, num_generations=8)
-        grpo.update(lr_scheduler_type="constant", per_device_train_batch_size=32)
-        posttrain.train(GRPO(), build_config(GRPOConfig, {**grpo, **common}), train_dataset=rows())
+        grpo.update(environment="calculator", max_turns=3, max_completion_length=40, num_generations=8)
+        grpo.update(max_episode_tokens=96)
+        grpo.update(lr_scheduler_type="constant", per_device_train_batch_size=64)
+        train = rows(TRAIN[N_DEMONSTRATIONS:])
+        posttrain.train(GRPO(), build_config(GRPOConfig, {**grpo, **common}), train_dataset=train)
         after = perfect_episode_probability(Path(tmp, "grpo"))
     return {"seed": seed, "threads": threads, "before": before, "after": after, "rise": after - before}
 
