@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from posttrain.loop import TrainResult, train
 
 #: Version of the plugin API: the names in ``__all__`` here and in the public modules (``posttrain.config``,
-#: ``.data``, ``.models``, ``.ops``, ``.rewards``, ``.generation``, ``.loop``, ``.hookspecs``, ``.testing``).
+#: ``.data``, ``.models``, ``.ops``, ``.rewards``, ``.generation``, ``.environments``, ``.loop``, ``.hookspecs``,
+#: ``.testing``).
 #: A minor release only adds; a major release may remove or change (see docs/api.md, "Compatibility").
 #: Plugins declare ``Requires-Dist: posttrain>=X.Y,<X+1``.
 API_VERSION = "1.0"
