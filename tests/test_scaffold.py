@@ -322,6 +322,18 @@ def test_environment_template_layout_and_metadata(tmp_path):
     assert 'environment_suite("word-flip"' in (root / "tests" / "test_environment.py").read_text()
 
 
+def test_cli_new_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["new", "word-flip", "--template", "environment", "--author", "Ada"]) == 0
+    out = capsys.readouterr().out
+    assert "Created posttrain-word-flip in posttrain-word-flip/ (9 files):" in out
+    assert "registers the 'word-flip' environment" in out and "--environment word-flip" in out
+    assert files_of(tmp_path / "posttrain-word-flip") == ENV_LAYOUT
+    with pytest.raises(SystemExit):  # argparse: invalid choice, listing lm and environment
+        main(["new", "x", "--template", "maze"])
+    assert "invalid choice: 'maze'" in capsys.readouterr().err
+
+
 def test_unknown_template_is_refused(tmp_path):
     with pytest.raises(PosttrainError, match="unknown template 'maze': the templates are lm, environment"):
         scaffold.generate("x", tmp_path / "pkg", template="maze")
