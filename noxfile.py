@@ -4,7 +4,7 @@ nox -s tests               # the whole suite: core + every plugin, installed tog
 nox -s "plugin(name='posttrain-dpo')"   # core + one plugin alone (catches hidden dependencies)
 nox -s lint                # ruff check + format check
 nox -s docs                # mkdocs build --strict
-nox -s copies              # "# Copied from" markers still match their source
+nox -s copies              # "# Copied from" markers still match their source (python -m posttrain.testing.copies)
 nox -s parity              # per-method comparison against TRL 1.16 (installs trl; not in CI)
 nox -s bench               # speed/memory against TRL and a bare PyTorch loop (not in CI)
 nox -s demo                # the end-to-end demo
@@ -33,7 +33,8 @@ def install_all(session: nox.Session, *extra: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
-    install_all(session, "pytest-xdist", "ruff==0.17.6")
+    # setuptools>=77 builds the scaffolded packages (SPDX license) in the scaffold tests, without build isolation
+    install_all(session, "pytest-xdist", "ruff==0.17.6", "setuptools>=77")
     # two workers with one torch thread each beat one worker with two threads on tiny models
     session.run(
         "python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs, env={"OMP_NUM_THREADS": "1"}
@@ -62,7 +63,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    session.install("mkdocs-material==9.8.2")
+    # mkdocstrings renders docs/api.md from core/src by static analysis (griffe): core need not be installed
+    session.install("mkdocs-material==9.8.2", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11")
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
 
 

@@ -158,6 +158,8 @@ def test_leftover_temporary_checkpoint_is_ignored_by_latest_and_removed_by_next_
     (fake / STATE_FILE).write_text(json.dumps({"global_step": 9}))
     (out / ".tmp-checkpoint-5").mkdir()
     assert latest_checkpoint(out).name == "checkpoint-1"
-    runner.train(toy_rows, "left", max_steps=3, save_steps=1, resume_from_checkpoint="latest")
+    runner.train(
+        toy_rows, "left", max_steps=3, save_steps=1, resume_from_checkpoint="latest", resume_override=["max_steps"]
+    )
     assert not list(out.glob(".tmp-checkpoint-*"))
     assert latest_checkpoint(out).name == "checkpoint-2"

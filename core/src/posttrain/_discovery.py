@@ -189,17 +189,24 @@ def core_version() -> str:
 # -- discovery ---------------------------------------------------------------------------------------
 
 
+def normalize(name: str) -> str:
+    """A name as pip compares it (PEP 503): case-insensitive, runs of ``-``, ``_`` and ``.`` are one ``-``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
 def _env_list(name: str) -> set[str] | None:
+    """The normalised names of a comma-separated environment variable, None when it is unset or blank."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    return {item.strip() for item in raw.split(",") if item.strip()}
+    return {normalize(item) for item in raw.split(",") if item.strip()}
 
 
 def _allowed(package: str, name: str) -> bool:
-    """Operator allow/block lists match a distribution name or a provided name."""
+    """Operator allow/block lists match a distribution name or a provided name, spelt in any way pip accepts
+    (``Posttrain_DPO`` blocks ``posttrain-dpo``), so a block cannot be dodged by spelling."""
     allow, block = _env_list("POSTTRAIN_PLUGINS"), _env_list("POSTTRAIN_DISABLE_PLUGINS")
-    keys = {package, name, package.replace("_", "-").lower()}
+    keys = {normalize(package), normalize(name)}
     if block and keys & block:
         return False
     return not (allow is not None and not keys & allow)
@@ -235,7 +242,7 @@ def discover(kinds: tuple[str, ...] = KINDS) -> list[Entry]:
             package = dist.metadata["Name"] or ""
         except Exception:  # unreadable METADATA; nothing to show it under
             continue
-        key = re.sub(r"[-_.]+", "-", package).lower()
+        key = normalize(package)
         if not package or key in seen:
             continue
         try:
@@ -342,10 +349,9 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
     package = None
     if ":" in name:
         package, name = name.split(":", 1)
-    matches = [e for e in entries if e.kind == kind and e.name == name]
+    matches = [e for e in entries if e.kind == kind and normalize(e.name) == normalize(name)]
     if package:
-        norm = re.sub(r"[-_.]+", "-", package).lower()
-        matches = [e for e in matches if re.sub(r"[-_.]+", "-", e.package).lower() == norm]
+        matches = [e for e in matches if normalize(e.package) == normalize(package)]
     if not matches:
         known = sorted({e.name for e in entries if e.kind == kind})
         hint = _suggest(name, known)
@@ -411,7 +417,7 @@ def _silenced(name: str) -> bool:
         return False
     if raw in ("1", "true", "yes", "all"):
         return True
-    names = {n.strip() for n in raw.split(",") if n.strip()}
+    names = {normalize(n) for n in raw.split(",") if n.strip()}
     bad = [n for n in names if not NAME_RE.match(n)]
     if bad:
         warnings.warn(
@@ -419,7 +425,7 @@ def _silenced(name: str) -> bool:
             "method names such as 'kto,orpo'.",
             stacklevel=3,
         )
-    return name in names
+    return normalize(name) in names
 
 
 def warn_if_experimental(entry: Entry) -> bool:

@@ -79,6 +79,28 @@ class LogWindow:
         self._reset()
         return row
 
+    def totals_for_checkpoint(self) -> dict[str, float]:
+        """The run's ``total`` metrics including this window's not yet logged values, without starting a new
+        window: what a checkpoint saves, so a resumed run counts exactly what the uninterrupted one does.
+        Collective: every process calls it (checkpoints are saved by all processes)."""
+        import torch
+
+        names = sorted(n for n, (kind, _, _) in self.metrics.items() if kind == "total")
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted({n for part in gather_object([names]) for n in part})
+        totals = dict(self.totals)
+        if not names:
+            return totals
+        local = torch.tensor(
+            [sum(self.metrics[n][1]) if n in self.metrics else 0.0 for n in names], dtype=torch.float64
+        )
+        summed = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").tolist()
+        for name, value in zip(names, summed):
+            totals[name] = totals.get(name, 0.0) + value
+        return totals
+
     def reduce_metrics(self) -> dict[str, float]:
         """Every metric of the window reduced over micro-batches and processes (one gather)."""
         import torch
@@ -134,20 +156,25 @@ class JsonlLogger:
     """One JSON object per logged step; on resume, rows after the resumed step are dropped."""
 
     def __init__(self, output_dir: str | Path, resume_step: int | None = None):
+        from posttrain._run_guard import writing
+
         self.path = Path(output_dir) / METRICS_FILE
-        if resume_step is not None and self.path.is_file():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        with writing(METRICS_FILE, self.path.parent):
+            if resume_step is not None and self.path.is_file():
+                kept = [
+                    line
+                    for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
+                self.path.write_text("".join(line + "\n" for line in kept))
+            elif self.path.exists():
+                self.path.unlink()
 
     def on_log(self, ctx: Any, metrics: dict) -> None:
+        from posttrain._run_guard import writing
+
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        with open(self.path, "a") as fh:
+        with writing(METRICS_FILE, self.path.parent), open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
 
     on_evaluate = on_log

@@ -212,7 +212,8 @@ class RewardSet:
         """Call every function once on the whole batch.
 
         Args:
-            prompts, completions: N entries each (each prompt repeated ``group_size`` times).
+            prompts: N entries (each prompt repeated ``group_size`` times).
+            completions: N entries, the completion of each prompt entry.
             columns: dataset columns, N values each; completion_ids: N token lists.
             row_index: the dataset row of each *prompt* (N / group_size), to name a failing one.
             step: the optimizer step being computed, counted from 1 (as the progress bar shows it).

@@ -150,6 +150,27 @@ def test_check_rows_lists_every_bad_row():
     assert all(isinstance(p, RowProblem) and p.problem == "is missing" for p in problems)
 
 
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(dpo_ctx):
+    """check-data (no model, no tokenizer) and training agree: the same RowProblems, every one of them."""
+    rows = [
+        GOOD,
+        {**GOOD, "chosen": None},
+        GOOD,
+        {**GOOD, "prompt": MSG},
+        {**GOOD, "rejected": " "},
+        GOOD,
+    ]
+    reported = DPO().check_rows(rows)  # as check-data reads a JSONL file: a list of dicts, mixed types allowed
+    assert [p.row for p in reported] == [1, 3, 4]
+    with pytest.raises(DataError) as info:
+        DPO().prepare(rows, dpo_ctx())
+    assert info.value.problems == reported and info.value.method == "dpo"
+    assert "(2 more problems in other rows.)" in str(info.value) and "posttrain check-data dpo" in str(info.value)
+    good = [rows[i] for i in (0, 2, 5)]
+    assert DPO().check_rows(datasets.Dataset.from_list(good)) == []
+    assert len(DPO().prepare(datasets.Dataset.from_list(good), dpo_ctx())) == 3
+
+
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as info:
         from posttrain.config import build_config

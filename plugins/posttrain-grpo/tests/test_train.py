@@ -18,7 +18,7 @@ def test_grpo_raises_the_verifier_reward(grpo_echo_model, tmp_path):
     The measure is ``echo_exact_probability`` (computed from the logits, no sampling noise), not the logged
     per-step reward, which is a mean over 64 samples and swings by +-0.2 between steps. Calibration
     (``python benchmarks/calibrate_learning.py grpo --seeds 0-9 --threads 1 2``, 2026-11-30): the rise over
-    10 seeds x 1 and 2 threads was +0.14 at least and +0.29 on average (thread count does not change it
+    10 seeds x 1 and 2 threads was +0.135 at least and +0.30 on average (thread count does not change it
     on the tiny model; a different seed moves the trajectory about as much as another CPU does). The margin
     0.07 is half that minimum; a run that does not learn moves it by 0.0 (lr 0) or at random by < 0.03.
     """

@@ -29,10 +29,13 @@ def run(command: str, argv: list[str]) -> int:
     if args.no_import:
         return 0
     if kind == "environment":
-        return _describe_environment(discovery.load(entry))
+        from posttrain import _registry as registry
+
+        return _describe_environment(registry._load(entry))  # a failing plugin is a one-line error
+    from posttrain import _registry as registry
     from posttrain.config import describe_fields
 
-    method_class = discovery.load(entry)
+    method_class = registry.load_method(entry)  # a failing or non-conforming plugin is a one-line error
     formats = ", ".join(getattr(method_class, "dataset_formats", ()) or ["(not declared)"])
     print(f"data:     {formats}")
     print(f"\nconfig fields ({method_class.config_class.__name__}):")

@@ -50,6 +50,7 @@ def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
     kinds = discovery.KINDS if args.kind == "all" else (args.kind,)
     entries = discovery.discover(kinds)
+    everything = list(entries)  # --check looks at every entry, whatever --status or --all hide from the table
     if not args.all and args.status != "inactive":
         entries = [e for e in entries if e.status != discovery.INACTIVE]
     if args.status:
@@ -81,8 +82,8 @@ def run(command: str, argv: list[str]) -> int:
             print(f"{title}:")
             print(_table(rows, headers))
             print()
-    if args.check and any(e.status in PROBLEMS for e in entries):
-        bad = [e for e in entries if e.status in PROBLEMS]
+    if args.check and any(e.status in PROBLEMS for e in everything):
+        bad = [e for e in everything if e.status in PROBLEMS]
         print(
             f"{len(bad)} problem(s): " + "; ".join(f"{e.name} ({e.package}): {e.reason}" for e in bad), file=sys.stderr
         )

@@ -9,18 +9,12 @@ import torch
 from posttrain import ConfigError, DataError, LossOutput
 from posttrain.data import check
 from posttrain.generation import build_generator, sample
-from posttrain.models import load_teacher
+from posttrain.models import disable_dropout, load_teacher
 
 from posttrain_distill.config import DistillConfig
 from posttrain_distill.data import collate_rows, same_kind_problems, tokenize_row
 from posttrain_distill.loss import generalized_jsd, top1_agreement
 from posttrain_distill.rollout import use_on_policy
-
-
-def _disable_dropout(model: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -50,7 +44,7 @@ class Distill:
     def setup(self, ctx: Any) -> None:
         config = ctx.config
         if config.disable_dropout:
-            _disable_dropout(ctx.model)
+            disable_dropout(ctx.model)
         self.teacher = load_teacher(config.teacher_model, ctx.tokenizer, config, ctx.device)
         student_vocab = ctx.model.get_output_embeddings().weight.size(0)
         teacher_vocab = self.teacher.get_output_embeddings().weight.size(0)
