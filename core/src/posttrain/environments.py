@@ -72,9 +72,12 @@ __all__ = [
     "run_tools",
 ]
 
-#: What ``reset`` and ``step`` hand back to the model: a string (one user message), a list of chat messages
-#: (``{"role": "tool", "content": ...}`` for tool results), or None (``reset``: the row's own prompt).
 Observation = str | list[dict] | None
+"""What ``reset`` and ``step`` hand back to the model: a string (one user message), a list of chat messages
+(``{"role": "tool", "content": ...}`` for tool results), or None (``reset``: the row's own prompt).
+
+.. versionadded:: 1.0
+"""
 
 
 class EpisodeError(PosttrainError):
@@ -93,6 +96,8 @@ class ToolCall:
         name: the tool's name (one of the environment's ``tools``).
         arguments: keyword arguments, already checked against the function's signature.
         text: the call as written, tags included.
+
+    .. versionadded:: 1.0
     """
 
     name: str
@@ -308,6 +313,8 @@ def environment_problems(environment: Any) -> list[str]:
     Checks ``reset(row, seed)`` and ``step(turn)``, that each tool is a function whose JSON schema the chat
     template can build (type hints and a documented argument each), and public names that are near misses of
     a protocol member (``setp``, ``tool``), which would silently never be used.
+
+    .. versionadded:: 1.0
     """
     cls = environment if isinstance(environment, type) else type(environment)
     owner = f"{cls.__module__}.{cls.__qualname__}"
@@ -375,7 +382,10 @@ def _tool_problems(owner: str, tool: Any) -> list[str]:
 
 def episode_return(prompts: list, completions: list, *, episode_return: list[float], **columns: Any) -> list[float]:
     """The reward function core adds for a run's environment: each episode's return (the sum of its steps'
-    rewards, 0.0 when the environment gave none), read from the ``episode_return`` column of the rollout."""
+    rewards, 0.0 when the environment gave none), read from the ``episode_return`` column of the rollout.
+
+    .. versionadded:: 1.0
+    """
     return [float(r) for r in episode_return]
 
 

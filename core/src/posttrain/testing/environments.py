@@ -33,20 +33,52 @@ from typing import Any
 
 from posttrain.testing.tiny import CHAT_TEMPLATE, build_tokenizer
 
-CHECKS = ("protocol", "metadata", "terminates", "robust", "masks", "rewards_finite", "determinism")
+__all__ = [
+    "CHECKS",
+    "TOOL_CALL_TOKENS",
+    "TOOL_CHAT_TEMPLATE",
+    "ScriptedGenerator",
+    "build_tool_tokenizer",
+    "check_determinism",
+    "check_masks",
+    "check_metadata",
+    "check_protocol",
+    "check_rewards_finite",
+    "check_robust",
+    "check_terminates",
+    "environment_suite",
+    "garbage_policy",
+    "play",
+]
 
-#: A chat template that shows tools compactly (``name(arg, ...)``) in a system turn, for tiny test models.
+CHECKS = ("protocol", "metadata", "terminates", "robust", "masks", "rewards_finite", "determinism")
+"""The checks of :func:`environment_suite`, in the order they run.
+
+.. versionadded:: 1.0
+"""
+
 TOOL_CHAT_TEMPLATE = (
     "{% if tools %}{{ '<|system|>tools: ' }}"
     "{% for tool in tools %}{{ tool.function.name }}({{ tool.function.parameters.properties | join(', ') }})"
     "{% if not loop.last %}; {% endif %}{% endfor %}{{ '<|end|>' }}{% endif %}" + CHAT_TEMPLATE
 )
-#: Tokens a byte-pair tokenizer would have merged: the tags and the JSON glue of a tool call.
+"""A chat template that shows tools compactly (``name(arg, ...)``) in a system turn, for tiny test models.
+
+.. versionadded:: 1.0
+"""
+
 TOOL_CALL_TOKENS = ["<tool_call>", "</tool_call>", '{"name": "', '", "arguments": {"', '": "', '"}}', '": ']
+"""Tokens a byte-pair tokenizer would have merged: the tags and the JSON glue of a tool call.
+
+.. versionadded:: 1.0
+"""
 
 
 def build_tool_tokenizer():
-    """The tiny character tokenizer with a tool role, tool-call tokens and :data:`TOOL_CHAT_TEMPLATE`."""
+    """The tiny character tokenizer with a tool role, tool-call tokens and :data:`TOOL_CHAT_TEMPLATE`.
+
+    .. versionadded:: 1.0
+    """
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<|tool|>"], special_tokens=True)
     tokenizer.add_tokens(TOOL_CALL_TOKENS)
@@ -58,7 +90,10 @@ class ScriptedGenerator:
     """A :class:`posttrain.generation.Generator` whose turns come from ``policy(context) -> str`` instead of a
     model: ``context`` is the prompt and the episode so far, decoded with special tokens. Each reply is
     tokenized and ended with the tokenizer's EOS, as a model's turn ends; it is cut (and marked truncated) at
-    ``max_new_tokens``."""
+    ``max_new_tokens``.
+
+    .. versionadded:: 1.0
+    """
 
     name = "scripted"
     reports_logps = False
@@ -89,7 +124,10 @@ class ScriptedGenerator:
 
 
 def garbage_policy(seed: int = 0) -> Callable[[str], str]:
-    """A policy that writes what a young model writes: noise, and tool calls broken in every usual way."""
+    """A policy that writes what a young model writes: noise, and tool calls broken in every usual way.
+
+    .. versionadded:: 1.0
+    """
     rng = random.Random(seed)
     shapes = [
         "",
@@ -128,6 +166,8 @@ def play(
     Returns:
         (rollout, generator): one :class:`posttrain.generation.Rollout` for all rows, and the generator (its
         ``calls`` hold the policy's messages, one list per turn for the episodes still playing).
+
+    .. versionadded:: 1.0
     """
     import datasets
 
@@ -170,6 +210,10 @@ def _resolve(environment: Any) -> type:
 
 
 def check_protocol(environment: Any) -> None:
+    """The class follows the Environment protocol (signatures, no near-miss names) and its tools have JSON schemas.
+
+    .. versionadded:: 1.0
+    """
     from posttrain.environments import environment_problems
 
     problems = environment_problems(_resolve(environment))
@@ -177,6 +221,10 @@ def check_protocol(environment: Any) -> None:
 
 
 def check_metadata(name: str) -> None:
+    """The installed entry point is usable and declares a summary and a core range.
+
+    .. versionadded:: 1.0
+    """
     from posttrain import _discovery as discovery
 
     entries = [e for e in discovery.discover(("environment",)) if e.name == name]
@@ -188,6 +236,10 @@ def check_metadata(name: str) -> None:
 
 
 def check_terminates(environment: Any, rows: list[dict], policy: Callable, **kwargs: Any) -> None:
+    """Under ``policy`` every episode ends by the environment's ``done`` within ``max_turns``.
+
+    .. versionadded:: 1.0
+    """
     rollout, _ = play(environment, rows, policy, **kwargs)
     unfinished = [i for i, t in enumerate(rollout.is_truncated.tolist()) if t]
     assert not unfinished, (
@@ -197,6 +249,10 @@ def check_terminates(environment: Any, rows: list[dict], policy: Callable, **kwa
 
 
 def check_robust(environment: Any, rows: list[dict], **kwargs: Any) -> None:
+    """Garbage and malformed tool calls are answered with observations (never an exception), and counted.
+
+    .. versionadded:: 1.0
+    """
     rollout, _ = play(environment, rows, garbage_policy(), **kwargs)  # an EpisodeError fails the check
     if _spec_tools(environment, kwargs):
         malformed = rollout.metrics["tools/malformed_calls"]
@@ -204,6 +260,11 @@ def check_robust(environment: Any, rows: list[dict], **kwargs: Any) -> None:
 
 
 def check_masks(environment: Any, rows: list[dict], policy: Callable, **kwargs: Any) -> None:
+    """The loss mask covers exactly the policy's tokens, turn by turn, and prompt + episode is exactly the chat
+    template's rendering of the conversation (what the model read is what the template would show).
+
+    .. versionadded:: 1.0
+    """
     rollout, generator = play(environment, rows, policy, **kwargs)
     tokenizer = kwargs.get("tokenizer") or build_tool_tokenizer()
     turns_played = rollout.turn_index.max(dim=1).values + 1  # (N,) model turns of each episode
@@ -238,6 +299,10 @@ def _spec_tools(environment: Any, kwargs: dict) -> list:
 
 
 def check_rewards_finite(environment: Any, rows: list[dict], policy: Callable, **kwargs: Any) -> None:
+    """Turn rewards, episode returns and combined rewards are finite, under ``policy`` and under garbage.
+
+    .. versionadded:: 1.0
+    """
     for chosen in (policy, garbage_policy(1)):
         rollout, _ = play(environment, rows, chosen, **kwargs)
         returns = rollout.columns["episode_return"]
@@ -247,6 +312,10 @@ def check_rewards_finite(environment: Any, rows: list[dict], policy: Callable, *
 
 
 def check_determinism(environment: Any, rows: list[dict], policy: Callable, **kwargs: Any) -> None:
+    """The same seed and policy play the same episodes (tokens and returns): randomness comes from ``seed``.
+
+    .. versionadded:: 1.0
+    """
     first, _ = play(environment, rows, policy, **kwargs)
     again, _ = play(environment, rows, policy, **kwargs)
     assert first.completion_ids.shape == again.completion_ids.shape and bool(
@@ -272,6 +341,8 @@ def environment_suite(
         policy: plays the model: from the conversation as text to the next message; it should finish episodes.
         xfail: check name -> reason, for a check that cannot hold (run as strict xfail).
         kwargs: passed to :func:`play` (``environment_kwargs``, ``tokenizer``, ``max_turns`` ...).
+
+    .. versionadded:: 1.0
     """
     import pytest
 
