@@ -25,7 +25,7 @@ from posttrain.environments import ToolCallParser
 # perfect-episode probability after GRPO ranged CALIBRATION_RANGE; MARGIN sits well below the minimum.
 CALIBRATION_RANGE = "pending"
 MARGIN = 0.05
-SFT_STEPS, GRPO_STEPS, N_DEMONSTRATIONS, N_HELD_OUT = 100, 30, 64, 64
+SFT_STEPS, GRPO_STEPS, N_DEMONSTRATIONS, N_HELD_OUT = 150, 30, 64, 64
 _PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]
 random.Random(1234).shuffle(_PAIRS)  # the example's split: the held-out set is the same for every seed
 HELD_OUT, TRAIN = _PAIRS[:N_HELD_OUT], _PAIRS[200:]
