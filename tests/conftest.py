@@ -53,6 +53,7 @@ class FakeSite:
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
         environments: dict[str, str] | None = None,
+        commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
         code: str | None = None,
@@ -76,6 +77,7 @@ class FakeSite:
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
             ("posttrain.environments", environments),
+            ("posttrain.commands", commands),
         ):
             if items:
                 eps.append(f"[{group}]")

@@ -1,23 +1,91 @@
-"""``posttrain info NAME``: package, status, docs and (importing the method) its config fields; for an
-environment (no method of that name), its constructor options and tools."""
+"""``posttrain info NAME``: package, status, docs, data formats and config fields of a method; for an
+environment (no method of that name), its constructor options and tools.
+
+Everything comes from metadata and the ``<method>.schema.json`` the package ships, so the answer
+takes a fraction of a second and imports neither the plugin nor torch. A package without a shipped
+schema (an older or third-party one) is imported instead, and the output says so. An environment ships no
+schema: its options and tools are read by importing it (``--no-import`` shows its metadata only).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from posttrain import _discovery as discovery
+
+
+def _type_label(prop: dict) -> str:
+    """A short type for a schema property: ``integer``, ``number | null``, ``'a' | 'b'``, ``list[string]``."""
+    if "enum" in prop:
+        return " | ".join(repr(v) for v in prop["enum"])
+    if "anyOf" in prop:
+        labels = [_type_label(p) for p in prop["anyOf"] if p.get("description") != "comma-separated items"]
+        return " | ".join(labels)
+    if prop.get("type") == "array":
+        items = prop.get("items")
+        return f"list[{_type_label(items)}]" if items else "list"
+    kind = prop.get("type", "any")
+    return " | ".join(kind) if isinstance(kind, list) else kind
+
+
+def print_fields(schema: dict) -> None:
+    print(f"\nconfig fields ({schema.get('title', '?')}):")
+    for name, prop in schema.get("properties", {}).items():
+        if name == "method":
+            continue
+        default = repr(prop["default"]) if "default" in prop else "(required)"
+        print(f"  {name:32} {_type_label(prop):28} {default:>14}  {prop.get('description', '')}")
 
 
 def run(command: str, argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain info", description="Describe an installed method or environment.")
     p.add_argument("method")
-    p.add_argument("--no-import", action="store_true", help="metadata only; do not import the plugin")
+    p.add_argument("--no-import", action="store_true", help="never import the plugin, even without a shipped schema")
+    p.add_argument("--json", action="store_true", help="print the method's facts and config schema as JSON")
     args = p.parse_args(argv)
     entries = discovery.discover()
-    provided = {(e.kind, e.name) for e in entries}
-    name = args.method.split(":")[-1]
-    kind = "environment" if ("environment", name) in provided and ("method", name) not in provided else "method"
-    entry = discovery.find(kind, args.method, [e for e in entries if e.kind == kind], allow_inactive=True)
+    provided = {(e.kind, discovery.normalize(e.name)) for e in entries}
+    name = discovery.normalize(args.method.split(":")[-1])
+    if ("environment", name) in provided and ("method", name) not in provided:
+        entry = discovery.find("environment", args.method, entries, allow_inactive=True)
+        return _environment(entry, args)
+    entry = discovery.find("method", args.method, entries, allow_inactive=True)
+    from posttrain.cli import schema as schema_lib
+
+    schema, path = schema_lib.read_shipped(entry)
+    source = f"{path} (shipped with {entry.package})" if schema is not None else ""
+    if schema is None and not args.no_import:
+        print(
+            f"note: {entry.package} {entry.version} ships no {entry.name}.schema.json, so its config is read by "
+            f"importing the plugin (slower; `posttrain schema {entry.name} --write` in its source tree adds the file).",
+            file=sys.stderr,
+        )
+        schema = schema_lib.generate(entry)
+        source = "built by importing the plugin"
+    facts = schema.get("x-posttrain", {}) if schema else {}
+    if args.json:
+        print(json.dumps({"entry": entry.to_dict(), "schema": schema}, indent=2))
+        return 0
+    print(f"method:   {entry.name}")
+    print(f"package:  {entry.package} {entry.version}")
+    print(f"status:   {entry.status}")
+    print(f"summary:  {entry.summary}")
+    print(f"requires: posttrain{entry.requires_core or ' (any)'} (installed {discovery.core_version()})")
+    print(f"provides: {entry.value}")
+    if entry.docs_url:
+        print(f"docs:     {entry.docs_url}")
+    if schema is None:
+        print("schema:   none shipped (--no-import: config fields not shown)")
+        return 0
+    print(f"data:     {', '.join(facts.get('dataset_formats') or ['(not declared)'])}")
+    print(f"schema:   {source}")
+    print_fields(schema)
+    return 0
+
+
+def _header(kind: str, entry: discovery.Entry) -> None:
     print(f"{kind + ':':<9} {entry.name}")
     print(f"package:  {entry.package} {entry.version}")
     print(f"status:   {entry.status}")
@@ -26,39 +94,58 @@ def run(command: str, argv: list[str]) -> int:
     print(f"provides: {entry.value}")
     if entry.docs_url:
         print(f"docs:     {entry.docs_url}")
-    if args.no_import:
-        return 0
-    if kind == "environment":
+
+
+def _environment(entry: discovery.Entry, args: argparse.Namespace) -> int:
+    """An environment's facts; its options (``environment_kwargs``) and tools need an import, so not with
+    ``--no-import``."""
+    described = None
+    if not args.no_import:
         from posttrain import _registry as registry
 
-        return _describe_environment(registry._load(entry))  # a failing plugin is a one-line error
-    from posttrain import _registry as registry
-    from posttrain.config import describe_fields
-
-    method_class = registry.load_method(entry)  # a failing or non-conforming plugin is a one-line error
-    formats = ", ".join(getattr(method_class, "dataset_formats", ()) or ["(not declared)"])
-    print(f"data:     {formats}")
-    print(f"\nconfig fields ({method_class.config_class.__name__}):")
-    for name, type_name, default, help_text in describe_fields(method_class.config_class):
-        print(f"  {name:32} {type_name:28} {default!r:>14}  {help_text}")
+        described = describe_environment(registry._load(entry))  # a failing plugin is a one-line error
+    if args.json:
+        print(json.dumps({"entry": entry.to_dict(), "environment": described}, indent=2))
+        return 0
+    _header("environment", entry)
+    if described is None:
+        print("options:  not shown (--no-import; they are read by importing the environment)")
+        return 0
+    print(f"about:    {described['about'] or '(no docstring)'}")
+    options = described["options"]
+    print("\nenvironment_kwargs (constructor options):" if options else "\nenvironment_kwargs: none")
+    for option in options:
+        annotation = f": {option['type']}" if option["type"] else ""
+        default = f" = {option['default']}" if "default" in option else ""
+        print(f"  {option['name']}{annotation}{default}")
+    tools = described["tools"]
+    print(f"\ntools: {', '.join(t['name'] for t in tools) or 'none'}")
+    for tool in tools:
+        print(f"  {tool['name']}{tool['signature']}: {tool['summary']}")
     return 0
 
 
-def _describe_environment(env_class: type) -> int:
-    """Constructor options (``environment_kwargs``) and tools of an environment class."""
+def describe_environment(env_class: type) -> dict:
+    """Docstring summary, constructor options (``environment_kwargs``) and tools of an environment class."""
     import inspect
 
-    doc = (inspect.getdoc(env_class) or "").split("\n\n")[0]
-    print(f"about:    {doc}" if doc else "about:    (no docstring)")
-    params = [p for p in inspect.signature(env_class).parameters.values() if p.name != "self"]
-    print("\nenvironment_kwargs (constructor options):" if params else "\nenvironment_kwargs: none")
-    for p in params:
-        default = "" if p.default is p.empty else f" = {p.default!r}"
-        annotation = "" if p.annotation is p.empty else f": {getattr(p.annotation, '__name__', p.annotation)}"
-        print(f"  {p.name}{annotation}{default}")
-    tools = getattr(env_class, "tools", None) or []
-    print(f"\ntools: {', '.join(t.__name__ for t in tools) or 'none'}")
-    for tool in tools:
-        summary = (inspect.getdoc(tool) or "(no docstring)").splitlines()[0]
-        print(f"  {tool.__name__}{inspect.signature(tool)}: {summary}")
-    return 0
+    options = []
+    for p in inspect.signature(env_class).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        option = {
+            "name": p.name,
+            "type": "" if p.annotation is p.empty else getattr(p.annotation, "__name__", str(p.annotation)),
+        }
+        if p.default is not p.empty:
+            option["default"] = repr(p.default)
+        options.append(option)
+    tools = [
+        {
+            "name": tool.__name__,
+            "signature": str(inspect.signature(tool)),
+            "summary": (inspect.getdoc(tool) or "(no docstring)").splitlines()[0],
+        }
+        for tool in getattr(env_class, "tools", None) or []
+    ]
+    return {"about": (inspect.getdoc(env_class) or "").split("\n\n")[0], "options": options, "tools": tools}

@@ -8,6 +8,7 @@ import os
 import sys
 
 from posttrain import _discovery as discovery
+from posttrain.cli import plugin_commands
 
 PROBLEMS = (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT)
 
@@ -50,6 +51,7 @@ def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
     kinds = discovery.KINDS if args.kind == "all" else (args.kind,)
     entries = discovery.discover(kinds)
+    plugin_commands.mark_builtin_conflicts(entries)
     everything = list(entries)  # --check looks at every entry, whatever --status or --all hide from the table
     if not args.all and args.status != "inactive":
         entries = [e for e in entries if e.status != discovery.INACTIVE]
@@ -59,7 +61,8 @@ def run(command: str, argv: list[str]) -> int:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
     elif not entries:
         print(
-            "No posttrain methods installed. Install one, e.g. `pip install posttrain-sft`."
+            "No posttrain methods installed. Install one, e.g. `posttrain install sft`; "
+            "the plugin directory in the docs lists the packages."
             if not args.status
             else f"No {args.status} entries."
         )
@@ -68,7 +71,13 @@ def run(command: str, argv: list[str]) -> int:
             group = [e for e in entries if e.kind == kind]
             if not group:
                 continue
-            title = {"method": "Methods", "reward": "Rewards", "environment": "Environments", "plugin": "Plugins"}[kind]
+            title = {
+                "method": "Methods",
+                "reward": "Rewards",
+                "environment": "Environments",
+                "plugin": "Plugins",
+                "command": "Commands",
+            }[kind]
             headers = [kind, "package", "version", "status", "compat", "summary"]
             rows = []
             for e in group:
