@@ -573,9 +573,15 @@ def test_info_describes_an_environment(fake_site, capsys):
     assert main(["info", "maze", "--no-import"]) == 0
     out = capsys.readouterr().out
     assert "environment: maze" in out and "package:  pt-maze 1.0.0" in out and "status:   stable" in out
+    assert "not shown (--no-import" in out and "pt_maze" not in __import__("sys").modules
     assert main(["info", "maze"]) == 0
     out = capsys.readouterr().out
     assert "Walk out of a maze." in out and "size: int = 4" in out and "add(a: int, b: int) -> int: Add." in out
+    assert main(["info", "maze", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["entry"]["kind"] == "environment" and facts["entry"]["package"] == "pt-maze"
+    assert facts["environment"]["options"] == [{"name": "size", "type": "int", "default": "4"}]
+    assert [t["name"] for t in facts["environment"]["tools"]] == ["add"]
 
 
 def test_two_packages_with_one_environment_name_conflict(fake_site):

@@ -59,7 +59,10 @@ def main() -> None:
             )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[-1]
-            print(f"seed {seed} threads {threads}: {r['before']:.4f} -> {r['after']:.4f} (rise {r['rise']:+.4f})", flush=True)
+            print(
+                f"seed {seed} threads {threads}: {r['before']:.4f} -> {r['after']:.4f} (rise {r['rise']:+.4f})",
+                flush=True,
+            )
     rises = [r["rise"] for r in runs]
     print(f"rise over {len(runs)} runs: min {min(rises):+.4f}, max {max(rises):+.4f}")
     if args.output:
