@@ -52,6 +52,7 @@ class FakeSite:
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
+        environments: dict[str, str] | None = None,
         commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
@@ -75,6 +76,7 @@ class FakeSite:
             ("posttrain.methods", methods),
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
+            ("posttrain.environments", environments),
             ("posttrain.commands", commands),
         ):
             if items:

@@ -358,7 +358,7 @@ def _write_run_files(run: _Run, provenance: dict | None) -> None:
         _run_guard.open_directory(run.output_dir, run.config.overwrite_output_dir and run.resume_path is None)
         save_config(run.config, run.output_dir / "posttrain_config.yaml", getattr(run.method, "name", None))
         if provenance is None:
-            provenance = _environment.provenance_for(run.method, list(run.ctx.rewards))
+            provenance = _environment.provenance_for(run.method, list(run.ctx.rewards), run.config)
         (run.output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
 
 

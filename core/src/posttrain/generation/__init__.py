@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -94,6 +95,13 @@ class OnlineConfig(TrainingConfig):
     importance_sampling_mode: ISMode = "sequence_mask"  # per token or per sequence; clip to the bounds or mask
     importance_sampling_clip_max: float | None = 3.0  # upper bound C_max of π_trainer / π_generator
     importance_sampling_clip_min: float | None = None  # lower bound C_min (None: no lower bound)
+    # -- environments: multi-turn episodes with tools (posttrain.environments; docs/environments.md)
+    environment: str | None = None  # a posttrain.environments name: sample episodes instead of single completions
+    environment_kwargs: dict | None = None  # keyword arguments of the environment's constructor
+    max_turns: int = 4  # model turns per episode at most (max_completion_length applies to each turn)
+    max_episode_tokens: int | None = None  # model + environment tokens per episode at most; None: no limit
+    environment_timeout: float = 60.0  # seconds one reset or step may take before the run stops with an error
+    environment_reward_weight: float = 1.0  # weight of the episode return among the reward functions
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -122,7 +130,7 @@ class OnlineConfig(TrainingConfig):
             found.append(f"importance_sampling_clip_min/_max must satisfy 0 <= min <= max (max > 0), got {lo} and {hi}")
         if not self.vllm_server_timeout > 0:
             found.append(f"vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
-        return found
+        return found + _environment_problems(self)
 
 
 @dataclass(frozen=True)
@@ -217,11 +225,17 @@ def build_generator(ctx: TrainContext, params: SamplingParams | None = None) -> 
 
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process
-            engine, the server unreachable ...), saying what to change.
+            engine, the server unreachable ...), or the ``environment`` does not fit its options, saying what
+            to change.
+        PluginError: no installed package or hook provides the ``environment``.
 
     .. versionadded:: 1.0
     """
     config = ctx.config
+    if getattr(config, "environment", None):  # resolve and check it now, before any step runs
+        from posttrain.generation._episodes import environment_for
+
+        environment_for(ctx)
     params = params or SamplingParams.from_config(config, ctx.tokenizer, ctx.model)
     backend = config.generation_backend
     if backend == "hf":
@@ -235,6 +249,22 @@ def build_generator(ctx: TrainContext, params: SamplingParams | None = None) -> 
     from posttrain.generation._vllm_server import VLLMServerGenerator
 
     return VLLMServerGenerator(ctx, params)
+
+
+def _environment_problems(config: OnlineConfig) -> list[str]:
+    found = []
+    name = config.environment
+    if name is not None and not re.match(r"^([A-Za-z0-9_.-]+:)?[a-z][a-z0-9_-]*$", name):
+        found.append(f"environment must be an environment name such as 'calculator' (or 'package:name'), got {name!r}")
+    if name is None and config.environment_kwargs:
+        found.append("environment_kwargs is set but environment is not; name the environment, or drop the kwargs")
+    if config.max_turns < 1:
+        found.append(f"max_turns must be >= 1, got {config.max_turns}")
+    if config.max_episode_tokens is not None and config.max_episode_tokens < 1:
+        found.append(f"max_episode_tokens must be >= 1 or null, got {config.max_episode_tokens}")
+    if not config.environment_timeout > 0:
+        found.append(f"environment_timeout must be > 0 seconds, got {config.environment_timeout}")
+    return found
 
 
 # -- prompt-only data -------------------------------------------------------------------------------------
@@ -313,6 +343,12 @@ class Rollout:
     Tensors are on the micro-batch's device. ``input_ids``/``attention_mask`` are the left-padded prompt
     followed by the right-padded completion, ready for :func:`posttrain.ops.completion_logps`.
 
+    With an ``environment`` (multi-turn episodes) the completion is the whole episode after the prompt: the
+    model's turns and the environment's observations, interleaved. ``completion_mask`` covers exactly the
+    model's tokens (the loss never sees an environment token) while ``attention_mask`` covers both (the model
+    reads the observations); ``rewards`` include the episode return, and ``turn_rewards``/``turn_index`` give
+    per-turn rewards for methods that assign credit per turn (:func:`posttrain.environments.returns_to_go`).
+
     .. versionadded:: 1.0
     """
 
@@ -329,6 +365,9 @@ class Rollout:
     rewards_per_func: torch.Tensor | None = None  # (N, K), NaN where a function returned None
     rewards: torch.Tensor | None = None  # (N,) weighted sum, NaN when no function scored it
     metrics: dict[str, float] = field(default_factory=dict)
+    completion_attention_mask: torch.Tensor | None = None  # (N, C) model + environment tokens; None: completion_mask
+    turn_rewards: torch.Tensor | None = None  # (N, T) each model turn's reward from the environment, 0 past the end
+    turn_index: torch.Tensor | None = None  # (N, C) turn of each model token; -1 on environment tokens and padding
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -340,7 +379,8 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         import torch
 
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        completion = self.completion_mask if self.completion_attention_mask is None else self.completion_attention_mask
+        return torch.cat([self.prompt_mask, completion], dim=1)
 
 
 def sample(
@@ -368,6 +408,10 @@ def sample(
     .. versionadded:: 1.0
     """
     config, tokenizer = ctx.config, ctx.tokenizer
+    if getattr(config, "environment", None):
+        from posttrain.generation._episodes import sample_episodes
+
+        return sample_episodes(generator, model, batches, ctx, num_generations, rewards)
     _sync_once(generator, model, ctx)
     prompt_lists = [
         ids[m.bool()].tolist() for b in batches for ids, m in zip(b["prompt_ids"].cpu(), b["prompt_mask"].cpu())

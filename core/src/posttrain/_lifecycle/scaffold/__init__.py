@@ -219,9 +219,10 @@ def generate(
         author: written to ``authors`` in pyproject.toml and to LICENSE; default ``git config user.name``.
         core_version: the posttrain version to require (``>=X.Y,<X+1``); default the installed one.
         date: the date of the first CHANGELOG entry (ISO format); default today.
-        template: which starting method (:func:`template_names`): ``lm`` (next-token cross-entropy on
-            text), ``preference`` (a pairwise loss against a frozen reference model) or ``online``
-            (REINFORCE on sampled completions scored by reward functions).
+        template: which starting package (:func:`template_names`): ``lm`` (next-token cross-entropy on
+            text), ``preference`` (a pairwise loss against a frozen reference model), ``online`` (REINFORCE
+            on sampled completions scored by reward functions) or ``environment`` (a multi-turn environment
+            with a tool, tested by the environment conformance kit).
         url: the package's home page for ``[project.urls]``; default its PyPI page.
 
     Raises:
