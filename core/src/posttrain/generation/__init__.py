@@ -17,7 +17,10 @@ Backends (``generation_backend`` in :class:`OnlineConfig`):
 - ``vllm-server``: a stock ``vllm serve`` on other GPUs or nodes, driven over HTTP (``/v1/completions``),
   weights sent with vLLM's NCCL weight-transfer engine. ``posttrain vllm-serve-command`` prints the command.
 
-Weights are pushed at most once per optimizer step, before the step's first generation. Backends that
+Weights are pushed at most once per optimizer step, before the step's first generation. With
+``async_generation: true`` a worker process samples and scores the next steps' batches while the trainer
+trains (``max_staleness`` bounds how many optimizer steps old the sampling weights may be; see
+``posttrain.generation._async`` and docs/async-generation.md). Backends that
 report their own log-probs (vLLM) enable importance-sampling correction by default
 (:func:`importance_weights`): the loss is reweighted by π_trainer / π_generator, truncated at
 ``importance_sampling_cap``, because the two engines' numerics differ.
@@ -94,6 +97,10 @@ class OnlineConfig(TrainingConfig):
     importance_sampling_mode: ISMode = "sequence_mask"  # per token or per sequence; clip to the bounds or mask
     importance_sampling_clip_max: float | None = 3.0  # upper bound C_max of π_trainer / π_generator
     importance_sampling_clip_min: float | None = None  # lower bound C_min (None: no lower bound)
+    # -- asynchronous generation (docs/async-generation.md)
+    async_generation: bool = False  # sample and score the next batches in a worker process while training
+    max_staleness: int = 1  # optimizer steps between the sampling weights and the step that trains on them
+    async_generation_timeout: float = 600.0  # seconds without progress from the worker before the run stops
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -122,6 +129,18 @@ class OnlineConfig(TrainingConfig):
             found.append(f"importance_sampling_clip_min/_max must satisfy 0 <= min <= max (max > 0), got {lo} and {hi}")
         if not self.vllm_server_timeout > 0:
             found.append(f"vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
+        if self.max_staleness < 0:
+            found.append(f"max_staleness must be >= 0 (0: the synchronous algorithm), got {self.max_staleness}")
+        if not self.async_generation_timeout > 0:
+            found.append(f"async_generation_timeout must be > 0 seconds, got {self.async_generation_timeout}")
+        if self.async_generation and self.generation_backend != "hf":
+            found.append(
+                f"async_generation runs the hf backend in a worker process; generation_backend "
+                f"{self.generation_backend!r} has no asynchronous mode yet. Use generation_backend hf, or set "
+                "async_generation false"
+            )
+        if self.async_generation and getattr(self, "environment", None):
+            found.append("async_generation does not run multi-turn environments yet; set async_generation false")
         return found
 
 
@@ -201,8 +220,21 @@ def generation_seed(seed: int, mode: str, step: int, row: int) -> int:
     return int.from_bytes(digest, "little") % (2**63)
 
 
-def build_generator(ctx: TrainContext, params: SamplingParams | None = None) -> Generator:
+def build_generator(
+    ctx: TrainContext,
+    params: SamplingParams | None = None,
+    *,
+    num_generations: int = 1,
+    rewards: RewardSet | None = None,
+) -> Generator:
     """The backend ``ctx.config.generation_backend`` names, ready to sample from the policy ``ctx.model``.
+
+    With ``async_generation: true`` this is the asynchronous service: it samples and scores ahead of the
+    method's calls to :func:`sample`, so it needs to know now what those calls will ask for.
+
+    Args:
+        num_generations, rewards: what the method will pass to :func:`sample` when training (the
+            asynchronous service checks that it does).
 
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process
@@ -211,6 +243,10 @@ def build_generator(ctx: TrainContext, params: SamplingParams | None = None) -> 
     config = ctx.config
     params = params or SamplingParams.from_config(config, ctx.tokenizer, ctx.model)
     backend = config.generation_backend
+    if getattr(config, "async_generation", False):
+        from posttrain.generation._async import AsyncGenerator
+
+        return AsyncGenerator(ctx, params, num_generations, rewards)
     if backend == "hf":
         from posttrain.generation._hf import HFGenerator
 
@@ -346,6 +382,10 @@ def sample(
         One :class:`Rollout` per micro-batch, in order.
     """
     config, tokenizer = ctx.config, ctx.tokenizer
+    if ctx.training and getattr(config, "async_generation", False):  # sampled ahead by a worker process
+        from posttrain.generation._async import take_rollouts
+
+        return take_rollouts(generator, batches, ctx, num_generations, rewards)
     _sync_once(generator, model, ctx)
     prompt_lists = [
         ids[m.bool()].tolist() for b in batches for ids, m in zip(b["prompt_ids"].cpu(), b["prompt_mask"].cpu())
