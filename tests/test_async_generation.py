@@ -259,3 +259,58 @@ def test_async_generation_needs_the_hf_backend():
     problems = GRPOConfig(async_generation=True, generation_backend="vllm-server", max_staleness=-1).problems()
     assert any("generation_backend 'vllm-server' has no asynchronous mode yet" in p for p in problems)
     assert any("max_staleness must be >= 0" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_checkpoints_and_leaves_no_process(tiny_model_dir, tmp_path):
+    """Ctrl-C in a terminal reaches every process of the group, the worker included: the worker ignores it, the
+    trainer finishes its step, checkpoints (with the worker's help) and exits 130, and no process of the run
+    is left behind (worker, forkserver)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i}+{i % 7}=", "answer": str(i + i % 7)}) + "\n" for i in range(64))
+    )
+    out = tmp_path / "out"
+    args = ["train", "grpo", "--model", tiny_model_dir, "--dataset", data, "--output_dir", out]
+    args += ["--reward_funcs", "accuracy", "--max_steps", "500", "--logging_steps", "1", "--learning_rate", "1e-3"]
+    args += ["--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "6"]
+    args += ["--async_generation", "true", "--max_staleness", "2", "--disable_progress_bar", "true"]
+    env = {**os.environ, "POSTTRAIN_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 240
+        metrics = out / "metrics.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, log
+    assert "resumable checkpoint in" in log and "Traceback" not in log
+    (checkpoint,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert (checkpoint / "service_state_0.pt").is_file()  # K = 2: batches of older weights were saved
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # is any process of the group still there?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a process of the interrupted run is still alive 30 s after it exited")

@@ -633,7 +633,7 @@ def _serve(spec: _WorkerSpec, shared, condition, version, started, status, jobs,
         status.set("generating", step)
         ctx = TrainContext(config=spec.config, tokenizer=spec.tokenizer, model=model, step=step)
         # the batch's own random stream: the same samples whenever it runs, after a resume too
-        with _forked_rng(generation_seed(spec.config.seed, "async", step, -1)):
+        with _forked_rng(generation_seed(spec.config.seed, f"async-{spec.process_index}", step, -1)):
             rollouts = sample(generator, model, batches, ctx, spec.num_generations, rewards)
         status.set("sending", step)
         results.put(("batch", step, required, [_to_wire(r) for r in rollouts], idle))
