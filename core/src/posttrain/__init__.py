@@ -22,14 +22,42 @@ if TYPE_CHECKING:  # pragma: no cover
     from posttrain.hookspecs import hookimpl
     from posttrain.loop import TrainResult, train
 
-#: Version of the plugin API: the names in ``__all__`` here and in the public modules (``posttrain.config``,
-#: ``.data``, ``.models``, ``.ops``, ``.rewards``, ``.generation``, ``.loop``, ``.hookspecs``, ``.testing``).
-#: A minor release only adds; a major release may remove or change (see docs/api.md, "Compatibility").
-#: Plugins declare ``Requires-Dist: posttrain>=X.Y,<X+1``.
 API_VERSION = "1.0"
+"""Version of the plugin API: the names in ``__all__`` of every module in :data:`PUBLIC_MODULES`.
+
+A minor version only adds (names, optional arguments, optional Method members); a major version may
+remove or change, after a deprecation (docs/api.md, "Compatibility"). Plugins declare the core range
+they support as ``Requires-Dist: posttrain>=X.Y,<X+1``.
+
+.. versionadded:: 0.1
+.. versionchanged:: 1.0 covers every module of :data:`PUBLIC_MODULES`, not only hooks and the protocol.
+"""
+
+PUBLIC_MODULES = (
+    "posttrain",
+    "posttrain.config",
+    "posttrain.data",
+    "posttrain.models",
+    "posttrain.ops",
+    "posttrain.loop",
+    "posttrain.hookspecs",
+    "posttrain.rewards",
+    "posttrain.generation",
+    "posttrain.testing",
+    "posttrain.testing.kit",
+    "posttrain.testing.parity",
+    "posttrain.testing.copies",
+)
+"""The modules whose ``__all__`` is the plugin API; every other module (``posttrain._*``, ``posttrain.cli``)
+may change in any release. ``tests/test_api_boundary.py`` fails any plugin or scaffolded package that
+imports something else.
+
+.. versionadded:: 1.0
+"""
 
 __all__ = [
     "API_VERSION",
+    "PUBLIC_MODULES",
     "Callback",
     "ConfigError",
     "DataError",

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 
 class PosttrainError(Exception):
-    """A user-facing error: the CLI prints its message on one line, without a traceback."""
+    """A user-facing error: the CLI prints its message on one line, without a traceback.
+
+    .. versionadded:: 0.1
+    """
 
 
 class ConfigError(PosttrainError, ValueError):
     """A configuration problem (unknown key, wrong type, contradictory options).
 
     Carries every problem found, so a user fixes them all in one go.
+
+    .. versionadded:: 0.1
     """
 
     def __init__(self, problems: list[str] | str, source: str | None = None):
@@ -58,10 +63,8 @@ class RowProblem:
         return {"row": self.row, "field": self.field, "problem": self.problem, "fix": self.fix}
 
     def message(self, source: str = "the dataset") -> str:
-        if self.row < 0:
-            text = f"{source}: field {self.field!r} {self.problem}" if self.field else f"{source}: {self.problem}"
-        else:
-            text = f"row {self.row} of {source}: field {self.field!r} {self.problem}"
+        where = f"row {self.row} of {source}" if self.row >= 0 else source
+        text = f"{where}: field {self.field!r} {self.problem}" if self.field else f"{where}: {self.problem}"
         return f"{text}. {self.fix}" if self.fix else text
 
 
@@ -72,6 +75,9 @@ class DataError(PosttrainError, ValueError):
     the message names the first one, how many more there are, and the ``check-data`` command that lists
     them all. :meth:`for_source` re-formats it for a named file and method (the loop does this), so no
     message is ever rewritten or parsed.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 1.0 carries :class:`RowProblem` values (``problems``) instead of only a message.
     """
 
     def __init__(
@@ -97,7 +103,7 @@ class DataError(PosttrainError, ValueError):
         if more:
             text += f" ({more} more problem{'s' if more > 1 else ''} in other rows.)"
         command = f"posttrain check-data {self.method or 'METHOD'} {self.source or 'FILE'}"
-        return f"{text} Run `{command}` to list every bad row."
+        return f"{text} Run `{command}` to list every bad row (rows count from 0, in file order)."
 
     def for_source(self, source: str, method: str | None = None) -> DataError:
         """The same error, naming ``source`` (a file) and ``method`` in its message and check-data hint."""
@@ -109,15 +115,24 @@ class DataError(PosttrainError, ValueError):
 
 
 class PluginError(PosttrainError):
-    """A plugin cannot be used: unknown, broken, incompatible, inactive or in conflict."""
+    """A plugin cannot be used: unknown, broken, incompatible, inactive or in conflict.
+
+    .. versionadded:: 0.1
+    """
 
 
 class ExperimentalWarning(FutureWarning):
     """Emitted once per method and process when an experimental method is used.
 
     Silence all with ``POSTTRAIN_EXPERIMENTAL_SILENCE=1``, some with
-    ``POSTTRAIN_EXPERIMENTAL_SILENCE=kto,orpo``, or filter
-    ``-W ignore::posttrain.ExperimentalWarning``.
+    ``POSTTRAIN_EXPERIMENTAL_SILENCE=kto,orpo``, or in code with
+    ``warnings.filterwarnings("ignore", category=posttrain.ExperimentalWarning)``. Python's own
+    ``-W ignore::posttrain.ExperimentalWarning`` (and ``PYTHONWARNINGS``) does *not* work: Python
+    reads ``-W`` before site-packages can be imported, prints "Invalid -W option ignored" and drops
+    the filter. ``-W ignore::FutureWarning`` works but hides every FutureWarning, deprecations of
+    other libraries included.
+
+    .. versionadded:: 0.1
     """
 
 

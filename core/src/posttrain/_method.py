@@ -323,8 +323,9 @@ def method_problems(method: Any) -> list[str]:
         for attr in REQUIRED_ATTRIBUTES
         if not hasattr(cls, attr)
     ]
+    present = set(dir(cls)) | (set(vars(instance)) if instance is not None and hasattr(instance, "__dict__") else set())
     for name, expected in {**REQUIRED_MEMBERS, **OPTIONAL_MEMBERS}.items():
-        if name not in dir(cls):
+        if name not in present:  # members set on the instance count: the loop looks them up there
             if name in REQUIRED_MEMBERS:
                 problems.append(f"{owner} lacks {name}({', '.join(expected)}), required by the Method protocol")
             continue
@@ -332,7 +333,8 @@ def method_problems(method: Any) -> list[str]:
         if problem:
             problems.append(problem)
     known = set(REQUIRED_MEMBERS) | set(OPTIONAL_MEMBERS) | set(REQUIRED_ATTRIBUTES)
-    for attr in sorted(vars(cls)):
+    own = set(vars(cls)) | (set(vars(instance)) if instance is not None and hasattr(instance, "__dict__") else set())
+    for attr in sorted(own):
         if attr.startswith("_") or attr in known:
             continue
         close = difflib.get_close_matches(attr, sorted(set(OPTIONAL_MEMBERS) | set(REQUIRED_MEMBERS)), n=1, cutoff=0.8)

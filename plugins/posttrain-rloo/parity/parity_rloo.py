@@ -12,7 +12,6 @@ Run: /work/parity-venv/bin/python plugins/posttrain-rloo/parity/parity_rloo.py  
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -261,7 +260,23 @@ def main() -> int:
         "16 fixed completions (4 prompts x 4), fp32 CPU",
         "details": details,
     }
-    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} RLOOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            f"case {i}/{quantity}": {"value": value, "note": f"largest relative difference of {quantity} in the step"}
+            for i, case in enumerate(result["details"])
+            for quantity, value in case["max_rel_diff"].items()
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(f"max relative difference {worst:.2e} (target {TARGET:g}): {'PASSED' if passed else 'FAILED'}")
     return 0 if passed else 1
 

@@ -146,7 +146,10 @@ class OnlineConfig(TrainingConfig):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample, backend-neutral. ``stop_token_ids`` end a completion (kept as its last token)."""
+    """How to sample, backend-neutral. ``stop_token_ids`` end a completion (kept as its last token).
+
+    .. versionadded:: 1.0
+    """
 
     max_new_tokens: int
     stop_token_ids: tuple[int, ...]
@@ -183,6 +186,8 @@ class Completions:
         logps: N lists of the generator's own log-prob of each token at the sampling temperature, or None
             when the backend does not report them.
         seconds: wall time of the call.
+
+    .. versionadded:: 1.0
     """
 
     token_ids: list[list[int]]
@@ -208,14 +213,20 @@ class Generator(Protocol):
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus every EOS the model's generation config declares (e.g. end-of-turn)."""
+    """The tokenizer's EOS plus every EOS the model's generation config declares (e.g. end-of-turn).
+
+    .. versionadded:: 1.0
+    """
     declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
     return [tokenizer.eos_token_id, *[t for t in declared if t != tokenizer.eos_token_id]]
 
 
 def generation_seed(seed: int, mode: str, step: int, row: int) -> int:
-    """A seed that depends only on the run seed, train/eval, the step and the dataset row."""
+    """A seed that depends only on the run seed, train/eval, the step and the dataset row.
+
+    .. versionadded:: 1.0
+    """
     digest = hashlib.blake2b(f"{seed}:{mode}:{step}:{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**63)
 
@@ -239,6 +250,8 @@ def build_generator(
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process
             engine, the server unreachable ...), saying what to change.
+
+    .. versionadded:: 1.0
     """
     config = ctx.config
     params = params or SamplingParams.from_config(config, ctx.tokenizer, ctx.model)
@@ -272,6 +285,8 @@ def prepare_prompts(dataset: Any, tokenizer: Any, method: str) -> list[dict]:
 
     Raises:
         DataError: carrying every bad row (missing or empty prompts, prompts that tokenize to nothing).
+
+    .. versionadded:: 1.0
     """
     from posttrain._errors import DataError, RowProblem
     from posttrain.data import apply_chat_template, is_conversational, validate
@@ -301,7 +316,10 @@ def prepare_prompts(dataset: Any, tokenizer: Any, method: str) -> list[dict]:
 
 def collate_prompts(rows: list[dict], pad_token_id: int) -> dict:
     """A micro-batch of prompts: ``prompt_ids`` (B, P) left-padded, ``prompt_mask`` (B, P), and the lists
-    ``prompts``, ``columns`` (name -> B values), ``row_index`` (dataset rows)."""
+    ``prompts``, ``columns`` (name -> B values), ``row_index`` (dataset rows).
+
+    .. versionadded:: 1.0
+    """
     import torch
 
     width = max(len(r["prompt_ids"]) for r in rows)
@@ -330,6 +348,8 @@ class Rollout:
 
     Tensors are on the micro-batch's device. ``input_ids``/``attention_mask`` are the left-padded prompt
     followed by the right-padded completion, ready for :func:`posttrain.ops.completion_logps`.
+
+    .. versionadded:: 1.0
     """
 
     prompt_ids: torch.Tensor  # (N, P) each prompt repeated n times
@@ -380,6 +400,8 @@ def sample(
 
     Returns:
         One :class:`Rollout` per micro-batch, in order.
+
+    .. versionadded:: 1.0
     """
     config, tokenizer = ctx.config, ctx.tokenizer
     if ctx.training and getattr(config, "async_generation", False):  # sampled ahead by a worker process
@@ -498,8 +520,9 @@ def importance_weights(
     the off-policy correction of TRL's ``vllm_importance_sampling_correction``, with its four modes.
 
     Args:
-        trainer_logps, sampling_logps: (N, C) per-token log-probs of the sampled tokens (no grad); a NaN
-            sampling log-prob (not reported) counts as no correction for that token.
+        trainer_logps: (N, C) per-token log-probs of the sampled tokens under the trained model (no grad).
+        sampling_logps: (N, C) the same under the sampler; a NaN (not reported) counts as no correction for
+            that token.
         mask: (N, C) completion mask.
         mode: ``token_*`` weighs each token by its ratio, ``sequence_*`` each completion by exp(Σ_t log-ratio);
             ``*_truncate`` clips the ratio into [clip_min, clip_max], ``*_mask`` zeroes ratios outside it.
@@ -507,6 +530,8 @@ def importance_weights(
     Returns:
         (weights (N, C) or (N, 1), metrics: mean/min/max ratio and the share of tokens or sequences outside
         the bounds).
+
+    .. versionadded:: 1.0
     """
     import torch
 
