@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 import torch
-from posttrain import ConfigError
-from posttrain.generation._async import GenerationWorkerError
+from posttrain import ConfigError, PosttrainError
+from posttrain.generation import GenerationWorkerError
 from posttrain.loop import train
 from posttrain_grpo import GRPO, GRPOConfig
 from posttrain_rloo import RLOO, RLOOConfig
@@ -174,18 +174,25 @@ def test_batch_reuse_counts_staleness_at_the_rollout_step(tiny_model_dir, tmp_pa
     assert [row["async/staleness"] for row in history] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize(("staleness", "reuse"), [(2, 1), (2, 2)])
-def test_interrupt_and_resume_are_exact(staleness, reuse, tiny_model_dir, tmp_path, rewards_module):
+@pytest.mark.parametrize(("staleness", "reuse", "per_prompt"), [(2, 1, True), (2, 2, True), (1, 1, False)])
+def test_interrupt_and_resume_are_exact(staleness, reuse, per_prompt, tiny_model_dir, tmp_path, rewards_module):
     """SIGINT at step 3: the trainer finishes the step, saves the batches sampled from older weights in the
     checkpoint (loadable with weights_only), stops the worker; resuming gives the uninterrupted run exactly
-    (with batch_reuse 2 the checkpoint falls inside a rollout group)."""
+    (with batch_reuse 2 the checkpoint falls inside a rollout group; with batch-level sampling the worker's
+    (seed, step) streams are drawn again identically)."""
 
     class InterruptAtStep3:
         def on_log(self, ctx, metrics):
             if metrics["step"] == 3:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    fields = dict(async_generation=True, max_staleness=staleness, num_iterations=reuse, max_steps=6)
+    fields = dict(
+        async_generation=True,
+        max_staleness=staleness,
+        num_iterations=reuse,
+        max_steps=6,
+        per_prompt_generation=per_prompt,
+    )
     out = tmp_path / "run"
     first = run(GRPO(), tiny_model_dir, out, rewards_module.digits, callbacks=[InterruptAtStep3()], **fields)
     assert first.interrupted and first.global_step == 3
@@ -253,6 +260,48 @@ def test_unpicklable_reward_is_refused_before_the_worker_starts(tiny_model_dir, 
     with pytest.raises(ConfigError, match="reward function 'local_reward' cannot be sent to the generation worker"):
         run(GRPO(), tiny_model_dir, tmp_path / "lambda", local_reward, async_generation=True)
     assert not workers()
+
+
+def context_for(model_dir, **fields):
+    """A TrainContext with the tiny policy, as a method's setup receives it."""
+    from posttrain import TrainContext
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = GRPOConfig(model=str(model_dir), output_dir="unused", **fields)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return TrainContext(config=config, tokenizer=AutoTokenizer.from_pretrained(model_dir), model=model)
+
+
+def test_a_method_that_does_not_say_what_it_samples_is_refused(tiny_model_dir):
+    """build_generator(ctx) without num_generations (online DPO, distillation, a third-party method written before
+    the asynchronous mode): async_generation is refused in setup, before any worker or service exists."""
+    from posttrain.generation import build_generator
+
+    ctx = context_for(tiny_model_dir, async_generation=True)
+    with pytest.raises(ConfigError, match="does not support asynchronous generation. Set async_generation false"):
+        build_generator(ctx)
+    assert ctx.services == {} and not workers()
+
+
+def test_a_batch_older_than_max_staleness_is_never_trained_on(tiny_model_dir):
+    """The last guard before the loss: a batch whose sampling weights are more than max_staleness steps older than
+    the step is refused (the fixed-lag schedule never produces one; this checks the guard itself)."""
+    from posttrain.generation import build_generator
+
+    class IdleWorker:  # a worker with nothing more to send
+        def receive(self, timeout, since):
+            return []
+
+    ctx = context_for(tiny_model_dir, async_generation=True, max_staleness=1, num_generations=4)
+    generator = build_generator(ctx, num_generations=4, rewards=None)
+    generator._worker = IdleWorker()
+    ctx.step = 3
+    generator._ready = {3: {"version": 1, "rollouts": [], "idle_seconds": 0.0}}
+    with pytest.raises(PosttrainError, match="weights of step 1, 2 steps old, beyond max_staleness 1"):
+        generator.take([], ctx, 4, None)
+    generator._ready = {3: {"version": 2, "rollouts": [], "idle_seconds": 0.0}}
+    assert generator.take([], ctx, 4, None) == []  # one step old: within the bound
+    generator._worker = None
 
 
 def test_async_generation_needs_the_hf_backend():

@@ -75,8 +75,14 @@ def test_services_are_checkpointed_restored_and_closed(runner, toy_rows, reusing
     saved = torch.load(runner.tmp / "svc" / "checkpoint-2" / "service_state_0.pt", weights_only=True)
     assert saved == {"recorder": {"on_steps": 3, "name": "recorder"}}
     resumed = reusing()
-    config = runner.config("svc", max_steps=4, resume_from_checkpoint=str(runner.tmp / "svc" / "checkpoint-2"))
-    train(resumed, config, train_dataset=toy_rows)
+    config = runner.config(
+        "svc",
+        max_steps=4,
+        resume_override=["max_steps"],
+        resume_from_checkpoint=str(runner.tmp / "svc" / "checkpoint-2"),
+    )
+    with pytest.warns(UserWarning, match="as resume_override asks: max_steps: 3 -> 4"):
+        train(resumed, config, train_dataset=toy_rows)
     assert resumed.service.events[:2] == [("load", saved["recorder"]), ("on_step", 2)]
 
     failing = reusing()

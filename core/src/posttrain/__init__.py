@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from posttrain.hookspecs import hookimpl
     from posttrain.loop import TrainResult, train
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 """Version of the plugin API: the names in ``__all__`` of every module in :data:`PUBLIC_MODULES`.
 
 A minor version only adds (names, optional arguments, optional Method members); a major version may
@@ -31,6 +31,9 @@ they support as ``Requires-Dist: posttrain>=X.Y,<X+1``.
 
 .. versionadded:: 0.1
 .. versionchanged:: 1.0 covers every module of :data:`PUBLIC_MODULES`, not only hooks and the protocol.
+.. versionchanged:: 1.1 asynchronous generation: ``TrainContext.upcoming_batches`` and ``services``,
+   ``build_generator(num_generations=, rewards=)``, ``OnlineConfig.async_generation`` and its fields,
+   ``posttrain.generation.GenerationWorkerError``.
 """
 
 PUBLIC_MODULES = (

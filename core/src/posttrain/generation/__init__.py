@@ -3,7 +3,7 @@
 An online method (GRPO, RLOO, online DPO, distillation) asks for completions; it does not know which
 backend made them::
 
-    generator = build_generator(ctx)                    # in setup(): hf | vllm | vllm-server, from the config
+    generator = build_generator(ctx, num_generations=8, rewards=reward_set)  # in setup(), from the config
     rollouts = sample(generator, model, batches, ctx, num_generations=8, rewards=reward_set)
     for r in rollouts:                                  # one per micro-batch of the optimizer step
         r.input_ids, r.completion_mask, r.rewards, r.sampling_logps ...
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from posttrain.config import TrainingConfig
+from posttrain.generation._async import GenerationWorkerError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Completions",
+    "GenerationWorkerError",
     "Generator",
     "OnlineConfig",
     "Rollout",
@@ -71,6 +73,7 @@ class OnlineConfig(TrainingConfig):
     A method's config extends it (``class GRPOConfig(OnlineConfig)``) and adds its own fields.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1 ``async_generation``, ``max_staleness``, ``async_generation_timeout``.
     """
 
     # -- sampling
@@ -235,7 +238,7 @@ def build_generator(
     ctx: TrainContext,
     params: SamplingParams | None = None,
     *,
-    num_generations: int = 1,
+    num_generations: int | None = None,
     rewards: RewardSet | None = None,
 ) -> Generator:
     """The backend ``ctx.config.generation_backend`` names, ready to sample from the policy ``ctx.model``.
@@ -244,21 +247,33 @@ def build_generator(
     method's calls to :func:`sample`, so it needs to know now what those calls will ask for.
 
     Args:
-        num_generations, rewards: what the method will pass to :func:`sample` when training (the
-            asynchronous service checks that it does).
+        num_generations, rewards: what the method will pass to :func:`sample` when training. A method that
+            passes ``num_generations`` supports ``async_generation`` (the service checks every call against
+            them); one that does not gets a ConfigError when the option is on.
 
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process
-            engine, the server unreachable ...), saying what to change.
+            engine, the server unreachable ...), or ``async_generation`` is on for a method that does not
+            declare what it samples, saying what to change.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1 ``num_generations`` and ``rewards`` (asynchronous generation).
     """
     config = ctx.config
     params = params or SamplingParams.from_config(config, ctx.tokenizer, ctx.model)
     backend = config.generation_backend
     if getattr(config, "async_generation", False):
+        from posttrain._errors import ConfigError
         from posttrain.generation._async import AsyncGenerator
 
+        if num_generations is None:
+            raise ConfigError(
+                [
+                    "async_generation: true, but this method builds its generator without saying what it samples "
+                    "(build_generator(ctx, num_generations=..., rewards=...)), so a worker cannot sample ahead for "
+                    "it; it does not support asynchronous generation. Set async_generation false"
+                ]
+            )
         return AsyncGenerator(ctx, params, num_generations, rewards)
     if backend == "hf":
         from posttrain.generation._hf import HFGenerator
