@@ -30,7 +30,6 @@ Rewards come from ``posttrain.rewards`` entry points (``accuracy = pkg:accuracy`
 better (online DPO ranks its pairs with one); they are defined in ``posttrain._judges`` and public here.
 
 .. versionadded:: 1.0
-.. versionchanged:: 1.1 pairwise judges: :func:`judge`, :class:`Judge`, :class:`JudgeError`, :func:`is_judge`.
 """
 
 from __future__ import annotations
