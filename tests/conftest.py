@@ -92,6 +92,18 @@ def fake_site(tmp_path, monkeypatch):
             del sys.modules[name]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process runs with one torch thread, as in the ``OMP_NUM_THREADS=1`` subprocesses they are compared with
+    bit for bit: another thread count may split a kernel's reductions differently, and round differently."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from posttrain.testing import build_tiny_model

@@ -114,8 +114,12 @@ def test_rollout_tensors_and_reward_metrics(grpo_tiny_model):
     assert torch.equal(out["input_ids"][:4, :4], torch.tensor([[0, 0, 5, 6]] * 4))  # prompt repeated G times
     assert "old_logps" not in out and "ref_logps" not in out  # mu = 1, beta = 0: no extra forward passes
     lengths = out["completion_mask"].sum(1).float()
-    # the "len" reward is the decoded length; each group's advantages sum to 0
-    assert abs(float(out["advantages"][:4].sum())) < 1e-5
+    # the "len" reward is the decoded length; each group's advantages sum to 0, up to float32 rounding of the ~12
+    # operations behind them (posttrain.testing._rounding: sizes |A| summed)
+    from posttrain.testing._rounding import rounding_tolerance
+
+    advantages = out["advantages"][:4]
+    assert abs(float(advantages.sum())) <= rounding_tolerance(float(advantages.abs().sum()), 12, sides=1)
     for key in (
         "reward",
         "reward_std",
@@ -146,7 +150,9 @@ def test_loss_metrics_use_trl_names(grpo_tiny_model):
         "reward",
     ):
         assert key in out.metrics, key
-    assert float(out.metrics["kl"]) == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    # policy == reference at the start: the same forward pass, so the per-token k3 is 0; it is also second order in
+    # any rounding difference d (k3 ~ d^2 / 2), so 1e-6 holds for d up to 1e-3
+    assert float(out.metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
     assert int(out.n_items) == int(batch["completion_mask"].sum())
 
 
