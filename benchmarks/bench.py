@@ -50,6 +50,7 @@ WORKLOADS = {
         "dpo-precomputed": {"batch": 4, "accum": 2, "prompt": 32, "completion": 31},
         "reward": {"batch": 4, "accum": 2, "prompt": 32, "completion": 31},
         "grpo": {"batch": 2, "generations": 4, "accum": 2, "prompt": 16, "completion": 16},
+        "grpo-long": {"batch": 2, "generations": 4, "accum": 2, "prompt": 16, "completion": 128},
     },
     "small": {
         "sft": {"batch": 4, "accum": 2, "seq": 64},
@@ -57,6 +58,7 @@ WORKLOADS = {
         "dpo-precomputed": {"batch": 2, "accum": 2, "prompt": 16, "completion": 15},
         "reward": {"batch": 2, "accum": 2, "prompt": 16, "completion": 15},
         "grpo": {"batch": 2, "generations": 4, "accum": 1, "prompt": 16, "completion": 16},
+        "grpo-long": {"batch": 2, "generations": 4, "accum": 1, "prompt": 16, "completion": 128},
     },
 }
 LEARNING_RATE, MAX_GRAD_NORM, LOGGING_STEPS, SEED = 1e-5, 1.0, 5, 0
@@ -214,13 +216,13 @@ def run_posttrain(spec: dict, shapes: dict) -> None:
         from posttrain_grpo import GRPO as Method
         from posttrain_grpo import GRPOConfig as Config
 
+        common["per_device_train_batch_size"] = w["batch"] * w["generations"]  # counts completions, as in TRL
         config = Config(
             **common,
             num_generations=w["generations"],
             max_completion_length=w["completion"],
             generation_kwargs={"min_new_tokens": w["completion"]},
             reward_funcs=["distinct_chars"],
-            per_prompt_generation=False,  # one generate call per micro-batch, as TRL does
         )
         rewards = {"distinct_chars": distinct_chars}
     method = Method()

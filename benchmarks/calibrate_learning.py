@@ -8,11 +8,12 @@ its own process, and prints every run and, per measure, the minimum, mean and ma
 inside the worst value printed here, and record the command, the date and the figures in the test's docstring.
 
     python benchmarks/calibrate_learning.py --list
-    python benchmarks/calibrate_learning.py grpo rloo --seeds 0-9 --threads 1 2
+    python benchmarks/calibrate_learning.py grpo rloo online-dpo --seeds 0-9 --threads 1 2
     python benchmarks/calibrate_learning.py demo                           # the demo's accuracy gains
 
-Cases: one per learning test (``sft-memorise``, ``dpo-sigmoid``, ...) and ``demo`` for ``posttrain demo --quick``
-(held-out accuracy gains of its two stages).
+Cases: one per learning test (``sft-memorise``, ``dpo-sigmoid``, ...); ``grpo``, ``rloo`` and ``online-dpo``, the
+online-RL learning tests' runs (the rise of ``echo_exact_probability``, keep in sync with their test_train.py); and
+``demo`` for ``posttrain demo --quick`` (held-out accuracy gains of its two stages).
 """
 
 from __future__ import annotations
@@ -37,10 +38,50 @@ def _tiny(work: Path, seed: int, **kwargs) -> Path:
     return build_tiny_model(work / "model", seed=seed, **kwargs)
 
 
-def _echo(work: Path, seed: int) -> Path:
-    from posttrain.testing import build_echo_model
+# The configuration the online-RL learning tests use (keep in sync with their test_train.py).
+STEPS, LEARNING_RATE, BATCH, GENERATIONS = 40, 3e-3, 64, 8  # BATCH counts completions: 8 prompts x 8
+# online-dpo samples two completions per prompt and its batch counts prompts: 32 prompts = 64 completions a step.
+ONLINE_DPO = {"per_device_train_batch_size": 32, "beta": 0.1, "temperature": 1.0}
 
-    return build_echo_model(work, seed=seed)
+
+def _online(method: str):
+    """The run of ``method``'s learning test: the rise of P(exact answer) on the echo task."""
+
+    def run(work: Path, seed: int) -> dict:
+        from posttrain.loop import train
+        from posttrain.testing import build_echo_model, echo_exact, echo_exact_probability, echo_rows
+
+        fields = {"per_device_train_batch_size": BATCH, "num_generations": GENERATIONS}
+        if method == "grpo":
+            from posttrain_grpo import GRPO as Method
+            from posttrain_grpo import GRPOConfig as Config
+        elif method == "rloo":
+            from posttrain_rloo import RLOO as Method
+            from posttrain_rloo import RLOOConfig as Config
+        else:
+            from posttrain_online_dpo import OnlineDPO as Method
+            from posttrain_online_dpo import OnlineDPOConfig as Config
+
+            fields = ONLINE_DPO
+        model = build_echo_model(work, seed=seed)
+        config = Config(
+            model=str(model),
+            output_dir=str(work / "run"),
+            reward_funcs=["echo_exact"],
+            max_steps=STEPS,
+            learning_rate=LEARNING_RATE,
+            max_completion_length=4,
+            logging_steps=1,
+            save_steps=0,
+            disable_progress_bar=True,
+            seed=seed,
+            **fields,
+        )
+        train(Method(), config, train_dataset=echo_rows(), rewards={"echo_exact": echo_exact})
+        before, after = echo_exact_probability(model), echo_exact_probability(work / "run")
+        return {"before": before, "after": after, "rise": after - before}
+
+    return run
 
 
 def _demo(work: Path, seed: int) -> dict:
@@ -95,6 +136,9 @@ CASES = {
     "distill-off-policy": lambda w, s: load("distill", "test_train").measure_off_policy(
         _tiny(w, s), _tiny(w / "teacher", 1, hidden_size=48), w, seed=s
     ),
+    "grpo": _online("grpo"),
+    "rloo": _online("rloo"),
+    "online-dpo": _online("online-dpo"),
     "demo": _demo,
 }
 

@@ -48,7 +48,12 @@ def run_script(script: Path) -> list[dict]:
     for path in fresh:
         data = json.loads(path.read_text())
         for row in data if isinstance(data, list) else [data]:
-            row = {k: v for k, v in row.items() if k != "details"}  # per-step details stay in the plugin's file
+            # per-step figures and details stay in the plugin's file; a posttrain.result/1 file names its
+            # statistic "measured" and its target "tolerance"
+            steps = (row.get("details") or {}).get("steps", "-") if isinstance(row.get("details"), dict) else "-"
+            row = {k: v for k, v in row.items() if k not in ("details", "comparisons", "run")}
+            if "measured" in row:
+                row = {"steps": steps, **row, "max_rel_diff": row["measured"], "target": row["tolerance"]}
             rows.append(
                 {
                     "plugin": plugin,

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import textwrap
-from dataclasses import dataclass
+import threading
+import types
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -47,6 +52,7 @@ class FakeSite:
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
+        commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
         code: str | None = None,
@@ -69,6 +75,7 @@ class FakeSite:
             ("posttrain.methods", methods),
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
+            ("posttrain.commands", commands),
         ):
             if items:
                 eps.append(f"[{group}]")
@@ -214,3 +221,115 @@ def runner(toy_module, tiny_model_dir, tmp_path):
 @pytest.fixture
 def toy_method_source():
     return TOY_METHOD_SOURCE
+
+
+# -- a stand-in for vLLM 0.33's public API ------------------------------------------------------------------
+# A stand-in for the parts of vLLM 0.33's public API that posttrain's vLLM backends call.
+#
+# It mirrors the trainer-side weight-transfer API (``vllm.distributed.weight_transfer``:
+# ``WeightTransferTrainerFactory.trainer_init(init_info, client=, source=)`` returning an engine whose
+# ``send_weights()`` drives ``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` through the
+# client while it streams ``source.iter_full()``), ``WeightSource`` / ``ParamMeta``, the IPC and NCCL init
+# infos, and ``HTTPVLLMWeightSyncClient``. ``deliver`` receives the streamed tensors (a test decides where
+# they land). The real library is exercised on a GPU machine.
+
+
+@pytest.fixture
+def vllm_stand_in(monkeypatch):
+    """``install(deliver, record)``: puts the stand-in vLLM weight-transfer modules in sys.modules."""
+    return lambda deliver, record: _install_vllm_stand_in(monkeypatch, deliver, record)
+
+
+def _install_vllm_stand_in(monkeypatch, deliver, record: dict) -> None:
+    @dataclass(frozen=True)
+    class ParamMeta:
+        name: str
+        dtype: object
+        shape: tuple
+
+    class WeightSource:
+        pass
+
+    class Engine:
+        def __init__(self, init_info, client, source):
+            self.init_info, self.client, self.source = init_info, client, source
+
+        def send_weights(self):
+            record["sends"] = record.get("sends", 0) + 1
+            names = [m.name for m in self.source.metadata]
+            if not self.init_info.rank == 0:
+                list(self.source.iter_full())  # non-senders still iterate (collectives)
+                return
+            self.client.start_weight_update()
+            info = {"names": names, "dtype_names": [str(m.dtype).split(".")[-1] for m in self.source.metadata]}
+            receiver = threading.Thread(target=self.client.update_weights, args=(info,))
+            receiver.start()  # vLLM's workers block in their receive while the trainer broadcasts
+            deliver({name: tensor.detach().clone() for name, tensor in self.source.iter_full()})
+            receiver.join()
+            self.client.finish_weight_update()
+
+        def shutdown(self):
+            record["shutdowns"] = record.get("shutdowns", 0) + 1
+
+    class WeightTransferTrainerFactory:
+        @staticmethod
+        def trainer_init(init_info, *, client, source=None):
+            record.setdefault("inits", []).append(init_info)
+            if init_info.rank == 0:
+                client.init_weight_transfer_engine({"backend": init_info.backend})
+            return Engine(init_info, client, source)
+
+    class HTTPVLLMWeightSyncClient:
+        def __init__(self, base_url, timeout=300):
+            self.base_url = base_url.rstrip("/")
+
+        def _post(self, path, body=None):
+            request = urllib.request.Request(
+                f"{self.base_url}/{path}",
+                data=json.dumps(body or {}).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            urllib.request.urlopen(request, timeout=30).read()
+
+        def init_weight_transfer_engine(self, init_info):
+            self._post("init_weight_transfer_engine", {"init_info": init_info})
+
+        def start_weight_update(self):
+            self._post("start_weight_update")
+
+        def update_weights(self, update_info):
+            self._post("update_weights", {"update_info": update_info})
+
+        def finish_weight_update(self, weight_version=None):
+            self._post("finish_weight_update")
+
+    @dataclass
+    class IPCTrainerInitInfo:
+        backend: ClassVar[str] = "ipc"
+        rank: int = field(kw_only=True)
+
+    @dataclass
+    class NCCLTrainerInitInfo:
+        backend: ClassVar[str] = "nccl"
+        master_address: str
+        master_port: int
+        world_size: int
+        rank: int = field(kw_only=True)
+
+    wt = types.ModuleType("vllm.distributed.weight_transfer")
+    wt.ParamMeta, wt.WeightSource = ParamMeta, WeightSource
+    wt.WeightTransferTrainerFactory, wt.HTTPVLLMWeightSyncClient = (
+        WeightTransferTrainerFactory,
+        HTTPVLLMWeightSyncClient,
+    )
+    ipc = types.ModuleType("vllm.distributed.weight_transfer.ipc_engine")
+    ipc.IPCTrainerInitInfo = IPCTrainerInitInfo
+    nccl = types.ModuleType("vllm.distributed.weight_transfer.nccl_engine")
+    nccl.NCCLTrainerInitInfo = NCCLTrainerInitInfo
+    if sys.modules.get("vllm") is None:  # a test may have put its own stand-in engine module there
+        monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer", wt)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.ipc_engine", ipc)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.nccl_engine", nccl)

@@ -121,23 +121,27 @@ def test_resume_from_partial_checkpoint_is_refused(runner, toy_rows):
     os.remove(runner.tmp / "partial" / "checkpoint-2" / "trainer_state.json")
     with pytest.raises(PosttrainError, match="incomplete or corrupt.*checkpoint-1"):
         runner.train(
-            toy_rows, "partial", max_steps=4, resume_from_checkpoint=str(runner.tmp / "partial" / "checkpoint-2")
+            toy_rows,
+            "partial",
+            max_steps=4,
+            resume_override=["max_steps"],
+            resume_from_checkpoint=str(runner.tmp / "partial" / "checkpoint-2"),
         )
     (runner.tmp / "partial" / "checkpoint-1" / "optimizer.pt").write_bytes(b"garbage")
-    with pytest.raises(PosttrainError, match="corrupt or incomplete"):
-        runner.train(toy_rows, "partial", max_steps=4, resume_from_checkpoint="latest")
+    with pytest.raises(PosttrainError, match="optimizer.pt is not a plain file of tensors and data"):
+        runner.train(toy_rows, "partial", max_steps=4, resume_override=["max_steps"], resume_from_checkpoint="latest")
 
 
 def test_nan_loss_stops_with_step_and_rows(runner, toy_rows):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 .*rows of the batch") as info:
         runner.train(toy_rows, "nan", max_steps=5, save_steps=2, nan_at_step=2)
-    assert "last good checkpoint is kept" in str(info.value)
+    assert "last good checkpoint" in str(info.value) and "checkpoint-2, is kept" in str(info.value)
     assert (runner.tmp / "nan" / "checkpoint-2" / "trainer_state.json").is_file()
 
 
 def test_output_dir_with_another_run_is_refused(runner, toy_rows):
     runner.train(toy_rows, "taken", max_steps=1)
-    with pytest.raises(PosttrainError, match="already holds a run.*--overwrite_output_dir"):
+    with pytest.raises(PosttrainError, match="already holds a finished run.*--overwrite_output_dir"):
         runner.train(toy_rows, "taken", max_steps=1)
     runner.train(toy_rows, "taken", max_steps=1, overwrite_output_dir=True)
 
@@ -220,3 +224,35 @@ def test_lora_trains_adapters_only(runner, toy_rows):
     a = load_file(str(runner.tmp / "lora-resume" / "adapter_model.safetensors"))
     b = load_file(str(runner.tmp / "lora-part" / "adapter_model.safetensors"))
     assert max_diff(a, b) == 0.0
+
+
+def test_metric_kinds_and_totals_survive_a_resume_between_logs(runner, toy_rows, toy_module, monkeypatch):
+    """Metric.total keeps a running sum over the run, saved with checkpoints including values reported since the
+    last log (save_steps 3 is not a multiple of logging_steps 2); sum/max/ratio reduce over the window."""
+    from posttrain import Metric
+
+    original = toy_module.Toy.loss
+
+    def with_kinds(self, model, batch, ctx):
+        out = original(self, model, batch, ctx)
+        n = out.n_items.float()
+        out.metrics = {
+            "tokens_total": Metric.total(n),
+            "tokens_window": Metric.sum(n),
+            "tokens_max": Metric.max(n),
+            "half": Metric.ratio(n, 2 * n),
+        }
+        return out
+
+    monkeypatch.setattr(toy_module.Toy, "loss", with_kinds)
+    full = runner.train(toy_rows, "kinds-full", max_steps=6, save_steps=3, logging_steps=2)
+    logged = [r for r in full.log_history if "loss" in r]
+    assert [r["half"] for r in logged] == [0.5, 0.5, 0.5]
+    assert logged[-1]["tokens_total"] == pytest.approx(sum(r["tokens_window"] for r in logged))
+    assert all(r["tokens_max"] <= r["tokens_window"] for r in logged)
+    shutil.copytree(runner.tmp / "kinds-full" / "checkpoint-3", runner.tmp / "kinds-part" / "checkpoint-3")
+    resumed = runner.train(
+        toy_rows, "kinds-part", max_steps=6, save_steps=3, logging_steps=2, resume_from_checkpoint="latest"
+    )
+    again = [r for r in resumed.log_history if "loss" in r]
+    assert again[-1]["tokens_total"] == logged[-1]["tokens_total"]  # exact: step 3's tokens were saved

@@ -70,6 +70,20 @@ def test_lora_reference_is_adapter_disabled_base(tiny_model_dir):
     assert not torch.allclose(policy(torch.tensor([[5, 6, 7]])).logits, base_logits, atol=1e-3)  # moved by ~0.4
 
 
+def test_disable_dropout_zeroes_every_dropout_module_and_nothing_else():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.2))
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 8)
+    assert not torch.equal(model.train()(x), model.eval()(x))  # dropout is active in training mode
+    models.disable_dropout(model)
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0]
+    assert torch.equal(model.train()(x), model.eval()(x))  # training-mode outputs are now deterministic
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights untouched
+
+
 def test_teacher_must_share_vocabulary(tmp_path, tiny_model_dir):
     from posttrain.testing import build_tiny_model, build_tokenizer
 

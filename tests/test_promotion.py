@@ -1,15 +1,19 @@
 """posttrain promote / demote: the criteria, the textual rewrites, dry runs, demotion and retirement.
 
-The packages under test come from the scaffold (``posttrain new``) and are never installed; the kit's
-test run is given as a JUnit report, so nothing here trains a model.
+The packages under test come from the scaffold (``posttrain new``), "written" by the fixture (the
+scaffold's placeholder sections replaced, a parity result measured with write_result) and never
+installed; promote's own test run is replaced by a function that writes a JUnit report, so nothing here
+trains a model. The real run is covered by test_scaffold.py's end-to-end test.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +26,9 @@ from posttrain import PosttrainError
 from posttrain._lifecycle import promotion, scaffold
 from posttrain.cli import main
 from posttrain.testing.kit import API_CHECKS, FULL_CHECKS
+from posttrain.testing.parity import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # -- helpers ----------------------------------------------------------------------------------------------
 
@@ -51,19 +58,57 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def author(root: Path) -> Path:
+    """What an author does before promotion: write every section the scaffold left for them."""
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = re.sub(
+            r"^> \*\*Write before promotion:\*\*.*?(?=\n(?!>))",
+            "The method's own words.",
+            path.read_text(),
+            flags=re.M | re.S,
+        )
+        path.write_text(text)
+    return root
+
+
+def measure(root: Path, reference=(1.0, 0.5, 0.25), measured=(1.0, 0.5000001, 0.25), tolerance=1e-4) -> Path:
+    """A parity result for the package's current source, as a parity script writes it."""
+    write_result(
+        root / "parity" / "result.json",
+        method="toy-method",
+        reference="a reference implementation 1.0",
+        compared="per-step training loss, 3 steps",
+        tolerance=tolerance,
+        comparisons={"default": (list(reference), list(measured))},
+    )
+    return root / "parity" / "result.json"
+
+
 @pytest.fixture
 def package(tmp_path) -> Path:
-    """A freshly generated package (3 - Alpha, 0.1.0) with a benchmark recorded."""
+    """A generated package (3 - Alpha, 0.1.0), written by its author, with a parity result measured."""
     root = scaffold.generate(
         "toy-method", tmp_path / "posttrain-toy-method", author="", core_version="0.1.0", date="2026-01-01"
     )
-    (root / "BENCHMARK.md").write_text("# Benchmark\n\n20 steps on the tiny model: loss 4.61 -> 2.95.\n")
+    author(root)
+    measure(root)
     return root
 
 
 @pytest.fixture
-def green(tmp_path) -> Path:
-    return kit_report(tmp_path / "kit.xml")
+def green(tmp_path, monkeypatch) -> SimpleNamespace:
+    """Promote's own test run, replaced: it writes a green tier-full kit report (and counts the runs)."""
+    report = kit_report(tmp_path / "kit.xml")
+    runs = []
+
+    def run_kit(pkg, path, python=sys.executable):
+        runs.append(pkg.root)
+        path.write_bytes(report.read_bytes())
+        return subprocess.CompletedProcess(["pytest"], 0, "posttrain conformance: 12 checks ran\n", "")
+
+    monkeypatch.setattr(promotion, "run_kit", run_kit)
+    monkeypatch.setattr(promotion, "_installed_source_problem", lambda pkg: None)
+    return SimpleNamespace(report=report, runs=runs)
 
 
 def promote(*args) -> int:
@@ -199,44 +244,91 @@ def test_method_nav_groups_pages_by_status(tmp_path):
 # -- the criteria ---------------------------------------------------------------------------------------------
 
 
-def criteria(root: Path, report: Path) -> dict[str, promotion.Criterion]:
+def criteria(root: Path, green: SimpleNamespace) -> dict[str, promotion.Criterion]:
     pkg = promotion.read_package(root)
     page, looked = promotion.docs_page(pkg)
-    return {c.name: c for c in promotion.check_criteria(pkg, page, looked, report)}
+    return {c.name: c for c in promotion.check_criteria(pkg, page, looked)}
 
 
-def test_a_generated_package_with_a_benchmark_meets_every_criterion(package, green):
+def test_an_authored_package_with_a_measured_result_meets_every_criterion(package, green):
     found = criteria(package, green)
     assert [c.name for c in found.values()] == ["tests", "docs", "parity", "changelog", "conformance"]
     assert all(c.passed for c in found.values()), [c.detail for c in found.values() if not c.passed]
     assert found["conformance"].evidence["suites"]["tests.test_conformance.TestConformance"]["checks"] == {
         c: "passed" for c in API_CHECKS + FULL_CHECKS
     }
+    assert green.runs == [package], "promote runs the kit itself"
+    evidence = found["parity"].evidence
+    assert evidence["reference"] == "a reference implementation 1.0" and evidence["tolerance"] == 1e-4
+    assert evidence["source"]["hash"].startswith("sha256:") and evidence["comparisons"][0]["name"] == "default"
 
 
 def test_parity_missing(package, green):
-    (package / "BENCHMARK.md").unlink()
+    (package / "parity" / "result.json").unlink()
     c = criteria(package, green)["parity"]
-    assert not c.passed and "parity/result.json" in c.detail and "BENCHMARK.md" in c.detail
+    assert not c.passed and "no parity/result.json" in c.detail and "write_result" in c.detail
 
 
-def test_parity_result_failed_wins_over_a_benchmark(package, green):
-    (package / "parity").mkdir()
-    (package / "parity" / "result.json").write_text(json.dumps({"passed": False, "max_rel_diff": 0.02, "target": 1e-4}))
+def test_a_benchmark_page_alone_is_not_a_result(package, green):
+    (package / "parity" / "result.json").unlink()
+    (package / "BENCHMARK.md").write_text("# Benchmark\n\n20 steps on the tiny model: loss 4.61 -> 2.95.\n")
     c = criteria(package, green)["parity"]
-    assert not c.passed and "passed: False" in c.detail and "0.02" in c.detail
+    assert not c.passed and "BENCHMARK.md is prose" in c.detail
 
 
-def test_parity_result_passed(package, green):
-    (package / "BENCHMARK.md").unlink()
-    (package / "parity").mkdir()
-    (package / "parity" / "result.json").write_text(
-        json.dumps(
-            {"method": "toy-method", "trl_version": "1.16.0", "passed": True, "max_rel_diff": 3e-7, "target": 1e-4}
-        )
+def test_a_bare_verdict_is_refused(package, green):
+    (package / "parity" / "result.json").write_text(json.dumps({"passed": True}))
+    c = criteria(package, green)["parity"]
+    assert not c.passed and "a bare verdict" in c.detail
+
+
+def test_a_result_beyond_its_tolerance_fails(package, green):
+    measure(package, measured=(1.0, 0.6, 0.25))
+    c = criteria(package, green)["parity"]
+    assert not c.passed and "exceeds the tolerance" in c.detail and "a reference implementation 1.0" in c.detail
+
+
+def test_figures_that_do_not_give_the_recorded_statistic_fail(package, green):
+    path = package / "parity" / "result.json"
+    data = json.loads(path.read_text())
+    data["comparisons"][0]["measured"][1] = 0.51  # edited by hand: the claim no longer follows from the figures
+    path.write_text(json.dumps(data))
+    c = criteria(package, green)["parity"]
+    assert not c.passed and "instead of editing the file" in c.detail
+
+
+def test_a_result_measured_on_other_source_fails(package, green):
+    loss = package / "src" / "posttrain_toy_method" / "loss.py"
+    loss.write_text(loss.read_text() + "\n# changed after the parity run\n")
+    c = criteria(package, green)["parity"]
+    assert not c.passed and "src/ changed since the script ran" in c.detail
+
+
+def test_pycache_does_not_change_the_source_hash(package, green):
+    cache = package / "src" / "posttrain_toy_method" / "__pycache__"
+    cache.mkdir()
+    (cache / "loss.cpython-311.pyc").write_bytes(b"compiled")
+    assert criteria(package, green)["parity"].passed
+
+
+def test_the_scaffold_docs_unchanged_are_refused(tmp_path, green):
+    root = scaffold.generate("toy-method", tmp_path / "pkg", author="", core_version="0.1.0")
+    measure(root)
+    c = criteria(root, green)["docs"]
+    assert not c.passed
+    assert "README.md still holds text `posttrain new` left for you to write" in c.detail
+    assert "'Objective', 'Deviations', 'Parity and benchmarks'" in c.detail
+    assert "docs/toy-method.md still holds" in c.detail
+
+
+def test_placeholder_instructions_without_their_mark_are_refused(package, green):
+    readme = package / "README.md"
+    readme.write_text(
+        readme.read_text() + "\n## Deviations\n\na numbered list of where this implementation differs "
+        'from the paper, or "None".\n'
     )
-    c = criteria(package, green)["parity"]
-    assert c.passed and c.evidence["max_rel_diff"] == 3e-7 and c.evidence["trl_version"] == "1.16.0"
+    c = criteria(package, green)["docs"]
+    assert not c.passed and "a section quoting" in c.detail
 
 
 def test_docs_page_and_readme_missing(package, green):
@@ -318,7 +410,8 @@ def test_run_kit_runs_pytest_and_reads_its_report(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ok, detail, evidence = promotion.judge_kit_report(promotion.read_junit(report))
     assert ok, detail
-    assert evidence["tests"] == 11 and evidence["passed"] == 11
+    n = len(API_CHECKS + FULL_CHECKS) + 1  # every kit check, and the package's own test
+    assert evidence["tests"] == n and evidence["passed"] == n
     assert not list(root.rglob("__pycache__")), "the test run must leave the source tree as it was"
 
 
@@ -367,9 +460,9 @@ def test_docs_page_of_a_repository_plugin_is_the_repository_page(tmp_path):
 
 
 def test_promote_refuses_and_changes_nothing_when_a_criterion_fails(package, green, capsys):
-    (package / "BENCHMARK.md").unlink()
+    (package / "parity" / "result.json").unlink()
     before = snapshot(package)
-    assert promote(package, "--kit-report", green) == 1
+    assert promote(package) == 1
     out = capsys.readouterr().out
     assert "[FAIL] parity or benchmark result: no parity/result.json" in out
     assert (
@@ -381,7 +474,7 @@ def test_promote_refuses_and_changes_nothing_when_a_criterion_fails(package, gre
 
 def test_promote_dry_run_shows_the_diff_and_changes_nothing(package, green, capsys):
     before = snapshot(package)
-    assert promote(package, "--kit-report", green, "--dry-run") == 0
+    assert promote(package, "--dry-run") == 0
     out = capsys.readouterr().out
     assert snapshot(package) == before
     assert '+version = "1.0.0"' in out and '-version = "0.1.0"' in out
@@ -390,7 +483,7 @@ def test_promote_dry_run_shows_the_diff_and_changes_nothing(package, green, caps
 
 
 def test_promote_rewrites_the_package_and_writes_the_record(package, green, capsys):
-    assert promote(package, "--kit-report", green, "--note", "used by two teams") == 0
+    assert promote(package, "--note", "used by two teams") == 0
     project = tomllib.loads((package / "pyproject.toml").read_text())["project"]
     assert project["version"] == "1.0.0"
     assert project["classifiers"] == ["Development Status :: 5 - Production/Stable"]
@@ -414,9 +507,11 @@ def test_promote_rewrites_the_package_and_writes_the_record(package, green, caps
         "conformance",
     ]
     md = (package / "PROMOTION.md").read_text()
-    assert "## 1.0.0: promoted to stable" in md and "| parity or benchmark result | passed | BENCHMARK.md" in md
+    assert "## 1.0.0: promoted to stable" in md
+    assert "| parity or benchmark result | passed | parity/result.json (posttrain.result/1): max_rel_diff 2e-07" in md
+    assert promotion.verify_record(package) == []
     capsys.readouterr()
-    assert promote(package, "--kit-report", green) == 2
+    assert promote(package) == 2
     assert "already stable" in capsys.readouterr().err
 
 
@@ -426,18 +521,19 @@ def test_promote_a_repository_plugin_moves_the_repository_docs_page(tmp_path, gr
     (root / "docs").rename(tmp_path / "unused")
     text = root.joinpath("pyproject.toml").read_text()
     root.joinpath("pyproject.toml").write_text(text[: text.index("[tool.posttrain]")])
-    (root / "BENCHMARK.md").write_text("measured\n")
+    author(root)
+    measure(root)
     (repo / "docs" / "methods").mkdir(parents=True)
     (repo / "docs" / "methods" / "kto.md").write_text("# kto\n\nPage.\n")
     monkeypatch.chdir(repo / "docs")
-    assert promote("kto", "--kit-report", green) == 0  # NAME: plugins/posttrain-kto above the working directory
+    assert promote("kto") == 0  # NAME: plugins/posttrain-kto above the working directory
     assert (repo / "docs" / "methods" / "kto.md").read_text() == "---\nstatus: stable\n---\n\n# kto\n\nPage.\n"
     event = json.loads((root / "promotion.json").read_text())["events"][0]
     assert event["docs_page"] == "../../docs/methods/kto.md"
 
 
 def test_demote_then_retire(package, green, capsys):
-    assert promote(package, "--kit-report", green) == 0
+    assert promote(package) == 0
     assert main(["demote", str(package), "--reason", "superseded by posttrain-better"]) == 0
     project = tomllib.loads((package / "pyproject.toml").read_text())["project"]
     assert project["version"] == "1.1.0"
@@ -486,8 +582,58 @@ def test_docs_page_option(package, green, tmp_path):
     elsewhere = tmp_path / "site" / "toy-method.md"
     elsewhere.parent.mkdir()
     elsewhere.write_text("# toy-method\n\nThe page the site builds.\n")
-    assert promote(package, "--kit-report", green, "--docs-page", elsewhere) == 0
+    assert promote(package, "--docs-page", elsewhere) == 0
     assert promotion.docs_status(elsewhere.read_text()) == "stable"
     assert promotion.docs_status((package / "docs" / "toy-method.md").read_text()) == "experimental"
     assert main(["demote", str(package), "--docs-page", str(elsewhere)]) == 0
     assert promotion.docs_status(elsewhere.read_text()) == "deprecated"
+
+
+def test_a_report_handed_in_is_not_accepted(package, green, capsys):
+    """A JUnit file is as easy to write as to run: promote always runs the kit itself."""
+    with pytest.raises(SystemExit):
+        promote(package, "--kit-report", green.report)
+    assert "unrecognized arguments: --kit-report" in capsys.readouterr().err
+
+
+PARITY_SCRIPT = """
+from pathlib import Path
+
+from posttrain.testing.parity import write_result
+
+write_result(
+    Path(__file__).parent / "result.json",
+    method="toy-method",
+    reference="a reference implementation 1.0",
+    compared="per-step training loss, 2 steps",
+    tolerance=1e-4,
+    comparisons={"default": ([2.0, 1.0], [2.0, 1.00000001])},
+)
+"""
+
+
+def test_run_parity_measures_on_the_current_source(package, green, capsys):
+    loss = package / "src" / "posttrain_toy_method" / "loss.py"
+    loss.write_text(loss.read_text() + "\n# changed after the last parity run\n")
+    (package / "parity" / "parity_toy.py").write_text(PARITY_SCRIPT)
+    assert promote(package, "--dry-run") == 1  # the recorded result is stale
+    assert "src/ changed since the script ran" in capsys.readouterr().out
+    assert promote(package, "--dry-run", "--run-parity") == 0
+    out = capsys.readouterr().out
+    assert "ran parity/parity_toy.py: exit 0" in out and "[ok]   parity or benchmark result" in out
+
+
+@pytest.mark.parametrize("plugin", sorted(p.parent.name for p in ROOT.glob("plugins/*/promotion.json")))
+def test_the_promotion_records_of_this_repository_verify(plugin):
+    """Records of promoted plugins hold what promotion needs today: passed criteria, a green kit, and a
+    posttrain.result/1 parity result (reference, figures, tolerance, source hash) the statistic follows from."""
+    assert promotion.verify_record(ROOT / "plugins" / plugin) == []
+
+
+def test_a_record_with_a_bare_parity_verdict_does_not_verify(package, green, tmp_path):
+    assert promote(package) == 0
+    record = json.loads((package / "promotion.json").read_text())
+    parity = next(c for c in record["events"][0]["criteria"] if c["name"] == "parity")
+    parity["evidence"] = {"file": "parity/result.json", "passed": True}
+    (package / "promotion.json").write_text(json.dumps(record))
+    assert any("bare verdict" in p for p in promotion.verify_record(package))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import site
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from posttrain.cli import main
 LAYOUT = [
     ".gitignore",
     "CHANGELOG.md",
+    "LICENSE",
+    "MANIFEST.in",
     "README.md",
     "configs/tiny.yaml",
     "data/tiny.jsonl",
@@ -87,7 +90,12 @@ def test_generated_layout_and_metadata(tmp_path):
     assert project["classifiers"] == ["Development Status :: 3 - Alpha"]
     assert project["authors"] == [{"name": "Ada"}]
     assert project["entry-points"]["posttrain.methods"] == {"my-method": "posttrain_my_method:MyMethod"}
+    assert project["optional-dependencies"]["test"] == ["pytest>=8"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert "Copyright (c) 2026 Ada" in (root / "LICENSE").read_text()
+    assert project["urls"] == {"Homepage": "https://pypi.org/project/posttrain-my-method/"}
     assert "## 0.1.0 - 2026-01-01" in (root / "CHANGELOG.md").read_text()
+    assert "`posttrain new my-method --template lm`" in (root / "CHANGELOG.md").read_text()
     assert (root / "docs" / "my-method.md").read_text().startswith("---\nstatus: experimental\n---\n")
 
 
@@ -139,50 +147,115 @@ def test_unknown_placeholder_is_an_error():
         scaffold.render("{{name}} {{nope}}", {"name": "x"})
 
 
-def test_generated_code_is_ruff_clean(tmp_path):
+@pytest.mark.parametrize("template", scaffold.template_names())
+@pytest.mark.parametrize("name", ["my-method", "preference-method-with-long-name"])
+def test_generated_code_is_ruff_clean_with_its_own_config(tmp_path, template, name):
+    """`ruff check` and `ruff format --check` pass with the package's own [tool.ruff] (no project config)."""
     pytest.importorskip("ruff")
-    root = scaffold.generate("my-method", tmp_path / "pkg", author="", core_version="0.1.0")
-    rules = ["--isolated", "--line-length", "120", "--target-version", "py310"]
-    check = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", *rules, "--select", "E,F,W,I,B,UP,RUF", "."],
+    root = scaffold.generate(name, tmp_path / "pkg", author="", core_version="0.1.0", template=template)
+    for command in (["check", "."], ["format", "--check", "."]):
+        out = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=root, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert "line-length = 120" in (root / "pyproject.toml").read_text()
+
+
+PREFERENCE_SOURCES = ["__init__.py", "config.py", "data.py", "loss.py", "method.py"]
+
+
+def test_preference_template(tmp_path):
+    root = scaffold.generate("pair-method", tmp_path / "pkg", author="", core_version="1.0", template="preference")
+    assert files_of(root) == sorted(
+        f.replace("my-method", "pair-method").replace("my_method", "pair_method") for f in LAYOUT
+    )
+    source = root / "src" / "posttrain_pair_method"
+    assert "def dpo_loss(" in (source / "loss.py").read_text()
+    method = (source / "method.py").read_text()
+    assert "self.ref_model = reference_model(ctx)" in method and "reference_forward(model, self.ref_model)" in method
+    assert "Context = TrainContext[PairMethodConfig]" in method
+    assert '"chosen"' in (root / "data" / "tiny.jsonl").read_text()
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["description"] == "pair-method: a pairwise preference loss against a frozen reference model."
+
+
+def test_unknown_template_is_refused(tmp_path):
+    with pytest.raises(PosttrainError, match="unknown template 'online': the templates are lm, preference"):
+        scaffold.generate("x", tmp_path / "pkg", template="online")
+
+
+def test_a_template_is_one_folder(tmp_path, monkeypatch):
+    """Adding a template (online, environment) is adding a folder with template.json beside common/."""
+    templates = Path(scaffold.__file__).parent / "templates"
+    assert sorted(p.name for p in templates.iterdir() if p.is_dir()) == ["common", *scaffold.template_names()]
+    for name in scaffold.template_names():
+        info = scaffold.template_info(name)
+        assert set(info) == {"summary", "description"} and "{name}" in info["description"]
+
+
+def test_sdist_carries_what_the_tests_need(tmp_path):
+    """Tests, configs, data, docs and the license are in the sdist, and the unit tests run from it."""
+    import tarfile
+
+    root = scaffold.generate("sd-method", tmp_path / "pkg", author="", core_version="0.1.0")
+    dist = tmp_path / "dist"
+    build = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
         cwd=root,
         capture_output=True,
         text=True,
+        timeout=300,
     )
-    assert check.returncode == 0, check.stdout
-    fmt = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", *rules, "."], cwd=root, capture_output=True, text=True
+    assert build.returncode == 0, build.stdout + build.stderr
+    archive = dist / build.stdout.strip().splitlines()[-1]
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    for required in [
+        "tests/conftest.py",
+        "tests/test_conformance.py",
+        "tests/test_loss.py",
+        "tests/test_train.py",
+        "configs/tiny.yaml",
+        "data/tiny.jsonl",
+        "docs/sd-method.md",
+        "LICENSE",
+        "CHANGELOG.md",
+        "README.md",
+    ]:
+        assert required in names, f"{required} is not in the sdist: {sorted(names)}"
+    assert not any("__pycache__" in n for n in names)
+    unpacked = next((tmp_path / "unpacked").iterdir())
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_loss.py", "tests/test_data.py"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(unpacked / "src")},
+        timeout=300,
     )
-    assert fmt.returncode == 0, fmt.stdout
+    assert tests.returncode == 0, tests.stdout[-2000:] + tests.stderr[-2000:]
 
 
 def test_cli_new(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["new", "my-method", "--description", "Mine.", "--author", "Ada"]) == 0
     out = capsys.readouterr().out
-    assert "Created posttrain-my-method in posttrain-my-method/ (17 files)" in out
+    assert "Created posttrain-my-method (lm template) in posttrain-my-method/ (19 files)" in out
     assert "posttrain train my-method --config configs/tiny.yaml" in out
+    assert "pip install -e '.[test]'" in out and "'Write before promotion:'" in out
     assert files_of(tmp_path / "posttrain-my-method") == LAYOUT
     assert main(["new", "my-method"]) == 2
     assert "never overwrites" in capsys.readouterr().err
     assert main(["new", "Bad"]) == 2
     assert main(["new", "other", "--directory", "elsewhere/pkg", "--author", ""]) == 0
     assert (tmp_path / "elsewhere" / "pkg" / "pyproject.toml").is_file()
+    assert main(["new", "pairs", "--template", "preference", "--url", "https://example.org/pairs"]) == 0
+    assert "(preference template)" in capsys.readouterr().out
+    urls = tomllib.loads((tmp_path / "posttrain-pairs" / "pyproject.toml").read_text())["project"]["urls"]
+    assert urls == {"Homepage": "https://example.org/pairs"}
+    assert main(["new", "bad-url", "--url", "not a url"]) == 2
 
 
 # -- end to end --------------------------------------------------------------------------------------------
-
-
-def passing_kit_report(path: Path) -> Path:
-    """A JUnit report of a green tier-full kit run, as CI would hand to --kit-report."""
-    from posttrain.testing.kit import API_CHECKS, FULL_CHECKS
-
-    cases = "".join(
-        f'<testcase classname="tests.test_conformance.TestConformance" name="test_{c}"/>'
-        for c in API_CHECKS + FULL_CHECKS
-    )
-    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{cases}</testsuite></testsuites>')
-    return path
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -212,10 +285,28 @@ def venv(tmp_path) -> Path:
     return python
 
 
+PARITY_SCRIPT = """
+from pathlib import Path
+
+from posttrain.testing.parity import write_result
+
+# a stand-in for a real comparison: the same two losses from "both implementations"
+write_result(
+    Path(__file__).parent / "result.json",
+    method="my-method",
+    reference="the reference implementation 1.0",
+    compared="per-step training loss, 2 steps",
+    tolerance=1e-4,
+    comparisons={"default": ([4.6, 4.5], [4.6, 4.5])},
+)
+"""
+
+
 @pytest.mark.slow
 def test_new_install_train_promote_end_to_end(venv, tmp_path):
-    """new -> pip install -> list (experimental) -> train warns -> promote refuses without a benchmark and changes
-    nothing -> promote (running the package's own tests and the kit) -> reinstall -> list (stable) -> train silent."""
+    """new -> pip install -> list (experimental) -> train warns -> promote refuses the scaffold's docs and a missing
+    result, changing nothing -> the author writes the docs and a parity script -> promote --run-parity (measuring,
+    then running the package's own tests and the kit) -> reinstall -> list (stable) -> train silent."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTTRAIN_", "PYTHONPATH"))}
     env["OMP_NUM_THREADS"] = "1"  # tiny models: one thread is fastest, and kind to a busy machine
 
@@ -269,17 +360,27 @@ def test_new_install_train_promote_end_to_end(venv, tmp_path):
     assert "done: 2 steps" in out.stderr and (tmp_path / "run-experimental" / "metrics.jsonl").is_file()
 
     before = tree(pkg)
-    out = posttrain("promote", pkg, "--kit-report", passing_kit_report(tmp_path / "kit.xml"))
+    out = posttrain("promote", pkg, "--dry-run")  # the scaffold's docs and no measured result: refused
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "[FAIL] parity or benchmark result" in out.stdout and "Nothing was changed" in out.stdout
+    assert "[FAIL] README and docs page" in out.stdout and "[FAIL] parity or benchmark result" in out.stdout
+    assert "[ok]   conformance kit green at tier full: 1 kit suite(s), 12 checks" in out.stdout  # run here, really
     assert tree(pkg) == before
 
-    (pkg / "BENCHMARK.md").write_text("# Benchmark\n\n2 steps on the tiny model, CPU.\n")
-    out = posttrain("promote", pkg)  # this time the package's own tests run, the conformance kit included
+    for path in (pkg / "README.md", pkg / "docs" / "my-method.md"):  # the author writes their sections
+        path.write_text(
+            re.sub(r"^> \*\*Write before promotion:\*\*.*?(?=\n(?!>))", "Written.", path.read_text(), flags=re.M | re.S)
+        )
+    (pkg / "parity").mkdir()
+    (pkg / "parity" / "parity_my_method.py").write_text(PARITY_SCRIPT)
+    out = posttrain("promote", pkg, "--run-parity")  # the script measures, then the package's own tests run
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "[ok]   conformance kit green at tier full: 1 kit suite(s), 10 checks" in out.stdout
+    assert "ran parity/parity_my_method.py: exit 0" in out.stdout
+    assert "[ok]   conformance kit green at tier full: 1 kit suite(s), 12 checks" in out.stdout
     assert "Promoted to stable: posttrain-my-method 1.0.0." in out.stdout
     assert (pkg / "PROMOTION.md").is_file() and (pkg / "promotion.json").is_file()
+    from posttrain._lifecycle import promotion
+
+    assert promotion.verify_record(pkg) == []
 
     out = run(*install)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -89,3 +89,27 @@ def provenance(method_entry: Any, reward_entries: list[Any]) -> dict[str, Any]:
         "command": sys.argv,
         "environment": summary(with_hardware=True),
     }
+
+
+def entry_for_method(method: Any) -> Any:
+    """The installed ``posttrain.methods`` entry that provides ``method`` (an instance or class), or None
+    for a method defined in a script, a test or a notebook."""
+    from posttrain import _discovery as discovery
+
+    cls = method if isinstance(method, type) else type(method)
+    package = cls.__module__.split(".")[0]
+    for entry in discovery.discover(("method",)):
+        if entry.name == getattr(cls, "name", None) and entry.value.split(":")[0].split(".")[0] == package:
+            return entry
+    return None
+
+
+def provenance_for(method: Any, reward_names: list[str]) -> dict[str, Any]:
+    """Provenance of a run started through the Python API, with the same experimental warning as the CLI."""
+    from posttrain import _discovery as discovery
+
+    entry = entry_for_method(method)
+    if entry is not None:
+        discovery.warn_if_experimental(entry)
+    rewards = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
+    return provenance(entry, rewards)

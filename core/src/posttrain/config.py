@@ -19,12 +19,25 @@ from typing import Any, Literal
 
 from posttrain._errors import ConfigError
 
+__all__ = [
+    "TrainingConfig",
+    "build_config",
+    "config_to_dict",
+    "describe_fields",
+    "load_config",
+    "parse_cli_overrides",
+    "save_config",
+]
+
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 
 @dataclass
 class TrainingConfig:
-    """Fields every method shares. A method's config adds its own fields and paper defaults."""
+    """Fields every method shares. A method's config adds its own fields and paper defaults.
+
+    .. versionadded:: 0.1
+    """
 
     # -- what to train on
     model: str = ""  # local directory (or hub name) of a causal LM
@@ -71,7 +84,9 @@ class TrainingConfig:
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     save_on_interrupt: bool = True  # Ctrl-C writes a resumable checkpoint
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
-    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard"]; metrics.jsonl is always written
+    resume_override: list[str] = field(default_factory=list)  # fields a resumed run may change (see failure-modes)
+    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard", "wandb"]; metrics.jsonl is always written
+    tracker_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tracker, e.g. {wandb: {project: x}}
     disable_progress_bar: bool = False
     allow_inactive: bool = False  # use a retired (7 - Inactive) method anyway
 
@@ -98,7 +113,81 @@ class TrainingConfig:
             found.append("bf16 and fp16 are both true; choose one mixed-precision mode")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             found.append(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        if not 0 <= self.seed < 2**32:
+            found.append(f"seed must be in [0, 2**32 - 1] (numpy's range), got {self.seed}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("adam_epsilon", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            found.append(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
+        for name, options in self.tracker_options.items():  # each tracker plugin checks the keys of its own
+            if not isinstance(options, dict):
+                found.append(f"tracker_options.{name} must be a mapping of option: value, got {options!r}")
         return found
+
+
+# -- rules every field gets, in every method's config ------------------------------------------------------
+
+#: Float fields named like this are probabilities or shares: [0, 1].
+_UNIT_INTERVAL = ("top_p", "min_p", "lmbda")
+_UNIT_SUFFIXES = ("_dropout", "_prob", "_probability", "_ratio", "_utilization")
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, float)]
+    return []
+
+
+def generic_problems(config: Any) -> dict[str, str]:
+    """Rules that hold for a field of any method by its type and name, so every plugin gets them for free.
+
+    - every float (alone or in a list) is finite: NaN and infinity are refused;
+    - probabilities and shares (``top_p``, ``min_p``, ``*_dropout``, ``*_prob``, ``*_ratio``, ...) lie in [0, 1];
+    - ``temperature`` is > 0; token lengths (``max_length``, ``max_*_length``) are >= 1, and ``max_length``
+      >= 2 (a prompt token and a completion token).
+    """
+    import math
+
+    found: dict[str, str] = {}  # field -> problem
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        bad = [v for v in _floats(value) if not math.isfinite(v)]
+        if bad:
+            found[f.name] = f"{f.name} must be a finite number, got {bad[0]}"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (f.name in _UNIT_INTERVAL or f.name.endswith(_UNIT_SUFFIXES)) and not 0 <= value <= 1:
+            found[f.name] = f"{f.name} must be in [0, 1] (a probability or share), got {value}"
+        if f.name == "temperature" and value <= 0:
+            found[f.name] = f"temperature must be > 0 (logits are divided by it), got {value}"
+        if f.name == "max_length" and value < 2:
+            found[f.name] = f"max_length must be >= 2 (one prompt token and one completion token), got {value}"
+        elif f.name.startswith("max_") and f.name.endswith("_length") and isinstance(value, int) and value < 1:
+            found[f.name] = f"{f.name} must be >= 1, got {value}"
+    return found
+
+
+def config_problems(config: Any) -> list[str]:
+    """The config's own :meth:`TrainingConfig.problems`, plus the generic rules for the fields they do not cover.
+
+    A config's own problems name their field first (the convention every method follows), so a field the
+    method already reports is not reported twice; the method's message, which knows the method, wins.
+    """
+    generic = generic_problems(config)
+    check = getattr(config, "problems", None)  # TrainingConfig's cross-field checks; plain options have none
+    try:
+        own = check() if callable(check) else []
+    except (TypeError, ValueError) as exc:  # a method's rule tripped over a value the generic rules refuse
+        own = [] if generic else [f"the configuration could not be checked ({type(exc).__name__}: {exc})"]
+    covered = {problem.split(" ", 1)[0] for problem in own}
+    return [p for name, p in generic.items() if name not in covered] + own
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -189,7 +278,10 @@ def _coerce(name: str, value: Any, hint: Any, from_cli: bool) -> Any:
 
 
 def parse_cli_overrides(argv: list[str]) -> dict[str, str | bool]:
-    """``["--lr", "1e-5", "--flag", "--k=v"]`` -> ``{"lr": "1e-5", "flag": True, "k": "v"}``."""
+    """``["--lr", "1e-5", "--flag", "--k=v"]`` -> ``{"lr": "1e-5", "flag": True, "k": "v"}``.
+
+    .. versionadded:: 0.1
+    """
     out: dict[str, str | bool] = {}
     i = 0
     while i < len(argv):
@@ -212,7 +304,10 @@ def parse_cli_overrides(argv: list[str]) -> dict[str, str | bool]:
 
 
 def build_config(config_class: type, values: dict[str, Any], source: str | None = None, from_cli: bool = False):
-    """Instantiate ``config_class`` from raw values, reporting every problem at once."""
+    """Instantiate ``config_class`` from raw values, reporting every problem at once.
+
+    .. versionadded:: 0.1
+    """
     hints = _hints(config_class)
     fields = {f.name for f in dataclasses.fields(config_class)}
     problems, kwargs = [], {}
@@ -234,14 +329,23 @@ def build_config(config_class: type, values: dict[str, Any], source: str | None 
     if problems:
         raise ConfigError(problems, source)
     config = config_class(**kwargs)
-    problems = config.problems()
+    problems = config_problems(config)
     if problems:
         raise ConfigError(problems, source)
     return config
 
 
+def build_options(options_class: type, values: dict[str, Any], source: str) -> Any:
+    """A plugin's options dataclass (a reward's, a tracker's) from raw values, checked like a config:
+    unknown keys get a "did you mean", values are coerced to the field types, every problem is reported."""
+    return build_config(options_class, values, source)
+
+
 def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, overrides: dict | None = None):
-    """YAML file first, then ``overrides`` (CLI flags) on top. Raises :class:`ConfigError`."""
+    """YAML file first, then ``overrides`` (CLI flags) on top. Raises :class:`ConfigError`.
+
+    .. versionadded:: 0.1
+    """
     values: dict[str, Any] = {}
     source = None
     if yaml_path:
@@ -276,11 +380,18 @@ def load_config(config_class: type, yaml_path: str | os.PathLike | None = None, 
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as a plain dict (field name -> value), as :func:`save_config` writes it.
+
+    .. versionadded:: 0.1
+    """
     return dataclasses.asdict(config)
 
 
 def save_config(config: Any, path: str | os.PathLike, method: str | None = None) -> None:
-    """Write the resolved config as YAML (atomically), loadable again with ``--config``."""
+    """Write the resolved config as YAML (atomically), loadable again with ``--config``.
+
+    .. versionadded:: 0.1
+    """
     import yaml
 
     data = {"method": method} if method else {}
@@ -292,7 +403,10 @@ def save_config(config: Any, path: str | os.PathLike, method: str | None = None)
 
 
 def describe_fields(config_class: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for each field, help taken from the source's trailing comments."""
+    """(name, type, default, help) for each field, help taken from the source's trailing comments.
+
+    .. versionadded:: 0.1
+    """
     import inspect
 
     comments: dict[str, str] = {}

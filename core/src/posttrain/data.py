@@ -19,13 +19,32 @@ rejected (:func:`extract_prompt`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from posttrain._errors import DataError
+from posttrain import _reader
+from posttrain._errors import DataError, RowProblem
+
+__all__ = [
+    "FORMAT_COLUMNS",
+    "ROLES",
+    "RowProblem",
+    "apply_chat_template",
+    "check",
+    "detect_format",
+    "extract_prompt",
+    "is_conversational",
+    "load_dataset",
+    "row_problems",
+    "validate",
+]
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+"""Message roles a conversational row may use.
+
+.. versionadded:: 0.1
+"""
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     # each alternative is a set of required columns
     "language_modeling": (("text",), ("messages",)),
@@ -34,27 +53,19 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
     "unpaired_preference": (("prompt", "completion", "label"),),
 }
+"""Format name -> the alternative sets of required columns (TRL's formats and column names).
+
+.. versionadded:: 0.1
+"""
 _SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-@dataclass
-class RowProblem:
-    """One bad row: where, which field, what is wrong, how to fix it."""
-
-    row: int
-    field: str
-    problem: str
-    fix: str = ""
-
-    def message(self, source: str = "the dataset") -> str:
-        text = f"row {self.row} of {source}: field {self.field!r} {self.problem}"
-        return f"{text}. {self.fix}" if self.fix else text
 
 
 def load_dataset(path_or_name: Any, split: str = "train"):
     """Load a ``datasets.Dataset`` from a local file, a saved directory, a Dataset or a hub name.
 
     Raises :class:`DataError` naming the path for a missing, empty or unreadable file.
+
+    .. versionadded:: 0.1
     """
     import datasets
 
@@ -82,61 +93,75 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         builder = _SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"cannot tell the format of {text!r}; use .json, .jsonl, .csv or .parquet")
+        if _reader.is_readable_here(path):  # JSON, JSONL, CSV: the reader `posttrain check-data` uses too
+            table = _reader.read_file(text)
+            problems = table.problems + _reader.mixed_type_problems(table.rows, table.numbers)
+            if problems:
+                raise DataError(sorted(problems, key=lambda q: q.row), source=text)
+            return _reader.to_dataset(table)
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
-            where = _first_bad_json_line(path) if builder == "json" else None
-            if where == "":
-                raise DataError(f"dataset file {text!r} has no rows; write one JSON object per line (JSONL).") from None
-            if where:
-                raise DataError(f"cannot read dataset file {text!r}: {where}") from None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(
                 f"cannot read dataset file {text!r} as {builder}: {reason}. Check that the file is valid {builder}."
             ) from None
         if len(ds) == 0:
-            raise DataError(f"dataset file {text!r} has no rows; write one JSON object per line (JSONL).")
+            raise DataError(f"dataset file {text!r} has no rows.")
         return ds
-    try:  # a hub name; never reached by the test suite
-        return datasets.load_dataset(text, split=split)
+    if text.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise DataError(  # a path, not a hub name: never a hub lookup for a typo
+            f"dataset path {text!r} does not exist (relative to {Path.cwd()}). Check the path; a file needs its "
+            "extension (.jsonl, .json, .csv, .parquet)."
+        )
+    from posttrain._preflight import hub_unavailable, offline_mode
+
+    reason = None if offline_mode() else hub_unavailable()  # offline mode reads the cache, quickly
+    if reason is not None:  # fail in a second, not after a minute of retries
+        raise DataError(
+            f"dataset {text!r} is not a local file or directory (none at {Path.cwd() / text}), and as a hub name it "
+            f"cannot be downloaded: {reason}. Check the path; for a cached hub dataset set HF_HUB_OFFLINE=1."
+        )
+    try:  # a hub name; in offline mode from the cache only (the libraries read the variable at import)
+        with _offline(offline_mode() is not None):
+            return datasets.load_dataset(text, split=split)
     except Exception as exc:
-        raise DataError(f"cannot load dataset {text!r}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load dataset {text!r} (not a local file or directory, so tried as a hub name): {reason}. "
+            "Check the path or the dataset name."
+        ) from None
 
 
-def _first_bad_json_line(path: Path) -> str | None:
-    """Where a JSON/JSONL file stops being valid, in words (``datasets``' own error does not say); "" when
-    it holds only blank lines, None when it looks valid."""
-    import json
+@contextlib.contextmanager
+def _offline(on: bool):
+    """Hold ``datasets`` and ``huggingface_hub`` to offline mode when the environment asks for it, even when they
+    were imported before the variable was set."""
+    if not on:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"it is not UTF-8 text ({exc}); save it as UTF-8."
-    try:
-        json.loads(text)  # one JSON document (a list of rows or a mapping of columns)
-        return None
-    except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):
-            return f"line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}); fix that line."
-    if not text.strip():
-        return ""
-    fix = (
-        'Each line of a JSONL file must be one JSON object (e.g. {"prompt": "...", "completion": "..."}); '
-        "fix or remove that line."
+    saved = (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+        huggingface_hub.constants.HF_HUB_OFFLINE,
     )
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno}). {fix}"
-        if not isinstance(value, dict):
-            return f"line {number} is a JSON {type(value).__name__}, not an object. {fix}"
-    return None
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved[:2]
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved[2]
 
 
 def is_conversational(row: dict) -> bool:
+    """Whether a row holds message lists (``[{"role", "content"}, ...]``) rather than plain strings.
+
+    .. versionadded:: 0.1
+    """
     for key in ("prompt", "chosen", "rejected", "completion", "messages"):
         value = row.get(key)
         if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -145,7 +170,10 @@ def is_conversational(row: dict) -> bool:
 
 
 def detect_format(columns: list[str] | set[str]) -> str | None:
-    """The most specific standard format whose columns are all present."""
+    """The most specific standard format whose columns are all present.
+
+    .. versionadded:: 0.1
+    """
     cols = set(columns)
     for fmt in ("unpaired_preference", "preference", "prompt_completion", "language_modeling", "prompt_only"):
         if any(set(alt) <= cols for alt in FORMAT_COLUMNS[fmt]):
@@ -196,7 +224,10 @@ def _check_text(value: Any, row: int, column: str, allow_empty: bool = False) ->
 
 
 def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
-    """Everything wrong with one row for ``fmt``."""
+    """Everything wrong with one row for ``fmt``.
+
+    .. versionadded:: 0.1
+    """
     alternatives = FORMAT_COLUMNS[fmt]
     present = {k for k, v in row.items() if v is not None}
     if not any(set(alt) <= present for alt in alternatives):
@@ -226,9 +257,15 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
 def validate(
     dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset", limit: int | None = None
 ) -> list[RowProblem]:
-    """Check every row against the first of ``formats`` the columns match; return all problems."""
+    """Check every row against the first of ``formats`` the columns match; return all problems.
+
+    .. versionadded:: 0.1
+    """
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
-    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
+    if hasattr(dataset, "column_names"):
+        columns = list(dataset.column_names)
+    else:  # rows as read from a file: every column any row has, in first-seen order (as `datasets` would)
+        columns = list(dict.fromkeys(key for row in dataset for key in row))
     fmt = next((f for f in formats if any(set(alt) <= set(columns) for alt in FORMAT_COLUMNS[f])), None)
     if fmt is None:
         need = "; ".join(f"{f}: " + " or ".join("+".join(a) for a in FORMAT_COLUMNS[f]) for f in formats)
@@ -250,12 +287,14 @@ def validate(
     return problems
 
 
-def check(dataset: Any, formats: tuple[str, ...] | str, source: str = "the dataset") -> None:
-    """Raise :class:`DataError` for the first bad row, pointing at ``posttrain check-data``."""
-    problems = validate(dataset, formats, source, limit=1)
+def check(dataset: Any, formats: tuple[str, ...] | str, source: str | None = None) -> None:
+    """Raise :class:`DataError` carrying every bad row's :class:`RowProblem` (its message names the first).
+
+    .. versionadded:: 0.1
+    """
+    problems = validate(dataset, formats, source or "the dataset")
     if problems:
-        text = problems[0].message(source).rstrip(".")
-        raise DataError(text + ". Run `posttrain check-data METHOD FILE` to list every bad row.")
+        raise DataError(problems, source=source)
 
 
 def extract_prompt(row: dict) -> dict:
@@ -264,6 +303,8 @@ def extract_prompt(row: dict) -> dict:
     Conversational: the prompt is the longest common prefix of messages. Standard: the longest
     common prefix of the strings, with a space just before the first difference moved into the
     answers (``"The sky is"`` / ``" blue"``), as TRL splits them.
+
+    .. versionadded:: 0.1
     """
     if "prompt" in row and row["prompt"] is not None:
         return row
@@ -282,7 +323,10 @@ def extract_prompt(row: dict) -> dict:
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-    """Render messages with the tokenizer's chat template; a clear error when it has none."""
+    """Render messages with the tokenizer's chat template; a clear error when it has none.
+
+    .. versionadded:: 0.1
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             "the dataset is conversational but the tokenizer has no chat template; "

@@ -1,16 +1,15 @@
 """The one training loop every method uses. Read it top to bottom.
 
-    setup: accelerator, seed, model + tokenizer, method.setup, datasets, optimizer, scheduler, resume
-    while step < total_steps:
-        for each micro-batch of the step (gradient accumulation):
-            [rollout]  ->  loss(model, batch) -> (loss_sum, n_items)  ->  backward(loss_sum)
-        scale grads by world_size / total n_items of the step (all micro-batches, all processes)
-        clip -> optimizer.step -> scheduler.step -> zero_grad
-        log every logging_steps, evaluate every eval_steps, checkpoint every save_steps
-    save_pretrained(output_dir)
+    train():
+        run = _set_up(...)        # accelerator, seed, model + tokenizer, method.setup, data, optimizer, resume
+        while run.step < run.total_steps and no stop was requested:
+            _optimizer_step(run)  # gradient_accumulation_steps micro-batches: [rollout] -> loss -> backward,
+                                  # then scale by world_size / (total n_items), clip, step, schedule
+            _log_evaluate_save(run)
+        _finish(run)              # final evaluation, save_pretrained(output_dir)
 
 Why the gradient is scaled after backward: a method returns a *sum* and a count (the contract in
-``posttrain._method``). DDP averages gradients over processes, so the summed gradient is
+``posttrain.Method``). DDP averages gradients over processes, so the summed gradient is
 ``world_size * mean``; multiplying by ``world_size / N`` gives exactly d(sum of all losses / N).
 The count is known only after the forward passes (online methods generate first), and gradients are
 linear, so scaling them once per step is exact and costs one fused multiply.
@@ -21,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,17 +27,26 @@ from typing import Any
 import torch
 
 from posttrain import _checkpoint as ckpt
+from posttrain import _preflight, _reader, _resume, _run_guard
 from posttrain import _tracking as tracking
-from posttrain._errors import DataError, PosttrainError
-from posttrain._method import TrainContext
+from posttrain._errors import ConfigError, DataError, PluginError, PosttrainError
+from posttrain._method import TrainContext, TrainOutcome, method_problems, optional_member
+
+__all__ = ["NonFiniteLossError", "TrainResult", "evaluate", "train"]
 
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns: steps done, where the run is, every logged row, how it ended.
+
+    .. versionadded:: 0.1
+    """
+
     global_step: int
     output_dir: Path
     log_history: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run
 
     @property
     def final_loss(self) -> float | None:
@@ -48,66 +55,40 @@ class TrainResult:
 
 
 class NonFiniteLossError(PosttrainError):
-    """The loss became NaN or infinite; the message names the step and the rows of its batch."""
+    """The loss became NaN or infinite; the message names the step and the rows of its batch.
 
-
-def _step_rows(step: int, n_rows: int, batch_size: int, accumulation: int, world: int, rank: int, seed: int):
-    """Row indices of each micro-batch of optimizer step ``step`` on process ``rank``.
-
-    The order is a pure function of (seed, epoch), so resuming at any step replays the same data,
-    and P processes with batch B see exactly the rows one process with batch P*B sees.
+    .. versionadded:: 0.1
     """
-    global_micro = batch_size * world
-    per_epoch = n_rows // (global_micro * accumulation)
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    start = within * accumulation * global_micro
-    return [
-        order[start + k * global_micro + rank * batch_size : start + k * global_micro + (rank + 1) * batch_size]
-        for k in range(accumulation)
-    ], epoch
 
 
-def _name_the_file(exc: Exception, path: str, method_name: str) -> None:
-    """Row errors from ``method.prepare`` say "the dataset"; name the file and make the check-data hint runnable."""
-    text = str(exc)
-    text = text.replace("of the dataset", f"of {path}", 1) if "of the dataset" in text else f"{path}: {text}"
-    for placeholder in ("check-data METHOD FILE", f"check-data {method_name} FILE"):
-        text = text.replace(placeholder, f"check-data {method_name} {path}")
-    exc.args = (text,)
+@dataclass
+class _Run:
+    """The state of one training run, shared by the named steps below."""
 
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _optimizer(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
-    try:  # one fused kernel (transformers' default, adamw_torch_fused); on CPU torch's default is a per-tensor loop
-        return torch.optim.AdamW(groups, **kwargs, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, **kwargs)
-
-
-def _scalar(value: Any) -> float:
-    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def _check_output_dir(output_dir: Path, config: Any, resuming: bool) -> None:
-    has_run = (
-        output_dir.is_dir()
-        and any((output_dir / name).exists() for name in ("posttrain_config.yaml", tracking.METRICS_FILE))
-    ) or bool(ckpt.list_checkpoints(output_dir))
-    if has_run and not resuming and not config.overwrite_output_dir:
-        raise PosttrainError(
-            f"output_dir {str(output_dir)!r} already holds a run. Pass --resume_from_checkpoint latest to continue it, "
-            "--overwrite_output_dir true to replace it, or choose another --output_dir."
-        )
+    method: Any
+    config: Any
+    ctx: TrainContext
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    train_rows: Any
+    eval_rows: Any
+    output_dir: Path
+    total_steps: int
+    rows_per_micro: int  # dataset rows in one micro-batch (fewer than items for online methods)
+    reuse: int  # optimizer steps per rolled-out batch (batch_reuse)
+    callbacks: tracking.Callbacks
+    window: tracking.LogWindow
+    bar: tracking.ProgressBar
+    result: TrainResult
+    step: int = 0
+    epoch: int = 0
+    stop_requested: str | None = None  # name of the signal that asked to stop
+    rollout_cache: dict[int, dict] = field(default_factory=dict)  # micro-step -> rolled-out batch (reuse > 1)
+    lock: Any = None  # the output_dir lock (main process)
+    resume_path: Path | None = None
 
 
 def train(
@@ -123,35 +104,103 @@ def train(
     accelerator: Any = None,
     provenance: dict | None = None,
 ) -> TrainResult:
-    """Train ``model`` with ``method`` as ``config`` says. Models/datasets not passed are loaded from the config."""
+    """Train ``model`` with ``method`` as ``config`` says. Models/datasets not passed are loaded from the config.
+
+    ``callbacks=None`` adds the callbacks installed plugins register for this config (as ``posttrain train``
+    does); a list replaces them.
+
+    Emits the method's ``ExperimentalWarning`` and writes ``provenance.json`` exactly as ``posttrain train``
+    does. Raises :class:`PosttrainError` subclasses for user errors (bad config, data, paths).
+
+    .. versionadded:: 0.1
+    """
+    run = _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator)
+    outcome = "failed"
+    error: BaseException | None = None
+    try:
+        _write_run_files(run, provenance)
+        run.callbacks.emit("on_train_begin", run.ctx)
+        with _stop_on_signals(run):
+            while run.step < run.total_steps and run.stop_requested is None:
+                _optimizer_step(run)
+                _log_evaluate_save(run)
+        if run.stop_requested is not None and run.step < run.total_steps:
+            _save_on_interrupt(run)
+            outcome = "interrupted"
+        else:
+            _finish(run)
+            outcome = "finished"
+    except BaseException as exc:
+        error = exc
+        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, without saving
+            run.accelerator.print(f"stopped at step {run.step} without saving. {_run_guard.advice(run.output_dir)}")
+        raise
+    finally:
+        run.bar.close()
+        try:
+            run.callbacks.emit("on_train_end", run.ctx, TrainOutcome(outcome, run.step, run.output_dir, error))
+        finally:
+            if run.lock is not None:
+                run.lock.release()
+    return run.result
+
+
+# -- set up --------------------------------------------------------------------------------------------
+
+
+def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator) -> _Run:
+    """Everything before the first step, in the order a reader expects; fails before any model loads
+    when the method, the config or the output directory is unusable."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    # -- setup --------------------------------------------------------------------------------------
-    from transformers.utils import logging as hf_logging
-
-    from posttrain import data as data_lib
     from posttrain import models
-    from posttrain.config import save_config
+    from posttrain.config import config_problems
 
-    hf_logging.disable_progress_bar()  # our own bar is the one progress display
-    import datasets
-
-    datasets.disable_progress_bars()
+    _quiet_library_progress()
+    problems = method_problems(method)
+    if problems:
+        raise PluginError(
+            f"method {getattr(method, 'name', method)!r} breaks the plugin contract: " + "; ".join(problems)
+        )
+    problems = config_problems(config)  # the CLI checked already; a config built in Python is checked here
+    if problems:
+        raise ConfigError(problems)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     # without an accelerator, cpu=True is what makes accelerate run multi-process CPU (gloo) under torchrun
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=config.use_cpu or not has_accelerator)
+    cpu = config.use_cpu or not has_accelerator
+    device = accelerator.device.type if accelerator is not None else ("cpu" if cpu else "cuda")
+    _preflight.check(config, device)  # before Accelerator(), which fails on some of these with a traceback
+    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=cpu)
+    models.fit_max_length(config)  # before the saved config is compared on resume
+    resume_path, lock = _run_guard.claim(config, getattr(method, "name", None), accelerator.is_main_process)
+    try:
+        run = _load_everything(
+            method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator, resume_path
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _load_everything(
+    method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator, resume_path
+) -> _Run:
+    from accelerate.utils import set_seed
+
+    from posttrain import models
+
     output_dir = Path(config.output_dir)
-    resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, output_dir)
-    _check_output_dir(output_dir, config, resuming=resume_path is not None)
     set_seed(config.seed)
     if tokenizer is None:
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
     if model is None:
-        load = getattr(method, "load_model", None)
+        load = optional_member(method, "load_model")
         model = load(config) if load else models.load_causal_lm(config.model, config)
+    models.check_max_length(model, config, config.model or None)
     model = models.apply_peft(model, config)
     if config.torch_compile:
         model.compile()
@@ -164,284 +213,396 @@ def train(
         rewards=rewards or {},
     )
     model.to(accelerator.device)
-    if hasattr(method, "setup"):
-        method.setup(ctx)
-
-    def prepared(source: Any, split: str) -> Any:
-        dataset = data_lib.load_dataset(source, split)
-        path = str(source) if isinstance(source, (str, Path)) else None
-        try:
-            rows = method.prepare(dataset, ctx)
-        except DataError as exc:
-            if path:
-                _name_the_file(exc, path, getattr(method, "name", "METHOD"))
-            raise
-        if len(rows) == 0:
-            raise PosttrainError(
-                f"the {split} dataset{f' {path!r}' if path else ''} has no usable rows after preparation (all "
-                "filtered out; the warnings above say why, e.g. prompts longer than max_length)."
-            )
-        return rows
-
-    train_rows = prepared(train_dataset if train_dataset is not None else config.dataset, config.dataset_split)
+    setup = optional_member(method, "setup")
+    if setup:
+        setup(ctx)
+    train_rows = _prepared(method, ctx, train_dataset if train_dataset is not None else config.dataset, "train")
     eval_source = eval_dataset if eval_dataset is not None else config.eval_dataset
-    eval_rows = prepared(eval_source, "eval") if eval_source is not None else None
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = config.per_device_train_batch_size * world * config.gradient_accumulation_steps
-    steps_per_epoch = len(train_rows) // per_step
-    if steps_per_epoch == 0:
-        raise PosttrainError(
-            f"the dataset has {len(train_rows)} rows but one optimizer step needs {per_step} "
-            f"(per_device_train_batch_size x processes x gradient_accumulation_steps); lower them or add data."
-        )
-    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    eval_rows = _prepared(method, ctx, eval_source, "eval") if eval_source is not None else None
+    reuse_of = optional_member(method, "batch_reuse")
+    reuse = int(reuse_of(config)) if reuse_of else 1
+    rows_per_micro = _rows_per_batch(method, config, config.per_device_train_batch_size)
+    total_steps = _total_steps(config, len(train_rows), rows_per_micro, accelerator.num_processes, reuse)
+    if resume_path is not None:
+        _resume.check_total_steps(total_steps, resume_path)
     optimizer = _optimizer(model, config)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    from transformers import get_scheduler
+
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    step, trainer_state = 0, {}
-    if resume_path is not None:
-        trainer_state = ckpt.load_checkpoint(
-            resume_path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, method=method
-        )
-        step = trainer_state["global_step"]
     main = accelerator.is_main_process
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "posttrain_config.yaml", getattr(method, "name", None))
-        if provenance:
-            import json
-
-            (output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-    callbacks = (tracking.build_loggers(config, output_dir, step if resume_path else None) if main else []) + (
-        [c for c in callbacks or []] if main else []
-    )
-    result = TrainResult(global_step=step, output_dir=output_dir)
-    ctx.step = step
-    tracking.call(callbacks, "on_train_begin", ctx)
-    bar = tracking.ProgressBar(
-        total_steps, step, getattr(method, "name", "train"), enabled=main and not config.disable_progress_bar
-    )
-
-    # First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once.
-    stop = {"requested": False}
-    previous_handler = None
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
-    with contextlib.suppress(ValueError):  # not in the main thread: keep the default handler
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    window: dict[str, Any] = {
-        "loss_sum": torch.zeros((), device=accelerator.device),
-        "n": 0.0,
-        "metrics": {},
-        "grad_norm": [],
-        "t0": time.perf_counter(),
-        "steps": 0,
-    }
-    has_rollout = hasattr(method, "rollout")
-
-    def save(epoch: int) -> Path:
-        return _save(
-            output_dir, step, accelerator, model, optimizer, scheduler, tokenizer, method, epoch, config, ctx, callbacks
-        )
-
-    try:
-        while step < total_steps and not stop["requested"]:
-            # -- one optimizer step over gradient_accumulation_steps micro-batches -----------------
-            micro_rows, epoch = _step_rows(
-                step,
-                len(train_rows),
-                config.per_device_train_batch_size,
-                config.gradient_accumulation_steps,
-                world,
-                rank,
-                config.seed,
-            )
-            ctx.step, ctx.training = step, True
-            model.train()
-            step_loss = torch.zeros((), device=accelerator.device)
-            step_n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            for k, indices in enumerate(micro_rows):
-                ctx.micro_step = k
-                batch = _to_device(method.collate([train_rows[i] for i in indices], ctx), accelerator.device)
-                if has_rollout:
-                    with torch.no_grad():
-                        batch = method.rollout(accelerator.unwrap_model(model), batch, ctx)
-                last = k == len(micro_rows) - 1
-                # skip the DDP all-reduce on all but the last micro-batch
-                sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    out = method.loss(model, batch, ctx)
-                accelerator.backward(out.loss_sum)
-                step_loss += out.loss_sum.detach().float()
-                step_n += float(out.n_items) if not isinstance(out.n_items, torch.Tensor) else out.n_items.double()
-                for name, value in out.metrics.items():
-                    window["metrics"].setdefault(name, []).append(_scalar(value))
-            total_n = accelerator.reduce(step_n, reduction="sum")
-            if not torch.isfinite(step_loss):  # one host sync per step
-                raise NonFiniteLossError(
-                    f"loss is {step_loss.item()} at step {step + 1} (epoch {epoch}); rows of the batch on process "
-                    f"{rank}: {sorted(i for ix in micro_rows for i in ix)}. Lower learning_rate, check those rows, "
-                    "or enable max_grad_norm. The last good checkpoint is kept."
-                )
-            if total_n.item() > 0:
-                scale = world / total_n.item()
-                torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
-                if config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                else:
-                    grad_norm = accelerator.clip_grad_norm_(params, float("inf"))
-                optimizer.step()
-                window["grad_norm"].append(_scalar(grad_norm) if grad_norm is not None else float("nan"))
-            else:
-                accelerator.print(
-                    f"step {step + 1}: no loss items in the batch (e.g. every completion truncated); "
-                    "skipping the update"
-                )
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window["loss_sum"] += step_loss
-            window["n"] += float(total_n)
-            window["steps"] += 1
-            ctx.step = result.global_step = step
-
-            # -- log, evaluate, checkpoint -------------------------------------------------------
-            if step % config.logging_steps == 0 or step == total_steps:
-                row = _log_row(accelerator, window, step, epoch + 1, scheduler)
-                result.log_history.append(row)
-                tracking.call(callbacks, "on_log", ctx, row)
-                bar.update(step, row)
-            else:
-                bar.update(step)
-            if eval_rows is not None and config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
-                _evaluate_and_log(method, model, eval_rows, ctx, accelerator, config, callbacks, result)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save(epoch)
-        if stop["requested"] and step < total_steps:
-            result.interrupted = True
-            if config.save_on_interrupt:
-                path = save(0)
-                accelerator.print(
-                    f"interrupted at step {step}; resumable checkpoint in {path} "
-                    f"(continue with --resume_from_checkpoint latest)"
-                )
-            return result
-        if eval_rows is not None:
-            _evaluate_and_log(method, model, eval_rows, ctx, accelerator, config, callbacks, result)
-    finally:
-        bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-
-    # -- final model ---------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    if main:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
-        tracking.call(callbacks, "on_train_end", ctx)
-    accelerator.wait_for_everyone()
-    return result
-
-
-def _log_row(accelerator: Any, window: dict, step: int, epoch: int, scheduler: Any) -> dict:
-    """Average the logging window over steps and processes; loss = sum / count, exactly."""
-    loss_sum = accelerator.reduce(window["loss_sum"], reduction="sum")
-    elapsed = time.perf_counter() - window["t0"]
-    row: dict[str, Any] = {
-        "step": step,
-        "epoch": epoch,
-        "loss": float(loss_sum) / window["n"] if window["n"] else float("nan"),
-        "learning_rate": scheduler.get_last_lr()[0],
-    }
-    if window["grad_norm"]:
-        row["grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
-    row.update(_mean_metrics(accelerator, window["metrics"]))
-    row["steps_per_second"] = window["steps"] / elapsed if elapsed > 0 else 0.0
-    window.update(
-        loss_sum=torch.zeros_like(window["loss_sum"]), n=0.0, metrics={}, grad_norm=[], t0=time.perf_counter(), steps=0
-    )
-    return row
-
-
-def _mean_metrics(accelerator: Any, metrics: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each metric over every value reported on every process.
-
-    Processes may report different names (a shard without rejected examples has no
-    ``rewards/rejected``), so the names are unioned first and each metric is reduced as a (sum, count).
-    """
-    names = set(metrics)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        names = set().union(*gather_object([sorted(names)]))
-    names = sorted(names)
-    if not names:
-        return {}
-    sums = [sum(metrics.get(n, [])) for n in names]
-    counts = [len(metrics.get(n, [])) for n in names]
-    totals = accelerator.reduce(torch.tensor([sums, counts], device=accelerator.device, dtype=torch.float64), "sum")
-    return {n: float(s / c) for n, s, c in zip(names, totals[0].tolist(), totals[1].tolist()) if c > 0}
-
-
-@torch.no_grad()
-def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator: Any, batch_size: int) -> dict:
-    """Loss (sum / count over the whole eval set) and mean metrics, each process taking a shard."""
-    was_training, ctx.training = model.training, False
-    model.eval()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    metrics: dict[str, list[float]] = {}
-    for start in range(rank * batch_size, len(rows), world * batch_size):
-        batch = _to_device(
-            method.collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))], ctx), accelerator.device
-        )
-        if hasattr(method, "rollout"):
-            batch = method.rollout(accelerator.unwrap_model(model), batch, ctx)
-        with accelerator.autocast():
-            out = method.loss(model, batch, ctx)
-        loss_sum += out.loss_sum.double()
-        n += float(out.n_items) if not isinstance(out.n_items, torch.Tensor) else out.n_items.double()
-        for name, value in out.metrics.items():
-            metrics.setdefault(name, []).append(_scalar(value))
-    loss_sum, n = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(n, "sum")
-    row = {"eval_loss": float(loss_sum / n) if n > 0 else float("nan")}
-    row.update({f"eval_{name}": value for name, value in _mean_metrics(accelerator, metrics).items()})
-    ctx.training = True
-    if was_training:
-        model.train()
-    return row
-
-
-def _evaluate_and_log(method, model, rows, ctx, accelerator, config, callbacks, result) -> None:
-    row = {"step": ctx.step, **evaluate(method, model, rows, ctx, accelerator, config.per_device_eval_batch_size)}
-    result.log_history.append(row)
-    tracking.call(callbacks, "on_evaluate", ctx, row)
-
-
-def _save(output_dir, step, accelerator, model, optimizer, scheduler, tokenizer, method, epoch, config, ctx, callbacks):
-    path = ckpt.save_checkpoint(
-        output_dir,
-        step,
+    run = _Run(
+        method=method,
+        config=config,
+        ctx=ctx,
         accelerator=accelerator,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         tokenizer=tokenizer,
-        method=method,
-        state={"epoch": epoch},
-        save_total_limit=config.save_total_limit,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        output_dir=output_dir,
+        total_steps=total_steps,
+        rows_per_micro=rows_per_micro,
+        reuse=reuse,
+        callbacks=tracking.Callbacks(_plugin_callbacks(config) if callbacks is None else callbacks, main),
+        window=tracking.LogWindow(accelerator),
+        bar=tracking.ProgressBar(total_steps, 0, getattr(method, "name", "train"), enabled=False),
+        result=TrainResult(global_step=0, output_dir=output_dir),
     )
-    tracking.call(callbacks, "on_save", ctx, path)
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(
+            resume_path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, method=method
+        )
+        _resume.apply_hyperparameters(optimizer, scheduler, config)  # the config's values, never half-applied
+        run.step, run.epoch = state["global_step"], state.get("epoch", 0)
+        run.window.totals.update(state.get("metric_totals", {}))
+        run.rollout_cache = state.get("rollout_cache", {})
+    run.ctx.step = run.result.global_step = run.step
+    if main:
+        run.callbacks.prepend(tracking.build_loggers(config, output_dir, run.step if resume_path else None))
+    run.bar = tracking.ProgressBar(
+        total_steps, run.step, getattr(method, "name", "train"), enabled=main and not config.disable_progress_bar
+    )
+    run.resume_path = resume_path
+    return run
+
+
+def _plugin_callbacks(config: Any) -> list[Any]:
+    """Callbacks that ``posttrain.plugins`` modules add for this config (trackers for ``report_to``): the Python
+    API gets the same ones as ``posttrain train`` when it passes no ``callbacks`` of its own."""
+    from posttrain import _registry
+
+    return _registry.callbacks_for(config)
+
+
+def _quiet_library_progress() -> None:
+    """Our bar is the one progress display: silence transformers' and datasets' own bars."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
+    """Load and ``prepare`` one dataset; row errors name the file and a runnable check-data command."""
+    path = str(source) if isinstance(source, (str, Path)) else None
+    # the reader and checks `posttrain check-data` uses, so both agree on every file
+    dataset = _reader.load_checked(method, source, ctx.config.dataset_split if split == "train" else "train")
+    try:
+        rows = method.prepare(dataset, ctx)
+    except DataError as exc:
+        if path:
+            raise exc.for_source(path, getattr(method, "name", None)) from exc.__cause__
+        raise
+    if len(rows) == 0:
+        raise PosttrainError(
+            f"the {split} dataset{f' {path!r}' if path else ''} has no usable rows after preparation (all "
+            "filtered out; the warnings above say why, e.g. prompts longer than max_length)."
+        )
+    return rows
+
+
+def _rows_per_batch(method: Any, config: Any, batch_size: int) -> int:
+    rows_of = optional_member(method, "rows_per_batch")
+    rows = int(rows_of(config, batch_size)) if rows_of else batch_size
+    if rows < 1:
+        raise PluginError(
+            f"method {method.name!r}: rows_per_batch(config, {batch_size}) returned {rows}; it must be >= 1"
+        )
+    return rows
+
+
+def _total_steps(config: Any, n_rows: int, rows_per_micro: int, world: int, reuse: int) -> int:
+    per_step = rows_per_micro * world * config.gradient_accumulation_steps
+    steps_per_epoch = n_rows // per_step
+    if steps_per_epoch == 0:
+        raise PosttrainError(
+            f"the dataset has {n_rows} rows but one optimizer step needs {per_step} (rows per micro-batch "
+            f"{rows_per_micro} x processes {world} x gradient_accumulation_steps "
+            f"{config.gradient_accumulation_steps}); lower them or add data."
+        )
+    if config.max_steps > 0:
+        return config.max_steps
+    return math.ceil(config.num_train_epochs * steps_per_epoch * reuse)
+
+
+def _optimizer(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
+    try:  # one fused kernel (transformers' default, adamw_torch_fused); on CPU torch's default is a per-tensor loop
+        return torch.optim.AdamW(groups, **kwargs, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def _write_run_files(run: _Run, provenance: dict | None) -> None:
+    """The resolved config and the provenance (plugins used, versions, status) beside the model."""
+    if not run.accelerator.is_main_process:
+        return
+    import json
+
+    from posttrain import _environment
+    from posttrain.config import save_config
+
+    with _run_guard.writing("the run's files", run.output_dir):
+        _run_guard.open_directory(run.output_dir, run.config.overwrite_output_dir and run.resume_path is None)
+        save_config(run.config, run.output_dir / "posttrain_config.yaml", getattr(run.method, "name", None))
+        if provenance is None:
+            provenance = _environment.provenance_for(run.method, list(run.ctx.rewards))
+        (run.output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+
+
+# -- one optimizer step ------------------------------------------------------------------------------------
+
+
+def _step_rows(step: int, n_rows: int, batch_size: int, accumulation: int, world: int, rank: int, seed: int):
+    """Row indices of each micro-batch of data step ``step`` on process ``rank``, and the epoch.
+
+    The order is a pure function of (seed, epoch), so resuming at any step replays the same data,
+    and P processes with batch B see exactly the rows one process with batch P*B sees.
+    """
+    global_micro = batch_size * world
+    per_epoch = n_rows // (global_micro * accumulation)
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    start = within * accumulation * global_micro
+    return [
+        order[start + k * global_micro + rank * batch_size : start + k * global_micro + (rank + 1) * batch_size]
+        for k in range(accumulation)
+    ], epoch
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _step_batches(run: _Run, micro_rows: list[list[int]]) -> list[dict]:
+    """The collated (and rolled-out) micro-batches of this step. An online method's rollout gets them all at
+    once; with batch_reuse > 1 the first step of a group rolls out and the next ones reuse the result, so
+    each data step is trained on ``reuse`` times and no row is skipped."""
+    if run.reuse > 1 and run.step % run.reuse != 0 and run.rollout_cache:
+        return [_to_device(run.rollout_cache[k], run.accelerator.device) for k in range(len(micro_rows))]
+    device = run.accelerator.device
+    batches = [_to_device(run.method.collate([run.train_rows[i] for i in ix], run.ctx), device) for ix in micro_rows]
+    rollout = optional_member(run.method, "rollout")
+    if rollout:
+        with torch.no_grad():
+            batches = list(rollout(run.accelerator.unwrap_model(run.model), batches, run.ctx))
+        if len(batches) != len(micro_rows):
+            raise PluginError(
+                f"method {run.method.name!r}: rollout returned {len(batches)} micro-batches for {len(micro_rows)}; "
+                "it must return one rolled-out batch per micro-batch it is given, in order"
+            )
+    if run.reuse > 1:
+        run.rollout_cache = dict(enumerate(batches))
+    return batches
+
+
+def _optimizer_step(run: _Run) -> None:
+    """gradient_accumulation_steps micro-batches, then one exact, normalised parameter update."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    micro_rows, run.epoch = _step_rows(
+        run.step // run.reuse,
+        len(run.train_rows),
+        run.rows_per_micro,
+        config.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        config.seed,
+    )
+    run.ctx.step, run.ctx.training = run.step, True
+    model.train()
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    run.ctx.micro_step = 0
+    for k, batch in enumerate(_step_batches(run, micro_rows)):
+        run.ctx.micro_step = k
+        # skip the DDP all-reduce on all but the last micro-batch
+        sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            out = run.method.loss(model, batch, run.ctx)
+        accelerator.backward(out.loss_sum)
+        step_loss += out.loss_sum.detach().float()
+        step_n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
+        run.window.add_metrics(out.metrics)
+    if run.reuse > 1 and (run.step + 1) % run.reuse == 0:
+        run.rollout_cache.clear()  # the group is done: the next step rolls out new data
+    # one collective for the item count, the finiteness check and a stop request (any process may see a signal)
+    flags = torch.stack(
+        [step_n, (~torch.isfinite(step_loss)).double(), torch.tensor(float(run.stop_requested is not None)).double()]
+    ).to(accelerator.device)
+    total_n, non_finite, stop = accelerator.reduce(flags, reduction="sum").tolist()
+    if non_finite:
+        here = (
+            f"loss is {step_loss.item()}" if not torch.isfinite(step_loss) else "loss is not finite on another process"
+        )
+        raise NonFiniteLossError(
+            f"{here} at step {run.step + 1} (epoch {run.epoch}); rows of the batch on process "
+            f"{accelerator.process_index}: {sorted(i for ix in micro_rows for i in ix)}. Lower learning_rate, check "
+            f"those rows, or enable max_grad_norm. {_run_guard.advice(run.output_dir)}"
+        )
+    if stop and run.stop_requested is None:
+        run.stop_requested = "a signal on another process"
+    _apply_gradients(run, total_n)
+    run.step += 1
+    run.window.add_step(step_loss, total_n)
+    run.ctx.step = run.result.global_step = run.step
+
+
+def _apply_gradients(run: _Run, total_n: float) -> None:
+    """Scale by world_size / N, clip, step the optimizer and the schedule, clear the gradients."""
+    accelerator = run.accelerator
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    if total_n > 0:
+        grads = [p.grad for p in params if p.grad is not None]
+        torch._foreach_mul_(grads, accelerator.num_processes / total_n)
+        max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+        run.optimizer.step()
+        run.window.grad_norms.append(tracking.scalar(grad_norm) if grad_norm is not None else float("nan"))
+    else:
+        accelerator.print(
+            f"step {run.step + 1}: no loss items in the batch (e.g. every completion truncated); skipping the update"
+        )
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# -- log, evaluate, checkpoint -------------------------------------------------------------------------------
+
+
+def _log_evaluate_save(run: _Run) -> None:
+    config, step = run.config, run.step
+    if step % config.logging_steps == 0 or step == run.total_steps:
+        row = {"step": step, "epoch": run.epoch + 1, **run.window.reduce(run.scheduler.get_last_lr()[0])}
+        run.result.log_history.append(row)
+        run.callbacks.emit("on_log", run.ctx, row)
+        run.bar.update(step, row)
+    else:
+        run.bar.update(step)
+    if run.eval_rows is not None and config.eval_steps and step % config.eval_steps == 0 and step < run.total_steps:
+        _evaluate_and_log(run)
+    if config.save_steps and step % config.save_steps == 0 and step < run.total_steps:
+        _save(run)
+
+
+def _evaluate_and_log(run: _Run) -> None:
+    batch_rows = _rows_per_batch(run.method, run.config, run.config.per_device_eval_batch_size)
+    metrics = evaluate(run.method, run.model, run.eval_rows, run.ctx, run.accelerator, batch_rows)
+    row = {"step": run.step, **metrics}
+    run.result.log_history.append(row)
+    run.callbacks.emit("on_evaluate", run.ctx, row)
+
+
+def _save(run: _Run) -> Path:
+    path = ckpt.save_checkpoint(
+        run.output_dir,
+        run.step,
+        accelerator=run.accelerator,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        tokenizer=run.tokenizer,
+        method=run.method,
+        state={"epoch": run.epoch, "metric_totals": run.window.totals_for_checkpoint()},
+        rollout_cache=run.rollout_cache,
+        save_total_limit=run.config.save_total_limit,
+    )
+    run.callbacks.emit("on_save", run.ctx, path)
     return path
+
+
+@contextlib.contextmanager
+def _stop_on_signals(run: _Run):
+    """First Ctrl-C or SIGTERM (SLURM, Kubernetes, spot instances): finish the current step, checkpoint,
+    stop. A second Ctrl-C stops at once. Outside the main thread the default handlers stay."""
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if run.stop_requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_requested = signal.Signals(signum).name
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not in the main thread
+            previous[sig] = signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _save_on_interrupt(run: _Run) -> None:
+    run.result.interrupted, run.result.stop_signal = True, run.stop_requested
+    if not run.config.save_on_interrupt:
+        run.accelerator.print(
+            f"interrupted at step {run.step} ({run.stop_requested}); save_on_interrupt is false, so nothing was saved "
+            f"since the last checkpoint. {_run_guard.advice(run.output_dir)}"
+        )
+        return
+    path = _save(run)
+    run.accelerator.print(
+        f"interrupted at step {run.step} ({run.stop_requested}); resumable checkpoint in {path}. Continue with the "
+        f"same command plus --resume_from_checkpoint latest (output_dir {run.output_dir})."
+    )
+
+
+def _finish(run: _Run) -> None:
+    """Final evaluation, then the model and tokenizer at the top of output_dir (transformers layout)."""
+    if run.eval_rows is not None:
+        _evaluate_and_log(run)
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # atomic, then marked complete (run_complete.json)
+        _run_guard.save_final(run.output_dir, accelerator.unwrap_model(run.model), run.tokenizer, run.step)
+    accelerator.wait_for_everyone()
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator: Any, batch_size: int) -> dict:
+    """Loss (sum / count over the whole eval set) and reduced metrics, each process taking a shard.
+
+    ``batch_size`` counts dataset rows per micro-batch.
+
+    .. versionadded:: 0.1
+    """
+    was_training, ctx.training = model.training, False
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    window = tracking.LogWindow(accelerator)
+    rollout = optional_member(method, "rollout")
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    try:
+        for start in range(rank * batch_size, len(rows), world * batch_size):
+            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+            batch = _to_device(method.collate(chunk, ctx), accelerator.device)
+            if rollout:
+                batch = rollout(accelerator.unwrap_model(model), [batch], ctx)[0]
+            with accelerator.autocast():
+                out = method.loss(model, batch, ctx)
+            loss_sum += out.loss_sum.double()
+            n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
+            window.add_metrics(out.metrics)
+        totals = accelerator.reduce(torch.stack([loss_sum, n]), "sum").tolist()
+        row = {"eval_loss": totals[0] / totals[1] if totals[1] > 0 else float("nan")}
+        row.update({f"eval_{name}": value for name, value in window.reduce_metrics().items()})
+    finally:
+        ctx.training = True
+        if was_training:
+            model.train()
+    return row

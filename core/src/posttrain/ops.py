@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["completion_logps", "sequence_logps", "shift_for_causal_lm", "token_logps"]
+
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each label under ``logits``.
@@ -15,6 +17,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Returns:
         (B, T) float32 tensor of log-probs, 0 where ``labels < 0``.
+
+    .. versionadded:: 0.1
     """
     safe = labels.clamp(min=0)
     # log_softmax in float32: bf16 loses too much precision over large vocabularies
@@ -23,19 +27,30 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def shift_for_causal_lm(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
-    """Align next-token predictions: returns (logits[:, :-1], labels[:, 1:] with -100 where masked)."""
+    """Align next-token predictions: returns (logits[:, :-1], labels[:, 1:] with -100 where masked).
+
+    .. versionadded:: 0.1
+    """
     labels = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100)
     return logits[:, :-1], labels
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **kwargs):
+def sequence_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
 
     Args:
-        input_ids, attention_mask, loss_mask: (B, T); ``loss_mask`` marks the tokens scored.
+        model: a causal LM (called with ``use_cache=False`` and ``kwargs``).
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 on real tokens.
+        loss_mask: (B, T), 1 on the tokens scored.
 
     Returns:
-        (logps (B,), n_tokens (B,), mean_logits (B,)).
+        ``(logps, n_tokens, mean_logits)``, each (B,): summed log-probs, scored-token counts, and the mean
+        logit over the scored tokens (a TRL metric).
+
+    .. versionadded:: 0.1
     """
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits, labels = shift_for_causal_lm(out.logits, input_ids, loss_mask)
@@ -44,3 +59,45 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     n = valid.sum(-1)
     mean_logits = (logits.detach().float().mean(-1) * valid).sum(-1) / n.clamp(min=1)
     return per_token.sum(-1), n, mean_logits
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_width: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the last ``completion_width`` tokens of each row, at a sampling temperature.
+
+    Args:
+        model: a causal LM (called with ``logits_to_keep`` so only completion positions reach the LM head).
+        input_ids: (N, P + C), a left-padded prompt followed by the right-padded completion.
+        attention_mask: (N, P + C), 1 on real tokens.
+        completion_width: C.
+        temperature: logits are divided by it, as when the completions were sampled.
+        with_entropy: also return the per-token entropy (detached).
+
+    Returns:
+        (logps (N, C) float32, entropy (N, C) or None).
+
+    .. versionadded:: 1.0
+    """
+    # positions count real tokens only, as generate() numbers them after left padding
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=completion_width + 1,
+    ).logits[:, :-1]  # (N, C, V)
+    logits = logits.float() / temperature
+    logps = token_logps(logits, input_ids[:, -completion_width:])
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            log_p = torch.log_softmax(logits.detach(), dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+    return logps, entropy

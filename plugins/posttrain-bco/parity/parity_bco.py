@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -276,7 +275,24 @@ def main() -> int:
             ],
         },
     }
-    (Path(__file__).parent / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference="the last TRL BCOTrainer (removed before TRL 1.16, huggingface/trl#7136), restated on transformers.Trainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            "bco": (
+                [s["reference"]["loss"] for s in result["details"]["per_step"]],
+                [s["posttrain"]["loss"] for s in result["details"]["per_step"]],
+            )
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(
         f"max relative loss difference {worst['loss']:.2e} (target {TARGET:g}): {'PASS' if passed else 'FAIL'}; "
         f"delta {worst['delta']:.2e}, grad_norm {worst['grad_norm']:.2e}"

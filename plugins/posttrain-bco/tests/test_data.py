@@ -7,9 +7,9 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError
+from posttrain import ConfigError, DataError, RowProblem
 from posttrain.config import load_config
-from posttrain_bco import BCOConfig
+from posttrain_bco import BCO, BCOConfig
 from posttrain_bco.data import collate_rows, prepare_rows, tokenize_row, unpair
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -96,6 +96,26 @@ def test_bad_rows_are_named(bco_tokenizer, rows, row, field):
     """Rows as a plain list (a `datasets.Dataset` cannot even hold a string in a bool column)."""
     with pytest.raises(DataError, match=rf"row {row} .*'{field}'"):
         prepare_rows(rows, bco_tokenizer, max_length=64)
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(bco_tokenizer):
+    """check-data (no model, no tokenizer) and training agree: every bad row, core's problems and BCO's own."""
+    messages = [{"role": "user", "content": "a"}]
+    good = {"prompt": "a", "completion": "b", "label": True}
+    rows = [
+        good,
+        {"prompt": messages, "completion": "b", "label": False},
+        {"prompt": "a", "completion": "b", "label": "yes"},
+        {"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "label": True},
+    ]
+    reported = BCO().check_rows(rows)
+    assert [(p.row, p.field) for p in reported] == [(1, "completion"), (2, "label"), (3, "completion")]
+    assert all(isinstance(p, RowProblem) for p in reported)
+    with pytest.raises(DataError) as info:
+        prepare_rows(rows, bco_tokenizer, max_length=64)
+    assert info.value.problems == reported and info.value.method == "bco"
+    assert "(2 more problems in other rows.)" in str(info.value) and "posttrain check-data bco" in str(info.value)
+    assert BCO().check_rows([good, good]) == [] and len(prepare_rows([good, good], bco_tokenizer, max_length=64)) == 2
 
 
 def test_wrong_format_names_the_missing_columns(bco_tokenizer):

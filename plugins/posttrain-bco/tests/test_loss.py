@@ -128,10 +128,16 @@ def test_method_loss_matches_independent_computation(bco_ctx):
     assert out.n_items == 3
     assert out.loss_sum.item() == pytest.approx(expected, rel=0, abs=loss_atol)
     assert method.delta == pytest.approx(delta, rel=0, abs=max(reward_atol)) and method.delta_count == 3
-    assert out.metrics["rewards/chosen"] == pytest.approx(rewards[0], rel=0, abs=reward_atol[0])
-    assert out.metrics["rewards/rejected"] == pytest.approx(
-        (rewards[1] + rewards[2]) / 2, rel=0, abs=max(reward_atol[1:])
+    chosen, rejected = out.metrics["rewards/chosen"], out.metrics["rewards/rejected"]
+    assert (chosen.kind, float(chosen.denominator), rejected.kind, float(rejected.denominator)) == (
+        "ratio",
+        1,
+        "ratio",
+        2,
     )
+    assert float(chosen.value) == pytest.approx(rewards[0], rel=0, abs=reward_atol[0])
+    assert float(rejected.value) == pytest.approx(rewards[1] + rewards[2], rel=0, abs=sum(reward_atol[1:]))
+    assert out.metrics["delta"].kind == "last" and out.metrics["delta"].value == method.delta
 
     bco_ctx.training = False
     method.loss(bco_ctx.model, batch, bco_ctx)
@@ -144,3 +150,34 @@ def test_state_dict_round_trip():
     again = BCO()
     again.load_state_dict(method.state_dict())
     assert (again.delta, again.delta_count) == (0.125, 48.0)
+
+
+def test_kind_metrics_pool_rows_over_micro_batches(bco_ctx):
+    """rewards/* and logps/* are sums over the rows of a kind with their counts (as TRL's BCO logs them): evaluating
+    1 desirable row and then 2 logs what the 3 in one micro-batch do; a mean of the two means would not."""
+    method = BCO()
+    method.setup(bco_ctx)
+    bco_ctx.training = False  # delta stays put, so each call scores the rows alike
+    with torch.no_grad():
+        bco_ctx.model.lm_head.weight.add_(0.5 * torch.randn_like(bco_ctx.model.lm_head.weight))
+    rows = method.prepare(
+        [
+            {"prompt": "Hi ", "completion": "there", "label": True},
+            {"prompt": "Hello, ", "completion": "go", "label": True},
+            {"prompt": "x", "completion": "yes!!", "label": True},
+        ],
+        bco_ctx,
+    )
+    with torch.no_grad():
+        whole = method.loss(bco_ctx.model, method.collate(rows, bco_ctx), bco_ctx).metrics
+        split = [
+            method.loss(bco_ctx.model, method.collate(part, bco_ctx), bco_ctx).metrics for part in (rows[:1], rows[1:])
+        ]
+
+    def pooled(*metric_dicts, name):
+        return sum(float(m[name].value) for m in metric_dicts) / sum(float(m[name].denominator) for m in metric_dicts)
+
+    for name in ("rewards/chosen", "logps/chosen"):
+        assert pooled(*split, name=name) == pytest.approx(pooled(whole, name=name), rel=1e-5), name
+    means = [pooled(m, name="logps/chosen") for m in split]
+    assert abs(sum(means) / 2 - pooled(whole, name="logps/chosen")) > 1e-3  # the grouping would matter

@@ -16,7 +16,6 @@ pass/fail run misses the 1e-4 target.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -182,7 +181,22 @@ def main() -> int:
             "unequal_per_step": drift_table,
         },
     }
-    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} trl.experimental.cpo.CPOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            name: ([s["trl"] for s in steps], [s["posttrain"] for s in steps])
+            for name, steps in result["details"]["per_step"].items()
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     for name, (w, _) in runs.items():
         print(f"{name:>24}: max relative difference {w:.2e}")
     print(

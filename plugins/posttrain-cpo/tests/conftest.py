@@ -38,13 +38,3 @@ def cpo_model_dir(tmp_path_factory):
 @pytest.fixture
 def cpo_rows():
     return cpo_case_rows
-
-
-@pytest.fixture
-def cpo_fresh_warnings(monkeypatch):
-    """Forget which methods already warned, so each test sees the once-per-process warning anew."""
-    from posttrain import _discovery as discovery
-
-    monkeypatch.setattr(discovery, "_warned", set())
-    monkeypatch.delenv("POSTTRAIN_EXPERIMENTAL_SILENCE", raising=False)
-    return discovery

@@ -7,10 +7,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from posttrain import ConfigError, TrainContext
+from posttrain import ConfigError, Metric, TrainContext
 from posttrain.config import build_config
 from posttrain.testing._rounding import rounding_tolerance
-from posttrain_cpo import CPO, CPOConfig, alphapo_loss, alphapo_rewards, cpo_loss, hinge_loss, ipo_loss, simpo_loss
+from posttrain_cpo import (
+    CPO,
+    LOSSES,
+    CPOConfig,
+    alphapo_loss,
+    alphapo_rewards,
+    cpo_loss,
+    hinge_loss,
+    ipo_loss,
+    simpo_loss,
+)
 from posttrain_cpo.data import collate_pairs
 
 # Tolerances. Hand values are exact (math in float64) or printed to 7 digits (off by <= 5e-7). Ours are float32:
@@ -120,6 +130,13 @@ def _loss(rows, **fields):
     return CPO().loss(BigramModel(), collate_pairs(rows, pad_token_id=0), ctx)
 
 
+def _logged(*outputs, name):
+    """What the loop logs for metric ``name`` over these micro-batches: a pair mean, sum over count."""
+    metrics = [out.metrics[name] for out in outputs]
+    assert all(isinstance(m, Metric) and m.kind == "ratio" for m in metrics), name
+    return sum(float(m.value) for m in metrics) / sum(float(m.denominator) for m in metrics)
+
+
 def test_method_sigmoid_on_known_log_probs():
     """PAIR_1 = prompt 1 1, chosen 2 2, rejected 3 3 (completion tokens only are scored).
 
@@ -130,8 +147,8 @@ def test_method_sigmoid_on_known_log_probs():
     out = _loss([PAIR_1], beta=0.1)
     assert out.n_items == 1
     assert out.loss_sum.item() == pytest.approx(0.6679320 + 0.8047190, abs=METHOD_ATOL)
-    assert out.metrics["logps/chosen"].item() == pytest.approx(math.log(0.2), abs=ATOL)
-    assert out.metrics["nll_loss"].item() == pytest.approx(0.8047190, abs=ATOL)
+    assert _logged(out, name="logps/chosen") == pytest.approx(math.log(0.2), abs=ATOL)
+    assert _logged(out, name="nll_loss") == pytest.approx(0.8047190, abs=ATOL)
 
 
 def test_method_simpo_and_alphapo_use_token_means():
@@ -152,7 +169,38 @@ def test_method_sums_pairs_and_ignores_padding():
     out = _loss([PAIR_1, PAIR_2], beta=0.1)
     assert out.n_items == 2
     assert out.loss_sum.item() == pytest.approx(0.6679320 + 0.8047190 + pair_2, abs=METHOD_ATOL)
-    assert out.metrics["rewards/accuracies"].item() == 1.0
+    assert _logged(out, name="rewards/accuracies") == 1.0
+
+
+def test_metrics_are_pair_means_that_pool_over_micro_batches():
+    """Each metric is a sum over pairs with its pair count, so 1 + 2 pairs log what the 3 together do."""
+    pair_3 = {"prompt_ids": [2], "chosen_ids": [3, 3], "rejected_ids": [1, 2]}
+    whole = _loss([PAIR_1, PAIR_2, pair_3], beta=0.2)
+    split = (_loss([PAIR_1], beta=0.2), _loss([PAIR_2, pair_3], beta=0.2))
+    for name in whole.metrics:
+        assert _logged(*split, name=name) == pytest.approx(_logged(whole, name=name), abs=1e-6), name
+    nll = [_logged(out, name="nll_loss") for out in split]
+    assert abs(sum(nll) / 2 - _logged(whole, name="nll_loss")) > 1e-3  # a mean of means would differ
+
+
+def test_losses_are_the_config_choices_called_with_one_set_of_keywords():
+    """CPOConfig.loss_type lists exactly LOSSES' names; each takes the shared keywords and uses its own."""
+    import typing
+
+    from posttrain_cpo.config import LossType
+
+    assert typing.get_args(LossType) == tuple(LOSSES)
+    options = dict(beta=0.5, gamma=0.3, alpha=0.2, label_smoothing=0.1)
+    c, r = SUMS_C / 4, SUMS_R / 4
+    expected = {
+        "sigmoid": cpo_loss(c, r, 0.5, 0.1),
+        "hinge": hinge_loss(c, r, 0.5),
+        "ipo": ipo_loss(c, r, 0.5),
+        "simpo": simpo_loss(c, r, 0.5, 0.3, 0.1),
+        "alphapo": alphapo_loss(c, r, 0.5, 0.3, 0.2, 0.1),
+    }
+    for name, fn in LOSSES.items():
+        torch.testing.assert_close(fn(chosen_logps=c, rejected_logps=r, **options), expected[name], msg=name)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo", "alphapo"])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
-from posttrain import ExperimentalWarning, TrainContext
-from posttrain._discovery import Entry
+from posttrain import TrainContext
 from posttrain.config import build_config, load_config
 from posttrain.loop import train
 from posttrain.models import load_causal_lm, load_tokenizer
@@ -62,39 +65,31 @@ def test_learns_held_out_preference(cpo_model_dir, cpo_rows, tmp_path):
     assert m["rise"] >= 0.2, m
 
 
-def test_quickstart_command_warns_once_and_logs_cpo_metrics(cpo_model_dir, cpo_fresh_warnings, tmp_path):
-    """The README's command on the shipped config and data, cut to 2 steps."""
-    from posttrain.cli import main
-
+def test_quickstart_command_logs_cpo_metrics(cpo_model_dir, tmp_path):
+    """The README's command on the shipped config and data, cut to 2 steps, in a fresh process."""
     out = tmp_path / "out"
     argv = (
         f"train cpo --config {PLUGIN}/configs/tiny.yaml --model {cpo_model_dir} --dataset {PLUGIN}/configs/tiny.jsonl"
     )
     argv += f" --output_dir {out} --max_steps 2 --logging_steps 1 --disable_progress_bar true"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main(argv.split()) == 0
-    ours = [w for w in caught if issubclass(w.category, ExperimentalWarning)]
-    assert len(ours) == 1 and "'cpo'" in str(ours[0].message)
+    done = subprocess.run(
+        [sys.executable, "-m", "posttrain", *argv.split()], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "nll_loss", "rewards/chosen", "rewards/margins", "logps/rejected"} <= set(logged[0])
 
 
-def test_silencing_orpo_leaves_cpo_warning(cpo_fresh_warnings, monkeypatch):
-    """POSTTRAIN_EXPERIMENTAL_SILENCE=orpo: an experimental orpo is silent, resolving cpo still warns once."""
-    from posttrain._registry import resolve_method
-
-    monkeypatch.setenv("POSTTRAIN_EXPERIMENTAL_SILENCE", "orpo")
-    orpo = dict(kind="method", name="orpo", value="posttrain_orpo:ORPO", package="posttrain-orpo", version="0.1.0")
-    orpo = Entry(**orpo, summary="", status="experimental", declared_status="experimental", requires_core=">=0.1,<1")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert cpo_fresh_warnings.warn_if_experimental(orpo) is False
-        method_class, entry = resolve_method("cpo")
-        assert method_class is CPO and entry.declared_status == "experimental"
-        resolve_method("cpo")  # once per process
-    ours = [str(w.message) for w in caught if issubclass(w.category, ExperimentalWarning)]
-    assert len(ours) == 1 and "'cpo'" in ours[0]
+@pytest.mark.parametrize(("silenced", "warns"), [("orpo", True), ("cpo", False), ("orpo,cpo", False)])
+def test_experimental_warning_and_silencing_through_the_command_line(silenced, warns):
+    """A fresh process runs `posttrain check-data cpo` on the shipped data: it warns once that cpo is experimental,
+    unless POSTTRAIN_EXPERIMENTAL_SILENCE names it (silencing another method leaves cpo's warning)."""
+    env = {**os.environ, "POSTTRAIN_EXPERIMENTAL_SILENCE": silenced, "PYTHONWARNINGS": "default"}
+    command = [sys.executable, "-m", "posttrain", "check-data", "cpo", str(PLUGIN / "configs" / "tiny.jsonl")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: 64 rows")
+    assert done.stderr.count("ExperimentalWarning: method 'cpo'") == (1 if warns else 0), done.stderr
 
 
 def test_shipped_yaml_is_a_valid_config():

@@ -22,11 +22,11 @@ ROWS = [
     for i, w in enumerate(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"])
 ]
 
-# every check holds on the default (lmbda 1, per_prompt_generation): each prompt's completion is sampled under a
+# every check holds with lmbda 1 and per_prompt_generation: each prompt's completion is sampled under a
 # seed of (seed, step, row), so batch 4 x 1, 1 x 4 and 2 x 2 train on the same completions
 TestConformance = conformance_suite(
     "distill",
     rows=ROWS,
-    config={"teacher_model": str(TEACHER), "max_completion_length": 8},
+    config={"teacher_model": str(TEACHER), "max_completion_length": 8, "per_prompt_generation": True},
     tier="full",
 )

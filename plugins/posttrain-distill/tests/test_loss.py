@@ -8,7 +8,6 @@ import pytest
 import torch
 from posttrain.testing._rounding import rounding_tolerance
 from posttrain_distill import generalized_jsd, top1_agreement, use_on_policy
-from posttrain_distill.rollout import completion_tensors, generation_seed
 
 # one position, vocabulary of 3: p_s = [0.5, 0.3, 0.2], p_t = [0.2, 0.5, 0.3]
 STUDENT = torch.tensor([[[0.5, 0.3, 0.2]]]).log()  # (1, 1, 3) logits
@@ -99,19 +98,6 @@ def test_top1_agreement_counts_masked_positions_only():
     teacher = eye[[0, 2, 2, 1]][None]
     assert top1_agreement(student, teacher, torch.tensor([[1, 1, 1, 0]])).item() == pytest.approx(2 / 3)
     assert top1_agreement(student, teacher, torch.zeros(1, 4)).item() == 0.0
-
-
-def test_completion_tensors_cut_after_the_first_eos():
-    """EOS = 1, pad = 0: tokens after the first EOS are dropped; a completion without EOS is kept whole."""
-    ids, mask = completion_tensors([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0]], eos_id=1, pad_id=0, device="cpu")
-    torch.testing.assert_close(ids, torch.tensor([[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0]]))
-    torch.testing.assert_close(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
-
-
-def test_generation_seed_depends_on_seed_mode_step_and_row_only():
-    seeds = {generation_seed(s, m, t, r) for s in (0, 1) for m in ("train", "eval") for t in (0, 1) for r in (0, 1)}
-    assert len(seeds) == 16 and generation_seed(0, "train", 3, 7) == generation_seed(0, "train", 3, 7)
-    assert all(0 <= s < 2**63 for s in seeds)
 
 
 def test_on_policy_choice_is_seeded_and_has_the_right_frequency():

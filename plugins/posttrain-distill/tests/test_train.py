@@ -45,6 +45,7 @@ def run(student_dir, teacher_dir, tmp_path, rows, **fields):
         "overwrite_output_dir": True,
         "seed": 0,
         "max_completion_length": 8,
+        "per_prompt_generation": True,  # the calibration of the learning test below was measured this way
         **fields,
     }
     with warnings.catch_warnings():
@@ -129,6 +130,7 @@ def test_mixed_lmbda_follows_the_seeded_choice(distill_student_dir, distill_teac
 
 
 def make_ctx(student_dir, teacher_dir, training=True, **fields):
+    fields.setdefault("per_prompt_generation", True)
     config = DistillConfig(model=str(student_dir), teacher_model=str(teacher_dir), max_completion_length=6, **fields)
     model = load_causal_lm(str(student_dir), config)
     ctx = TrainContext(
@@ -148,7 +150,7 @@ def test_rollout_generates_ends_at_eos_and_leaves_the_global_randomness_alone(di
     rows = method.prepare([{"prompt": p} for p in PATTERN_PROMPTS[:4]], ctx)
     batch = method.collate(rows, ctx)
     state = torch.get_rng_state()
-    out = method.rollout(ctx.model, batch, ctx)
+    (out,) = method.rollout(ctx.model, [batch], ctx)
     assert torch.equal(torch.get_rng_state(), state)  # per-prompt generation samples from forked, seeded generators
     ids, mask = out["completion_ids"], out["completion_mask"]
     assert ids.shape[0] == 4 and ids.shape[1] <= 6 and out["on_policy"].item() == 1.0
@@ -158,12 +160,12 @@ def test_rollout_generates_ends_at_eos_and_leaves_the_global_randomness_alone(di
         assert m == [1] * n + [0] * (len(m) - n) and all(t == pad for t in row[n:])
         assert eos not in row[: n - 1]  # an EOS can only be the last kept token
     # a row's completion depends on (seed, step, row) only, not on the rows sampled beside it
-    alone = method.rollout(ctx.model, method.collate(rows[2:3], ctx), ctx)
+    (alone,) = method.rollout(ctx.model, [method.collate(rows[2:3], ctx)], ctx)
     n = int(alone["completion_mask"].sum())
     assert alone["completion_ids"][0, :n].tolist() == ids[2, :n].tolist() and n == int(mask[2].sum())
     ctx.training = False  # evaluation: other seeds than training, still reproducible and side-effect free
-    first = method.rollout(ctx.model, batch, ctx)["completion_ids"]
-    assert torch.equal(first, method.rollout(ctx.model, batch, ctx)["completion_ids"])
+    first = method.rollout(ctx.model, [batch], ctx)[0]["completion_ids"]
+    assert torch.equal(first, method.rollout(ctx.model, [batch], ctx)[0]["completion_ids"])
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -172,9 +174,9 @@ def test_batched_generation_uses_the_global_generator(distill_student_dir, disti
     method, ctx = make_ctx(distill_student_dir, distill_teacher_dir, per_prompt_generation=False)
     batch = method.collate(method.prepare([{"prompt": p} for p in ["a:", "bcdef:", "gh:"]], ctx), ctx)
     torch.manual_seed(3)
-    a = method.rollout(ctx.model, batch, ctx)
+    (a,) = method.rollout(ctx.model, [batch], ctx)
     torch.manual_seed(3)
-    b = method.rollout(ctx.model, batch, ctx)
+    (b,) = method.rollout(ctx.model, [batch], ctx)
     assert torch.equal(a["completion_ids"], b["completion_ids"]) and a["completion_ids"].shape[0] == 3
 
 

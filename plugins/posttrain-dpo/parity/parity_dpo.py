@@ -12,7 +12,6 @@ Writes ``result.json`` next to this file and exits 1 if the target is missed.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -189,7 +188,19 @@ def main() -> int:
             "cases": details,
         },
     }
-    (Path(__file__).parent / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} DPOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={name: (c["trl"], c["posttrain"]) for name, c in result["details"]["cases"].items()},
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(
         f"\nmax relative difference over {len(CASES)} cases x {STEPS} steps: {worst_overall:.2e} "
         f"(target {TARGET:.0e}) -> {'PASS' if passed else 'FAIL'}"

@@ -53,3 +53,29 @@ def dpo_ctx(dpo_tokenizer, dpo_model_dir):
         return TrainContext(config=config, tokenizer=dpo_tokenizer, model=model, model_path=str(dpo_model_dir))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def logged():
+    """``logged(*metric_dicts)`` -> what the loop logs for these micro-batches on one process, as floats.
+
+    A ``Metric.ratio`` is the sum of its numerators over the sum of its denominators; a plain value is the mean.
+    """
+    import torch
+    from posttrain import Metric
+
+    def reduce(*metric_dicts: dict) -> dict[str, float]:
+        sums: dict[str, list[float]] = {}
+        for metrics in metric_dicts:
+            for name, value in metrics.items():
+                if isinstance(value, Metric):
+                    assert value.kind == "ratio", f"{name}: unexpected kind {value.kind}"
+                    numerator, denominator = value.value, value.denominator
+                else:
+                    numerator, denominator = value, 1.0
+                pair = sums.setdefault(name, [0.0, 0.0])
+                pair[0] += float(torch.as_tensor(numerator, dtype=torch.float64))
+                pair[1] += float(torch.as_tensor(denominator, dtype=torch.float64))
+        return {name: numerator / denominator for name, (numerator, denominator) in sums.items()}
+
+    return reduce

@@ -7,7 +7,7 @@ to one id, and the special tokens <pad>=0, <|end|>=1 (EOS), <|user|>=3, <|assist
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError
+from posttrain import ConfigError, DataError, RowProblem
 from posttrain_dpo import DPO, DPOConfig
 from posttrain_dpo.data import collate_pairs, tokenize_dataset, tokenize_row
 
@@ -146,7 +146,29 @@ def test_bad_rows_raise_naming_row_and_field(dpo_tokenizer, bad, field, words):
 def test_check_rows_lists_every_bad_row():
     rows = datasets.Dataset.from_list([GOOD, {**GOOD, "chosen": None}, GOOD, {**GOOD, "rejected": None}])
     problems = DPO().check_rows(rows)
-    assert len(problems) == 2 and "row 1" in problems[0] and "row 3" in problems[1]
+    assert [(p.row, p.field) for p in problems] == [(1, "chosen"), (3, "rejected")]
+    assert all(isinstance(p, RowProblem) and p.problem == "is missing" for p in problems)
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(dpo_ctx):
+    """check-data (no model, no tokenizer) and training agree: the same RowProblems, every one of them."""
+    rows = [
+        GOOD,
+        {**GOOD, "chosen": None},
+        GOOD,
+        {**GOOD, "prompt": MSG},
+        {**GOOD, "rejected": " "},
+        GOOD,
+    ]
+    reported = DPO().check_rows(rows)  # as check-data reads a JSONL file: a list of dicts, mixed types allowed
+    assert [p.row for p in reported] == [1, 3, 4]
+    with pytest.raises(DataError) as info:
+        DPO().prepare(rows, dpo_ctx())
+    assert info.value.problems == reported and info.value.method == "dpo"
+    assert "(2 more problems in other rows.)" in str(info.value) and "posttrain check-data dpo" in str(info.value)
+    good = [rows[i] for i in (0, 2, 5)]
+    assert DPO().check_rows(datasets.Dataset.from_list(good)) == []
+    assert len(DPO().prepare(datasets.Dataset.from_list(good), dpo_ctx())) == 3
 
 
 def test_config_reports_every_problem_at_once():

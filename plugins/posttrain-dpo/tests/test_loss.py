@@ -14,11 +14,14 @@ papers' formulas (not from loss.py). Run: pytest plugins/posttrain-dpo/tests/tes
 """
 
 import math
+import typing
 
+import posttrain_dpo
 import pytest
 import torch
 from posttrain.testing._rounding import FLOAT64_U, rounding_tolerance
 from posttrain_dpo import (
+    LOSSES,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
@@ -192,3 +195,12 @@ def test_gradient_sign_raises_chosen_and_lowers_rejected():
         chosen, rejected, t(REF_CHOSEN), t(REF_REJECTED), t(LEN_CHOSEN), t(LEN_REJECTED), beta=BETA
     ).sum().backward()
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+
+
+def test_losses_are_the_config_choices_and_named_public_functions():
+    """One way to pick a variant: DPOConfig.loss_type lists exactly LOSSES' names, each a named, exported function."""
+    from posttrain_dpo.config import LossType
+
+    assert typing.get_args(LossType) == tuple(LOSSES) == posttrain_dpo.LOSS_TYPES
+    for name, fn in LOSSES.items():
+        assert getattr(posttrain_dpo, fn.__name__) is fn and fn.__name__.endswith("_loss"), name

@@ -61,7 +61,7 @@ def test_one_concatenated_forward_equals_two_separate_forwards(dpo_ctx, dpo_pair
     assert lengths[:4].tolist() == [len(r["chosen_ids"]) for r in rows]
 
 
-def test_precomputed_reference_equals_live_reference(dpo_ctx, dpo_pairs):
+def test_precomputed_reference_equals_live_reference(dpo_ctx, dpo_pairs, logged):
     """Both runs start from the same weights; after the policy moves, the losses and metrics still agree."""
     data = datasets.Dataset.from_list(dpo_pairs(6, seed=4))
     live, live_ctx = _setup(dpo_ctx, beta=0.3)
@@ -82,11 +82,12 @@ def test_precomputed_reference_equals_live_reference(dpo_ctx, dpo_pairs):
     lengths = torch.tensor([[len(r["chosen_ids"]), len(r["rejected_ids"])] for r in pre_rows]).flatten()
     tolerance = 0.3 * float(_logps_tolerance(ref, lengths).sum())
     assert abs(float(a.loss_sum) - float(b.loss_sum)) <= tolerance
-    for name in a.metrics:
-        assert abs(float(a.metrics[name]) - float(b.metrics[name])) <= tolerance, name
+    a_logged, b_logged = logged(a.metrics), logged(b.metrics)
+    for name in a_logged:
+        assert abs(a_logged[name] - b_logged[name]) <= tolerance, name
 
 
-def test_loss_is_a_sum_over_pairs_and_log_two_at_init(dpo_ctx, dpo_pairs):
+def test_loss_is_a_sum_over_pairs_and_log_two_at_init(dpo_ctx, dpo_pairs, logged):
     """Policy == reference: every pair's sigmoid loss is log 2, n_items is the number of pairs."""
     method, ctx = _setup(dpo_ctx)
     rows = method.prepare(datasets.Dataset.from_list(dpo_pairs(5, seed=5)), ctx)
@@ -95,7 +96,8 @@ def test_loss_is_a_sum_over_pairs_and_log_two_at_init(dpo_ctx, dpo_pairs):
     # policy and reference are the same forward pass, so every z is exactly 0 and every pair's loss float32(log 2);
     # 5 of them summed in float32 are within 4 roundings of 3.5 (8e-7, 2.4e-7 relative) of 5 log 2
     assert float(out.loss_sum.detach()) == pytest.approx(5 * math.log(2), rel=1e-6)
-    assert float(out.metrics["rewards/margins"]) == 0.0 and float(out.metrics["rewards/accuracies"]) == 0.0
+    metrics = logged(out.metrics)
+    assert metrics["rewards/margins"] == 0.0 and metrics["rewards/accuracies"] == 0.0
     expected = {
         "rewards/chosen",
         "rewards/rejected",
@@ -143,7 +145,7 @@ def test_lora_reference_is_the_adapter_disabled_base(dpo_ctx, dpo_pairs):
     assert ((got.flatten() - base_logps).abs() <= _logps_tolerance(base_logps, lengths)).all()  # other batches
 
 
-def test_reference_free_uses_a_uniform_reference(dpo_ctx, dpo_pairs):
+def test_reference_free_uses_a_uniform_reference(dpo_ctx, dpo_pairs, logged):
     method, ctx = _setup(dpo_ctx, reference_free=True, beta=0.5)
     assert method.ref_model is None
     rows = method.prepare(datasets.Dataset.from_list(dpo_pairs(3, seed=7)), ctx)
@@ -151,8 +153,27 @@ def test_reference_free_uses_a_uniform_reference(dpo_ctx, dpo_pairs):
     with torch.no_grad():
         out = method.loss(ctx.model, batch, ctx)
         logps = completion_logps(ctx.model, batch)[0]
-    # the same forward pass as inside loss(), the formula written out: a few roundings of numbers <= 60 (~1e-5);
-    # assert_close's float32 defaults (atol 1e-5, rtol 1.3e-6) cover it, a missing beta or a live reference do not
-    torch.testing.assert_close(out.metrics["rewards/chosen"], 0.5 * logps[:3].mean())
+    # the same forward pass as inside loss(), the formula written out: a few roundings of numbers <= 60, relative
+    # ~1e-6 at most; a missing beta or a live reference move it by far more
+    assert logged(out.metrics)["rewards/chosen"] == pytest.approx(float(0.5 * logps[:3].mean()), rel=1e-6)
     expected = -torch.nn.functional.logsigmoid(0.5 * (logps[:3] - logps[3:])).sum()
     torch.testing.assert_close(out.loss_sum, expected)
+
+
+def test_logged_metrics_do_not_depend_on_how_pairs_fall_into_micro_batches(dpo_ctx, dpo_pairs, logged):
+    """Metrics are sums over pairs (and tokens) with their counts, so 1 + 3 pairs log what 4 pairs in one batch do.
+
+    A mean of per-micro-batch means would weight the lone pair 3x: the check fails if a metric becomes a plain mean.
+    """
+    method, ctx = _setup(dpo_ctx, beta=0.3)
+    rows = method.prepare(datasets.Dataset.from_list(dpo_pairs(4, seed=8)), ctx)
+    _perturb(ctx.model)  # rewards, accuracies and margins differ from pair to pair
+    with torch.no_grad():
+        whole = method.loss(ctx.model, method.collate(rows, ctx), ctx).metrics
+        split = [method.loss(ctx.model, method.collate(part, ctx), ctx).metrics for part in (rows[:1], rows[1:])]
+    together, apart = logged(whole), logged(*split)
+    assert together.keys() == apart.keys()
+    for name, value in together.items():
+        assert apart[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    chosen_means = [logged(m)["rewards/chosen"] for m in split]
+    assert abs((chosen_means[0] + chosen_means[1]) / 2 - together["rewards/chosen"]) > 1e-4  # the split matters

@@ -5,14 +5,15 @@ Both implementations get the same tiny model (fp32, CPU), the same 4 prompts and
 same reward functions (posttrain-rewards' accuracy and length_penalty, plus a tiny local reward model that
 TRL scores through its own model path). Compared per case: the rewards per function, the advantages, the
 loss, the KL metric and the full gradient. The policy is perturbed by the same seeded noise on both sides
-so that it differs from the reference and the KL term is exercised.
+so that it differs from the reference and the KL term is exercised. Cases with ``num_iterations: 2`` perturb the
+policy a second time between the rollout and the loss, so the importance ratio is not 1 and the clipped,
+CISPO, SAPO and GSPO (sequence-level) surrogates are exercised away from the on-policy point.
 
 Run: /work/parity-venv/bin/python plugins/posttrain-grpo/parity/parity_grpo.py   (writes result.json here)
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,25 @@ CASES = [
     {"loss_type": "bnpo", "scale_rewards": "batch", "beta": 0.0, "temperature": 1.0},
     {"loss_type": "dr_grpo", "scale_rewards": "none", "beta": 0.04, "temperature": 1.0},
     {"loss_type": "dapo", "scale_rewards": "group", "beta": 0.1, "temperature": 0.9},
+    # off-policy: the policy moves between rollout and loss, so the ratio is not 1
+    {"loss_type": "dapo", "scale_rewards": "group", "beta": 0.04, "temperature": 1.0, "num_iterations": 2},
+    {
+        "loss_type": "cispo",
+        "scale_rewards": "group",
+        "beta": 0.0,
+        "temperature": 1.0,
+        "num_iterations": 2,
+        "epsilon_high": 1.1,
+    },
+    {"loss_type": "sapo", "scale_rewards": "group", "beta": 0.04, "temperature": 1.0, "num_iterations": 2},
+    {
+        "loss_type": "grpo",
+        "scale_rewards": "group",
+        "beta": 0.0,
+        "temperature": 1.0,
+        "num_iterations": 2,
+        "importance_sampling_level": "sequence",
+    },
 ]
 WEIGHTS = [1.0, 0.5, 2.0]
 TARGET = 1e-4
@@ -80,6 +100,14 @@ def perturb(model) -> None:
             p.add_(0.02 * torch.randn(p.shape, generator=gen))
 
 
+def perturb_again(model) -> None:
+    """The optimizer step between a rollout and a later iteration on it, simulated by seeded noise."""
+    gen = torch.Generator().manual_seed(456)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -100,6 +128,9 @@ def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
         scale_rewards=case["scale_rewards"],
         beta=case["beta"],
         reward_weights=WEIGHTS,
+        num_iterations=case.get("num_iterations", 1),
+        epsilon_high=case.get("epsilon_high"),
+        importance_sampling_level=case.get("importance_sampling_level", "token"),
         bf16=False,
         gradient_checkpointing=False,
         report_to="none",
@@ -122,6 +153,8 @@ def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
     model.train()
     inputs = [dict(row) for row in rows for _ in range(G)]
     batch = trainer._generate_and_score_completions(inputs)
+    if case.get("num_iterations", 1) > 1:
+        perturb_again(model)
     loss = trainer.compute_loss(model, batch)
     loss.backward()
     m = trainer._metrics["train"]
@@ -135,9 +168,28 @@ def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
     }
 
 
+class FixedCompletions:
+    """A generation backend that returns the same completions as the TRL side (sampling cannot be compared)."""
+
+    name, reports_logps = "fixed", False
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def generate(self, prompt_ids, n, seeds=None):
+        from posttrain.generation import Completions
+
+        return Completions([list(c) for c in self.completions], [c[-1:] != [1] for c in self.completions])
+
+    def sync_weights(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
 def run_posttrain(case, model_dir, rm_dir, completions, rows):
     import datasets
-    import posttrain_grpo.rollout as rollout
     from posttrain import TrainContext
     from posttrain_grpo import GRPO, GRPOConfig
     from posttrain_rewards import accuracy, make_length_penalty, make_reward_model_reward
@@ -147,13 +199,16 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
         model=str(model_dir),
         reward_funcs=["accuracy", "length_penalty", "rm"],
         reward_weights=WEIGHTS,
-        per_device_train_batch_size=len(rows),
+        per_device_train_batch_size=len(completions),
         num_generations=G,
         max_completion_length=L,
         temperature=case["temperature"],
         loss_type=case["loss_type"],
         scale_rewards=case["scale_rewards"],
         beta=case["beta"],
+        num_iterations=case.get("num_iterations", 1),
+        epsilon_high=case.get("epsilon_high"),
+        importance_sampling_level=case.get("importance_sampling_level", "token"),
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     rewards = {
@@ -172,12 +227,13 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
     )
     method = GRPO()
     method.setup(ctx)
+    method.generator = FixedCompletions(completions)
     perturb(model)
     model.train()
-    rollout.hf_generate = lambda *a, **k: [list(c) for c in completions]
     batch = method.collate(method.prepare(datasets.Dataset.from_list(rows), ctx), ctx)
-    with torch.no_grad():
-        batch = method.rollout(model, batch, ctx)
+    (batch,) = method.rollout(model, [batch], ctx)
+    if case.get("num_iterations", 1) > 1:
+        perturb_again(model)
     out = method.loss(model, batch, ctx)
     loss = out.loss_sum / out.n_items
     loss.backward()
@@ -241,10 +297,26 @@ def main() -> int:
         "target": TARGET,
         "passed": passed,
         "compared": "rewards per function, advantages, loss, kl and every parameter's gradient for one step on "
-        "16 fixed completions (4 prompts x 4), fp32 CPU",
+        "16 fixed completions (4 prompts x 4), fp32 CPU; off-policy cases move the policy between rollout and loss",
         "details": details,
     }
-    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} GRPOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            f"case {i}/{quantity}": {"value": value, "note": f"largest relative difference of {quantity} in the step"}
+            for i, case in enumerate(result["details"])
+            for quantity, value in case["max_rel_diff"].items()
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(f"max relative difference {worst:.2e} (target {TARGET:g}): {'PASSED' if passed else 'FAILED'}")
     return 0 if passed else 1
 

@@ -1,7 +1,8 @@
 """The posttrain conformance kit, tier "full", on a random tiny model.
 
-Rollouts are sampled per prompt under a seed of (seed, step, row), so batching, accumulation, resuming
-and re-running do not change them and every invariant holds exactly. The EOS bias in
+With ``per_prompt_generation`` rollouts are sampled per prompt under a seed of (seed, step, row), so batching,
+accumulation, resuming and re-running do not change them and every invariant holds exactly. Batch sizes count
+completions (``batch_unit`` = num_generations): the kit's "batch 4 x 1 == 1 x 4" is 4 prompts either way. The EOS bias in
 ``generation_kwargs`` makes a random model end completions at varied lengths, so the DAPO loss value
 (−Σ A·length / tokens at ratio 1) is not ~0 and the loss comparisons are meaningful.
 """
@@ -16,6 +17,7 @@ TestConformance = conformance_suite(
     config={
         "reward_funcs": ["grpo_first_is_digit"],
         "num_generations": 4,
+        "per_prompt_generation": True,
         "max_completion_length": 6,
         "learning_rate": 1e-2,
         "generation_kwargs": {"sequence_bias": [[[1], 3.0]]},
@@ -24,4 +26,5 @@ TestConformance = conformance_suite(
     tier="full",
     progress_metric="reward",
     progress_direction="increase",
+    batch_unit=4,
 )

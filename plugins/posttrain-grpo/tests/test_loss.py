@@ -15,6 +15,7 @@ from posttrain_grpo import (
     group_advantages,
     grpo_loss,
     grpo_normalization,
+    importance_ratio,
     k3_kl,
 )
 
@@ -96,7 +97,9 @@ def test_clipped_surrogate_values_and_gradients():
     ρ=0.5, A=−1 -> +0.8, grad 0 (clipped) | ρ=1.5, A=−1 -> +1.5, grad +1.5."""
     old = torch.zeros(4, 1)
     logps = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]])).requires_grad_()
-    loss, _ = clipped_surrogate(logps, old, torch.tensor([1.0, 1.0, -1.0, -1.0]), 0.2, 0.2)
+    ratio = importance_ratio(logps, old, torch.ones(4, 1), "token")
+    advantages = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])
+    loss = clipped_surrogate(ratio, advantages, logps, epsilon_low=0.2, epsilon_high=0.2)
     torch.testing.assert_close(loss, torch.tensor([[-1.2], [-0.5], [0.8], [1.5]]))
     loss.sum().backward()
     torch.testing.assert_close(logps.grad, torch.tensor([[0.0], [-0.5], [0.0], [1.5]]))
@@ -156,3 +159,83 @@ def test_on_policy_dapo_gradient_is_minus_advantage_over_tokens():
 def test_dr_grpo_needs_max_completion_length():
     with pytest.raises(ValueError, match="max_completion_length"):
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), loss_type="dr_grpo")
+
+
+def test_loss_family_is_one_dict():
+    from posttrain_grpo import LOSSES, GRPOConfig
+
+    assert set(LOSSES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"}
+    import typing
+
+    assert set(typing.get_args(typing.get_type_hints(GRPOConfig)["loss_type"])) == set(LOSSES)
+
+
+def test_cispo_clips_and_detaches_the_weight_and_sums_tokens():
+    """logps (-1, -2), old (-1.5, -2): rho = (e^0.5 = 1.6487, 1); A = 2, eps_max = 1.5 -> weights (1.5, 1).
+    loss_t = -w_t·A·logp_t = (3, 4), summed over tokens like dapo: 7 over 2 items.
+    d loss / d logp_t = -w_t·A = (-3, -2): the weight is a constant, the gradient flows through log pi."""
+    logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss_sum, n, stats = grpo_loss(
+        logps, torch.tensor([[-1.5, -2.0]]), torch.tensor([2.0]), torch.ones(1, 2), loss_type="cispo", epsilon_high=1.5
+    )
+    assert float(loss_sum.detach()) == pytest.approx(7.0) and int(n) == 2
+    loss_sum.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-3.0, -2.0]]))
+    assert float(stats["cispo_clip_ratio"]) == pytest.approx(0.5)  # token 0 is above eps_max with A > 0
+
+
+def test_sapo_soft_gate_values_and_on_policy_gradient():
+    """On-policy rho = 1: sigma(0) = 1/2, so loss_t = -(4/tau)/2·A. A = (2, -1); tau = 1 for A > 0, 1.05 else.
+    Sequence 0 (2 tokens): -4 per token, mean -4. Sequence 1 (1 token): +1/1.05·2 = 1.9047619. Sum -2.0952381
+    over 2 sequences (aggregated like grpo). Gradient at rho = 1 is -(4/tau)·sigma'(0)·tau·A = -A per token,
+    then divided by the sequence's token count: (-1, -1) and (+1)."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss_sum, n, _ = grpo_loss(logps, logps.detach(), torch.tensor([2.0, -1.0]), mask, loss_type="sapo")
+    assert float(loss_sum.detach()) == pytest.approx(-4.0 + 2 / 1.05, abs=1e-6) and n == 2
+    loss_sum.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, -1.0], [1.0, 0.0]]))
+
+
+def test_sequence_level_importance_sampling_is_gspo():
+    """logps (-1, -2), old (-1.2, -2.4): mean log-ratio 0.3, one rho = e^0.3 = 1.3498588 for the sequence.
+    A = +1: clipped at 1 + eps = 1.2, loss -1.2, no gradient. A = -1: -min(-rho, -1.2) = rho, and
+    d rho / d logp_t = rho / T = 0.6749294 for each of the T = 2 tokens."""
+    old = torch.tensor([[-1.2, -2.4]])
+    for advantage, expected, grad in ((1.0, -1.2, 0.0), (-1.0, math.exp(0.3), math.exp(0.3) / 2)):
+        logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+        loss_sum, n, _ = grpo_loss(
+            logps,
+            old,
+            torch.tensor([advantage]),
+            torch.ones(1, 2),
+            loss_type="grpo",
+            importance_sampling_level="sequence",
+        )
+        assert float(loss_sum.detach()) == pytest.approx(expected, abs=1e-6) and n == 1
+        loss_sum.backward()
+        torch.testing.assert_close(logps.grad, torch.full((1, 2), grad))
+
+
+def test_importance_sampling_weights_multiply_the_policy_term_not_the_kl():
+    """IS weight w = 2 on every token, on-policy dapo with A = 1: policy term -A·w per token = -2; with
+    beta = 0.5 and ref = logp the KL term is 0. Doubling w doubles the policy term only."""
+    logps = torch.tensor([[-1.0, -1.0]])
+    plain, _, _ = grpo_loss(logps, logps, torch.tensor([1.0]), torch.ones(1, 2), beta=0.5, ref_logps=logps)
+    weighted, _, _ = grpo_loss(
+        logps,
+        logps,
+        torch.tensor([1.0]),
+        torch.ones(1, 2),
+        beta=0.5,
+        ref_logps=logps,
+        is_weights=torch.full((1, 2), 2.0),
+    )
+    assert float(plain) == pytest.approx(-2.0) and float(weighted) == pytest.approx(-4.0)
+
+
+def test_delta_caps_the_unclipped_ratio():
+    """INTELLECT-2: rho = e^1 = 2.718 with A = -1: -min(-rho, -1.2) = rho; delta = 2 caps it at 2."""
+    logps, old = torch.tensor([[0.0]]), torch.tensor([[-1.0]])
+    loss, _, _ = grpo_loss(logps, old, torch.tensor([-1.0]), torch.ones(1, 1), delta=2.0)
+    assert float(loss) == pytest.approx(2.0)

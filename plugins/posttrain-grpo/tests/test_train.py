@@ -18,7 +18,7 @@ def test_grpo_raises_the_verifier_reward(grpo_echo_model, tmp_path):
     The measure is ``echo_exact_probability`` (computed from the logits, no sampling noise), not the logged
     per-step reward, which is a mean over 64 samples and swings by +-0.2 between steps. Calibration
     (``python benchmarks/calibrate_learning.py grpo --seeds 0-9 --threads 1 2``, 2026-11-30): the rise over
-    10 seeds x 1 and 2 threads was +0.14 at least and +0.29 on average (thread count does not change it
+    10 seeds x 1 and 2 threads was +0.135 at least and +0.30 on average (thread count does not change it
     on the tiny model; a different seed moves the trajectory about as much as another CPU does). The margin
     0.07 is half that minimum; a run that does not learn moves it by 0.0 (lr 0) or at random by < 0.03.
     """
@@ -30,7 +30,7 @@ def test_grpo_raises_the_verifier_reward(grpo_echo_model, tmp_path):
         reward_funcs=["echo_exact"],
         max_steps=40,
         learning_rate=3e-3,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=64,  # completions: 8 prompts x 8
         num_generations=8,
         max_completion_length=4,
         logging_steps=1,
@@ -53,7 +53,11 @@ def test_shipped_config_loads_and_trains_through_the_cli(grpo_tiny_model, tmp_pa
     assert config.reward_funcs == ["accuracy"] and config.num_generations == 4
     from posttrain.cli.train import run
 
-    monkeypatch.chdir(CONFIGS.parents[2])
+    # The command runs from the repository root, where plugins/posttrain-grpo/... resolves; a link makes that
+    # true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-grpo").symlink_to(CONFIGS.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "root")
     code = run(
         "train",
         [
@@ -89,7 +93,7 @@ def test_kl_and_multi_iteration_runs(grpo_tiny_model, grpo_echo_rows, tmp_path, 
         reward_funcs=["grpo_first_is_digit"],
         max_steps=4,
         learning_rate=1e-2,
-        per_device_train_batch_size=2,
+        per_device_train_batch_size=8,  # completions: 2 prompts x 4
         num_generations=4,
         max_completion_length=4,
         logging_steps=1,
@@ -109,3 +113,29 @@ def test_kl_and_multi_iteration_runs(grpo_tiny_model, grpo_echo_rows, tmp_path, 
     if fields.get("num_iterations"):  # steps 1 and 3 train on the rollouts of steps 0 and 2 again
         rewards = [row["reward"] for row in history if "loss" in row]
         assert rewards[0] == rewards[1] and rewards[2] == rewards[3]
+
+
+def test_num_iterations_uses_every_prompt_once_per_epoch(grpo_tiny_model, tmp_path):
+    """mu = 2 over 8 prompts, 2 per step: 4 data steps x 2 optimizer steps each. Every prompt is rolled out
+    exactly once (TRL's repeat sampler), none is dropped, and each rollout is trained on twice."""
+    seen = []
+
+    def record(prompts, completions, **columns):
+        seen.extend(prompts[:: len(prompts) // 2])  # one entry per prompt of the micro-batch
+        return [float(c[:1].isdigit()) for c in completions]
+
+    rows = [{"prompt": f"q{i}="} for i in range(8)]
+    config = GRPOConfig(
+        model=str(grpo_tiny_model),
+        output_dir=str(tmp_path / "run"),
+        num_iterations=2,
+        num_train_epochs=1,
+        per_device_train_batch_size=8,  # 2 prompts x 4 completions
+        num_generations=4,
+        max_completion_length=3,
+        logging_steps=1,
+        save_steps=0,
+        disable_progress_bar=True,
+    )
+    result = train(GRPO(), config, train_dataset=rows, rewards={"record": record})
+    assert result.global_step == 8 and sorted(seen) == sorted(r["prompt"] for r in rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError, TrainContext
+from posttrain import ConfigError, DataError, RowProblem, TrainContext
 from posttrain.config import build_config, load_config
 from posttrain_kto import KTO, KTOBalanceWarning, KTOConfig, balance_warning, unpair_preference
 from posttrain_kto.data import collate_rows, fix_kl_partners, tokenize_row
@@ -168,6 +168,40 @@ def test_mixed_strings_and_messages_in_a_row_are_refused(kto_tokenizer):
         {"prompt": [{"role": "user", "content": "a"}], "completion": "b", "label": False},
     ]
     with pytest.raises(DataError, match=r"row 1 .*'completion' is a string but 'prompt' is messages"):
+        KTO().prepare(data, ctx_for(kto_tokenizer))
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(kto_tokenizer):
+    """check-data (no model, no tokenizer) and training agree: every bad row, core's problems and KTO's own."""
+    messages = [{"role": "user", "content": "a"}]
+    good = {"prompt": "a", "completion": "b", "label": True}
+    data = [
+        good,
+        {"prompt": messages, "completion": "b", "label": False},
+        {"prompt": "a", "completion": "b", "label": "yes"},
+        good,
+        {"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "label": True},
+    ]
+    reported = KTO().check_rows(data)
+    assert [(p.row, p.field) for p in reported] == [(1, "completion"), (2, "label"), (4, "completion")]
+    assert all(isinstance(p, RowProblem) for p in reported)
+    with pytest.raises(DataError) as info:
+        KTO().prepare(data, ctx_for(kto_tokenizer))
+    assert info.value.problems == reported and info.value.method == "kto"
+    assert "(2 more problems in other rows.)" in str(info.value) and "posttrain check-data kto" in str(info.value)
+    assert KTO().check_rows([good, good]) == []
+
+
+def test_implicit_prompt_rows_mixing_kinds_are_refused(kto_tokenizer):
+    """Without a prompt, chosen and rejected must be the same kind: the implicit prompt is their common start."""
+    data = [
+        {"chosen": "Q: yes", "rejected": "Q: no"},
+        {"chosen": "Q: yes", "rejected": [{"role": "assistant", "content": "no"}]},
+    ]
+    assert [(p.row, p.field, p.problem) for p in KTO().check_rows(data)] == [
+        (1, "rejected", "is messages but 'chosen' is a string")
+    ]
+    with pytest.raises(DataError, match=r"row 1 of the dataset: field 'rejected' is messages"):
         KTO().prepare(data, ctx_for(kto_tokenizer))
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from posttrain.testing._rounding import rounding_tolerance
-from posttrain_kto import apo_zero_unpaired_loss, kl_reference_point, kto_loss
+from posttrain_kto import LOSSES, apo_zero_unpaired_loss, kl_reference_point, kto_loss
 
 # Expected values are exact (float64 math, then rounded to float32: <= 1.2e-7) or printed to 6 decimals (<= 5e-7).
 # Ours are float32 results of <= 10 rounded operations (a difference, a product, a sigmoid, 1 - x, a weight) on
@@ -99,3 +99,20 @@ def test_apo_zero_unpaired_hand_computed():
     )
     torch.testing.assert_close(losses, torch.tensor([0.437823, 0.622459, 1.0, 0.537883]), rtol=0, atol=ATOL)
     torch.testing.assert_close(rewards, torch.tensor([0.25, -0.5, 0.0, -1.0]))
+
+
+def test_losses_are_the_config_choices_called_with_one_set_of_keywords():
+    """KTOConfig.loss_type lists exactly LOSSES' names; each takes the same keywords (APO ignores the kl point)."""
+    import typing
+
+    from posttrain_kto.config import LossType
+
+    assert typing.get_args(LossType) == tuple(LOSSES) and LOSSES["kto"] is kto_loss
+    inputs = dict(
+        logps=LOGPS, ref_logps=REF_LOGPS, labels=LABELS, beta=0.5, desirable_weight=1.0, undesirable_weight=2.0
+    )
+    kl = torch.tensor(0.3)
+    torch.testing.assert_close(
+        LOSSES["kto"](**inputs, kl=kl)[0], kto_loss(LOGPS, REF_LOGPS, LABELS, kl, 0.5, 1.0, 2.0)[0]
+    )
+    torch.testing.assert_close(LOSSES["apo_zero_unpaired"](**inputs, kl=kl)[0], apo_zero_unpaired_loss(**inputs)[0])

@@ -184,3 +184,34 @@ def test_apo_zero_unpaired_is_padding_and_accumulation_invariant(kto_model_dir, 
     overrides = {"loss_type": "apo_zero_unpaired", "max_length": 64}
     check_padding_invariance(KTO, kto_rows, kto_model_dir, overrides)
     check_grad_accumulation(KTO, kto_rows, kto_model_dir, tmp_path, overrides)
+
+
+def test_kind_metrics_pool_rows_over_micro_batches(kto_model_dir, kto_rows):
+    """rewards/* and logps/* are sums over the rows of a kind with their counts, as TRL's KTO logs them: a micro-batch
+    with 1 desirable row and one with 3 log what the 4 together do (a mean of the two means would not)."""
+    from posttrain import Metric
+
+    config = KTOConfig(model=str(kto_model_dir), max_length=64)
+    tokenizer = load_tokenizer(str(kto_model_dir))
+    model = load_causal_lm(str(kto_model_dir), config).eval()
+    ctx = TrainContext(config=config, tokenizer=tokenizer, model=model, model_path=str(kto_model_dir), training=False)
+    method = KTO()
+    method.setup(ctx)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))  # rewards differ row to row
+    rows = method.prepare(kto_rows[:8], ctx)  # desirable rows are the even ones
+    parts = (rows[:2], rows[2:])  # 1 desirable + 1 undesirable, then 3 + 3
+    with torch.no_grad():
+        whole = method.loss(model, method.collate(rows, ctx), ctx).metrics
+        split = [method.loss(model, method.collate(part, ctx), ctx).metrics for part in parts]
+
+    def pooled(*metric_dicts, name):
+        values = [m[name] for m in metric_dicts]
+        assert all(isinstance(v, Metric) and v.kind == "ratio" for v in values), name
+        return sum(float(v.value) for v in values) / sum(float(v.denominator) for v in values)
+
+    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert pooled(*split, name=name) == pytest.approx(pooled(whole, name=name), rel=1e-5), name
+    means = [pooled(m, name="rewards/chosen") for m in split]
+    assert abs(sum(means) / 2 - pooled(whole, name="rewards/chosen")) > 1e-4  # the grouping would matter

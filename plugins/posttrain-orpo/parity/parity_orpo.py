@@ -14,7 +14,6 @@ Writes ``result.json`` beside this file and exits 1 if the main fixture misses t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -162,7 +161,22 @@ def main() -> int:
             "unequal_per_step": drift_table,
         },
     }
-    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} trl.experimental.orpo.ORPOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            name: ([s["trl"] for s in steps], [s["posttrain"] for s in steps])
+            for name, steps in result["details"]["per_step"].items()
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(
         f"\nmax relative difference {worst:.2e} (target {TARGET:.0e}): {'PASS' if passed else 'FAIL'}; "
         f"unequal chosen lengths (info): {drift:.2e}"

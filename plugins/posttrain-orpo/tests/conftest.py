@@ -38,13 +38,3 @@ def orpo_model_dir(tmp_path_factory):
 @pytest.fixture
 def orpo_rows():
     return orpo_case_rows
-
-
-@pytest.fixture
-def orpo_fresh_warnings(monkeypatch):
-    """Forget which methods already warned, so each test sees the once-per-process warning anew."""
-    from posttrain import _discovery as discovery
-
-    monkeypatch.setattr(discovery, "_warned", set())
-    monkeypatch.delenv("POSTTRAIN_EXPERIMENTAL_SILENCE", raising=False)
-    return discovery

@@ -11,6 +11,7 @@ import pytest
 import torch
 from posttrain import DataError
 from posttrain.testing import build_tokenizer
+from posttrain_orpo import ORPO
 from posttrain_orpo.data import collate_pairs, prepare_rows, truncate_row
 
 
@@ -140,3 +141,33 @@ def test_prompt_ending_with_system_message_is_refused(tok):
 def test_empty_prompt_without_bos_is_refused(tok):
     with pytest.raises(DataError, match=r"row 0 .*'prompt' gives no tokens"):
         _prepare([{"prompt": "", "chosen": "a", "rejected": "b"}], tok)
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(tok):
+    """check-data (no model, no tokenizer) and training agree: every bad row, in one DataError."""
+    user, system = {"role": "user", "content": "q"}, {"role": "system", "content": "be nice"}
+    answer = [{"role": "assistant", "content": "a"}]
+    rows = [
+        {"prompt": "a", "chosen": "b", "rejected": "c"},
+        {"prompt": [system], "chosen": answer, "rejected": answer},
+        {"prompt": "a", "chosen": "b", "rejected": None},
+        {"prompt": [user], "chosen": "b", "rejected": "c"},
+        {"chosen": [user, *answer], "rejected": [{"role": "user", "content": "other"}, *answer]},
+    ]
+    reported = ORPO().check_rows(rows)
+    assert [(p.row, p.field) for p in reported] == [(1, "prompt"), (2, "rejected"), (3, "prompt"), (4, "prompt")]
+    assert [p.problem.split(" ")[0] for p in reported] == ["ends", "is", "is", "is"]
+    with pytest.raises(DataError) as info:
+        prepare_rows(rows, tok, 64, None)
+    assert info.value.problems == reported and info.value.method == "orpo"
+    assert "(3 more problems in other rows.)" in str(info.value) and "posttrain check-data orpo" in str(info.value)
+    assert ORPO().check_rows(rows[:1]) == [] and len(prepare_rows(rows[:1], tok, 64, None)) == 1
+
+
+def test_every_prompt_without_tokens_is_named_at_once(tok):
+    """Only the tokenizer tells that a prompt gives no token (no BOS): prepare still reports every such row."""
+    rows = [{"prompt": "", "chosen": "a", "rejected": "b"}, {"prompt": "x", "chosen": "a", "rejected": "b"}] * 2
+    assert ORPO().check_rows(rows) == []
+    with pytest.raises(DataError) as info:
+        _prepare(rows, tok)
+    assert [(p.row, p.field) for p in info.value.problems] == [(0, "prompt"), (2, "prompt")]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from posttrain import TrainContext
+from posttrain import Metric, TrainContext
 from posttrain.config import build_config
 from posttrain.testing._rounding import rounding_tolerance
 from posttrain_orpo import ORPO, ORPOConfig, log1mexp, log_odds_ratio, orpo_loss
@@ -95,6 +95,13 @@ def _loss(rows, **fields):
     return method.loss(BigramModel(), collate_pairs(rows, pad_token_id=0), ctx)
 
 
+def _logged(*outputs, name):
+    """What the loop logs for metric ``name`` over these micro-batches: a pair mean, sum over count."""
+    metrics = [out.metrics[name] for out in outputs]
+    assert all(isinstance(m, Metric) and m.kind == "ratio" for m in metrics), name
+    return sum(float(m.value) for m in metrics) / sum(float(m.denominator) for m in metrics)
+
+
 PAIR_1 = {"prompt_ids": [1, 1], "chosen_ids": [2, 2], "rejected_ids": [3, 3]}
 PAIR_2 = {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3, 3, 2]}
 
@@ -130,8 +137,8 @@ def test_method_loss_on_known_log_probs(nll_on_prompt):
     out = _loss([PAIR_1], beta=0.1, nll_on_prompt=nll_on_prompt)
     assert out.n_items == 1
     assert out.loss_sum.item() == pytest.approx(_expected_pair_1(0.1, nll_on_prompt), abs=METHOD_ATOL)
-    assert out.metrics["logps/chosen"].item() == pytest.approx(0.5 * math.log(0.2), abs=ATOL)
-    assert out.metrics["rewards/rejected"].item() == pytest.approx(0.1 * 0.5 * math.log(0.12), abs=ATOL)
+    assert _logged(out, name="logps/chosen") == pytest.approx(0.5 * math.log(0.2), abs=ATOL)
+    assert _logged(out, name="rewards/rejected") == pytest.approx(0.1 * 0.5 * math.log(0.12), abs=ATOL)
 
 
 def test_method_loss_sums_pairs_and_ignores_padding():
@@ -142,5 +149,16 @@ def test_method_loss_sums_pairs_and_ignores_padding():
     assert out.loss_sum.item() == pytest.approx(expected, abs=METHOD_ATOL)
     apart = _loss([PAIR_1], beta=0.2).loss_sum + _loss([PAIR_2], beta=0.2).loss_sum
     assert out.loss_sum.item() == pytest.approx(apart.item(), abs=GROUPING_TOL)
-    assert out.metrics["rewards/accuracies"].item() == 1.0
+    assert _logged(out, name="rewards/accuracies") == 1.0
     assert set(out.metrics) >= {"nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/margins", "logits/chosen"}
+
+
+def test_metrics_are_pair_means_that_pool_over_micro_batches():
+    """Each metric is a sum over pairs with its pair count, so 1 + 2 pairs log what the 3 together do."""
+    pair_3 = {"prompt_ids": [2], "chosen_ids": [3, 3], "rejected_ids": [1, 2]}
+    whole = _loss([PAIR_1, PAIR_2, pair_3], beta=0.2)
+    split = (_loss([PAIR_1], beta=0.2), _loss([PAIR_2, pair_3], beta=0.2))
+    for name in whole.metrics:
+        assert _logged(*split, name=name) == pytest.approx(_logged(whole, name=name), abs=1e-6), name
+    nll = [_logged(out, name="nll_loss") for out in split]
+    assert abs(sum(nll) / 2 - _logged(whole, name="nll_loss")) > 1e-3  # a mean of means would differ

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
-from posttrain import ExperimentalWarning, TrainContext
-from posttrain._discovery import Entry
+from posttrain import TrainContext
 from posttrain.config import build_config, load_config
 from posttrain.loop import train
 from posttrain.models import load_causal_lm, load_tokenizer
@@ -62,39 +65,31 @@ def test_learns_held_out_preference(orpo_model_dir, orpo_rows, tmp_path):
     assert m["rise"] >= 0.2, m
 
 
-def test_quickstart_command_warns_once_and_logs_orpo_metrics(orpo_model_dir, orpo_fresh_warnings, tmp_path):
-    """The README's command on the shipped config and data, cut to 2 steps."""
-    from posttrain.cli import main
-
+def test_quickstart_command_logs_orpo_metrics(orpo_model_dir, tmp_path):
+    """The README's command on the shipped config and data, cut to 2 steps, in a fresh process."""
     out = tmp_path / "out"
     argv = (
         f"train orpo --config {PLUGIN}/configs/tiny.yaml --model {orpo_model_dir} --dataset {PLUGIN}/configs/tiny.jsonl"
     )
     argv += f" --output_dir {out} --max_steps 2 --logging_steps 1 --disable_progress_bar true"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main(argv.split()) == 0
-    ours = [w for w in caught if issubclass(w.category, ExperimentalWarning)]
-    assert len(ours) == 1 and "'orpo'" in str(ours[0].message)
+    done = subprocess.run(
+        [sys.executable, "-m", "posttrain", *argv.split()], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies"} <= set(logged[0])
 
 
-def test_silencing_orpo_leaves_cpo_warning(orpo_fresh_warnings, monkeypatch):
-    """POSTTRAIN_EXPERIMENTAL_SILENCE=orpo: resolving orpo is silent, an experimental cpo still warns once."""
-    from posttrain._registry import resolve_method
-
-    monkeypatch.setenv("POSTTRAIN_EXPERIMENTAL_SILENCE", "orpo")
-    cpo = dict(kind="method", name="cpo", value="posttrain_cpo:CPO", package="posttrain-cpo", version="0.1.0")
-    cpo = Entry(**cpo, summary="", status="experimental", declared_status="experimental", requires_core=">=0.1,<1")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        method_class, entry = resolve_method("orpo")
-        assert method_class is ORPO and entry.declared_status == "experimental"
-        assert orpo_fresh_warnings.warn_if_experimental(cpo) is True
-        assert orpo_fresh_warnings.warn_if_experimental(cpo) is False  # once per process
-    ours = [str(w.message) for w in caught if issubclass(w.category, ExperimentalWarning)]
-    assert len(ours) == 1 and "'cpo'" in ours[0]
+@pytest.mark.parametrize(("silenced", "warns"), [("cpo", True), ("orpo", False), ("cpo,orpo", False)])
+def test_experimental_warning_and_silencing_through_the_command_line(silenced, warns):
+    """A fresh process runs `posttrain check-data orpo` on the shipped data: it warns once that orpo is experimental,
+    unless POSTTRAIN_EXPERIMENTAL_SILENCE names it (silencing another method leaves orpo's warning)."""
+    env = {**os.environ, "POSTTRAIN_EXPERIMENTAL_SILENCE": silenced, "PYTHONWARNINGS": "default"}
+    command = [sys.executable, "-m", "posttrain", "check-data", "orpo", str(PLUGIN / "configs" / "tiny.jsonl")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: 64 rows")
+    assert done.stderr.count("ExperimentalWarning: method 'orpo'") == (1 if warns else 0), done.stderr
 
 
 def test_shipped_yaml_is_a_valid_config():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError, TrainContext
+from posttrain import ConfigError, DataError, RowProblem, TrainContext
 from posttrain.config import build_config, load_config
 from posttrain_reward import Reward, RewardConfig, collate_pairs, encode, prepare_pairs
 
@@ -147,9 +147,28 @@ def test_check_rows_lists_every_bad_row():
         {"chosen": "a b", "rejected": "a d", "margin": None},
     ]  # a plain list: Arrow would refuse "x"
     problems = Reward().check_rows(rows)
-    assert [p.split(":")[0] for p in problems] == ["row 1 of the dataset", "row 2 of the dataset"]
-    assert "got 'x'" in problems[0] and "got None" in problems[1]
+    assert [(p.row, p.field) for p in problems] == [(1, "margin"), (2, "margin")]
+    assert all(isinstance(p, RowProblem) for p in problems)
+    assert "got 'x'" in problems[0].problem and "got None" in problems[1].problem
     assert Reward().check_rows(rows[:1]) == []
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(reward_tokenizer):
+    """check-data (no model, no tokenizer) and training agree: every bad row, core's problems and the reward's."""
+    message = [{"role": "user", "content": "q"}]
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 0.5},
+        {"prompt": message, "chosen": "a", "rejected": "b", "margin": 0.5},
+        {"prompt": "p", "chosen": "a", "rejected": "", "margin": 0.5},
+        {"prompt": "p", "chosen": "a", "rejected": "b", "margin": float("inf")},
+    ]
+    reported = Reward().check_rows(rows)
+    assert [(p.row, p.field) for p in reported] == [(1, "prompt"), (2, "rejected"), (3, "margin")]
+    with pytest.raises(DataError) as info:
+        prepare_pairs(rows, reward_tokenizer, 64)
+    assert info.value.problems == reported and info.value.method == "reward"
+    assert "(2 more problems in other rows.)" in str(info.value)
+    assert len(prepare_pairs(rows[:1], reward_tokenizer, 64)[0]) == 1
 
 
 def test_conversational_rows_need_a_chat_template(reward_tokenizer):

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from posttrain import Metric
 from posttrain.testing._rounding import rounding_tolerance
 from posttrain_reward import bradley_terry_loss, reward_metrics
 
@@ -91,12 +92,27 @@ def test_bf16_rewards_are_upcast():
 def test_metrics_hand_values():
     """Rewards c = [1, 0, -0.5], r = [0, 0, 0.5]: one win, one tie (counts as wrong), one loss.
     accuracy 1/3; margin mean([1, 0, -1]) = 0; over all six rewards min -0.5, max 1, mean 1/6;
-    rewards/chosen mean 1/6, rewards/rejected mean 1/6."""
+    rewards/chosen mean 1/6, rewards/rejected mean 1/6. Means are sums with their counts (Metric.ratio)."""
     m = reward_metrics(CHOSEN, REJECTED)
-    assert float(m["accuracy"]) == pytest.approx(1 / 3)
-    assert float(m["margin"]) == pytest.approx(0.0)
-    assert float(m["min_reward"]) == -0.5 and float(m["max_reward"]) == 1.0
-    assert float(m["mean_reward"]) == pytest.approx(1 / 6)
-    assert float(m["rewards/chosen"]) == pytest.approx(1 / 6)
-    assert float(m["rewards/rejected"]) == pytest.approx(1 / 6)
-    assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
+    sums = {name: (float(v.value), float(v.denominator)) for name, v in m.items() if isinstance(v, Metric)}
+    assert all(m[name].kind == "ratio" for name in sums)
+    assert sums == {
+        "accuracy": (1.0, 3.0),
+        "margin": (0.0, 3.0),
+        "mean_reward": (pytest.approx(1.0), 6.0),
+        "rewards/chosen": (0.5, 3.0),
+        "rewards/rejected": (0.5, 3.0),
+    }
+    assert float(m["min_reward"]) == -0.5 and float(m["max_reward"]) == 1.0  # this micro-batch's extremes
+    parts = [x for v in m.values() for x in ((v.value, v.denominator) if isinstance(v, Metric) else (v,))]
+    assert not any(isinstance(x, torch.Tensor) and x.requires_grad for x in parts)
+
+
+def test_metric_means_pool_pairs_over_micro_batches():
+    """Pairs split 1 + 2 log what the 3 together do: sums and counts add up, means of means would not."""
+    whole = reward_metrics(CHOSEN, REJECTED)
+    parts = [reward_metrics(CHOSEN[:1], REJECTED[:1]), reward_metrics(CHOSEN[1:], REJECTED[1:])]
+    for name in ("accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected"):
+        pooled = sum(float(p[name].value) for p in parts) / sum(float(p[name].denominator) for p in parts)
+        assert pooled == pytest.approx(float(whole[name].value) / float(whole[name].denominator)), name
+    assert float(parts[0]["accuracy"].value) / 1 == 1.0 and float(parts[1]["accuracy"].value) / 2 == 0.0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -153,12 +155,13 @@ def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pair
     """The README's quickstart: `posttrain train reward --config configs/tiny.yaml --model ... --dataset ...`."""
     from pathlib import Path
 
-    from posttrain.cli import main
-
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in reward_keyword_pairs(3, 32)))
     yaml_path = Path(__file__).parents[1] / "configs" / "tiny.yaml"
     argv = [
+        sys.executable,
+        "-m",
+        "posttrain",
         "train",
         "reward",
         "--config",
@@ -171,10 +174,13 @@ def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pair
         str(tmp_path / "cli"),
         "--max_steps",
         "2",
+        "--logging_steps",
+        "1",
         "--disable_progress_bar",
         "true",
     ]
-    assert main(argv) == 0
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # a fresh process, as a user runs it
+    assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForSequenceClassification"]
     metrics = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
@@ -187,7 +193,11 @@ def test_cli_trains_with_the_shipped_yaml(reward_tiny_model, reward_keyword_pair
         "max_reward",
         "rewards/chosen",
         "rewards/rejected",
+        "num_tokens",
     } <= set(metrics[-1])
+    # TRL's running count of tokens trained on (padding excluded): 16 pairs of two sequences per step in the yaml
+    tokens = [row["num_tokens"] for row in metrics]
+    assert len(tokens) == 2 and 32 <= tokens[0] < tokens[1]
 
 
 def test_lora_trains_adapters_and_the_score_head(reward_tiny_model, reward_keyword_pairs, tmp_path):

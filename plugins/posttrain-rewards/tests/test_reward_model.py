@@ -46,15 +46,22 @@ def test_conversational_texts_use_the_chat_template(rewards_tiny_rm):
     assert got == pytest.approx(expected, abs=score_tolerance(expected))
 
 
-def test_registered_reward_reads_the_path_from_env_or_column(rewards_tiny_rm, monkeypatch):
-    with pytest.raises(ValueError, match="POSTTRAIN_REWARD_MODEL"):
+def test_registered_reward_reads_the_path_from_options_column_or_deprecated_env(rewards_tiny_rm, monkeypatch):
+    from posttrain.rewards import RewardSet
+
+    with pytest.raises(ValueError, match=r"reward_kwargs: \{reward_model: \{path"):
         reward_model(["a"], ["b"])
-    monkeypatch.setenv("POSTTRAIN_REWARD_MODEL", str(rewards_tiny_rm))
-    from_env = reward_model(["a", "c"], ["b", "d"])
-    monkeypatch.delenv("POSTTRAIN_REWARD_MODEL")
+    configured = RewardSet.resolve(
+        ["reward_model"], kwargs={"reward_model": {"path": str(rewards_tiny_rm)}}, given={"reward_model": reward_model}
+    )
+    from_options = configured.score(["a", "c"], ["b", "d"]).flatten().tolist()
     from_column = reward_model(["a", "c"], ["b", "d"], reward_model_path=[str(rewards_tiny_rm)] * 2)
+    monkeypatch.setenv("POSTTRAIN_REWARD_MODEL", str(rewards_tiny_rm))
+    with pytest.warns(FutureWarning, match="POSTTRAIN_REWARD_MODEL is deprecated"):
+        from_env = reward_model(["a", "c"], ["b", "d"])
     expected = direct_scores(rewards_tiny_rm, ["ab", "cd"])
-    assert from_env == from_column == pytest.approx(expected, abs=score_tolerance(expected))
+    assert from_options == pytest.approx(expected, abs=score_tolerance(expected))
+    assert from_column == from_env == pytest.approx(expected, abs=score_tolerance(expected))
 
 
 def test_bad_paths_and_multi_label_models_are_explained(rewards_tiny_rm, tmp_path):

@@ -49,14 +49,24 @@ def test_accuracy_without_a_reference_column_says_which_columns_exist():
         accuracy(["q"], ["1"], level=["easy"])
 
 
-def test_format_default_pattern_and_its_three_sources(monkeypatch):
+def test_format_default_pattern_and_its_sources(monkeypatch):
+    from posttrain.rewards import RewardSet
+
     good, bad = "<think>hmm</think>\n<answer>4</answer>", "<answer>4</answer>"
     assert format_reward(["q", "q"], [good, bad]) == [1.0, 0.0]
     assert re.fullmatch(DEFAULT_FORMAT_PATTERN, good, re.DOTALL)
-    monkeypatch.setenv("POSTTRAIN_FORMAT_PATTERN", r"<answer>\d+</answer>")
-    assert format_reward(["q", "q"], [good, bad]) == [0.0, 1.0]
-    # a per-row column wins over the environment
-    assert format_reward(["q", "q"], [good, bad], format_pattern=[r"<think>.*", None]) == [1.0, 1.0]
+    configured = RewardSet.resolve(
+        ["format"], kwargs={"format": {"pattern": r"<answer>\d+</answer>"}}, given={"format": format_reward}
+    )
+    assert configured.score(["q", "q"], [good, bad]).flatten().tolist() == [0.0, 1.0]
+    # a per-row column wins over the options
+    assert configured.score(["q", "q"], [good, bad], {"format_pattern": [r"<think>.*", None]}).flatten().tolist() == [
+        1.0,
+        1.0,
+    ]
+    monkeypatch.setenv("POSTTRAIN_FORMAT_PATTERN", r"<answer>\d+</answer>")  # 1.x: still read, deprecated
+    with pytest.warns(FutureWarning, match="reward_kwargs"):
+        assert format_reward(["q", "q"], [good, bad]) == [0.0, 1.0]
 
 
 def test_make_format_reward_on_conversational_completions():
@@ -73,13 +83,22 @@ def test_length_penalty_is_dapo_soft_overlong_punishment():
     assert penalty([""], ["abcdefgh"]) == [-0.5]  # no token ids: characters are counted
 
 
-def test_length_penalty_default_reads_the_environment(monkeypatch):
+def test_length_penalty_defaults_options_and_deprecated_environment(monkeypatch):
+    from posttrain.rewards import RewardSet
+
     # 512,128: free up to 384 tokens, then (384 − 400) / 128 = −0.125
     assert length_penalty([""] * 2, [""] * 2, completion_ids=[[0] * 384, [0] * 400]) == [0.0, -0.125]
+    configured = RewardSet.resolve(
+        ["length_penalty"],
+        kwargs={"length_penalty": {"max_completion_len": 10, "soft_punish_cache": 4}},
+        given={"length_penalty": length_penalty},
+    )
+    assert configured.score([""], [""], completion_ids=[[0] * 8]).item() == -0.5
     monkeypatch.setenv("POSTTRAIN_LENGTH_PENALTY", "10,4")
-    assert length_penalty([""], [""], completion_ids=[[0] * 8]) == [-0.5]
+    with pytest.warns(FutureWarning):
+        assert length_penalty([""], [""], completion_ids=[[0] * 8]) == [-0.5]
     monkeypatch.setenv("POSTTRAIN_LENGTH_PENALTY", "ten")
-    with pytest.raises(ValueError, match="'MAX,CACHE'"):
+    with pytest.raises(ValueError, match="'MAX,CACHE'"), pytest.warns(FutureWarning):
         length_penalty([""], [""])
     with pytest.raises(ValueError, match="soft_punish_cache"):
         make_length_penalty(4, 8)

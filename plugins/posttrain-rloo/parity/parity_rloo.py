@@ -12,7 +12,6 @@ Run: /work/parity-venv/bin/python plugins/posttrain-rloo/parity/parity_rloo.py  
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -134,9 +133,28 @@ def run_trl(case, model_dir, rm_dir, completions, rows, tmp):
     }
 
 
+class FixedCompletions:
+    """A generation backend that returns the same completions as the TRL side (sampling cannot be compared)."""
+
+    name, reports_logps = "fixed", False
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def generate(self, prompt_ids, n, seeds=None):
+        from posttrain.generation import Completions
+
+        return Completions([list(c) for c in self.completions], [c[-1:] != [1] for c in self.completions])
+
+    def sync_weights(self, model):
+        pass
+
+    def close(self):
+        pass
+
+
 def run_posttrain(case, model_dir, rm_dir, completions, rows):
     import datasets
-    import posttrain_rloo.rollout as rollout
     from posttrain import TrainContext
     from posttrain_rewards import accuracy, make_length_penalty, make_reward_model_reward
     from posttrain_rloo import RLOO, RLOOConfig
@@ -146,7 +164,7 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
         model=str(model_dir),
         reward_funcs=["accuracy", "length_penalty", "rm"],
         reward_weights=WEIGHTS,
-        per_device_train_batch_size=len(rows),
+        per_device_train_batch_size=len(completions),
         num_generations=G,
         max_completion_length=L,
         temperature=case["temperature"],
@@ -173,10 +191,9 @@ def run_posttrain(case, model_dir, rm_dir, completions, rows):
     method.setup(ctx)
     perturb(model)
     model.train()
-    rollout.hf_generate = lambda *a, **k: [list(c) for c in completions]
+    method.generator = FixedCompletions(completions)
     batch = method.collate(method.prepare(datasets.Dataset.from_list(rows), ctx), ctx)
-    with torch.no_grad():
-        batch = method.rollout(model, batch, ctx)
+    (batch,) = method.rollout(model, [batch], ctx)
     out = method.loss(model, batch, ctx)
     loss = out.loss_sum / out.n_items
     loss.backward()
@@ -243,7 +260,23 @@ def main() -> int:
         "16 fixed completions (4 prompts x 4), fp32 CPU",
         "details": details,
     }
-    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} RLOOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            f"case {i}/{quantity}": {"value": value, "note": f"largest relative difference of {quantity} in the step"}
+            for i, case in enumerate(result["details"])
+            for quantity, value in case["max_rel_diff"].items()
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(f"max relative difference {worst:.2e} (target {TARGET:g}): {'PASSED' if passed else 'FAILED'}")
     return 0 if passed else 1
 

@@ -12,6 +12,7 @@ ROWS = [{"prompt": f"{a}+{b}=" + " " * (a % 3), "answer": str(a + b)} for a in r
 CONFIG = {
     "reward_funcs": ["rloo_first_is_digit"],
     "num_generations": 4,
+    "per_prompt_generation": True,
     "max_completion_length": 6,
     "learning_rate": 1e-2,
     "generation_kwargs": {"sequence_bias": [[[1], 3.0]]},
@@ -25,6 +26,7 @@ TestConformance = conformance_suite(
     tier="full",
     progress_metric="reward",
     progress_direction="increase",
+    batch_unit=4,
 )
 
 
@@ -34,4 +36,6 @@ def test_grad_accumulation_gives_the_same_weights(tmp_path):
     batch 4 x 1, 1 x 4 and 2 x 2 reach the same weights after 2 steps (atol 1e-5)."""
     from posttrain.testing.kit import tiny_model
 
-    check_grad_accumulation(RLOO, ROWS, tiny_model(tmp_path / "model"), tmp_path, CONFIG, rtol=float("inf"))
+    check_grad_accumulation(
+        RLOO, ROWS, tiny_model(tmp_path / "model"), tmp_path, CONFIG, rtol=float("inf"), batch_unit=4
+    )

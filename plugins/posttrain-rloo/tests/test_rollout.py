@@ -8,7 +8,8 @@ import datasets
 import pytest
 import torch
 from posttrain import ConfigError, TrainContext
-from posttrain_rloo import RLOO, RewardError, RLOOConfig, rloo_advantages
+from posttrain.rewards import RewardError
+from posttrain_rloo import RLOO, RLOOConfig, rloo_advantages
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -40,7 +41,7 @@ def test_rewards_clip_then_kl_then_leave_one_out(rloo_tiny_model):
     with torch.no_grad():  # a reference that is not the policy
         for p in method.ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out = method.rollout(ctx.model, batch, ctx)
+    (out,) = method.rollout(ctx.model, [batch], ctx)
     mask = out["completion_mask"]
     with torch.no_grad():
         ref = method.ref_model(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits
@@ -70,7 +71,7 @@ def test_rewards_clip_then_kl_then_leave_one_out(rloo_tiny_model):
 
 def test_loss_metrics_and_item_count(rloo_tiny_model):
     method, ctx, batch = setup_method(rloo_tiny_model, {"length": length})
-    out = method.loss(ctx.model, method.rollout(ctx.model, batch, ctx), ctx)
+    out = method.loss(ctx.model, method.rollout(ctx.model, [batch], ctx)[0], ctx)
     assert out.n_items == 8
     for key in (
         "reward",
@@ -92,14 +93,14 @@ def test_reward_errors_name_the_prompt(rloo_tiny_model):
         raise KeyError("solution")
 
     method, ctx, batch = setup_method(rloo_tiny_model, {"broken": broken}, beta=0.0)
-    with pytest.raises(RewardError, match=r"'broken' raised on completion 0 of prompt 0 \(dataset row 0\).*KeyError"):
-        method.rollout(ctx.model, batch, ctx)
+    with pytest.raises(RewardError, match=r"'broken' raised on completion 0 of dataset row 0 at step 1.*KeyError"):
+        method.rollout(ctx.model, [batch], ctx)
 
 
-def test_use_vllm_without_vllm_installed_is_a_clear_error(rloo_tiny_model, monkeypatch):
+def test_vllm_backend_without_vllm_installed_is_a_clear_error(rloo_tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(ConfigError, match=r"pip install 'posttrain-rloo\[vllm\]'"):
-        setup_method(rloo_tiny_model, {"length": length}, use_vllm=True)
+    with pytest.raises(ConfigError, match=r"pip install 'posttrain\[vllm\]'"):
+        setup_method(rloo_tiny_model, {"length": length}, generation_backend="vllm")
 
 
 def test_config_problems_are_reported_together():

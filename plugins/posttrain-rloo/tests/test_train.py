@@ -29,7 +29,7 @@ def test_rloo_raises_the_verifier_reward(rloo_echo_model, tmp_path):
         reward_funcs=["echo_exact"],
         max_steps=40,
         learning_rate=3e-3,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=64,  # completions: 8 prompts x 8
         num_generations=8,
         max_completion_length=4,
         logging_steps=1,
@@ -52,7 +52,11 @@ def test_shipped_config_loads_and_trains_through_the_cli(rloo_tiny_model, tmp_pa
     assert config.reward_funcs == ["accuracy"] and config.beta == 0.05
     from posttrain.cli.train import run
 
-    monkeypatch.chdir(CONFIGS.parents[2])
+    # The command runs from the repository root, where plugins/posttrain-rloo/... resolves; a link makes that
+    # true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-rloo").symlink_to(CONFIGS.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "root")
     code = run(
         "train",
         [

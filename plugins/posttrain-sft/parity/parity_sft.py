@@ -15,7 +15,6 @@ Prints a per-step table, writes parity/result.json and exits 1 when the max rela
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -187,7 +186,19 @@ def main() -> int:
             "cases": details,
         },
     }
-    (HERE / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} SFTTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={name: (c["trl_loss"], c["posttrain_loss"]) for name, c in result["details"]["cases"].items()},
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(
         f"\nmax relative per-step loss difference over {len(CASES)} cases x {STEPS} steps: {worst:.2e} "
         f"(target {TARGET:.0e}) -> {'PASS' if passed else 'FAIL'}"

@@ -45,3 +45,29 @@ def sft_ctx(sft_tokenizer):
         return TrainContext(config=SFTConfig(**fields), tokenizer=sft_tokenizer)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def logged():
+    """``logged(*metric_dicts)`` -> what the loop logs for these micro-batches on one process, as floats.
+
+    ``Metric.ratio``: sum of numerators / sum of denominators; ``Metric.total`` / ``Metric.sum``: the sum (a total
+    starting from 0); a plain value: the mean.
+    """
+    import torch
+    from posttrain import Metric
+
+    def reduce(*metric_dicts: dict) -> dict[str, float]:
+        sums: dict[str, list[float]] = {}
+        for metrics in metric_dicts:
+            for name, value in metrics.items():
+                if not isinstance(value, Metric):
+                    value = Metric.mean(value)
+                assert value.kind in ("mean", "ratio", "sum", "total"), f"{name}: unexpected kind {value.kind}"
+                denominator = value.denominator if value.kind == "ratio" else float(value.kind == "mean")
+                pair = sums.setdefault(name, [0.0, 0.0])
+                pair[0] += float(torch.as_tensor(value.value, dtype=torch.float64))
+                pair[1] += float(torch.as_tensor(denominator, dtype=torch.float64))
+        return {name: num / den if den else num for name, (num, den) in sums.items()}
+
+    return reduce

@@ -9,8 +9,8 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError
-from posttrain_sft import SFTConfig, collate, pack_bfd, prepare_rows
+from posttrain import ConfigError, DataError, RowProblem
+from posttrain_sft import SFT, SFTConfig, collate, pack_bfd, prepare_rows
 
 X = -100  # IGNORE_INDEX
 END, USER, ASSISTANT = 1, 3, 4
@@ -192,15 +192,41 @@ def test_a_message_with_an_unknown_role_is_named(sft_tokenizer):
         prepare(rows, sft_tokenizer)
 
 
-def test_assistant_only_loss_on_standard_text_names_the_row(sft_tokenizer):
-    with pytest.raises(DataError, match="row 0: assistant_only_loss is true but the row is standard text"):
-        prepare([{"text": "ab"}], sft_tokenizer, assistant_only_loss=True)
+def test_assistant_only_loss_on_standard_text_names_every_row(sft_tokenizer):
+    with pytest.raises(DataError) as info:
+        prepare([{"text": "ab"}, {"text": "ba"}], sft_tokenizer, assistant_only_loss=True)
+    assert [(p.row, p.field) for p in info.value.problems] == [(0, "text"), (1, "text")]
+    assert "row 0 of the dataset: field 'text' is standard text, but assistant_only_loss is true" in str(info.value)
+    assert "(1 more problem in other rows.)" in str(info.value) and "posttrain check-data sft" in str(info.value)
 
 
 def test_assistant_only_loss_on_a_conversation_without_assistant_names_the_row(sft_tokenizer):
     rows = [{"messages": [user("a"), assistant("b")]}, {"messages": [user("a")]}]
-    with pytest.raises(DataError, match=r"row 1: .*marks no token"):
+    with pytest.raises(DataError, match=r"row 1 of the dataset: field 'messages' has no token .* assistant's"):
         prepare(rows, sft_tokenizer, assistant_only_loss=True)
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(sft_ctx):
+    """check-data (no model, no tokenizer) and training agree: core's format problems plus rows mixing kinds."""
+    good = {"prompt": "a", "completion": "b"}
+    rows = [
+        good,
+        {"prompt": [user("a")], "completion": "b"},
+        {"prompt": "a", "completion": None},
+        good,
+        {"prompt": "a", "completion": [assistant("b")]},
+    ]
+    reported = SFT().check_rows(rows)
+    assert [(p.row, p.field) for p in reported] == [(1, "completion"), (2, "completion"), (4, "completion")]
+    assert reported[0] == RowProblem(
+        1, "completion", "is a string while 'prompt' is a list of messages", reported[0].fix
+    )
+    assert reported[1].problem == "is missing"  # core's format check
+    assert reported[2].problem == "is a list of messages while 'prompt' is a string"
+    with pytest.raises(DataError) as info:
+        SFT().prepare(rows, sft_ctx())
+    assert info.value.problems == reported and info.value.method == "sft"
+    assert SFT().check_rows([good, good]) == [] and len(SFT().prepare([good, good], sft_ctx())) == 2
 
 
 def test_assistant_only_loss_needs_generation_markers(sft_tokenizer):

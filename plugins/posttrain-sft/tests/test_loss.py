@@ -76,3 +76,13 @@ def test_token_metrics_count_accuracy_and_entropy_over_loss_tokens_only():
 def test_token_metrics_of_a_batch_without_loss_tokens_are_zero():
     n, correct, entropy = token_metrics(LOGITS, torch.full((1, 4), IGNORE_INDEX))
     assert (int(n), int(correct), float(entropy)) == (0, 0, 0.0)
+
+
+def test_losses_are_the_config_choices():
+    """One way to pick a variant: SFTConfig.loss_type lists exactly the names of loss.LOSSES."""
+    import typing
+
+    from posttrain_sft.config import LossType
+    from posttrain_sft.loss import LOSSES
+
+    assert typing.get_args(LossType) == tuple(LOSSES) and LOSSES == {"nll": nll_loss, "dft": dft_loss}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -190,7 +192,8 @@ def test_num_tokens_is_the_running_total_through_accumulation_and_logging_window
     sft_model_dir, sft_tokenizer, tmp_path
 ):
     """Full batch split into 2 micro-batches, logged every 2 steps: each step trains on every token of the dataset
-    once, so the logged num_tokens is step x (all non-padding tokens), as in TRL; evaluation reports that total."""
+    once, so the logged num_tokens is step x (all non-padding tokens), as in TRL. It is a training count
+    (``Metric.total``): evaluation rows do not report it."""
     total = sum(
         len(r["input_ids"])
         for r in prepare_rows(datasets.Dataset.from_list(TEXTS), sft_tokenizer, SFTConfig(max_length=64))
@@ -212,8 +215,44 @@ def test_num_tokens_is_the_running_total_through_accumulation_and_logging_window
     logged = [(row["step"], row["num_tokens"]) for row in history if "loss" in row]
     assert logged == [(2, 2 * total), (4, 4 * total)]
     evaluation = history[-1]
-    assert evaluation["eval_num_tokens"] == 4 * total
+    assert "eval_num_tokens" not in evaluation
     assert 0.0 <= evaluation["eval_mean_token_accuracy"] <= 1.0 and evaluation["eval_loss"] > 0
+
+
+def test_num_tokens_continues_across_resume(sft_model_dir, tmp_path):
+    """The loop saves the running total in the checkpoint; the resumed run logs what the uninterrupted one does."""
+    import shutil
+
+    fields = dict(max_steps=4, per_device_train_batch_size=5, logging_steps=2, save_steps=2)
+    whole = run(sft_model_dir, tmp_path, "whole", TEXTS, **fields).log_history
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(sft_model_dir, tmp_path, "resumed", TEXTS, **fields, resume_from_checkpoint="latest").log_history
+    expected = [(r["step"], r["num_tokens"]) for r in whole if "loss" in r]
+    assert [(r["step"], r["num_tokens"]) for r in resumed if "loss" in r] == expected[1:]
+    assert expected[1][1] > expected[0][1] > 0
+
+
+def test_token_metrics_are_pooled_over_micro_batches(sft_model_dir, sft_tokenizer, logged):
+    """One short row in a micro-batch and three long ones in another log what the four in one micro-batch do:
+    accuracy and entropy are sums over loss tokens divided by their number (``Metric.ratio``), num_tokens a sum. A
+    mean of the two micro-batch ratios would weight the short row's few tokens as much as the other 3 rows' many."""
+    model = AutoModelForCausalLM.from_pretrained(sft_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a model whose accuracy and entropy differ from token to token
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    ctx = TrainContext(config=SFTConfig(max_length=64), tokenizer=sft_tokenizer)
+    method = SFT()
+    rows = method.prepare(datasets.Dataset.from_list([{"text": "ab"}, *TEXTS[3:6]]), ctx)
+    with torch.no_grad():
+        together = logged(method.loss(model, method.collate(rows, ctx), ctx).metrics)
+        parts = [method.loss(model, method.collate(part, ctx), ctx).metrics for part in (rows[:1], rows[1:])]
+    apart = logged(*parts)
+    assert together.keys() == apart.keys() == {"mean_token_accuracy", "entropy", "num_tokens"}
+    for name, value in together.items():
+        assert apart[name] == pytest.approx(value, rel=1e-6), name
+    mean_of_ratios = sum(logged(part)["entropy"] for part in parts) / 2
+    assert abs(mean_of_ratios - together["entropy"]) > 1e-3 * together["entropy"]  # the grouping would matter
 
 
 # -- LoRA, gradient checkpointing, the command line ------------------------------------------------------------
@@ -261,34 +300,21 @@ def test_gradient_checkpointing_changes_no_number(sft_model_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_yaml_example_runs_from_the_command_line(sft_model_dir, tmp_path, monkeypatch):
-    """configs/tiny.yaml with the command its first comment gives (plus a short max_steps)."""
-    from posttrain.cli import main
-
+def test_the_yaml_example_runs_from_the_command_line(sft_model_dir, tmp_path):
+    """configs/tiny.yaml with the command its first comment gives (plus a short max_steps), in a fresh process."""
     yaml_path = PLUGIN / "configs" / "tiny.yaml"
     first_comment = yaml_path.read_text().splitlines()[0]
     assert first_comment.startswith("# posttrain train sft --config plugins/posttrain-sft/configs/tiny.yaml")
-    monkeypatch.chdir(PLUGIN.parents[1])  # the command runs from the repository root
+    # The command runs from the repository root, where plugins/posttrain-sft/... resolves; a link makes that
+    # true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-sft").symlink_to(PLUGIN, target_is_directory=True)
     out = tmp_path / "cli"
-    code = main(
-        [
-            "train",
-            "sft",
-            "--config",
-            str(yaml_path),
-            "--model",
-            str(sft_model_dir),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--disable_progress_bar",
-            "true",
-        ]
-    )
-    assert code == 0
+    command = [sys.executable, "-m", "posttrain", "train", "sft", "--config", str(yaml_path)]
+    command += ["--model", str(sft_model_dir), "--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1"]
+    command += ["--disable_progress_bar", "true"]
+    done = subprocess.run(command, cwd=tmp_path / "root", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "grad_norm", "learning_rate", "mean_token_accuracy", "entropy", "num_tokens"} <= set(rows[0])

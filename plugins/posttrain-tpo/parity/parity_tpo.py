@@ -17,7 +17,6 @@ Run:  /work/parity-venv/bin/python plugins/posttrain-tpo/parity/parity_tpo.py
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import sys
@@ -188,7 +187,23 @@ def main() -> int:
         "passed": passed,
         "details": details,
     }
-    (Path(__file__).parent / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the measured figures, the tolerance, the reference and a hash of src/: what `posttrain promote` verifies
+    from posttrain.testing.parity import write_result
+
+    write_result(
+        Path(__file__).parent / "result.json",
+        method=result["method"],
+        reference=f"TRL {result['trl_version']} trl.experimental.tpo.TPOTrainer",
+        compared=result.get("compared")
+        or f"per-step training loss over {result['steps']} steps on a tiny model, fp32 CPU",
+        tolerance=result["target"],
+        comparisons={
+            name: ([s["trl"]["loss"] for s in v["per_step"]], [s["posttrain"]["loss"] for s in v["per_step"]])
+            for name, v in result["details"]["variants"].items()
+            if v.get("counted", True)
+        },
+        details={k: v for k, v in result.items() if k not in ("method", "max_rel_diff", "target", "passed")},
+    )
     print(
         f"\nmax relative loss difference over {len(VARIANTS)} variants: {worst_all:.2e} (target {TARGET:g}): "
         f"{'PASS' if passed else 'FAIL'}"

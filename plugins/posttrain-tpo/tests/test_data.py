@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from posttrain import ConfigError, DataError
+from posttrain import ConfigError, DataError, RowProblem
 from posttrain.config import load_config
 from posttrain_tpo import TPO, TPOConfig
 from posttrain_tpo.data import collate_rows, prepare_rows, split_prompt, tokenize_triple
@@ -123,12 +123,38 @@ def test_missing_reference_column_and_check_rows(tpo_tokenizer):
     with pytest.raises(DataError, match=r"row 0 .*'reference' is missing: the dataset has columns"):
         prepare_rows(no_column, tpo_tokenizer)
     rows = [dict(GOOD), {**GOOD, "reference": None}, {**GOOD, "chosen": None}, {**GOOD, "reference": ""}]
-    messages = TPO().check_rows(rows)
-    assert [m.split(":")[0] for m in messages] == [
-        "row 1 of the dataset",
-        "row 2 of the dataset",
-        "row 3 of the dataset",
+    problems = TPO().check_rows(rows)
+    assert [(p.row, p.field, p.problem) for p in problems] == [
+        (1, "reference", "is missing"),
+        (2, "chosen", "is missing"),
+        (3, "reference", "is empty"),
     ]
+
+
+def test_prepare_refuses_exactly_the_rows_check_rows_reports(tpo_tokenizer):
+    """check-data (no model, no tokenizer) and training agree: every bad row, implicit-prompt references too."""
+    implicit = {"chosen": "Q: yes", "rejected": "Q: no", "reference": "Q: ok"}
+    rows = [
+        dict(GOOD),
+        {**GOOD, "reference": None},
+        {**implicit, "reference": "ok"},  # does not start with the shared prompt "Q:"
+        {**GOOD, "rejected": None, "reference": ""},  # two problems in one row
+        implicit,
+    ]
+    reported = TPO().check_rows(rows)
+    assert [(p.row, p.field) for p in reported] == [
+        (1, "reference"),
+        (2, "reference"),
+        (3, "rejected"),
+        (3, "reference"),
+    ]
+    assert all(isinstance(p, RowProblem) for p in reported)
+    with pytest.raises(DataError) as info:
+        prepare_rows(rows, tpo_tokenizer)
+    assert info.value.problems == reported and info.value.method == "tpo"
+    assert "(3 more problems in other rows.)" in str(info.value)
+    good = [rows[0], rows[4]]
+    assert TPO().check_rows(good) == [] and len(prepare_rows(good, tpo_tokenizer)) == 2
 
 
 def test_config_checks():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from posttrain.config import build_config
 from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
-from posttrain_tpo import TPO, TPOConfig, hinge_loss, ipo_loss, preference_loss, reference_nll, tpo_l_loss, tpo_loss
+from posttrain_tpo import LOSSES, TPO, TPOConfig, hinge_loss, ipo_loss, reference_nll, tpo_l_loss, tpo_loss
 
 CHOSEN, REJECTED = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -3.0])  # delta = chosen - rejected = [1, -3]
 # Hand values are printed to 6 decimals (off by <= 5e-7); the loss functions are float32, a few rounded operations on
@@ -59,14 +59,20 @@ def test_limits():
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "tpo-l"])
-def test_dispatch(loss_type):
+def test_losses_dict_calls_each_function_with_the_shared_keywords(loss_type):
+    """TPOConfig.loss_type lists exactly LOSSES' names; each function takes the shared keywords and uses its own."""
+    import typing
+
+    from posttrain_tpo.config import LossType
+
+    assert typing.get_args(LossType) == tuple(LOSSES)
     functions = {
         "sigmoid": lambda: tpo_loss(CHOSEN, REJECTED, 0.5, 0.1),
         "hinge": lambda: hinge_loss(CHOSEN, REJECTED, 0.5),
         "ipo": lambda: ipo_loss(CHOSEN, REJECTED, 0.5),
         "tpo-l": lambda: tpo_l_loss(CHOSEN, REJECTED, 0.5, 0.3, 0.1),
     }
-    got = preference_loss(loss_type, CHOSEN, REJECTED, 0.5, 0.1 if loss_type in ("sigmoid", "tpo-l") else 0.0, 0.3)
+    got = LOSSES[loss_type](chosen_logps=CHOSEN, rejected_logps=REJECTED, beta=0.5, gamma=0.3, label_smoothing=0.1)
     torch.testing.assert_close(got, functions[loss_type]())
 
 

@@ -4,7 +4,8 @@
 only when all hold, writes ``Development Status :: 5 - Production/Stable``, the next major version, a
 CHANGELOG entry, ``status: stable`` in the docs page's front matter and a record (``promotion.json``,
 ``PROMOTION.md``); ``demote [--retire]`` goes back. Rewrites are textual (layout and comments stay) and
-checked by parsing the result. Standard library only: the conformance kit runs in a pytest subprocess.
+checked by parsing the result. Standard library only: the conformance kit and the parity scripts run in
+subprocesses; promote judges what it ran or measured, never a verdict handed to it.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def find_package(target: str | None, cwd: str | Path | None = None) -> Path:
         if (d / "plugins" / f"posttrain-{target}" / "pyproject.toml").is_file():
             return d / "plugins" / f"posttrain-{target}"
     for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
         if name == f"posttrain-{target}" or any(ep.name == target and ep.group in GROUPS for ep in dist.entry_points):
             source = install_source(dist)
             if source is not None and (source / "pyproject.toml").is_file():
@@ -247,7 +248,11 @@ def check_tests(pkg: Package) -> Criterion:
 
 
 def check_docs(pkg: Package, page: Path | None, looked: list[Path]) -> Criterion:
-    """A README (pyproject's ``readme``, else README.md) and a docs page, both with text."""
+    """A README (pyproject's ``readme``, else README.md) and a docs page, both with text the author wrote.
+
+    A section ``posttrain new`` left for the author (a blockquote starting "Write before promotion:", or its
+    instructions with the mark removed) fails the criterion, naming the file and the section.
+    """
     title = "README and docs page"
     readme_field = pkg.project.get("readme", "README.md")
     readme = pkg.root / (readme_field.get("file", "README.md") if isinstance(readme_field, dict) else readme_field)
@@ -261,55 +266,92 @@ def check_docs(pkg: Package, page: Path | None, looked: list[Path]) -> Criterion
         )
     elif not _FRONT_MATTER.sub("", page.read_text(encoding="utf-8")).strip():
         missing.append(f"the docs page {display_path(page, pkg.root)} is empty")
+    for path in (readme, page):
+        if path is not None and path.is_file():
+            sections = placeholder_sections(path.read_text(encoding="utf-8"))
+            if sections:
+                missing.append(
+                    f"{display_path(path, pkg.root)} still holds text `posttrain new` left for you to write, in "
+                    f"{', '.join(repr(s) for s in sections)}: replace each such quoted block with the method's own "
+                    "description"
+                )
     evidence = {"readme": display_path(readme, pkg.root), "docs_page": display_path(page, pkg.root) if page else None}
     if missing:
         return Criterion("docs", title, False, "; ".join(missing) + ".", evidence)
     return Criterion("docs", title, True, f"{evidence['readme']}, docs page {evidence['docs_page']}", evidence)
 
 
+def placeholder_sections(text: str) -> list[str]:
+    """Headings of the sections of ``text`` that still hold a scaffold placeholder (the mark or its instructions)."""
+    from posttrain._lifecycle import scaffold
+
+    phrases = scaffold.placeholder_phrases()
+    flat = " ".join(line.lstrip("> ").strip() for line in text.splitlines())
+    found, heading = [], "(top)"
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if scaffold.PLACEHOLDER_MARK in line and heading not in found:
+            found.append(heading)
+    for phrase in phrases:
+        if phrase in flat and not found:
+            found.append(f"a section quoting {phrase[:40]!r}...")
+    return found
+
+
 def check_parity(pkg: Package) -> Criterion:
-    """``parity/result.json`` with ``"passed": true``, or a ``BENCHMARK.md`` with measured results."""
+    """``parity/result.json`` in the ``posttrain.result/1`` format: figures that give a statistic within its
+    tolerance, measured on the package's current source (:func:`posttrain.testing.parity.result_problems`)."""
+    from posttrain.testing.parity import FORMAT, read_result, result_problems
+
     title = "parity or benchmark result"
-    result, bench = pkg.root / PARITY_RESULT, pkg.root / BENCHMARK
-    if result.is_file():
-        try:
-            data = json.loads(result.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            return Criterion("parity", title, False, f"{PARITY_RESULT} is not valid JSON: {exc}.")
-        keys = ("method", "trl_version", "steps", "max_rel_diff", "target", "passed")
-        evidence = {"file": str(PARITY_RESULT), **{k: data[k] for k in keys if k in data}}
-        if data.get("passed") is not True:
-            return Criterion(
-                "parity",
-                title,
-                False,
-                f"{PARITY_RESULT} records passed: {data.get('passed')} "
-                f"(max_rel_diff {data.get('max_rel_diff')}, target {data.get('target')}); fix the "
-                "difference and run the parity script again.",
-                evidence,
-            )
+    path = pkg.root / PARITY_RESULT
+    scripts = parity_scripts(pkg)
+    run_hint = (
+        f"run {', '.join(display_path(s, pkg.root) for s in scripts)} (or `posttrain promote --run-parity`)"
+        if scripts
+        else "write a script in parity/ that measures the method against a reference implementation (or a "
+        "baseline) and records the figures with posttrain.testing.parity.write_result"
+    )
+    if not path.is_file():
+        bench = " (BENCHMARK.md is prose: record its figures with write_result(kind='benchmark'))"
+        extra = bench if (pkg.root / BENCHMARK).is_file() else ""
+        return Criterion("parity", title, False, f"no {PARITY_RESULT}{extra}: {run_hint}.")
+    try:
+        data = read_result(path)
+    except ValueError as exc:
+        return Criterion("parity", title, False, f"{exc}.")
+    problems = result_problems(data, pkg.root)
+    evidence = {"file": str(PARITY_RESULT), **{k: v for k, v in data.items() if k != "details"}}
+    if problems:
         return Criterion(
-            "parity",
-            title,
-            True,
-            f"{PARITY_RESULT}: passed, max_rel_diff {data.get('max_rel_diff')} (target {data.get('target')})",
-            evidence,
-        )
-    if bench.is_file() and bench.read_text(encoding="utf-8").strip():
-        return Criterion(
-            "parity",
-            title,
-            True,
-            f"{BENCHMARK} ({len(bench.read_text().splitlines())} lines)",
-            {"file": str(BENCHMARK)},
+            "parity", title, False, f"{PARITY_RESULT}: " + "; ".join(problems) + f". Then {run_hint}.", evidence
         )
     return Criterion(
         "parity",
         title,
-        False,
-        f"no {PARITY_RESULT} and no {BENCHMARK}: record a parity run against a "
-        'reference implementation (a JSON with "passed": true) or measured benchmark results.',
+        True,
+        f"{PARITY_RESULT} ({FORMAT}): {data['statistic']} {data['measured']:.3g} <= {data['tolerance']:.3g} against "
+        f"{data['reference']} ({len(data['comparisons'])} comparisons; source {data['source']['hash'][:19]}...)",
+        evidence,
     )
+
+
+def parity_scripts(pkg: Package) -> list[Path]:
+    """The package's parity or benchmark scripts: ``[tool.posttrain] parity-script``, else ``parity/*.py``."""
+    declared = pkg.tool.get("parity-script")
+    if declared:
+        return [pkg.root / declared]
+    return sorted((pkg.root / "parity").glob("*.py")) if (pkg.root / "parity").is_dir() else []
+
+
+def run_parity(pkg: Package, python: str = sys.executable) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """Run each parity script in a subprocess from the package root; each writes ``parity/result.json``."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return [
+        (s, subprocess.run([python, str(s)], cwd=pkg.root, capture_output=True, text=True, env=env))
+        for s in parity_scripts(pkg)
+    ]
 
 
 def check_changelog(pkg: Package) -> Criterion:
@@ -441,12 +483,10 @@ def _installed_source_problem(pkg: Package) -> str | None:
     return f"{where}, and the kit checks installed metadata: run `pip install -e {pkg.root}` first"
 
 
-def check_conformance(pkg: Package, kit_report: str | Path | None = None) -> Criterion:
-    """The conformance kit green at tier full: from ``kit_report`` (pytest --junitxml) or a fresh run."""
+def check_conformance(pkg: Package) -> Criterion:
+    """The conformance kit green at tier full, in a fresh pytest run of the package's tests (never a report
+    handed in: a report is as easy to write as to run)."""
     title = "conformance kit green at tier full"
-    if kit_report is not None:
-        ok, detail, evidence = judge_kit_report(read_junit(kit_report))
-        return Criterion("conformance", title, ok, detail, {"source": str(kit_report), **evidence})
     problem = _installed_source_problem(pkg)
     if problem:
         return Criterion("conformance", title, False, problem + ".")
@@ -486,14 +526,13 @@ def check_criteria(
     pkg: Package,
     page: Path | None,
     looked: list[Path],
-    kit_report: str | Path | None = None,
     on_kit_start: Callable[[], None] | None = None,
 ) -> list[Criterion]:
     """Every criterion, cheapest first; the test run (announced through ``on_kit_start``) last."""
     found = [check_tests(pkg), check_docs(pkg, page, looked), check_parity(pkg), check_changelog(pkg)]
-    if on_kit_start is not None and kit_report is None:
+    if on_kit_start is not None:
         on_kit_start()
-    return [*found, check_conformance(pkg, kit_report)]
+    return [*found, check_conformance(pkg)]
 
 
 # -- textual rewrites -----------------------------------------------------------------------------------
@@ -697,6 +736,46 @@ def render_record(record: dict) -> str:
             ]
             lines.append("")
     return "\n".join(lines)
+
+
+def verify_record(root: str | Path) -> list[str]:
+    """What is wrong with a package's promotion record, judged by today's rules for what a promotion needs.
+
+    Each promote event must list every criterion as passed, its conformance evidence must show every check
+    of the kit at that time passed or a declared xfail, and its parity evidence must be a complete
+    ``posttrain.result/1`` result whose figures give the recorded statistic within its tolerance (the source
+    hash is the one promoted; the source may have changed since, in later releases).
+    """
+    from posttrain.testing.parity import result_problems
+
+    path = Path(root) / RECORD_JSON
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{path}: cannot read the record ({exc})"]
+    problems = []
+    for i, event in enumerate(record.get("events", [])):
+        if event.get("action") != "promote":
+            continue
+        where = f"{path.name} event {i} ({event.get('version', {}).get('to')})"
+        criteria = {c.get("name"): c for c in event.get("criteria", [])}
+        for name in ("tests", "docs", "parity", "changelog", "conformance"):
+            if name not in criteria:
+                problems.append(f"{where}: criterion {name!r} is not recorded")
+            elif not criteria[name].get("passed"):
+                problems.append(f"{where}: criterion {name!r} did not pass")
+        parity = criteria.get("parity", {}).get("evidence", {})
+        problems += [f"{where}: parity evidence: {p}" for p in result_problems(parity)]
+        if not (parity.get("source") or {}).get("hash"):
+            problems.append(f"{where}: parity evidence records no source hash")
+        suites = criteria.get("conformance", {}).get("evidence", {}).get("suites", {})
+        if not suites:
+            problems.append(f"{where}: conformance evidence lists no kit suite")
+        for suite, found in suites.items():
+            bad = {k: v for k, v in found.get("checks", {}).items() if v not in ("passed", "xfailed")}
+            if bad:
+                problems.append(f"{where}: {suite} checks not green: {bad}")
+    return problems
 
 
 def plan(

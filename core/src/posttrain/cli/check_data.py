@@ -1,58 +1,21 @@
-"""``posttrain check-data METHOD FILE``: every bad row of a dataset, before any model is loaded."""
+"""``posttrain check-data METHOD FILE``: every bad row of a dataset, before any model is loaded.
+
+The file is read and checked by the same code ``posttrain train`` uses (:mod:`posttrain._reader`), so the two
+commands agree on every file. Rows count from 0 in file order.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-from posttrain._errors import DataError
-from posttrain.data import RowProblem
 
-
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSON/JSONL file read with the standard library, so a malformed line is reported by
-    number and mixed types reach the validator; other formats go through ``datasets``."""
-    p = Path(path)
-    if p.suffix.lower() in (".jsonl", ".json") and p.is_file():
-        text = p.read_text()
-        if not text.strip():
-            raise DataError(f"dataset file {path!r} is empty; it needs at least one row.")
-        if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}.") from None
-        else:
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"line {number} of {path} (row {len(rows)}) is not valid JSON: {exc.msg}. "
-                        "Each line must be one JSON object."
-                    ) from None
-        not_objects = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
-        if not_objects:
-            raise DataError(f"row {not_objects[0]} of {path} is not a JSON object (got {rows[not_objects[0]]!r}).")
-        return rows
+def _rows_of(path: str):
+    from posttrain import _reader
     from posttrain.data import load_dataset
 
-    return load_dataset(path).to_list()
-
-
-def _as_problem(item) -> RowProblem:
-    """``check_rows`` returns messages ("row 3 of the dataset: field 'chosen' ...") or RowProblems; read both."""
-    if isinstance(item, RowProblem):
-        return item
-    m = re.match(r"^(?:[^:]*: )?row (\d+) of .*?: field '([^']*)' (.*)$", str(item), re.DOTALL)
-    if m is None:
-        return RowProblem(-1, "", str(item))
-    return RowProblem(int(m.group(1)), m.group(2), m.group(3))
+    return _reader.read_file(path) if _reader.is_readable_here(path) else load_dataset(path)
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -61,26 +24,22 @@ def run(command: str, argv: list[str]) -> int:
     )
     p.add_argument("method")
     p.add_argument("file")
-    p.add_argument("--limit", type=int, default=None, help="stop after N problems")
+    p.add_argument("--limit", type=int, default=None, help="show at most N problems")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     args = p.parse_args(argv)
 
+    from posttrain import _reader
     from posttrain import _registry as registry
-    from posttrain.data import validate
 
-    method_class, _ = registry.resolve_method(args.method, allow_inactive=True)
+    # no hook plugins: checking a file needs only the method's own package
+    method_class, _ = registry.resolve_method(args.method, allow_inactive=True, hooks=False)
+    method = registry.instantiate(method_class, args.method)
     formats = tuple(getattr(method_class, "dataset_formats", ()) or ())
-    rows = read_rows(args.file)
+    table = _rows_of(args.file)
     source = Path(args.file).name
-    problems = validate(rows, formats, source, args.limit) if formats else []
-    check_rows = getattr(method_class, "check_rows", None)  # an instance method: `Method.check_rows(dataset)`
-    if check_rows is not None and (args.limit is None or len(problems) < args.limit):
-        seen = {(q.row, q.field) for q in problems}
-        extra = [_as_problem(item) for item in method_class().check_rows(rows)]
-        problems += [q for q in extra if (q.row, q.field) not in seen and not seen.add((q.row, q.field))]
-        problems.sort(key=lambda q: q.row)
-    if args.limit is not None:
-        problems = problems[: args.limit]
+    problems, warned = _reader.problems_and_warnings(method, table, source)
+    n_rows = len(table)
+    shown = problems if args.limit is None else problems[: args.limit]
     bad_rows = sorted({q.row for q in problems if q.row >= 0})
     if args.json:
         print(
@@ -88,22 +47,32 @@ def run(command: str, argv: list[str]) -> int:
                 {
                     "method": args.method,
                     "file": args.file,
-                    "rows": len(rows),
+                    "rows": n_rows,
                     "formats": list(formats),
                     "bad_rows": len(bad_rows),
-                    "problems": [vars(q) for q in problems],
+                    "problems": [q.as_dict() for q in shown],
+                    "warnings": [q.as_dict() for q in warned],
                 },
                 indent=2,
             )
         )
     else:
-        for q in problems:
-            print(q.message(source) if q.row >= 0 else q.problem)
+        for q in shown:
+            print(q.message(source))
+        for q in warned:
+            print("warning: " + q.message(source))
+        fmt = " or ".join(formats) or "not declared"
         if problems:
+            more = (
+                f" ({len(problems) - len(shown)} more not shown; drop --limit to see them)"
+                if len(shown) < len(problems)
+                else ""
+            )
             print(
-                f"\n{len(bad_rows)} bad row(s) out of {len(rows)} in {args.file} for method {args.method!r} "
-                f"(format: {' or '.join(formats)})."
+                f"\n{len(bad_rows)} bad row(s) out of {n_rows} in {args.file} for method {args.method!r} "
+                f"(format: {fmt}; rows count from 0).{more}"
             )
         else:
-            print(f"ok: {len(rows)} rows of {args.file} match {args.method!r} ({' or '.join(formats)}).")
+            extra = f", {len(warned)} warning(s)" if warned else ""
+            print(f"ok: {n_rows} rows of {args.file} match {args.method!r} ({fmt}){extra}.")
     return 1 if problems else 0

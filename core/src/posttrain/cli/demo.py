@@ -40,7 +40,7 @@ GRPO_CONFIG = {
     "reward_funcs": ["accuracy"],  # posttrain-rewards: the completion's final number equals the `answer` column
     "learning_rate": 1e-3,
     "lr_scheduler_type": "constant",
-    "per_device_train_batch_size": 32,  # prompts per step, each sampled num_generations times
+    "per_device_train_batch_size": 256,  # completions per step: 32 prompts x num_generations
     "num_generations": 8,
     "max_completion_length": demo_task.MAX_ANSWER_TOKENS,  # up to three digits and the end-of-turn token
     "temperature": 1.0,
@@ -94,8 +94,8 @@ def require_plugins() -> dict[str, Any]:
                 found[name] = registry.resolve_rewards([name])[name]
         except PluginError as exc:
             raise PosttrainError(
-                f"the demo needs {package} (the {kind} {name!r}): install it with `pip install ./plugins/{package}` "
-                f"from a posttrain checkout, or `pip install {package}`, then run `posttrain demo` again. ({exc})"
+                f"the demo needs {package} (the {kind} {name!r}): install it with `posttrain install "
+                f"{package.removeprefix('posttrain-')}`, then run `posttrain demo` again. ({exc})"
             ) from None
     return found
 

@@ -18,17 +18,18 @@ TARGET_HELP = (
 def promote_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="posttrain promote",
-        description="Check the promotion criteria (conformance kit green at tier full, tests, README and docs page, "
-        "a parity or benchmark result, a changelog) and, when all hold, mark the package stable: Development "
-        "Status 5 - Production/Stable, next major version, CHANGELOG entry, docs page status, PROMOTION.md and "
-        "promotion.json. Exit code 1 and no change when a criterion fails.",
+        description="Check the promotion criteria (conformance kit green at tier full, run here; tests; README and "
+        "docs page written by the author; a measured parity or benchmark result for the current source; a "
+        "changelog) and, when all hold, mark the package stable: Development Status 5 - Production/Stable, next "
+        "major version, CHANGELOG entry, docs page status, PROMOTION.md and promotion.json. Exit code 1 and no "
+        "change when a criterion fails.",
     )
     p.add_argument("target", nargs="?", metavar="NAME_OR_PATH", help=TARGET_HELP)
     p.add_argument(
-        "--kit-report",
-        metavar="FILE",
-        help="a pytest JUnit XML report (pytest tests -p posttrain.testing.kit --junitxml FILE) to judge "
-        "instead of running the package's tests",
+        "--run-parity",
+        action="store_true",
+        help="run the package's parity or benchmark script first ([tool.posttrain] parity-script, else "
+        "parity/*.py), so parity/result.json is measured on the current source",
     )
     p.add_argument("--docs-page", metavar="PATH", help="the method's docs page, when it is not found on its own")
     p.add_argument("--note", metavar="TEXT", help="why now (usage, maintainers); goes into the record and CHANGELOG")
@@ -82,6 +83,18 @@ def _reinstall_hint(pkg) -> None:
         )
 
 
+def _run_parity(pkg) -> None:
+    from posttrain._lifecycle import promotion
+
+    scripts = promotion.parity_scripts(pkg)
+    if not scripts:
+        print("  --run-parity: no parity script ([tool.posttrain] parity-script, or parity/*.py)")
+    for script, proc in promotion.run_parity(pkg):
+        shown = promotion.display_path(script, pkg.root)
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        print(f"  ran {shown}: exit {proc.returncode}" + (f" ({tail})" if proc.returncode else ""), flush=True)
+
+
 def run(command: str, argv: list[str]) -> int:
     from posttrain._discovery import DOCS_PROMOTION
     from posttrain._lifecycle import promotion
@@ -95,11 +108,12 @@ def run(command: str, argv: list[str]) -> int:
     print(f"posttrain {command}: {pkg.distribution} {pkg.version} (Development Status :: {declared}) at {pkg.root}")
     criteria = None
     if action == "promote":
+        if args.run_parity:
+            _run_parity(pkg)
         criteria = promotion.check_criteria(
             pkg,
             page,
             looked,
-            args.kit_report,
             on_kit_start=lambda: print(
                 "  running the package's tests with the conformance kit (pytest tests) ...", flush=True
             ),

@@ -17,12 +17,18 @@ ANSWER_FORMAT = "echo {digit}"
 
 
 def echo_rows(n: int = 40) -> list[dict]:
-    """Prompt-only rows ``{"prompt": "echo D", "answer": "D"}`` cycling through the ten digits."""
+    """Prompt-only rows ``{"prompt": "echo D", "answer": "D"}`` cycling through the ten digits.
+
+    .. versionadded:: 0.1
+    """
     return [{"prompt": ANSWER_FORMAT.format(digit=i % 10), "answer": str(i % 10)} for i in range(n)]
 
 
 def echo_exact(prompts, completions, answer, **columns) -> list[float]:
-    """Verifier: 1.0 when the completion (stripped) equals the ``answer`` column."""
+    """Verifier: 1.0 when the completion (stripped) equals the ``answer`` column.
+
+    .. versionadded:: 0.1
+    """
     return [float(c.strip() == a) for c, a in zip(completions, answer)]
 
 
@@ -30,6 +36,8 @@ def build_echo_model(path: str | Path, seed: int = 0, sft_steps: int = 400) -> P
     """A tiny model at ``path/echo`` that answers ``echo D`` with one digit and EOS, right ~20-55% of the time.
 
     Runs in one torch thread (restored afterwards) so the result does not depend on the caller's setting.
+
+    .. versionadded:: 0.1
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,7 +78,10 @@ def build_echo_model(path: str | Path, seed: int = 0, sft_steps: int = 400) -> P
 
 def echo_exact_probability(model_dir: str | Path) -> float:
     """Mean over the ten prompts of p(right digit) * p(EOS | right digit): the expected verifier reward of
-    the two-token answer at temperature 1, computed exactly from the logits (float64 softmax)."""
+    the two-token answer at temperature 1, computed exactly from the logits (float64 softmax).
+
+    .. versionadded:: 0.1
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,16 +6,24 @@ Use it from a method package's tests::
 
     TestConformance = conformance_suite("dpo", rows=ROWS, config={"beta": 0.1}, tier="full")
 
-Tier ``api`` (required for experimental methods): metadata, protocol, config round-trip, row-level
-data validation, the experimental warning. Tier ``full`` (required for promotion) adds, on a tiny
-model: the loss decreases, gradient-accumulation equivalence, padding invariance, resume
-equivalence and seed determinism. A check that cannot hold for a method is listed in ``xfail`` with
+Tier ``api`` (required for experimental methods): metadata, protocol (the method's declared members and
+the callbacks and hooks its package registers, near misses included), config round-trip, row-level data
+validation, the experimental warning. Tier ``full`` (required for promotion) adds, on a tiny model: the
+loss decreases, gradient-accumulation equivalence, padding invariance, resume equivalence, seed
+determinism, a frozen reference (no gradient reaches, and no step changes, any module the method keeps
+beside the policy, nor the base weights under LoRA) and unchanged batches (``rollout`` and ``loss`` leave
+the batch they are given as it was). A check that cannot hold for a method is listed in ``xfail`` with
 the reason; it then runs as a strict xfail, so it fails loudly the day it starts passing.
 
 Each check is also a plain function (``check_grad_accumulation(method_class, rows, ...)``) raising
-``AssertionError`` with the numbers it compared, so a failure says which method, which check and
-by how much. Load the kit as a pytest plugin (``-p posttrain.testing.kit``) for a summary line of
-how many checks ran; zero checks run is reported as a failure.
+``AssertionError`` with the numbers it compared and, when a normalisation check fails, what it found
+by probing the loss (a mean instead of a sum, padded positions scored or counted, rows influencing each
+other). Load the kit as a pytest plugin (``-p posttrain.testing.kit``) for a summary line of how many
+checks ran; zero checks run is reported as a failure.
+
+.. versionadded:: 0.1
+.. versionchanged:: 1.0 ``protocol`` checks declared optional members and registered callbacks; the
+   ``reference_frozen`` and ``batch_unchanged`` checks; failures say what probing found.
 """
 
 from __future__ import annotations
@@ -27,8 +35,50 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "API_CHECKS",
+    "FULL_CHECKS",
+    "MIN_ROWS",
+    "check_batch_unchanged",
+    "check_config_roundtrip",
+    "check_data_validation",
+    "check_determinism",
+    "check_experimental_warning",
+    "check_grad_accumulation",
+    "check_loss_decreases",
+    "check_metadata",
+    "check_padding_invariance",
+    "check_protocol",
+    "check_reference_frozen",
+    "check_resume",
+    "conformance_suite",
+    "tiny_model",
+]
+
 API_CHECKS = ("metadata", "protocol", "config_roundtrip", "data_validation", "experimental_warning")
-FULL_CHECKS = ("loss_decreases", "grad_accumulation", "padding_invariance", "resume", "determinism")
+"""The checks of tier ``api``, in the order they run.
+
+.. versionadded:: 0.1
+"""
+FULL_CHECKS = (
+    "loss_decreases",
+    "grad_accumulation",
+    "padding_invariance",
+    "resume",
+    "determinism",
+    "reference_frozen",
+    "batch_unchanged",
+)
+"""The checks tier ``full`` adds to :data:`API_CHECKS`.
+
+.. versionadded:: 0.1
+.. versionchanged:: 1.0 ``reference_frozen`` and ``batch_unchanged`` added.
+"""
+MIN_ROWS = 8
+"""The fewest raw rows :func:`conformance_suite` accepts (a step of batch 4 x accumulation 1, twice).
+
+.. versionadded:: 1.0
+"""
 _BAD_FIELD_ORDER = ("rejected", "completion", "label", "chosen", "messages", "text", "prompt")
 
 
@@ -106,6 +156,10 @@ def _close(a: list[float], b: list[float], rtol: float, atol: float = 1e-7) -> t
 
 
 def tiny_model(path: Path, **kwargs: Any) -> Path:
+    """A tiny random causal LM at ``path`` (built once; reused when ``config.json`` is there).
+
+    .. versionadded:: 0.1
+    """
     from posttrain.testing.tiny import build_tiny_model
 
     if not (Path(path) / "config.json").is_file():
@@ -113,10 +167,155 @@ def tiny_model(path: Path, **kwargs: Any) -> Path:
     return Path(path)
 
 
+def _live_method(
+    method_class: Any,
+    rows: list[dict],
+    model_dir: Path,
+    overrides: dict,
+    *,
+    training: bool,
+    rewards: dict | None = None,
+    **extra: Any,
+):
+    """A method set up as the loop sets it up (model, LoRA, tokenizer, ``setup``, ``prepare``), without the loop,
+    for checks that call ``collate`` / ``rollout`` / ``loss`` themselves. Returns (method, model, ctx, rows)."""
+    import datasets
+
+    from posttrain._method import TrainContext, optional_member
+    from posttrain.models import apply_peft, load_causal_lm, load_tokenizer
+
+    config = _config(method_class, model_dir, model_dir.parent / "out-direct", overrides, **extra)
+    tokenizer = load_tokenizer(str(model_dir))
+    method = method_class()
+    load = optional_member(method, "load_model")
+    model = apply_peft(load(config) if load else load_causal_lm(str(model_dir), config), config)
+    model.train(training)
+    ctx = TrainContext(
+        config=config,
+        tokenizer=tokenizer,
+        model=model,
+        model_path=str(model_dir),
+        training=training,
+        rewards=dict(rewards or {}),
+    )
+    setup = optional_member(method, "setup")
+    if setup:
+        setup(ctx)
+    prepared = method.prepare(datasets.Dataset.from_list(copy.deepcopy(rows)), ctx)
+    return method, model, ctx, prepared
+
+
+def _perturb(model: Any, scale: float = 0.02) -> None:
+    """Move the policy away from the freshly loaded reference, so reference-relative terms (KL, implicit
+    rewards) are non-zero and padding or a mean has something to disturb."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator).to(p) * scale)
+
+
+def _loss_of(method: Any, model: Any, ctx: Any, rows: list) -> tuple[float, float]:
+    """(loss_sum, n_items) of one micro-batch of prepared ``rows``, without gradients."""
+    import torch
+
+    from posttrain._method import optional_member
+
+    with torch.no_grad():
+        batch = method.collate(list(rows), ctx)
+        rollout = optional_member(method, "rollout")
+        if rollout:  # online methods score what they generate; the same seed keeps probes comparable
+            torch.manual_seed(0)
+            batch = rollout(model, [batch], ctx)[0]  # rollout takes and returns the step's micro-batches
+        out = method.loss(model, batch, ctx)
+    return float(out.loss_sum), float(out.n_items)
+
+
+def _shortest_and_longest(prepared: Any) -> tuple[Any, Any]:
+    sizes = [len(str(r)) for r in prepared]
+    return prepared[sizes.index(min(sizes))], prepared[sizes.index(max(sizes))]
+
+
+def _close_to(x: float, y: float, rtol: float = 1e-4) -> bool:
+    return abs(x - y) <= 1e-6 + rtol * max(abs(x), abs(y))
+
+
+def _normalisation_findings(method: Any, model: Any, ctx: Any, prepared: Any) -> str:
+    """Why losses depend on how rows are batched, found by probing ``loss`` on chosen micro-batches.
+
+    1. A row alone and the same row twice (no padding involved): a sum doubles, a mean stays.
+    2. A short row alone, a long row alone, and both together (the short one padded): a sum that ignores
+       padding adds up, and so do the counts.
+    """
+    a, b = _shortest_and_longest(prepared)
+    one, twice = _loss_of(method, model, ctx, [a]), _loss_of(method, model, ctx, [a, a])
+    found = []
+    if not _close_to(twice[1], 2 * one[1]):
+        found.append(
+            f"n_items does not double when a row is batched with a copy of itself ({one[1]:g} alone, {twice[1]:g} "
+            "for two copies): n_items must count the items loss_sum sums over"
+        )
+    if _close_to(twice[0], one[0]) and not _close_to(one[0], 0.0):
+        return "; ".join(
+            [
+                f"loss_sum stays {one[0]:.6g} when the row is batched with a copy of itself (a sum would double to "
+                f"{2 * one[0]:.6g}): loss returns a mean, not a sum; return the sum over items and their count "
+                "as n_items (the loop divides by the count of the whole optimizer step)",
+                *found,
+            ]
+        )
+    if not _close_to(twice[0], 2 * one[0]):
+        found.append(
+            f"loss_sum of a row batched with a copy of itself is {twice[0]:.6g}, neither the row's {one[0]:.6g} (a "
+            f"mean) nor twice it, {2 * one[0]:.6g} (a sum): rows of a micro-batch influence each other's loss"
+        )
+        return "; ".join(found)
+    short, long = one, _loss_of(method, model, ctx, [b])
+    both = _loss_of(method, model, ctx, [a, b])
+    if not _close_to(both[1], short[1] + long[1]):
+        found.append(
+            f"n_items counts padded positions: a short row batched with a longer one counts {both[1]:g} items, alone "
+            f"{short[1]:g} + {long[1]:g}; mask padding (attention_mask == 0) out of the count"
+        )
+    if not _close_to(both[0], short[0] + long[0]):
+        found.append(
+            f"padding changes the loss: a short row batched with a longer one sums to {both[0]:.6g}, the two rows "
+            f"alone to {short[0] + long[0]:.6g}, while a row and its copy add up exactly (so loss returns a sum); "
+            "padded positions are scored: mask them out of the loss (labels -100, a completion or loss mask), "
+            "or rows of different lengths influence each other"
+        )
+    if not found:
+        return (
+            "probing found no cause: loss_sum doubles with a row's copy and adds up across a short and a long "
+            "row, so neither a mean nor padding explains it; look for state kept between micro-batches or steps, "
+            "or batch statistics over more than two rows"
+        )
+    return "; ".join(found)
+
+
+def _diagnose(method_class: Any, rows: list[dict], model_dir: Path, overrides: dict, rewards: dict | None) -> str:
+    try:
+        method, model, ctx, prepared = _live_method(
+            method_class, rows, model_dir, overrides, training=False, rewards=rewards
+        )
+        model.eval()
+        _perturb(model)
+        return _normalisation_findings(method, model, ctx, prepared)
+    except Exception as exc:  # the diagnosis is a hint; never hide the original failure behind it
+        return f"probing the loss to find the cause failed ({type(exc).__name__}: {exc})"
+
+
 # -- api tier --------------------------------------------------------------------------------------------
 
 
 def check_metadata(method_name: str) -> None:
+    """The installed distribution declares what ``posttrain list`` needs: an entry point, a summary, a core
+    range with a lower bound and exactly one ``Development Status`` classifier.
+
+    .. versionadded:: 0.1
+    """
     from posttrain import _discovery as discovery
 
     entries = [e for e in discovery.discover(("method",)) if e.name == method_name]
@@ -139,21 +338,87 @@ def check_metadata(method_name: str) -> None:
     )
 
 
-def check_protocol(method_class: Any) -> None:
+def check_protocol(method_class: Any, distribution: str | None = None) -> None:
+    """The Method protocol (declared members, their signatures, near misses) and the package's hooks and callbacks.
+
+    Runs :func:`posttrain._method.method_problems` (``rolout`` instead of ``rollout`` is a failure, not a member
+    that silently never runs), checks the config class, instantiates the method with no arguments as the loop
+    does, and, given the installed ``distribution``, registers each of its ``posttrain.plugins`` modules on a
+    fresh plugin manager (an unknown hook name fails) and checks every callback they add with
+    :func:`posttrain._method.callback_problems`.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 1.0 near misses and signatures of optional members; the package's hooks and callbacks.
+    """
+    from posttrain._method import method_problems
     from posttrain.config import TrainingConfig
 
     where = f"{getattr(method_class, '__module__', '?')}.{getattr(method_class, '__name__', method_class)}"
-    for attr in ("name", "config_class", "dataset_formats", "prepare", "collate", "loss"):
-        assert hasattr(method_class, attr), f"{where} lacks {attr!r} required by the Method protocol"
+    problems = method_problems(method_class)
+    assert not problems, "the Method protocol is not met:\n  " + "\n  ".join(problems)
     assert dataclasses.is_dataclass(method_class.config_class), f"{where}.config_class must be a dataclass"
     assert issubclass(method_class.config_class, TrainingConfig), f"{where}.config_class must extend TrainingConfig"
     assert isinstance(method_class.dataset_formats, tuple) and method_class.dataset_formats, (
         f"{where}.dataset_formats must be a non-empty tuple of format names"
     )
-    method_class()  # the loop instantiates methods with no arguments
+    instance = method_class()  # the loop instantiates methods with no arguments
+    problems = method_problems(instance)  # members set in __init__ (self.rolout = ...) count too
+    assert not problems, "the Method protocol is not met by an instance:\n  " + "\n  ".join(problems)
+    if distribution is not None:
+        problems = _package_hook_problems(distribution, method_class.config_class)
+        assert not problems, f"{distribution}'s hooks or callbacks:\n  " + "\n  ".join(problems)
+
+
+def _package_hook_problems(distribution: str, config_class: type) -> list[str]:
+    """Unknown hook names in the distribution's ``posttrain.plugins`` modules, and every callback problem."""
+    import difflib
+    from importlib import metadata
+
+    import pluggy
+
+    from posttrain import hookspecs
+    from posttrain._method import callback_problems
+
+    entries = [ep for ep in metadata.distribution(distribution).entry_points if ep.group == "posttrain.plugins"]
+    if not entries:
+        return []
+    # a plugin may add its callback only when named in report_to (as loggers do): name them all. The dataclass
+    # is built directly: a method's required fields (a teacher path) do not matter to its hooks
+    config = config_class(report_to=["all", *(ep.name for ep in entries)])
+    specs = [n for n in dir(hookspecs) if n.startswith("posttrain_")]
+    problems = []
+    for ep in entries:
+        module = ep.load()
+        manager = pluggy.PluginManager("posttrain")
+        manager.add_hookspecs(hookspecs)
+        try:
+            manager.register(module, name=ep.name)
+            manager.check_pending()
+        except pluggy.PluginValidationError as exc:
+            unknown = [
+                n for n in dir(module) if n.startswith("posttrain_") and n not in specs and callable(getattr(module, n))
+            ]
+            hints = [
+                f"{n!r} is not a posttrain hook; did you mean {close[0]!r}?"
+                for n in unknown
+                if (close := difflib.get_close_matches(n, specs, n=1, cutoff=0.75))
+            ]
+            problems.append(f"plugin {ep.name!r} ({ep.value}): {exc}" + (f" ({'; '.join(hints)})" if hints else ""))
+            continue
+        from posttrain._registry import CallbackRegistry
+
+        registry = CallbackRegistry()
+        manager.hook.posttrain_add_callbacks(registry=registry, config=config)
+        for callback in registry.callbacks:
+            problems += [f"plugin {ep.name!r}: {p}" for p in callback_problems(callback)]
+    return problems
 
 
 def check_config_roundtrip(method_class: Any, tmp_path: Path, overrides: dict) -> None:
+    """The config survives a YAML save and load, and an unknown key fails with a "did you mean".
+
+    .. versionadded:: 0.1
+    """
     from posttrain._errors import ConfigError
     from posttrain.config import config_to_dict, load_config, save_config
 
@@ -176,6 +441,11 @@ def check_config_roundtrip(method_class: Any, tmp_path: Path, overrides: dict) -
 def check_data_validation(
     method_class: Any, rows: list[dict], model_dir: Path, overrides: dict, bad_field: str | None = None
 ) -> None:
+    """A row missing a required field (``bad_field``, or the first of rejected/completion/label/...) makes
+    ``prepare`` raise :class:`posttrain.DataError` naming the row and the field.
+
+    .. versionadded:: 0.1
+    """
     import datasets
 
     from posttrain._errors import DataError
@@ -202,6 +472,10 @@ def check_data_validation(
 
 
 def check_experimental_warning(method_name: str) -> None:
+    """An experimental method warns exactly once per process (unless silenced); a stable one never warns.
+
+    .. versionadded:: 0.1
+    """
     from posttrain import _discovery as discovery
     from posttrain import _registry as registry
     from posttrain._errors import ExperimentalWarning
@@ -228,6 +502,11 @@ def check_experimental_warning(method_name: str) -> None:
 def check_loss_decreases(
     method_class, rows, model_dir, tmp_path, overrides, rewards=None, steps=8, metric="loss", direction="decrease"
 ) -> None:
+    """On a tiny model, ``metric`` improves over ``steps`` steps: the mean of the second half of the logged
+    values is below (or, with ``direction="increase"``, above) the mean of the first half.
+
+    .. versionadded:: 0.1
+    """
     config = _config(method_class, model_dir, tmp_path / "decrease", overrides, max_steps=steps)
     history = _train(method_class, rows, config, rewards).log_history
     values = [row[metric] for row in history if metric in row]
@@ -243,8 +522,18 @@ def check_loss_decreases(
 
 
 def check_grad_accumulation(
-    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5
+    method_class, rows, model_dir, tmp_path, overrides, rewards=None, rtol=1e-5, atol=1e-5, batch_unit=1
 ) -> None:
+    """Batch 4 x accumulation 1, 1 x 4 and 2 x 2 give the same losses and the same weights after 2 steps, in
+    units of ``batch_unit`` items (an online method's group size: its batch counts completions,
+    ``num_generations`` per prompt).
+
+    On a failure the loss is probed to say why (:func:`_normalisation_findings`): a mean instead of a sum,
+    padding scored or counted, or rows influencing each other.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 1.0 a failure names the cause probing found; ``batch_unit``.
+    """
     runs = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
         config = _config(
@@ -253,76 +542,64 @@ def check_grad_accumulation(
             tmp_path / f"ga-{bs}x{ga}",
             overrides,
             max_steps=2,
-            per_device_train_batch_size=bs,
+            per_device_train_batch_size=bs * batch_unit,
             gradient_accumulation_steps=ga,
         )
         runs[(bs, ga)] = (_losses(_train(method_class, rows, config, rewards)), _weights(config.output_dir))
     ref_losses, ref_weights = runs[(4, 1)]
     for (bs, ga), (losses, weights) in runs.items():
         ok, worst = _close(ref_losses, losses, rtol)
-        assert ok, (
-            f"{method_class.name}: batch 4 x accumulation 1 and batch {bs} x accumulation {ga} give different "
-            f"losses {ref_losses} vs {losses} (max relative difference {worst:.2e} > {rtol}); the loss must "
-            "return a sum and its item count, not a mean"
-        )
+        if not ok:
+            raise AssertionError(
+                f"{method_class.name}: batch 4 x accumulation 1 and batch {bs} x accumulation {ga} give different "
+                f"losses {ref_losses} vs {losses} (max relative difference {worst:.2e} > {rtol}). Probing the loss: "
+                + _diagnose(method_class, rows, model_dir, overrides, rewards)
+            )
         diff, name = _max_weight_diff(ref_weights, weights)
-        assert diff <= atol, (
-            f"{method_class.name}: weights after 2 steps differ between batch 4 x 1 and "
-            f"{bs} x {ga} by {diff:.2e} (parameter {name})"
-        )
+        if diff > atol:
+            raise AssertionError(
+                f"{method_class.name}: weights after 2 steps differ between batch 4 x 1 and {bs} x {ga} by {diff:.2e} "
+                f"(parameter {name}) although the logged losses agree. Probing the loss: "
+                + _diagnose(method_class, rows, model_dir, overrides, rewards)
+            )
 
 
-def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4) -> None:
-    """loss_sum([a, b]) == loss_sum([a]) + loss_sum([b]) for rows of different lengths (eval mode)."""
-    import torch
+def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4, rewards=None) -> None:
+    """loss_sum([a, b]) == loss_sum([a]) + loss_sum([b]) for rows of different lengths (eval mode), counts too.
 
-    from posttrain._method import TrainContext
-    from posttrain.models import load_causal_lm, load_tokenizer
+    On a failure a row and its own copy are probed as well, so a loss that returns a mean is named as such
+    instead of being blamed on padding.
 
-    config = _config(method_class, model_dir, model_dir.parent / "out-pad", overrides)
-    tokenizer = load_tokenizer(str(model_dir))
-    model = (
-        load_causal_lm(str(model_dir), config)
-        if not hasattr(method_class, "load_model")
-        else method_class().load_model(config)
+    .. versionadded:: 0.1
+    .. versionchanged:: 1.0 a failure says whether a mean, the count or the padded positions are at fault.
+    """
+    method, model, ctx, prepared = _live_method(
+        method_class, rows, model_dir, overrides, training=False, rewards=rewards
     )
     model.eval()
-    method = method_class()
-    ctx = TrainContext(config=config, tokenizer=tokenizer, model=model, model_path=str(model_dir), training=False)
-    if hasattr(method, "setup"):
-        method.setup(ctx)
-    # Move the policy away from the freshly loaded reference, so reference-relative terms
-    # (KL points, rewards) are non-zero and padding has something to disturb.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator).to(p) * 0.02)
-    import datasets
-
-    prepared = method.prepare(datasets.Dataset.from_list(copy.deepcopy(rows)), ctx)
-    sizes = [len(str(r)) for r in prepared]
-    a, b = prepared[sizes.index(min(sizes))], prepared[sizes.index(max(sizes))]
-
-    def loss_of(rows: list) -> Any:
-        batch = method.collate(rows, ctx)
-        if hasattr(method, "rollout"):  # online methods score what they generate
-            batch = method.rollout(model, batch, ctx)
-        return method.loss(model, batch, ctx)
-
-    with torch.no_grad():
-        pair = loss_of([a, b])
-        one, two = loss_of([a]), loss_of([b])
-    together, apart = float(pair.loss_sum), float(one.loss_sum) + float(two.loss_sum)
-    assert abs(together - apart) <= 1e-6 + rtol * abs(apart), (
-        f"{method_class.name}: padding changes the loss: rows batched together sum to {together:.6f}, "
-        f"separately {apart:.6f}"
-    )
-    assert float(pair.n_items) == float(one.n_items) + float(two.n_items), (
-        f"{method_class.name}: n_items is not additive: {pair.n_items} vs {one.n_items} + {two.n_items}"
-    )
+    _perturb(model)
+    a, b = _shortest_and_longest(prepared)
+    pair = _loss_of(method, model, ctx, [a, b])
+    one, two = _loss_of(method, model, ctx, [a]), _loss_of(method, model, ctx, [b])
+    together, apart = pair[0], one[0] + two[0]
+    loss_ok = abs(together - apart) <= 1e-6 + rtol * abs(apart)
+    count_ok = pair[1] == one[1] + two[1]
+    if not (loss_ok and count_ok):
+        seen = (
+            f"rows batched together sum to {together:.6f} over {pair[1]:g} items, separately {apart:.6f} over "
+            f"{one[1]:g} + {two[1]:g}"
+        )
+        raise AssertionError(
+            f"{method_class.name}: batching a short row with a longer one changes the loss: {seen}. Probing the "
+            f"loss: {_normalisation_findings(method, model, ctx, prepared)}"
+        )
 
 
 def check_resume(method_class, rows, model_dir, tmp_path, overrides, rewards=None, atol=1e-6) -> None:
+    """Resuming from the step-2 checkpoint reproduces the uninterrupted run's losses and final weights.
+
+    .. versionadded:: 0.1
+    """
     full = _config(method_class, model_dir, tmp_path / "resume-full", overrides, max_steps=4, save_steps=2)
     uninterrupted = _train(method_class, rows, full, rewards)
     resumed_dir = tmp_path / "resume-part"
@@ -348,6 +625,10 @@ def check_resume(method_class, rows, model_dir, tmp_path, overrides, rewards=Non
 
 
 def check_determinism(method_class, rows, model_dir, tmp_path, overrides, rewards=None) -> None:
+    """The same seed gives the same losses and bit-identical weights.
+
+    .. versionadded:: 0.1
+    """
     outs = []
     for i in range(2):
         config = _config(method_class, model_dir, tmp_path / f"det-{i}", overrides, max_steps=2)
@@ -355,6 +636,187 @@ def check_determinism(method_class, rows, model_dir, tmp_path, overrides, reward
     assert outs[0][0] == outs[1][0], f"{method_class.name}: same seed, different losses {outs[0][0]} vs {outs[1][0]}"
     diff, name = _max_weight_diff(_weights(outs[0][1]), _weights(outs[1][1]))
     assert diff == 0.0, f"{method_class.name}: same seed, weights differ by {diff:.2e} (parameter {name})"
+
+
+def check_reference_frozen(method_class, rows, model_dir, overrides, rewards=None, peft: bool | None = None) -> None:
+    """No module the method keeps beside the policy receives a gradient or changes over a training step.
+
+    The modules checked are every ``torch.nn.Module`` among the method's attributes (``self.ref_model``, a
+    teacher, a reward model; in dicts and lists too) and in ``ctx.state``, after ``setup``; under LoRA also
+    the policy's own frozen base weights, which are the reference when adapters are disabled. One micro-batch
+    goes through ``rollout`` and ``loss``, ``loss_sum`` is back-propagated and the policy's trainable
+    parameters take an SGD step: a checked parameter shared with the policy, holding a gradient, or changed
+    fails the check, naming it. ``peft`` (default: when peft is installed) repeats the check with
+    ``use_peft=True``.
+
+    .. versionadded:: 1.0
+    """
+    import importlib.util
+
+    if peft is None:
+        peft = importlib.util.find_spec("peft") is not None
+    for use_peft in (False, True) if peft else (False,):
+        _check_frozen_once(method_class, rows, model_dir, {**overrides, "use_peft": use_peft}, rewards)
+
+
+def _check_frozen_once(method_class, rows, model_dir, overrides, rewards) -> None:
+    import torch
+
+    from posttrain._method import optional_member
+    from posttrain.models import is_peft_model
+
+    method, model, ctx, prepared = _live_method(
+        method_class, rows, model_dir, overrides, training=True, rewards=rewards
+    )
+    label = f"{method_class.name}{' (use_peft=True)' if overrides.get('use_peft') else ''}"
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    storages = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters() if p.requires_grad}
+    frozen: dict[str, torch.nn.Parameter] = {}
+    for where, module in _kept_modules(method, ctx, model).items():
+        for name, p in module.named_parameters():
+            shared = trainable.get(id(p)) or storages.get(p.untyped_storage().data_ptr())
+            assert shared is None, (
+                f"{label}: {where} shares parameter {name!r} with the policy ({shared}), so it changes as the policy "
+                "trains: a reference must be a separate, frozen copy, e.g. posttrain.models.reference_model(ctx) "
+                "in setup (not ctx.model itself)"
+            )
+            frozen[f"{where}.{name}"] = p
+    if is_peft_model(model):
+        frozen.update({f"policy base weight {n}": p for n, p in model.named_parameters() if not p.requires_grad})
+    if not frozen:
+        return  # nothing kept beside the policy: nothing that could move
+    before = {n: p.detach().clone() for n, p in frozen.items()}
+    batch = method.collate(list(prepared[:4]), ctx)
+    rollout = optional_member(method, "rollout")
+    if rollout:
+        with torch.no_grad():
+            batch = rollout(model, [batch], ctx)[0]
+    method.loss(model, batch, ctx).loss_sum.backward()
+    got_grad = {n: float(p.grad.abs().max()) for n, p in frozen.items() if p.grad is not None and bool(p.grad.any())}
+    assert not got_grad, (
+        f"{label}: gradients flow into the reference model: {len(got_grad)} frozen parameters received a gradient "
+        f"(e.g. {next(iter(got_grad))}, max |grad| {max(got_grad.values()):.3g}). Compute reference outputs under "
+        "torch.no_grad() (posttrain.models.reference_forward does) and freeze the module with requires_grad_(False) "
+        "(posttrain.models.reference_model does); otherwise every step spends memory on the reference's gradients "
+        "and anything that steps them moves the reference"
+    )
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    torch.optim.SGD(params, lr=0.1).step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in frozen.items() if not torch.equal(p, before[n])}
+    assert not moved, (
+        f"{label}: the reference model changed over one training step: {len(moved)} frozen parameters moved (e.g. "
+        f"{next(iter(moved))} by {max(moved.values()):.3g}); it must stay the model training started from"
+    )
+
+
+def _kept_modules(method: Any, ctx: Any, policy: Any) -> dict[str, Any]:
+    """Every torch module the method keeps beside the policy: in its attributes and ctx.state, one level deep."""
+    import torch
+
+    found: dict[str, Any] = {}
+
+    def visit(where: str, value: Any, depth: int) -> None:
+        if isinstance(value, torch.nn.Module):
+            is_policy = value is policy or getattr(value, "module", None) is policy
+            if not is_policy:
+                found[where] = value
+            elif "ref" in where.lower():  # keeping the policy itself is fine, calling it the reference is not
+                raise AssertionError(
+                    f"{where} is the policy model itself, so the reference moves with every step: load a frozen "
+                    "copy with posttrain.models.reference_model(ctx) in setup"
+                )
+        elif depth < 1 and isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{where}[{key!r}]", item, depth + 1)
+        elif depth < 1 and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{where}[{i}]", item, depth + 1)
+
+    for name, value in vars(method).items():
+        visit(f"method.{name}", value, 0)
+    for name, value in ctx.state.items():
+        visit(f"ctx.state[{name!r}]", value, 0)
+    return found
+
+
+def check_batch_unchanged(method_class, rows, model_dir, overrides, rewards=None) -> None:
+    """``rollout`` and ``loss`` leave the batch they are given as it was: no tensor edited in place, no entry
+    replaced or removed (and ``loss`` adds none).
+
+    The loop hands the same batch to ``loss`` again when a rolled-out batch is reused (``batch_reuse``), and
+    evaluation and the kit's probes call ``loss`` several times on one batch: an in-place edit (a masked
+    ``attention_mask``, a shifted ``input_ids``) then changes what the next call sees.
+
+    .. versionadded:: 1.0
+    """
+    import torch
+
+    from posttrain._method import optional_member
+
+    method, model, ctx, prepared = _live_method(
+        method_class, rows, model_dir, overrides, training=True, rewards=rewards
+    )
+    batch = method.collate(list(prepared[:4]), ctx)
+    rollout = optional_member(method, "rollout")
+    if rollout:
+        before = _snapshot(batch)
+        with torch.no_grad():
+            rolled = rollout(model, [batch], ctx)[0]
+        changes = _changes(before, batch, "batch", allow_new_keys=True)
+        assert not changes, f"{method_class.name}: rollout changed the batch it was given: " + "; ".join(changes)
+        batch = rolled
+    before = _snapshot(batch)
+    method.loss(model, batch, ctx)
+    changes = _changes(before, batch, "batch", allow_new_keys=False)
+    assert not changes, (
+        f"{method_class.name}: loss changed the batch it was given: "
+        + "; ".join(changes)
+        + ". Work on a copy (mask = batch['attention_mask'].clone(), or an out-of-place op such as masked_fill)"
+    )
+
+
+def _snapshot(value: Any) -> Any:
+    """(the object, a deep copy of its contents) for every tensor, dict and list in ``value``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (value, value.detach().clone())
+    if isinstance(value, dict):
+        return (value, {k: _snapshot(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return (value, [_snapshot(v) for v in value])
+    return (value, copy.copy(value))
+
+
+def _changes(snapshot: Any, now: Any, where: str, allow_new_keys: bool) -> list[str]:
+    import torch
+
+    original, contents = snapshot
+    if now is not original:
+        return [f"{where} was replaced by another object"]
+    if isinstance(original, torch.Tensor):
+        if original.shape != contents.shape or original.dtype != contents.dtype:
+            return [f"{where} changed shape or dtype in place ({tuple(contents.shape)} -> {tuple(original.shape)})"]
+        if not torch.equal(original.detach(), contents):
+            n = int((original.detach() != contents).sum())
+            return [f"{where} was changed in place ({n} of {original.numel()} values differ)"]
+        return []
+    out = []
+    if isinstance(original, dict):
+        for key, item in contents.items():
+            if key not in original:
+                out.append(f"{where}[{key!r}] was removed")
+            else:
+                out += _changes(item, original[key], f"{where}[{key!r}]", allow_new_keys)
+        added = [k for k in original if k not in contents]
+        if added and not allow_new_keys:
+            out.append(f"{where} gained the entries {added}")
+    elif isinstance(original, list):
+        if len(original) != len(contents):
+            return [f"{where} changed length ({len(contents)} -> {len(original)})"]
+        for i, item in enumerate(contents):
+            out += _changes(item, original[i], f"{where}[{i}]", allow_new_keys)
+    return out
 
 
 # -- the pytest suite --------------------------------------------------------------------------------------
@@ -374,30 +836,41 @@ def conformance_suite(
     progress_metric: str = "loss",
     progress_direction: str = "decrease",
     progress_steps: int = 8,
+    batch_unit: int = 1,
 ) -> type:
     """A pytest test class with one test per check. ``method`` is an installed name (or a class).
 
     Args:
-        rows: at least 8 raw rows in the method's dataset format.
+        rows: at least :data:`MIN_ROWS` (8) raw rows in the method's dataset format.
         config: method config overrides for the tiny runs (``max_length``, ``beta``, ...).
         tier: "api" or "full".
         xfail: check name -> reason, for checks that cannot hold for this method (strict xfail).
         rewards: reward functions by name, for online methods.
         model_kwargs: passed to ``build_tiny_model`` (architecture, hidden_size, ...).
-        progress_metric / progress_direction: what "learning" means for the loss_decreases check
-            (e.g. ``"reward"``, ``"increase"`` for online RL).
+        progress_metric: what "learning" means for the loss_decreases check (e.g. ``"reward"`` for online RL).
+        progress_direction: ``"decrease"`` or ``"increase"``.
+        progress_steps: training steps of the loss_decreases check.
+        batch_unit: items per dataset row when a row expands into several (an online method's
+            ``num_generations``): batch sizes the checks use are multiples of it.
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``; ``batch_unit``.
     """
     import pytest
 
     if tier not in ("api", "full"):
         raise ValueError(f"tier must be 'api' or 'full', got {tier!r}")
-    if len(rows) < 8:
-        raise ValueError(f"conformance_suite needs at least 8 rows, got {len(rows)}")
+    if len(rows) < MIN_ROWS:
+        raise ValueError(
+            f"conformance_suite needs at least {MIN_ROWS} rows (one optimizer step of batch 4, twice), got {len(rows)}; "
+            "add rows in the method's dataset format"
+        )
     xfail = dict(xfail or {})
     unknown = set(xfail) - set(API_CHECKS + FULL_CHECKS)
     if unknown:
         raise ValueError(f"unknown checks in xfail: {sorted(unknown)}; checks are {API_CHECKS + FULL_CHECKS}")
-    overrides = dict(config or {})
+    overrides = {"per_device_train_batch_size": 4 * batch_unit, "per_device_eval_batch_size": 4 * batch_unit}
+    overrides.update(config or {})
     label = method if isinstance(method, str) else getattr(method, "name", str(method))
     _stats["suites"] += 1
 
@@ -409,13 +882,17 @@ def conformance_suite(
     def resolved():
         return _resolve(method)[0]
 
+    def distribution():
+        entry = _resolve(method)[1]
+        return entry.package if entry is not None else None
+
     checks = {
         "metadata": lambda self, model_dir, tmp_path: (
             check_metadata(label)
             if isinstance(method, str)
             else pytest.skip("method given as a class: no installed metadata to check")
         ),
-        "protocol": lambda self, model_dir, tmp_path: check_protocol(resolved()),
+        "protocol": lambda self, model_dir, tmp_path: check_protocol(resolved(), distribution()),
         "config_roundtrip": lambda self, model_dir, tmp_path: check_config_roundtrip(resolved(), tmp_path, overrides),
         "data_validation": lambda self, model_dir, tmp_path: check_data_validation(
             resolved(), rows, model_dir, overrides, bad_field
@@ -435,16 +912,22 @@ def conformance_suite(
             progress_direction,
         ),
         "grad_accumulation": lambda self, model_dir, tmp_path: check_grad_accumulation(
-            resolved(), rows, model_dir, tmp_path, overrides, rewards
+            resolved(), rows, model_dir, tmp_path, overrides, rewards, batch_unit=batch_unit
         ),
         "padding_invariance": lambda self, model_dir, tmp_path: check_padding_invariance(
-            resolved(), rows, model_dir, overrides
+            resolved(), rows, model_dir, overrides, rewards=rewards
         ),
         "resume": lambda self, model_dir, tmp_path: check_resume(
             resolved(), rows, model_dir, tmp_path, overrides, rewards
         ),
         "determinism": lambda self, model_dir, tmp_path: check_determinism(
             resolved(), rows, model_dir, tmp_path, overrides, rewards
+        ),
+        "reference_frozen": lambda self, model_dir, tmp_path: check_reference_frozen(
+            resolved(), rows, model_dir, overrides, rewards
+        ),
+        "batch_unchanged": lambda self, model_dir, tmp_path: check_batch_unchanged(
+            resolved(), rows, model_dir, overrides, rewards
         ),
     }
     names = API_CHECKS + (FULL_CHECKS if tier == "full" else ())

@@ -23,10 +23,18 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
+"""The chat template of :func:`build_tokenizer`: ``<|role|>content<|end|>`` per message, assistant turns
+marked for ``return_assistant_tokens_mask``.
+
+.. versionadded:: 0.1
+"""
 
 
 def build_tokenizer(extra_characters: str = ""):
-    """A character-level ``PreTrainedTokenizerFast`` with pad/EOS tokens and a chat template."""
+    """A character-level ``PreTrainedTokenizerFast`` with pad/EOS tokens and a chat template.
+
+    .. versionadded:: 0.1
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +65,10 @@ def build_tiny_model(
     seed: int = 0,
     tokenizer=None,
 ) -> Path:
-    """Write a random tiny causal LM plus the character tokenizer to ``path`` and return it."""
+    """Write a random tiny causal LM plus the character tokenizer to ``path`` and return it.
+
+    .. versionadded:: 0.1
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 

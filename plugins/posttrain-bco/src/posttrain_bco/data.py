@@ -10,7 +10,45 @@ import warnings
 from typing import Any
 
 import torch
-from posttrain.data import apply_chat_template, check, extract_prompt, is_conversational
+from posttrain import DataError, RowProblem
+from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
+
+#: The formats BCO reads, in the order core's validation tries them (unpaired rows first).
+FORMATS = ("unpaired_preference", "preference")
+
+
+# Copied from posttrain_kto.data.same_kind_problems
+def same_kind_problems(rows: Any) -> list[RowProblem]:
+    """Rows whose prompt and answers mix strings and message lists (the chat template needs one kind per row).
+
+    Each answer is compared with the prompt, or with ``chosen`` when the prompt is implicit.
+    """
+    problems = []
+    for i, row in enumerate(rows):
+        first = "prompt" if row.get("prompt") is not None else "chosen"
+        if row.get(first) is None:
+            continue
+        for key in ("completion", "chosen", "rejected"):
+            if key != first and row.get(key) is not None and isinstance(row[key], list) != isinstance(row[first], list):
+                kinds = ["messages" if isinstance(row[k], list) else "a string" for k in (first, key)]
+                problems.append(
+                    RowProblem(
+                        i,
+                        key,
+                        f"is {kinds[1]} but {first!r} is {kinds[0]}",
+                        "Use strings for both (standard) or message lists for both (conversational).",
+                    )
+                )
+    return problems
+
+
+def row_problems(dataset: Any, source: str = "the dataset") -> list[RowProblem]:
+    """Every bad row: core's checks of the unpaired (or paired) preference format, then strings and messages mixed
+    within a row. ``BCO.check_rows`` reports these and :func:`prepare_rows` refuses exactly these rows."""
+    problems = validate(dataset, FORMATS, source)
+    reported = {p.row for p in problems}
+    problems += [p for p in same_kind_problems(dataset) if p.row not in reported]
+    return sorted(problems, key=lambda p: p.row)
 
 
 def unpair(dataset: Any) -> list[dict]:
@@ -59,12 +97,17 @@ def tokenize_row(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int
 
 
 def prepare_rows(dataset: Any, tokenizer: Any, max_length: int, source: str = "the dataset") -> list[dict]:
-    """Validate (row-level errors), unpair, tokenize and truncate.
+    """Validate, unpair, tokenize and truncate.
 
     Sequences longer than ``max_length`` lose the end of their completion. A row whose prompt leaves no room for a
     single completion token is dropped, with one warning counting them.
+
+    Raises:
+        DataError: carrying the :class:`~posttrain.RowProblem` of every bad row (:func:`row_problems`).
     """
-    check(dataset, ("unpaired_preference", "preference"), source)
+    problems = row_problems(dataset, source)
+    if problems:
+        raise DataError(problems, method="bco")
     out, dropped = [], 0
     for row in unpair(dataset):
         prompt_ids, completion_ids = tokenize_row(tokenizer, row["prompt"], row["completion"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import LossOutput
-from posttrain.models import reference_forward, reference_model
+from posttrain import LossOutput, Metric, RowProblem, TrainContext
+from posttrain.models import disable_dropout, reference_forward, reference_model
 from posttrain.ops import shift_for_causal_lm, token_logps
 
 from posttrain_bco.config import BCOConfig
-from posttrain_bco.data import collate_rows, prepare_rows
+from posttrain_bco.data import FORMATS, collate_rows, prepare_rows, row_problems
 from posttrain_bco.loss import bco_loss, implicit_rewards, update_running_mean
 
 
@@ -19,12 +19,6 @@ def completion_logps(model: Any, batch: dict) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits, labels = shift_for_causal_lm(out.logits, batch["input_ids"], batch["completion_mask"])
     return token_logps(logits, labels).sum(-1)  # (B,)
-
-
-def disable_dropout(model: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 class BCO:
@@ -40,22 +34,26 @@ class BCO:
 
     name = "bco"
     config_class = BCOConfig
-    dataset_formats = ("unpaired_preference", "preference")
+    dataset_formats = FORMATS
 
     def __init__(self) -> None:
         self.ref_model = None
         self.delta = 0.0  # running mean of the implicit rewards (the reward shift)
         self.delta_count = 0.0  # how many rewards it averages
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[BCOConfig]) -> None:
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
         self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row, for ``posttrain check-data bco FILE``; ``prepare`` refuses exactly these rows."""
+        return row_problems(rows)
+
+    def prepare(self, dataset: Any, ctx: TrainContext[BCOConfig]) -> list[dict]:
         return prepare_rows(dataset, ctx.tokenizer, ctx.config.max_length)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
+    def collate(self, rows: list[dict], ctx: TrainContext[BCOConfig]) -> dict:
         return collate_rows(rows, ctx.tokenizer.pad_token_id)
 
     def state_dict(self) -> dict:
@@ -64,32 +62,32 @@ class BCO:
     def load_state_dict(self, state: dict) -> None:
         self.delta, self.delta_count = float(state["delta"]), float(state["delta_count"])
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict, ctx: TrainContext[BCOConfig]) -> LossOutput:
         labels = batch["labels"]  # (B,) bool
         logps = completion_logps(model, batch)  # (B,)
         with reference_forward(model, self.ref_model) as ref:
             ref_logps = completion_logps(ref, batch)  # (B,)
         rewards = implicit_rewards(logps, ref_logps, ctx.config.beta)  # (B,)
 
-        # Per-class sums for delta and the metrics: [sum r, n, sum r_c, n_c, sum logp_c, sum logp_r].
-        # In training they are summed over processes, so every process updates delta identically.
+        # [sum r, n, sum r over desirable rows, their number], summed over processes in training so that every
+        # process updates delta identically
         r, lp, is_c = rewards.detach().double(), logps.detach().double(), labels.double()
-        stats = torch.stack(
-            [r.sum(), is_c.new_tensor(len(r)), (r * is_c).sum(), is_c.sum(), (lp * is_c).sum(), (lp * (1 - is_c)).sum()]
-        )
+        stats = torch.stack([r.sum(), is_c.new_tensor(len(r)), (r * is_c).sum(), is_c.sum()])
         if ctx.training and ctx.num_processes > 1:
             stats = ctx.accelerator.reduce(stats, reduction="sum")
-        r_sum, n, r_c, n_c, lp_c, lp_r = stats.tolist()
+        r_sum, n, r_c, n_c = stats.tolist()
         if ctx.training:  # one update per micro-batch, before its loss, as TRL's BCO trainer did
             self.delta, self.delta_count = update_running_mean(self.delta, self.delta_count, r_sum, n)
 
         losses = bco_loss(rewards, labels, self.delta)  # (B,)
-        metrics = {"delta": self.delta}
-        n_r = n - n_c
-        if n_c > 0:
-            metrics.update({"rewards/chosen": r_c / n_c, "logps/chosen": lp_c / n_c})
-        if n_r > 0:
-            metrics.update({"rewards/rejected": (r_sum - r_c) / n_r, "logps/rejected": lp_r / n_r})
-        if n_c > 0 and n_r > 0:
-            metrics["rewards/margins"] = r_c / n_c - (r_sum - r_c) / n_r
+        # delta: the shift after the logging window's last update
+        metrics: dict[str, Any] = {"delta": Metric.last(self.delta)}
+        # per-kind means as this process's sums with their counts, pooled by the loop over the logging window and the
+        # processes (TRL's BCO logs sum / count the same way); a kind absent from the micro-batch is not reported
+        for kind, mask in (("chosen", is_c), ("rejected", 1 - is_c)):
+            if mask.sum() > 0:
+                metrics[f"rewards/{kind}"] = Metric.ratio((r * mask).sum(), mask.sum())
+                metrics[f"logps/{kind}"] = Metric.ratio((lp * mask).sum(), mask.sum())
+        if 0 < n_c < n:  # this micro-batch's difference of the two means (all processes in training)
+            metrics["rewards/margins"] = r_c / n_c - (r_sum - r_c) / (n - n_c)
         return LossOutput(loss_sum=losses.sum(), n_items=len(labels), metrics=metrics)

@@ -7,9 +7,7 @@ from typing import Literal
 
 from posttrain.config import TrainingConfig
 
-LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"]
-#: loss types that score a completion by its mean per-token log-prob instead of the sum
-LENGTH_NORMALISED = ("ipo", "simpo", "alphapo")
+LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"]  # the names of posttrain_cpo.loss.LOSSES
 
 
 @dataclass

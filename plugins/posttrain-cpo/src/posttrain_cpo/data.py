@@ -19,16 +19,65 @@ import warnings
 from typing import Any
 
 import torch
-from posttrain import DataError
-from posttrain.data import apply_chat_template, check, extract_prompt, is_conversational
+from posttrain import DataError, RowProblem
+from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
 
 FORMATS = ("preference",)
 _FIELDS = ("prompt", "chosen", "rejected")
 
 
+# Copied from posttrain_orpo.data.row_problem
+def row_problem(row: dict, index: int) -> RowProblem | None:
+    """What core's preference check cannot see in one row: strings and messages mixed, or a conversational prompt
+    that is empty (once the implicit prompt is taken) or does not end where a completion can follow."""
+    conversational = isinstance(row.get("chosen"), list)
+    for field in _FIELDS:
+        value = row.get(field)
+        if value is not None and isinstance(value, list) != conversational:
+            kinds = ("a string", "message lists") if conversational else ("a message list", "strings")
+            return RowProblem(
+                index,
+                field,
+                f"is {kinds[0]} while other fields are {kinds[1]}",
+                "A row is either all strings (standard) or all message lists (conversational).",
+            )
+    if not conversational:
+        return None
+    prompt = extract_prompt(row)["prompt"]
+    if not prompt:
+        return RowProblem(
+            index,
+            "prompt",
+            "is empty after taking the common start of chosen and rejected",
+            "Add an explicit 'prompt' column or start both conversations with the same messages.",
+        )
+    last_role = prompt[-1]["role"]
+    if last_role not in ("user", "tool", "assistant"):
+        return RowProblem(
+            index,
+            "prompt",
+            f"ends with a {last_role!r} message",
+            "It must end with a user or tool message (the completion answers it) or an assistant message (the "
+            "completion continues it).",
+        )
+    return None
+
+
+# Copied from posttrain_orpo.data.row_problems
+def row_problems(dataset: Any) -> list[RowProblem]:
+    """Every bad row: core's preference checks, then :func:`row_problem` on the rows core accepts.
+
+    ``check_rows`` reports these for ``posttrain check-data``, and :func:`prepare_rows` refuses exactly these rows.
+    """
+    problems = validate(dataset, FORMATS)
+    reported = {p.row for p in problems}
+    problems += [p for i, row in enumerate(dataset) if i not in reported and (p := row_problem(row, i))]
+    return sorted(problems, key=lambda p: p.row)
+
+
 # Copied from posttrain_orpo.data.render_row
-def render_row(row: dict, index: int, tokenizer: Any) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) as text; conversational rows go through the chat template.
+def render_row(row: dict, tokenizer: Any) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) as text of a valid row; conversational rows go through the chat template.
 
     The prompt text is the common prefix of the rendered prompt and both rendered conversations, so a
     template that renders the generation prompt differently from a finished turn cannot shift tokens.
@@ -36,25 +85,8 @@ def render_row(row: dict, index: int, tokenizer: Any) -> tuple[str, str, str]:
     row = extract_prompt(row)
     if not is_conversational(row):
         return row["prompt"], row["chosen"], row["rejected"]
-    for field in _FIELDS:
-        if not isinstance(row[field], list):
-            raise DataError(
-                f"row {index} of the dataset: field {field!r} is a string while other fields are message lists; "
-                "a row is either all strings (standard) or all message lists (conversational)."
-            )
     prompt = row["prompt"]
-    if not prompt:
-        raise DataError(
-            f"row {index} of the dataset: field 'prompt' is empty after taking the common start of chosen and "
-            "rejected; add an explicit 'prompt' column or start both conversations with the same messages."
-        )
-    last_role = prompt[-1]["role"]
-    if last_role not in ("user", "tool", "assistant"):
-        raise DataError(
-            f"row {index} of the dataset: field 'prompt' ends with a {last_role!r} message; it must end with a "
-            "user or tool message (the completion answers it) or an assistant message (the completion continues it)."
-        )
-    continue_final = last_role == "assistant"
+    continue_final = prompt[-1]["role"] == "assistant"
     prompt_text = apply_chat_template(
         tokenizer, prompt, add_generation_prompt=not continue_final, continue_final_message=continue_final
     )
@@ -100,29 +132,39 @@ def truncate_row(ids: dict[str, list[int]], max_length: int, max_prompt_length: 
     }
 
 
-# Copied from posttrain_orpo.data.prepare_rows
+# Copied from posttrain_orpo.data.prepare_rows with orpo->cpo
 def prepare_rows(dataset: Any, tokenizer: Any, max_length: int, max_prompt_length: int | None) -> list[dict]:
-    """Validate every row (errors name the row and field), render, tokenize and truncate.
+    """Validate every row, render, tokenize and truncate.
 
     Raises:
-        DataError: a row lacks ``chosen``/``rejected``, mixes strings and messages, or has an empty prompt
-            with a tokenizer that has no BOS token (the first completion token would have no context).
+        DataError: carrying a :class:`~posttrain.RowProblem` for every bad row: those of :func:`row_problems`, and
+            rows whose prompt gives no token with a tokenizer that has no BOS token (the first completion token
+            would have no context).
     """
-    check(dataset, FORMATS)
+    problems = row_problems(dataset)
+    if problems:
+        raise DataError(problems, method="cpo")
     rows, dropped = [], []
     for index, row in enumerate(dataset):
-        prompt, chosen, rejected = render_row(row, index, tokenizer)
-        ids = tokenize_row(prompt, chosen, rejected, tokenizer)
+        ids = tokenize_row(*render_row(row, tokenizer), tokenizer)
         if not ids["prompt_ids"]:
-            raise DataError(
-                f"row {index} of the dataset: field 'prompt' gives no tokens and the tokenizer has no BOS token, so "
-                "the first completion token could not be scored; give the row a non-empty prompt."
+            problems.append(
+                RowProblem(
+                    index,
+                    "prompt",
+                    "gives no tokens and the tokenizer has no BOS token, so the first completion token could not be "
+                    "scored",
+                    "Give the row a non-empty prompt.",
+                )
             )
+            continue
         kept = truncate_row(ids, max_length, max_prompt_length)
         if kept is None:
             dropped.append(index)
         else:
             rows.append(kept)
+    if problems:
+        raise DataError(problems, method="cpo")
     if dropped:
         warnings.warn(
             f"dropped {len(dropped)} row(s) whose prompt alone fills max_length={max_length} (first: row "

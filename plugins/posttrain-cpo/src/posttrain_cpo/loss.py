@@ -23,12 +23,14 @@ Deviations from the paper and from TRL 1.16 (the parity reference):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 
 def cpo_loss(
-    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0
+    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0, **_
 ) -> torch.Tensor:
     """CPO's preference loss (Eq. 3): ``-log sigmoid(beta * (chosen - rejected))``, optionally label-smoothed.
 
@@ -44,12 +46,12 @@ def cpo_loss(
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def hinge_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def hinge_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float = 0.1, **_) -> torch.Tensor:
     """SLiC's hinge on the summed log-prob difference: ``max(0, 1 - beta * (chosen - rejected))``, (B,)."""
     return torch.relu(1 - beta * (chosen_logps.float() - rejected_logps.float()))
 
 
-def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float = 0.1, **_) -> torch.Tensor:
     """IPO's squared loss (Eq. 17) on mean log-probs: ``(chosen - rejected - 1 / (2 beta))^2``, (B,)."""
     return (chosen_logps.float() - rejected_logps.float() - 1 / (2 * beta)) ** 2
 
@@ -60,6 +62,7 @@ def simpo_loss(
     beta: float = 0.1,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
+    **_,
 ) -> torch.Tensor:
     """SimPO: ``-log sigmoid(beta * (chosen - rejected) - gamma)`` on mean per-token log-probs.
 
@@ -91,8 +94,23 @@ def alphapo_loss(
     gamma: float = 0.5,
     alpha: float = 0.0,
     label_smoothing: float = 0.0,
+    **_,
 ) -> torch.Tensor:
     """AlphaPO: :func:`simpo_loss` on :func:`alphapo_rewards` of the mean per-token log-probs, (B,)."""
     return simpo_loss(
         alphapo_rewards(chosen_logps, alpha), alphapo_rewards(rejected_logps, alpha), beta, gamma, label_smoothing
     )
+
+
+#: ``loss_type`` name -> per-pair preference loss (B,). The method calls each with the same keyword arguments
+#: (``chosen_logps``, ``rejected_logps``, ``beta``, ``gamma``, ``alpha``, ``label_smoothing``); ``**_`` takes the ones
+#: a function does not use. ``CPOConfig.loss_type`` lists these names.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": cpo_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "simpo": simpo_loss,
+    "alphapo": alphapo_loss,
+}
+#: loss types that score a completion by its mean per-token log-prob instead of the sum
+LENGTH_NORMALISED = ("ipo", "simpo", "alphapo")

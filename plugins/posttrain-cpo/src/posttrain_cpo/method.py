@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import LossOutput
+from posttrain import LossOutput, Metric, RowProblem, TrainContext
+from posttrain.models import disable_dropout
 from posttrain.ops import token_logps
 
-from posttrain_cpo.config import LENGTH_NORMALISED, CPOConfig
-from posttrain_cpo.data import FORMATS, collate_pairs, prepare_rows
-from posttrain_cpo.loss import alphapo_loss, alphapo_rewards, cpo_loss, hinge_loss, ipo_loss, simpo_loss
+from posttrain_cpo.config import CPOConfig
+from posttrain_cpo.data import FORMATS, collate_pairs, prepare_rows, row_problems
+from posttrain_cpo.loss import LENGTH_NORMALISED, LOSSES, alphapo_rewards
 
 
 # Copied from posttrain_orpo.method.concatenated_forward
@@ -32,26 +33,10 @@ def concatenated_forward(model: Any, batch: dict[str, torch.Tensor]) -> dict[str
     return {"logps": logps, "token_mask": token_mask, "completion_mask": completion_mask, "mean_logits": mean_logits}
 
 
-# Copied from posttrain_orpo.method.disable_dropout
-def disable_dropout(model: Any) -> None:
-    """Set every ``nn.Dropout`` probability to 0, as TRL does by default for its preference trainers."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def preference_losses(config: CPOConfig, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
-    """(B,) losses of the ``loss_type`` variant; log-probs are sums or token means as that variant expects."""
-    c, r, beta = chosen_logps, rejected_logps, config.beta
-    if config.loss_type == "sigmoid":
-        return cpo_loss(c, r, beta, config.label_smoothing)
-    if config.loss_type == "hinge":
-        return hinge_loss(c, r, beta)
-    if config.loss_type == "ipo":
-        return ipo_loss(c, r, beta)
-    if config.loss_type == "simpo":
-        return simpo_loss(c, r, beta, config.simpo_gamma, config.label_smoothing)
-    return alphapo_loss(c, r, beta, config.simpo_gamma, config.alpha, config.label_smoothing)
+# Copied from posttrain_dpo.method._per_pair
+def _per_pair(values: torch.Tensor) -> Metric:
+    """The mean over pairs, logged as sum / count so it stays exact over micro-batches and processes."""
+    return Metric.ratio(values.sum(), values.numel())
 
 
 class CPO:
@@ -70,17 +55,22 @@ class CPO:
     config_class = CPOConfig
     dataset_formats = FORMATS
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[CPOConfig]) -> None:
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row, for ``posttrain check-data cpo FILE``; ``prepare`` refuses exactly these rows (and rows
+        whose prompt gives no token under a tokenizer without BOS, which needs the tokenizer to see)."""
+        return row_problems(rows)
+
+    def prepare(self, dataset: Any, ctx: TrainContext[CPOConfig]) -> list[dict]:
         return prepare_rows(dataset, ctx.tokenizer, ctx.config.max_length, ctx.config.max_prompt_length)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict], ctx: TrainContext[CPOConfig]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows, ctx.tokenizer.pad_token_id)
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: TrainContext[CPOConfig]) -> LossOutput:
         """Sum of per-pair losses (preference term + weighted NLL) over the micro-batch, normalised by pairs."""
         config = ctx.config
         out = concatenated_forward(model, batch)
@@ -92,21 +82,29 @@ class CPO:
         scores = summed / n_tokens if config.loss_type in LENGTH_NORMALISED else summed
         chosen_logps, rejected_logps = scores[:n_pairs], scores[n_pairs:]
         chosen_nll = -summed[:n_pairs] / n_tokens[:n_pairs]  # (B,) token-mean NLL of each chosen completion
-        losses = preference_losses(config, chosen_logps, rejected_logps) + config.nll_weight * chosen_nll
+        preference = LOSSES[config.loss_type](
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            beta=config.beta,
+            gamma=config.simpo_gamma,
+            alpha=config.alpha,
+            label_smoothing=config.label_smoothing,
+        )  # (B,)
+        losses = preference + config.nll_weight * chosen_nll
 
         rewards = scores.detach()
         if config.loss_type == "alphapo":
             rewards = alphapo_rewards(rewards, config.alpha)
         chosen_rewards, rejected_rewards = config.beta * rewards[:n_pairs], config.beta * rewards[n_pairs:]
         metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen_logps.detach().mean(),
-            "logps/rejected": rejected_logps.detach().mean(),
-            "logits/chosen": out["mean_logits"][:n_pairs].mean(),
-            "logits/rejected": out["mean_logits"][n_pairs:].mean(),
-            "nll_loss": chosen_nll.detach().mean(),
+            "rewards/chosen": _per_pair(chosen_rewards),
+            "rewards/rejected": _per_pair(rejected_rewards),
+            "rewards/accuracies": _per_pair((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": _per_pair(chosen_rewards - rejected_rewards),
+            "logps/chosen": _per_pair(chosen_logps.detach()),
+            "logps/rejected": _per_pair(rejected_logps.detach()),
+            "logits/chosen": _per_pair(out["mean_logits"][:n_pairs]),
+            "logits/rejected": _per_pair(out["mean_logits"][n_pairs:]),
+            "nll_loss": _per_pair(chosen_nll.detach()),
         }
         return LossOutput(loss_sum=losses.sum(), n_items=n_pairs, metrics=metrics)

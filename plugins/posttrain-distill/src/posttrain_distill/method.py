@@ -8,18 +8,13 @@ from typing import Any
 import torch
 from posttrain import ConfigError, DataError, LossOutput
 from posttrain.data import check
-from posttrain.models import load_teacher
+from posttrain.generation import build_generator, sample
+from posttrain.models import disable_dropout, load_teacher
 
 from posttrain_distill.config import DistillConfig
 from posttrain_distill.data import collate_rows, same_kind_problems, tokenize_row
 from posttrain_distill.loss import generalized_jsd, top1_agreement
-from posttrain_distill.rollout import generate, generation_seed, seeded, use_on_policy
-
-
-def _disable_dropout(model: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+from posttrain_distill.rollout import use_on_policy
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -42,13 +37,14 @@ class Distill:
 
     def __init__(self) -> None:
         self.teacher = None
+        self.generator = None
         self._prepared_once = False
         self._keep_student = self._keep_teacher = False
 
     def setup(self, ctx: Any) -> None:
         config = ctx.config
         if config.disable_dropout:
-            _disable_dropout(ctx.model)
+            disable_dropout(ctx.model)
         self.teacher = load_teacher(config.teacher_model, ctx.tokenizer, config, ctx.device)
         student_vocab = ctx.model.get_output_embeddings().weight.size(0)
         teacher_vocab = self.teacher.get_output_embeddings().weight.size(0)
@@ -58,6 +54,7 @@ class Distill:
                 f"than the student's {student_vocab}; the divergence compares full next-token distributions, so the "
                 "teacher must cover the student's vocabulary (same tokenizer, same or larger embedding matrix)."
             )
+        self.generator = build_generator(ctx)
         self._keep_student = _accepts_logits_to_keep(ctx.model)
         self._keep_teacher = _accepts_logits_to_keep(self.teacher)
 
@@ -86,27 +83,28 @@ class Distill:
     def collate(self, rows: list[dict], ctx: Any) -> dict:
         return collate_rows(rows, ctx.tokenizer.pad_token_id)
 
-    def rollout(self, model: Any, batch: dict, ctx: Any) -> dict:
+    @torch.no_grad()
+    def rollout(self, model: Any, batches: list[dict], ctx: Any) -> list[dict]:
+        """Micro-batch k of a step is on-policy (the student samples its completion) with probability lmbda, a
+        seeded choice of (seed, step, k); the on-policy ones are sampled together in one generator call."""
         config = ctx.config
-        if "completion_ids" not in batch:
-            on_policy = True  # prompt-only rows: the student always writes the completion
-        elif ctx.training:
-            on_policy = use_on_policy(config.seed, ctx.step, ctx.micro_step, config.lmbda)
-        else:
-            on_policy = False  # evaluation scores the dataset completions when there are some
-        if on_policy:
-            mode = "train" if ctx.training else "eval"
-            seeds = None
-            if config.per_prompt_generation:
-                seeds = [generation_seed(config.seed, mode, ctx.step, row) for row in batch["row_index"].tolist()]
-            if seeds is None and not ctx.training:
-                # evaluation samples from its own generator, so it never shifts the training run's randomness
-                with seeded(generation_seed(config.seed, mode, ctx.step, -1), batch["prompt_ids"].device):
-                    ids, mask = generate(model, batch["prompt_ids"], batch["prompt_mask"], config, ctx.tokenizer)
+        choices = []
+        for k, batch in enumerate(batches):
+            if "completion_ids" not in batch:
+                choices.append(True)  # prompt-only rows: the student always writes the completion
+            elif ctx.training:
+                choices.append(use_on_policy(config.seed, ctx.step, k, config.lmbda))
             else:
-                ids, mask = generate(model, batch["prompt_ids"], batch["prompt_mask"], config, ctx.tokenizer, seeds)
-            batch = {**batch, "completion_ids": ids, "completion_mask": mask}
-        return {**batch, "on_policy": torch.tensor(float(on_policy))}
+                choices.append(False)  # evaluation scores the dataset completions when there are some
+        on_policy = [b for b, on in zip(batches, choices) if on]
+        sampled = iter(sample(self.generator, model, on_policy, ctx) if on_policy else [])
+        out = []
+        for batch, on in zip(batches, choices):
+            if on:
+                r = next(sampled)
+                batch = {**batch, "completion_ids": r.completion_ids, "completion_mask": r.completion_mask}
+            out.append({**batch, "on_policy": torch.tensor(float(on))})
+        return out
 
     def _completion_logits(self, model: Any, batch: dict, keep: bool) -> torch.Tensor:
         """(B, C, V) logits predicting each completion token (positions P-1 ... P+C-2)."""

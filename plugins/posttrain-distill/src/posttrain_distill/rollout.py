@@ -1,13 +1,8 @@
-"""On-policy generation: which micro-batches the student samples, and the sampling itself."""
+"""Which micro-batches the student samples (the sampling itself is core's generation service)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import random
-from typing import Any
-
-import torch
 
 
 def use_on_policy(seed: int, step: int, micro_step: int, lmbda: float) -> bool:
@@ -22,89 +17,3 @@ def use_on_policy(seed: int, step: int, micro_step: int, lmbda: float) -> bool:
     if lmbda <= 0.0:
         return False
     return random.Random(f"posttrain-distill:{seed}:{step}:{micro_step}").random() < lmbda
-
-
-# Copied from posttrain_grpo.rollout.generation_seed
-def generation_seed(seed: int, mode: str, step: int, row: int) -> int:
-    """A seed that depends only on the run seed, train/eval, the step and the dataset row."""
-    digest = hashlib.blake2b(f"{seed}:{mode}:{step}:{row}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**63)
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device):
-    """Sample under ``seed`` from a forked generator (the caller's random state is left as it was); None: as is."""
-    if seed is None:
-        yield
-        return
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def completion_tensors(completions: list[list[int]], eos_id: int | None, pad_id: int, device: Any):
-    """Cut each sampled completion after its first EOS and right-pad: (completion_ids (B, C), completion_mask (B, C))."""
-    cut = []
-    for ids in completions:
-        end = ids.index(eos_id) if eos_id in ids else None
-        cut.append(ids[: end + 1] if end is not None else list(ids))
-    width = max(1, max(len(c) for c in cut))
-    completion_ids = torch.full((len(cut), width), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(cut), width), dtype=torch.long)
-    for i, c in enumerate(cut):
-        completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        completion_mask[i, : len(c)] = 1
-    return completion_ids.to(device), completion_mask.to(device)
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    config: Any,
-    tokenizer: Any,
-    seeds: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one completion per prompt from ``model`` (unwrapped) at the configured temperature.
-
-    With ``seeds`` (one per prompt) each prompt is sampled in its own ``generate`` call under its own seed, so its
-    completion depends on (prompt, seed) only, never on the rest of the micro-batch: batch 4 x accumulation 1 and
-    2 x 2 sample the same completions. Without, the left-padded batch is sampled in one call from the current
-    random state. The model is put in eval mode while it samples (no dropout noise, KV cache usable with gradient
-    checkpointing) and restored afterwards.
-
-    Returns:
-        (completion_ids (B, C) padded with pad after the first EOS, completion_mask (B, C)).
-    """
-    from transformers import GenerationConfig
-
-    generation_config = GenerationConfig(
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        max_new_tokens=config.max_completion_length,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    device = prompt_ids.device
-    calls = [[i] for i in range(len(prompt_ids))] if seeds is not None else [list(range(len(prompt_ids)))]
-    completions: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for call in calls:
-            ids, mask = prompt_ids[call], prompt_mask[call]
-            if seeds is not None:  # alone in its call: drop the batch's left padding
-                ids, mask = ids[:, mask[0].bool()], mask[:, mask[0].bool()]
-            with seeded(seeds[call[0]] if seeds is not None else None, device):
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
-            completions.extend(out[:, ids.size(1) :].tolist())
-    finally:
-        model.train(was_training)
-    return completion_tensors(completions, tokenizer.eos_token_id, tokenizer.pad_token_id, device)

@@ -3,6 +3,7 @@
 from posttrain_dpo.config import DPOConfig
 from posttrain_dpo.loss import (
     LOSS_TYPES,
+    LOSSES,
     apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
@@ -19,6 +20,7 @@ from posttrain_dpo.method import DPO
 
 __all__ = [
     "DPO",
+    "LOSSES",
     "LOSS_TYPES",
     "DPOConfig",
     "apo_down_loss",

@@ -21,19 +21,23 @@ import warnings
 from typing import Any
 
 import torch
-from posttrain import DataError
-from posttrain.data import RowProblem, apply_chat_template, extract_prompt, is_conversational, validate
+from posttrain import DataError, RowProblem
+from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
 def preference_problems(dataset: Any, source: str = "the dataset") -> list[RowProblem]:
-    """Every bad row: core's preference-format checks, then standard/conversational mixing within a row."""
+    """Every bad row: core's preference-format checks, then standard/conversational mixing within a row.
+
+    Rows core already reports are not checked for mixing, so a row is not reported twice for one cause.
+    """
     problems = validate(dataset, ("preference",), source)
-    if problems:
-        return problems
+    reported = {p.row for p in problems}
     for i, row in enumerate(dataset):
-        conversational = isinstance(row["chosen"], list)
+        if i in reported:
+            continue
+        conversational = isinstance(row.get("chosen"), list)
         for name in FIELDS:
             value = row.get(name)
             if value is not None and isinstance(value, list) != conversational:
@@ -49,7 +53,7 @@ def preference_problems(dataset: Any, source: str = "the dataset") -> list[RowPr
                     )
                 )
                 break
-    return problems
+    return sorted(problems, key=lambda p: p.row)
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -89,12 +93,14 @@ def tokenize_row(row: dict, tokenizer: Any, max_prompt_length: int | None = None
 
 
 def tokenize_dataset(dataset: Any, tokenizer: Any, max_length: int | None, max_prompt_length: int | None) -> list[dict]:
-    """Validate every row (DataError on the first bad one), tokenize, and drop rows with no room left."""
+    """Validate every row, tokenize, and drop rows with no room left.
+
+    Raises:
+        DataError: carrying every bad row's :class:`~posttrain.RowProblem` (those ``DPO.check_rows`` reports).
+    """
     problems = preference_problems(dataset)
     if problems:
-        raise DataError(
-            "posttrain-dpo: " + problems[0].message() + " Run `posttrain check-data dpo FILE` to list every bad row."
-        )
+        raise DataError(problems, method="dpo")
     rows, dropped = [], []
     for i, row in enumerate(dataset):
         ids = tokenize_row(row, tokenizer, max_prompt_length)

@@ -5,6 +5,9 @@ Objective: minimise -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (
 Every function here is pure: it takes per-pair tensors of shape (B,) and returns the per-pair loss (B,).
 ``log pi(y|x)`` is the *sum* of the completion's token log-probs. The method sums the per-pair losses
 and reports the number of pairs, so the loop's step mean is the mean over every pair of the step.
+``LOSSES`` maps each ``loss_type`` name to its function; :func:`dpo_loss` calls every function with the
+same keyword arguments (``chosen_logratios``, ``rejected_logratios``, ``chosen_logps``, ``chosen_lengths``,
+``rejected_lengths``, ``beta``, ``label_smoothing``), each takes the ones it needs and ``**_`` the rest.
 
 Deviations from the paper (the default, ``loss_type=["sigmoid"]`` with ``label_smoothing=0``, has none):
 
@@ -21,15 +24,13 @@ Deviations from the paper (the default, ``loss_type=["sigmoid"]`` with ``label_s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "sft")
 
-
-def dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothing: float = 0.0):
+def dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothing: float = 0.0, **_):
     """DPO's Bradley-Terry loss, -log sigmoid(beta * (r_w - r_l)), with optional label smoothing (cDPO).
 
     Args:
@@ -42,12 +43,12 @@ def dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta: float, label_sm
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
-def hinge_loss(chosen_logratios, rejected_logratios, beta: float):
+def hinge_loss(chosen_logratios, rejected_logratios, beta: float, **_):
     """SLiC-HF hinge loss (arXiv 2305.10425): relu(1 - beta * (r_w - r_l)); beta is 1/margin."""
     return torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
 
 
-def ipo_loss(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, beta: float):
+def ipo_loss(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, beta: float, **_):
     """IPO (arXiv 2310.12036, Eq. 17) on length-normalised log-ratios; beta plays the paper's tau.
 
     ((r_w / |y_w| - r_l / |y_l|) - 1 / (2 beta))^2, lengths in scored completion tokens (clamped to >= 1).
@@ -56,7 +57,7 @@ def ipo_loss(chosen_logratios, rejected_logratios, chosen_lengths, rejected_leng
     return (delta - 1 / (2 * beta)) ** 2
 
 
-def robust_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothing: float):
+def robust_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothing: float, **_):
     """Robust DPO (arXiv 2403.00409): unbiased loss under labels flipped with probability eps < 0.5.
 
     ((1 - eps) * -log sigmoid(z) - eps * -log sigmoid(-z)) / (1 - 2 eps), z = beta * (r_w - r_l).
@@ -65,7 +66,7 @@ def robust_loss(chosen_logratios, rejected_logratios, beta: float, label_smoothi
     return (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
 
 
-def bco_pair_loss(chosen_logratios, rejected_logratios, beta: float):
+def bco_pair_loss(chosen_logratios, rejected_logratios, beta: float, **_):
     """BCO on pairs (arXiv 2404.04656): each response classified on its own reward, no running-mean shift.
 
     -log sigmoid(beta r_w) - log sigmoid(-beta r_l).
@@ -73,7 +74,7 @@ def bco_pair_loss(chosen_logratios, rejected_logratios, beta: float):
     return -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
 
 
-def sppo_hard_loss(chosen_logratios, rejected_logratios, beta: float):
+def sppo_hard_loss(chosen_logratios, rejected_logratios, beta: float, **_):
     """SPPO with hard win probabilities (arXiv 2405.00675, Eq. 4.7 with P = 1 / 0).
 
     (r_w - 1 / (2 beta))^2 + (r_l + 1 / (2 beta))^2: pushes r_w to +1/(2 beta) and r_l to -1/(2 beta).
@@ -81,7 +82,7 @@ def sppo_hard_loss(chosen_logratios, rejected_logratios, beta: float):
     return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
 
 
-def nca_pair_loss(chosen_logratios, rejected_logratios, beta: float):
+def nca_pair_loss(chosen_logratios, rejected_logratios, beta: float, **_):
     """NCA for pairs (arXiv 2402.05369): absolute likelihood of y_w rises, not just the margin.
 
     -log sigmoid(beta r_w) - 1/2 log sigmoid(-beta r_w) - 1/2 log sigmoid(-beta r_l).
@@ -90,7 +91,7 @@ def nca_pair_loss(chosen_logratios, rejected_logratios, beta: float):
     return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
 
 
-def apo_zero_loss(chosen_logratios, rejected_logratios, beta: float):
+def apo_zero_loss(chosen_logratios, rejected_logratios, beta: float, **_):
     """APO-zero (arXiv 2408.06266, Eq. 7), for chosen answers better than the model's own.
 
     (1 - sigmoid(beta r_w)) + sigmoid(beta r_l): raise y_w, lower y_l.
@@ -98,7 +99,7 @@ def apo_zero_loss(chosen_logratios, rejected_logratios, beta: float):
     return (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
 
 
-def apo_down_loss(chosen_logratios, rejected_logratios, beta: float):
+def apo_down_loss(chosen_logratios, rejected_logratios, beta: float, **_):
     """APO-down (arXiv 2408.06266, Eq. 8), for chosen answers worse than the model's own.
 
     sigmoid(beta r_w) + (1 - sigmoid(beta (r_w - r_l))): lower y_w, and lower y_l more.
@@ -107,12 +108,29 @@ def apo_down_loss(chosen_logratios, rejected_logratios, beta: float):
     return torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(margin))
 
 
-def sft_loss(chosen_logps, chosen_lengths):
+def sft_loss(chosen_logps, chosen_lengths, **_):
     """Negative log-likelihood of the chosen completion per token: -log pi(y_w|x) / |y_w| (deviation 3).
 
     The ``sft`` loss type and RPO's ``rpo_alpha`` term (arXiv 2404.19733) both use it.
     """
     return -chosen_logps / chosen_lengths.clamp(min=1)
+
+
+#: ``loss_type`` name -> per-pair loss function (B,); ``DPOConfig.loss_type`` lists these names.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": dpo_sigmoid_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "robust": robust_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "nca_pair": nca_pair_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "sft": sft_loss,
+}
+#: The names of ``LOSSES`` (kept for code written against 1.0).
+LOSS_TYPES = tuple(LOSSES)
 
 
 def dpo_loss(
@@ -135,32 +153,26 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference (zeros when reference-free).
         chosen_lengths, rejected_lengths: (B,) completion tokens scored, for ``ipo`` and ``sft``.
         beta, label_smoothing, rpo_alpha: see ``DPOConfig``.
-        loss_type: names from ``LOSS_TYPES``; loss_weights: one weight each (default 1.0 each).
+        loss_type: names from ``LOSSES``; loss_weights: one weight each (default 1.0 each).
 
     Returns:
         (B,) tensor of per-pair losses.
     """
-    chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
-    rejected_logratios = rejected_logps - ref_rejected_logps  # (B,)
-    c, r = chosen_logratios, rejected_logratios
-    terms = {
-        "sigmoid": lambda: dpo_sigmoid_loss(c, r, beta, label_smoothing),
-        "hinge": lambda: hinge_loss(c, r, beta),
-        "ipo": lambda: ipo_loss(c, r, chosen_lengths, rejected_lengths, beta),
-        "robust": lambda: robust_loss(c, r, beta, label_smoothing),
-        "bco_pair": lambda: bco_pair_loss(c, r, beta),
-        "sppo_hard": lambda: sppo_hard_loss(c, r, beta),
-        "nca_pair": lambda: nca_pair_loss(c, r, beta),
-        "apo_zero": lambda: apo_zero_loss(c, r, beta),
-        "apo_down": lambda: apo_down_loss(c, r, beta),
-        "sft": lambda: sft_loss(chosen_logps, chosen_lengths),
+    inputs = {
+        "chosen_logratios": chosen_logps - ref_chosen_logps,  # (B,)
+        "rejected_logratios": rejected_logps - ref_rejected_logps,  # (B,)
+        "chosen_logps": chosen_logps,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "beta": beta,
+        "label_smoothing": label_smoothing,
     }
     weights = list(loss_weights) if loss_weights is not None else [1.0] * len(loss_type)
     loss = torch.zeros_like(chosen_logps)
     for name, weight in zip(loss_type, weights, strict=True):
-        if name not in terms:
-            raise ValueError(f"unknown loss_type {name!r}; choose from {', '.join(LOSS_TYPES)}")
-        loss = loss + weight * terms[name]()
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss_type {name!r}; choose from {', '.join(LOSSES)}")
+        loss = loss + weight * LOSSES[name](**inputs)
     if rpo_alpha is not None:
         loss = loss + rpo_alpha * sft_loss(chosen_logps, chosen_lengths)
     return loss

@@ -6,8 +6,8 @@ import contextlib
 from typing import Any
 
 import torch
-from posttrain import LossOutput, PosttrainError
-from posttrain.models import is_peft_model, reference_forward, reference_model
+from posttrain import LossOutput, Metric, PosttrainError, RowProblem, TrainContext
+from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model
 from posttrain.ops import sequence_logps
 
 from posttrain_dpo.config import DPOConfig
@@ -28,10 +28,9 @@ def completion_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     return logps, lengths, mean_logits * lengths
 
 
-def _disable_dropout(model: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+def _per_pair(values: torch.Tensor) -> Metric:
+    """The mean over pairs, logged as sum / count so it stays exact over micro-batches and processes."""
+    return Metric.ratio(values.sum(), values.numel())
 
 
 class DPO:
@@ -52,27 +51,28 @@ class DPO:
     def __init__(self) -> None:
         self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[DPOConfig]) -> None:
         """Disable dropout and, unless the run needs none, build the frozen reference model."""
         config = ctx.config
         if config.disable_dropout:
-            _disable_dropout(ctx.model)
+            disable_dropout(ctx.model)
         if not (config.reference_free or config.precompute_ref_log_probs):
             self.ref_model = reference_model(ctx)  # a frozen copy; None under LoRA
             if self.ref_model is not None and config.disable_dropout:
-                _disable_dropout(self.ref_model)
+                disable_dropout(self.ref_model)
 
-    def check_rows(self, dataset: Any) -> list[str]:
-        return [problem.message() for problem in preference_problems(dataset)]
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row (core's preference checks, then strings and messages mixed in a row); prepare refuses them."""
+        return preference_problems(rows)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def prepare(self, dataset: Any, ctx: TrainContext[DPOConfig]) -> list[dict]:
         config = ctx.config
         rows = tokenize_dataset(dataset, ctx.tokenizer, config.max_length, config.max_prompt_length)
         if config.precompute_ref_log_probs:
             self._precompute_ref_logps(rows, ctx)
         return rows
 
-    def _precompute_ref_logps(self, rows: list[dict], ctx: Any) -> None:
+    def _precompute_ref_logps(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> None:
         """Score every row under the reference once and store it in the row (``ref_*_logps`` floats).
 
         ``prepare`` runs before the first optimizer step, so the policy itself is still the reference
@@ -97,10 +97,10 @@ class DPO:
         finally:
             model.train(was_training)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
+    def collate(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> dict:
         return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length)
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict, ctx: TrainContext[DPOConfig]) -> LossOutput:
         config = ctx.config
         logps, lengths, logit_sums = completion_logps(model, batch)  # (2B,) each
         chosen_logps, rejected_logps = logps.chunk(2)  # batch is [chosen; rejected]
@@ -137,14 +137,14 @@ class DPO:
         rejected_rewards = config.beta * (rejected_logps - ref_rejected_logps).detach()
         chosen_logit_sums, rejected_logit_sums = logit_sums.chunk(2)
         metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen_logps.detach().mean(),
-            "logps/rejected": rejected_logps.detach().mean(),
-            # token means of the vocabulary-mean logit, over all chosen (rejected) tokens of the batch
-            "logits/chosen": chosen_logit_sums.sum() / chosen_lengths.sum().clamp(min=1),
-            "logits/rejected": rejected_logit_sums.sum() / rejected_lengths.sum().clamp(min=1),
+            "rewards/chosen": _per_pair(chosen_rewards),
+            "rewards/rejected": _per_pair(rejected_rewards),
+            "rewards/accuracies": _per_pair((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": _per_pair(chosen_rewards - rejected_rewards),
+            "logps/chosen": _per_pair(chosen_logps.detach()),
+            "logps/rejected": _per_pair(rejected_logps.detach()),
+            # token means of the vocabulary-mean logit, over every chosen (rejected) token of the logging window
+            "logits/chosen": Metric.ratio(chosen_logit_sums.sum(), chosen_lengths.sum()),
+            "logits/rejected": Metric.ratio(rejected_logit_sums.sum(), rejected_lengths.sum()),
         }
         return LossOutput(loss_sum=per_pair.sum(), n_items=len(per_pair), metrics=metrics)

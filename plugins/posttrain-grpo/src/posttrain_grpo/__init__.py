@@ -2,28 +2,34 @@
 
 from posttrain_grpo.config import GRPOConfig
 from posttrain_grpo.loss import (
+    LOSSES,
     bnpo_normalization,
+    cispo_surrogate,
     clipped_surrogate,
     dapo_normalization,
     dr_grpo_normalization,
     group_advantages,
     grpo_loss,
     grpo_normalization,
+    importance_ratio,
     k3_kl,
+    sapo_surrogate,
 )
 from posttrain_grpo.method import GRPO
-from posttrain_grpo.rollout import RewardError
 
 __all__ = [
     "GRPO",
+    "LOSSES",
     "GRPOConfig",
-    "RewardError",
     "bnpo_normalization",
+    "cispo_surrogate",
     "clipped_surrogate",
     "dapo_normalization",
     "dr_grpo_normalization",
     "group_advantages",
     "grpo_loss",
     "grpo_normalization",
+    "importance_ratio",
     "k3_kl",
+    "sapo_surrogate",
 ]

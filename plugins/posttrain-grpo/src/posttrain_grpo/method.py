@@ -1,22 +1,16 @@
-"""The GRPO method object: wiring between the loop, the rollout and the loss."""
+"""The GRPO method object: wiring between the loop, core's generation and reward services, and the loss."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from posttrain import LossOutput
+from posttrain import LossOutput, TrainContext
+from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
+from posttrain.models import eval_mode, reference_forward, reference_model
+from posttrain.ops import completion_logps
+from posttrain.rewards import RewardSet
 
-from posttrain_grpo import data
 from posttrain_grpo.config import GRPOConfig
-from posttrain_grpo.loss import grpo_loss
-from posttrain_grpo.rollout import (
-    completion_logps,
-    eos_token_ids,
-    generate_and_score,
-    generation_config,
-    resolve_reward_funcs,
-)
+from posttrain_grpo.loss import group_advantages, grpo_loss
 
 
 class GRPO:
@@ -24,69 +18,101 @@ class GRPO:
 
     Example::
 
-        from posttrain.loop import train
+        import posttrain
         from posttrain_grpo import GRPO, GRPOConfig
 
         def is_digit(prompts, completions, **columns):
             return [float(c.strip().isdigit()) for c in completions]
 
-        train(GRPO(), GRPOConfig(model="tiny", dataset="prompts.jsonl", max_completion_length=8),
-              rewards={"is_digit": is_digit})
-
-    ``num_iterations`` (μ) > 1: at steps where ``step % μ == 0`` each micro-batch's rollout is generated,
-    its old log-probs computed, and the rollout kept by micro-batch index; the next μ−1 optimizer steps
-    train on the kept rollouts again (the prompts the loop hands those steps are not used). With μ = 1 no
-    rollout is kept and the old log-probs are the detached current ones (no extra forward pass).
+        posttrain.train(GRPO(), GRPOConfig(model="tiny", dataset="prompts.jsonl", max_completion_length=8),
+                        rewards={"is_digit": is_digit})
     """
 
     name = "grpo"
     config_class = GRPOConfig
-    dataset_formats = data.FORMATS
+    dataset_formats = ("prompt_only",)
 
     def __init__(self) -> None:
-        self.reward_names: list[str] = []
-        self.reward_funcs: list = []
-        self.reward_weights = torch.ones(0)
+        self.rewards: RewardSet | None = None
+        self.generator = None
         self.ref_model = None
-        self.vllm = None
-        self.eos_ids: list[int] = []
-        self.generation_config = None
-        self._buffer: dict[int, dict] = {}  # micro_step -> rollout, reused while num_iterations > 1
 
-    def setup(self, ctx: Any) -> None:
+    # -- set up and data ------------------------------------------------------------------------------------
+
+    def setup(self, ctx: TrainContext[GRPOConfig]) -> None:
         config = ctx.config
-        self.reward_names, self.reward_funcs, self.reward_weights = resolve_reward_funcs(config, ctx.rewards, self.name)
-        self.eos_ids = eos_token_ids(ctx.model, ctx.tokenizer)
-        self.generation_config = generation_config(config, ctx.tokenizer, self.eos_ids)
+        self.rewards = RewardSet.resolve(
+            config.reward_funcs, config.reward_weights, config.reward_kwargs, ctx=ctx, method=self.name
+        )
+        self.generator = build_generator(ctx)
         if config.beta != 0.0:
-            from posttrain.models import reference_model
-
             self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
-        if config.use_vllm:
-            from posttrain_grpo._vllm import VLLMGenerator
 
-            self.vllm = VLLMGenerator(ctx, self.name)
+    def prepare(self, dataset, ctx: TrainContext[GRPOConfig]) -> list[dict]:
+        return prepare_prompts(dataset, ctx.tokenizer, self.name)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
-        return data.prepare(dataset, ctx.tokenizer)
+    def collate(self, rows: list[dict], ctx: TrainContext[GRPOConfig]) -> dict:
+        return collate_prompts(rows, ctx.tokenizer.pad_token_id)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
-        return data.collate(rows, ctx.tokenizer.pad_token_id)
+    def rows_per_batch(self, config: GRPOConfig, batch_size: int) -> int:
+        """A micro-batch of ``batch_size`` completions holds batch_size / num_generations prompts."""
+        return max(1, batch_size // config.num_generations)
 
-    def rollout(self, model: Any, batch: dict, ctx: Any) -> dict:
-        mu = ctx.config.num_iterations
-        reuse = ctx.training and mu > 1
-        if reuse and ctx.step % mu != 0 and ctx.micro_step in self._buffer:
-            return _to(self._buffer[ctx.micro_step], ctx.device)
-        out = generate_and_score(self, model, batch, ctx, old_logps=reuse, ref_model=self.ref_model)
-        if reuse:
-            self._buffer[ctx.micro_step] = out
+    def batch_reuse(self, config: GRPOConfig) -> int:
+        return config.num_iterations  # μ optimizer steps on each rollout
+
+    # -- rollout: sample, score, advantages, the log-probs the loss compares against --------------------------
+
+    @torch.no_grad()
+    def rollout(self, model, batches: list[dict], ctx: TrainContext[GRPOConfig]) -> list[dict]:
+        config = ctx.config
+        g = config.num_generations
+        rollouts = sample(self.generator, model, batches, ctx, num_generations=g, rewards=self.rewards)
+        correct = config.importance_sampling_correction
+        correct = self.generator.reports_logps if correct is None else correct
+        out = []
+        for r in rollouts:
+            advantages, std = group_advantages(r.rewards, g, config.scale_rewards)  # (N,)
+            mask = r.completion_mask  # (N, C)
+            if config.mask_truncated_completions:
+                mask = mask * (~r.is_truncated).unsqueeze(1).long()
+            batch = {
+                "input_ids": r.input_ids,  # (N, P + C)
+                "attention_mask": r.attention_mask,
+                "completion_mask": mask,
+                "advantages": advantages.to(mask.device),
+                "metrics": {
+                    **r.metrics,
+                    "frac_reward_zero_std": float(torch.isclose(std, torch.zeros_like(std)).float().mean()),
+                },
+            }
+            width = mask.size(1)
+            # the log-probs of the policy that sampled: needed when a rollout is reused (μ > 1) or corrected
+            if config.num_iterations > 1 or (correct and r.sampling_logps is not None):
+                batch["old_logps"] = completion_logps(model, r.input_ids, r.attention_mask, width, config.temperature)[
+                    0
+                ]
+            if correct and r.sampling_logps is not None:
+                batch["is_weights"], is_metrics = importance_weights(
+                    batch["old_logps"],
+                    r.sampling_logps,
+                    mask,
+                    config.importance_sampling_mode,
+                    config.importance_sampling_clip_min,
+                    config.importance_sampling_clip_max,
+                )
+                batch["metrics"].update(is_metrics)
+            if config.beta != 0.0:
+                with reference_forward(model, self.ref_model) as ref, eval_mode(ref):
+                    batch["ref_logps"] = completion_logps(
+                        ref, r.input_ids, r.attention_mask, width, config.temperature
+                    )[0]
+            out.append(batch)
         return out
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
-        if "completion_mask" not in batch:  # a collated batch that did not go through the loop's rollout
-            with torch.no_grad():
-                batch = self.rollout(ctx.model if ctx.model is not None else model, batch, ctx)
+    # -- loss ---------------------------------------------------------------------------------------------------
+
+    def loss(self, model, batch: dict, ctx: TrainContext[GRPOConfig]) -> LossOutput:
         config = ctx.config
         mask = batch["completion_mask"]  # (N, C)
         logps, entropy = completion_logps(
@@ -101,20 +127,15 @@ class GRPO:
             loss_type=config.loss_type,
             epsilon=config.epsilon,
             epsilon_high=config.epsilon_high,
+            delta=config.delta,
+            importance_sampling_level=config.importance_sampling_level,
+            sapo_temperature_pos=config.sapo_temperature_pos,
+            sapo_temperature_neg=config.sapo_temperature_neg,
             beta=config.beta,
             ref_logps=batch.get("ref_logps"),
             use_bias_correction_kl=config.use_bias_correction_kl,
             max_completion_length=config.max_completion_length,
+            is_weights=batch.get("is_weights"),
         )
         stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
         return LossOutput(loss_sum, n_items, {**batch["metrics"], **stats})
-
-    def state_dict(self) -> dict:
-        return {"buffer": {k: _to(v, torch.device("cpu")) for k, v in self._buffer.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._buffer = dict(state.get("buffer", {}))
-
-
-def _to(rollout: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in rollout.items()}

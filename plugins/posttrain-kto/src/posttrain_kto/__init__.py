@@ -2,11 +2,12 @@
 
 from posttrain_kto.config import KTOConfig
 from posttrain_kto.data import KTOBalanceWarning, balance_warning, unpair_preference
-from posttrain_kto.loss import apo_zero_unpaired_loss, kl_reference_point, kto_loss
+from posttrain_kto.loss import LOSSES, apo_zero_unpaired_loss, kl_reference_point, kto_loss
 from posttrain_kto.method import KTO
 
 __all__ = [
     "KTO",
+    "LOSSES",
     "KTOBalanceWarning",
     "KTOConfig",
     "apo_zero_unpaired_loss",

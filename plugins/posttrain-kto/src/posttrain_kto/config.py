@@ -7,6 +7,8 @@ from typing import Literal
 
 from posttrain.config import TrainingConfig
 
+LossType = Literal["kto", "apo_zero_unpaired"]  # the names of posttrain_kto.loss.LOSSES
+
 
 @dataclass
 class KTOConfig(TrainingConfig):
@@ -14,7 +16,7 @@ class KTOConfig(TrainingConfig):
 
     learning_rate: float = 1e-6  # TRL's KTO default (the shared default is 5e-5)
     beta: float = 0.1  # temperature of the implied reward beta*log(pi/pi_ref) (paper: 0.1)
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"  # kto uses the KL point z0; apo_zero_unpaired has none
+    loss_type: LossType = "kto"  # kto uses the KL point z0; apo_zero_unpaired has none
     desirable_weight: float = 1.0  # lambda_D, weight of each desirable (label true) example's loss
     undesirable_weight: float = 1.0  # lambda_U, weight of each undesirable (label false) example's loss
     max_length: int | None = 1024  # prompt+completion tokens kept (end cut); rows whose prompt fills it are dropped

@@ -6,8 +6,13 @@ import warnings
 from typing import Any
 
 import torch
-from posttrain import DataError
-from posttrain.data import apply_chat_template, extract_prompt, is_conversational
+from posttrain import DataError, RowProblem
+from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
+
+from posttrain_kto.config import KTOConfig
+
+#: The formats KTO reads, in the order core's validation tries them (unpaired rows first).
+FORMATS = ("unpaired_preference", "preference")
 
 
 class KTOBalanceWarning(UserWarning):
@@ -85,28 +90,49 @@ def balance_warning(
     )
 
 
-def same_kind_problems(rows: list[dict]) -> list[str]:
-    """Rows whose prompt and answers mix strings and message lists (the chat template needs one kind per row)."""
+def same_kind_problems(rows: Any) -> list[RowProblem]:
+    """Rows whose prompt and answers mix strings and message lists (the chat template needs one kind per row).
+
+    Each answer is compared with the prompt, or with ``chosen`` when the prompt is implicit.
+    """
     problems = []
     for i, row in enumerate(rows):
-        if row.get("prompt") is None:
+        first = "prompt" if row.get("prompt") is not None else "chosen"
+        if row.get(first) is None:
             continue
         for key in ("completion", "chosen", "rejected"):
-            if row.get(key) is not None and isinstance(row[key], list) != isinstance(row["prompt"], list):
-                kinds = ["messages" if isinstance(row[k], list) else "a string" for k in ("prompt", key)]
+            if key != first and row.get(key) is not None and isinstance(row[key], list) != isinstance(row[first], list):
+                kinds = ["messages" if isinstance(row[k], list) else "a string" for k in (first, key)]
                 problems.append(
-                    f"row {i} of the dataset: field {key!r} is {kinds[1]} but 'prompt' is {kinds[0]}; "
-                    "use strings for both (standard) or message lists for both (conversational)."
+                    RowProblem(
+                        i,
+                        key,
+                        f"is {kinds[1]} but {first!r} is {kinds[0]}",
+                        "Use strings for both (standard) or message lists for both (conversational).",
+                    )
                 )
     return problems
 
 
-def prepare_rows(dataset: Any, tokenizer: Any, config: Any, warn_balance: bool = True) -> list[dict]:
-    """Unpair if needed, tokenize, drop rows whose prompt fills ``max_length``, warn about the class balance."""
-    rows = [dict(row) for row in dataset]
-    problems = same_kind_problems(rows)
+def row_problems(dataset: Any) -> list[RowProblem]:
+    """Every bad row: core's checks of the unpaired (or paired) preference format, then strings and messages mixed
+    within a row. ``KTO.check_rows`` reports these and :func:`prepare_rows` refuses exactly these rows."""
+    problems = validate(dataset, FORMATS)
+    reported = {p.row for p in problems}
+    problems += [p for p in same_kind_problems(dataset) if p.row not in reported]
+    return sorted(problems, key=lambda p: p.row)
+
+
+def prepare_rows(dataset: Any, tokenizer: Any, config: KTOConfig, warn_balance: bool = True) -> list[dict]:
+    """Validate, unpair if needed, tokenize, drop rows whose prompt fills ``max_length``, warn about the class balance.
+
+    Raises:
+        DataError: carrying the :class:`~posttrain.RowProblem` of every bad row (:func:`row_problems`).
+    """
+    problems = row_problems(dataset)
     if problems:
-        raise DataError(problems[0])
+        raise DataError(problems, method="kto")
+    rows = [dict(row) for row in dataset]
     if rows and "label" not in rows[0]:
         rows = unpair_preference(rows)
     prepared = [tokenize_row(row, tokenizer) for row in rows]

@@ -18,6 +18,8 @@ Deviations from the paper:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +46,7 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example KTO losses (paper Eq. 7-8) and implied rewards.
 
@@ -72,14 +75,24 @@ def apo_zero_unpaired_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpaired APO-zero: push desirable rewards up and undesirable rewards down, with no reference point.
 
     desirable ``lambda_D * (1 - sigmoid(beta*r))``, undesirable ``lambda_U * sigmoid(beta*r)``.
-    Arguments and returns as :func:`kto_loss`.
+    Arguments and returns as :func:`kto_loss`; a ``kl`` keyword is accepted and unused (there is no z0).
     """
     logratios = logps - ref_logps  # (B,)
     desirable = desirable_weight * (1 - F.sigmoid(beta * logratios))
     undesirable = undesirable_weight * F.sigmoid(beta * logratios)
     losses = torch.where(labels.bool(), desirable, undesirable)
     return losses, beta * logratios.detach()
+
+
+#: ``loss_type`` name -> per-example loss function, returning (losses (B,), rewards (B,)). The method calls each with
+#: the same keyword arguments (``logps``, ``ref_logps``, ``labels``, ``kl``, ``beta``, ``desirable_weight``,
+#: ``undesirable_weight``); ``**_`` takes the ones a function does not use. ``KTOConfig.loss_type`` lists these names.
+LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "kto": kto_loss,
+    "apo_zero_unpaired": apo_zero_unpaired_loss,
+}

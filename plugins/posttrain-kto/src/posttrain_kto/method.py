@@ -5,20 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import LossOutput
-from posttrain.data import check
-from posttrain.models import is_peft_model, reference_forward, reference_model
+from posttrain import LossOutput, Metric, RowProblem, TrainContext
+from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model
 from posttrain.ops import sequence_logps
 
 from posttrain_kto.config import KTOConfig
-from posttrain_kto.data import collate_rows, fix_kl_partners, prepare_rows, same_kind_problems
-from posttrain_kto.loss import apo_zero_unpaired_loss, kl_reference_point, kto_loss
-
-
-def _disable_dropout(model: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+from posttrain_kto.data import FORMATS, collate_rows, fix_kl_partners, prepare_rows, row_problems
+from posttrain_kto.loss import LOSSES, kl_reference_point
 
 
 class KTO:
@@ -32,20 +25,19 @@ class KTO:
 
     name = "kto"
     config_class = KTOConfig
-    dataset_formats = ("unpaired_preference", "preference")
+    dataset_formats = FORMATS
 
     def __init__(self) -> None:
         self.ref = None
         self._prepared_once = False
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[KTOConfig]) -> None:
         if ctx.config.disable_dropout:
-            _disable_dropout(ctx.model)
+            disable_dropout(ctx.model)
         # precomputed reference log-probs come from the initial policy in prepare(): no second model kept
         self.ref = None if ctx.config.precompute_ref_log_probs else reference_model(ctx)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
-        check(dataset, self.dataset_formats)
+    def prepare(self, dataset: Any, ctx: TrainContext[KTOConfig]) -> list[dict]:
         # the class-balance advice concerns the training data, which the loop prepares first
         rows = prepare_rows(dataset, ctx.tokenizer, ctx.config, warn_balance=not self._prepared_once)
         self._prepared_once = True
@@ -53,17 +45,17 @@ class KTO:
             self._precompute(rows, ctx)
         return rows
 
-    def check_rows(self, dataset: Any) -> list[str]:
-        """Problems beyond the standard format checks, for ``posttrain check-data kto FILE``."""
-        return same_kind_problems([dict(row) for row in dataset])
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row, for ``posttrain check-data kto FILE``; ``prepare`` refuses exactly these rows."""
+        return row_problems(rows)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
+    def collate(self, rows: list[dict], ctx: TrainContext[KTOConfig]) -> dict:
         return collate_rows(
             rows, ctx.tokenizer.pad_token_id, ctx.config.max_length, with_kl=ctx.config.loss_type == "kto"
         )
 
     @torch.no_grad()
-    def _precompute(self, rows: list[dict], ctx: Any) -> None:
+    def _precompute(self, rows: list[dict], ctx: TrainContext[KTOConfig]) -> None:
         """Score every row (and its fixed mismatched pair) with the initial policy, which is the reference."""
         config, model = ctx.config, ctx.model
         with_kl = config.loss_type == "kto"
@@ -85,7 +77,7 @@ class KTO:
         finally:
             model.train(was_training)
 
-    def _reference_logps(self, policy: Any, batch: dict, with_kl: bool):
+    def _reference_logps(self, policy: Any, batch: dict, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         ref = self.ref
         if ref is None and not is_peft_model(getattr(policy, "module", policy)):
             ref = policy  # precompute: the policy has not been updated yet
@@ -98,7 +90,7 @@ class KTO:
                 )[0]
         return ref_logps, ref_kl_logps
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict, ctx: TrainContext[KTOConfig]) -> LossOutput:
         config = ctx.config
         with_kl = config.loss_type == "kto"
         labels = batch["labels"]  # (B,)
@@ -109,6 +101,7 @@ class KTO:
             ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl)
 
         metrics: dict[str, Any] = {}
+        kl = None
         if with_kl:
             with torch.no_grad():  # z0 is detached: the mismatched pairs need no graph
                 kl_logps = sequence_logps(
@@ -118,22 +111,25 @@ class KTO:
             if ctx.num_processes > 1:  # one z0 for the step's micro-batch on every process, as TRL gathers it
                 raw = ctx.accelerator.reduce((kl_logps - ref_kl_logps).mean(), reduction="mean")
                 kl = raw.clamp(min=0).detach()
-            losses, rewards = kto_loss(
-                logps, ref_logps, labels, kl, config.beta, config.desirable_weight, config.undesirable_weight
-            )
             metrics["kl"] = kl
-        else:
-            losses, rewards = apo_zero_unpaired_loss(
-                logps, ref_logps, labels, config.beta, config.desirable_weight, config.undesirable_weight
-            )
+        losses, rewards = LOSSES[config.loss_type](
+            logps=logps,
+            ref_logps=ref_logps,
+            labels=labels,
+            kl=kl,
+            beta=config.beta,
+            desirable_weight=config.desirable_weight,
+            undesirable_weight=config.undesirable_weight,
+        )
 
-        chosen, rejected = labels, ~labels
+        # per-kind means as sums with counts (TRL's KTO logs sum / count over the logging window the same way)
+        chosen, rejected, scored = labels, ~labels, logps.detach()
         if chosen.any():
-            metrics["rewards/chosen"] = rewards[chosen].mean()
-            metrics["logps/chosen"] = logps.detach()[chosen].mean()
+            metrics["rewards/chosen"] = Metric.ratio(rewards[chosen].sum(), chosen.sum())
+            metrics["logps/chosen"] = Metric.ratio(scored[chosen].sum(), chosen.sum())
         if rejected.any():
-            metrics["rewards/rejected"] = rewards[rejected].mean()
-            metrics["logps/rejected"] = logps.detach()[rejected].mean()
-        if chosen.any() and rejected.any():
-            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+            metrics["rewards/rejected"] = Metric.ratio(rewards[rejected].sum(), rejected.sum())
+            metrics["logps/rejected"] = Metric.ratio(scored[rejected].sum(), rejected.sum())
+        if chosen.any() and rejected.any():  # this micro-batch's difference of means, averaged over micro-batches
+            metrics["rewards/margins"] = rewards[chosen].mean() - rewards[rejected].mean()
         return LossOutput(loss_sum=losses.sum(), n_items=labels.numel(), metrics=metrics)

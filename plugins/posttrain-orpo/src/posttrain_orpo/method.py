@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import LossOutput
+from posttrain import LossOutput, Metric, RowProblem, TrainContext
+from posttrain.models import disable_dropout
 from posttrain.ops import token_logps
 
 from posttrain_orpo.config import ORPOConfig
-from posttrain_orpo.data import FORMATS, collate_pairs, prepare_rows
+from posttrain_orpo.data import FORMATS, collate_pairs, prepare_rows, row_problems
 from posttrain_orpo.loss import orpo_loss
 
 
@@ -31,11 +32,10 @@ def concatenated_forward(model: Any, batch: dict[str, torch.Tensor]) -> dict[str
     return {"logps": logps, "token_mask": token_mask, "completion_mask": completion_mask, "mean_logits": mean_logits}
 
 
-def disable_dropout(model: Any) -> None:
-    """Set every ``nn.Dropout`` probability to 0, as TRL does by default for its preference trainers."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+# Copied from posttrain_dpo.method._per_pair
+def _per_pair(values: torch.Tensor) -> Metric:
+    """The mean over pairs, logged as sum / count so it stays exact over micro-batches and processes."""
+    return Metric.ratio(values.sum(), values.numel())
 
 
 class ORPO:
@@ -54,17 +54,22 @@ class ORPO:
     config_class = ORPOConfig
     dataset_formats = FORMATS
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[ORPOConfig]) -> None:
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row, for ``posttrain check-data orpo FILE``; ``prepare`` refuses exactly these rows (and rows
+        whose prompt gives no token under a tokenizer without BOS, which needs the tokenizer to see)."""
+        return row_problems(rows)
+
+    def prepare(self, dataset: Any, ctx: TrainContext[ORPOConfig]) -> list[dict]:
         return prepare_rows(dataset, ctx.tokenizer, ctx.config.max_length, ctx.config.max_prompt_length)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict], ctx: TrainContext[ORPOConfig]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows, ctx.tokenizer.pad_token_id)
 
-    def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: TrainContext[ORPOConfig]) -> LossOutput:
         """Sum of per-pair ORPO losses over the micro-batch, normalised by the number of pairs."""
         config = ctx.config
         out = concatenated_forward(model, batch)
@@ -79,16 +84,16 @@ class ORPO:
 
         chosen_rewards, rejected_rewards = config.beta * chosen_logps.detach(), config.beta * rejected_logps.detach()
         metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen_logps.detach().mean(),
-            "logps/rejected": rejected_logps.detach().mean(),
-            "logits/chosen": out["mean_logits"][:n_pairs].mean(),
-            "logits/rejected": out["mean_logits"][n_pairs:].mean(),
-            "nll_loss": chosen_nll.detach().mean(),
-            "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds.detach()).mean(),
-            "log_odds_chosen": log_odds.detach().mean(),
+            "rewards/chosen": _per_pair(chosen_rewards),
+            "rewards/rejected": _per_pair(rejected_rewards),
+            "rewards/accuracies": _per_pair((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": _per_pair(chosen_rewards - rejected_rewards),
+            "logps/chosen": _per_pair(chosen_logps.detach()),
+            "logps/rejected": _per_pair(rejected_logps.detach()),
+            "logits/chosen": _per_pair(out["mean_logits"][:n_pairs]),
+            "logits/rejected": _per_pair(out["mean_logits"][n_pairs:]),
+            "nll_loss": _per_pair(chosen_nll.detach()),
+            "log_odds_ratio": _per_pair(torch.nn.functional.logsigmoid(log_odds.detach())),
+            "log_odds_chosen": _per_pair(log_odds.detach()),
         }
         return LossOutput(loss_sum=losses.sum(), n_items=n_pairs, metrics=metrics)

@@ -15,8 +15,8 @@ import math
 from typing import Any
 
 import torch
-from posttrain import DataError
-from posttrain.data import check, extract_prompt, validate
+from posttrain import DataError, RowProblem
+from posttrain.data import extract_prompt, validate
 
 
 def encode(tokenizer: Any, prompt: str | list[dict] | None, response: str | list[dict]) -> list[int]:
@@ -42,37 +42,52 @@ def encode(tokenizer: Any, prompt: str | list[dict] | None, response: str | list
     return list(tokenizer(text).input_ids)
 
 
-def _row_problem(row: dict, index: int, source: str, has_margin: bool) -> str | None:
+def _row_problem(row: dict, index: int, has_margin: bool) -> RowProblem | None:
     """What core's preference check cannot see: mixed standard/conversational fields and a bad margin."""
-    conversational = isinstance(row["chosen"], list)
+    conversational = isinstance(row.get("chosen"), list)
     for field in ("rejected", "prompt"):
         value = row.get(field)
         if value not in (None, "", []) and isinstance(value, list) != conversational:
             kinds = ("a list of messages", "a string") if conversational else ("a string", "a list of messages")
-            return (
-                f"row {index} of {source}: field {field!r} is {kinds[1]} but 'chosen' is {kinds[0]}. A row is "
-                "either standard (all strings) or conversational (all message lists); convert the row."
+            return RowProblem(
+                index,
+                field,
+                f"is {kinds[1]} but 'chosen' is {kinds[0]}",
+                "A row is either standard (all strings) or conversational (all message lists); convert the row.",
             )
     margin = row.get("margin")
     if has_margin and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
-        return (
-            f"row {index} of {source}: field 'margin' must be a finite number, got {margin!r}. The margin column "
-            "is optional, but once present every row needs one (use 0 for no margin)."
+        return RowProblem(
+            index,
+            "margin",
+            f"must be a finite number, got {margin!r}",
+            "The margin column is optional, but once present every row needs one (use 0 for no margin).",
         )
     return None
 
 
-def check_pairs(dataset: Any, source: str = "the dataset") -> list[str]:
-    """Every problem of every row (for ``posttrain check-data``); empty when the dataset is usable."""
-    found = [p.message(source) for p in validate(dataset, ("preference",), source)]
-    if found:
-        return found
+def pair_problems(dataset: Any, source: str = "the dataset") -> list[RowProblem]:
+    """Every bad row: core's preference checks, then mixed kinds within a row and a bad ``margin``.
+
+    ``Reward.check_rows`` (``posttrain check-data reward FILE``) reports these, and :func:`prepare_pairs` refuses
+    exactly these rows. A row core already reports is not checked again.
+    """
+    problems = validate(dataset, ("preference",), source)
+    reported = {p.row for p in problems}
     has_margin = "margin" in _columns(dataset)
-    return [p for i, row in enumerate(dataset) if (p := _row_problem(row, i, source, has_margin))]
+    problems += [p for i, row in enumerate(dataset) if i not in reported and (p := _row_problem(row, i, has_margin))]
+    return sorted(problems, key=lambda p: p.row)
+
+
+def check_pairs(dataset: Any, source: str = "the dataset") -> list[str]:
+    """The messages of :func:`pair_problems`, one line per problem (kept for code written against 1.0)."""
+    return [p.message(source) for p in pair_problems(dataset, source)]
 
 
 def _columns(dataset: Any) -> list[str]:
-    return list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
+    if hasattr(dataset, "column_names"):
+        return list(dataset.column_names)
+    return list({key: None for row in dataset for key in row})  # every key of every row, in first-seen order
 
 
 def prepare_pairs(
@@ -98,15 +113,14 @@ def prepare_pairs(
         (rows, n_filtered): rows hold ``chosen_ids``, ``rejected_ids`` and, with a margin column, ``margin``.
 
     Raises:
-        DataError: naming the row and field of the first malformed row.
+        DataError: carrying the :class:`~posttrain.RowProblem` of every malformed row (:func:`pair_problems`).
     """
-    check(dataset, ("preference",), source)
+    problems = pair_problems(dataset, source)
+    if problems:
+        raise DataError(problems, method="reward")
     has_margin = "margin" in _columns(dataset)
     rows, n_filtered = [], 0
-    for index, raw in enumerate(dataset):
-        problem = _row_problem(raw, index, source, has_margin)
-        if problem:
-            raise DataError(problem)
+    for raw in dataset:
         row = extract_prompt(dict(raw))  # implicit prompt: the common prefix; prompt + chosen is unchanged
         chosen_ids = encode(tokenizer, row["prompt"], row["chosen"])
         rejected_ids = encode(tokenizer, row["prompt"], row["rejected"])

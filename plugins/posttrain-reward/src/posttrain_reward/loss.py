@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from posttrain import Metric
 
 
 def bradley_terry_loss(
@@ -54,25 +55,31 @@ def bradley_terry_loss(
 
 
 @torch.no_grad()
-def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TRL 1.16's reward-model metrics for one micro-batch, plus the mean reward of each side.
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, Metric | torch.Tensor]:
+    """TRL 1.16's reward-model metrics for one micro-batch, plus the mean reward of each side, as the loop logs them.
+
+    Means are :class:`posttrain.Metric` ratios (a sum and its count), so the logged value is the mean over every
+    pair of the logging window (and of the whole evaluation set), however pairs fall into micro-batches.
+    ``min_reward`` / ``max_reward`` stay this micro-batch's extremes, which the loop averages, as TRL does.
 
     Args:
         chosen_rewards, rejected_rewards: (B,) rewards.
 
     Returns:
         ``accuracy`` (fraction of pairs with r_c > r_r; ties count as wrong), ``margin`` (mean r_c - r_r, without the
-        dataset margin), ``min_reward`` / ``mean_reward`` / ``max_reward`` over all 2B rewards, and ``rewards/chosen``
-        / ``rewards/rejected`` (means), each a 0-dim float32 tensor.
+        dataset margin), ``mean_reward`` over all 2B rewards, ``rewards/chosen`` / ``rewards/rejected`` (means), each
+        a ``Metric.ratio`` of float32 0-dim tensors; ``min_reward`` / ``max_reward`` over all 2B rewards, 0-dim float32
+        tensors.
     """
     chosen_rewards, rejected_rewards = chosen_rewards.float(), rejected_rewards.float()
     every = torch.cat([chosen_rewards, rejected_rewards])  # (2B,)
+    pairs = chosen_rewards.numel()
     return {
-        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-        "margin": (chosen_rewards - rejected_rewards).mean(),
+        "accuracy": Metric.ratio((chosen_rewards > rejected_rewards).float().sum(), pairs),
+        "margin": Metric.ratio((chosen_rewards - rejected_rewards).sum(), pairs),
         "min_reward": every.min(),
-        "mean_reward": every.mean(),
+        "mean_reward": Metric.ratio(every.sum(), every.numel()),
         "max_reward": every.max(),
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/chosen": Metric.ratio(chosen_rewards.sum(), pairs),
+        "rewards/rejected": Metric.ratio(rejected_rewards.sum(), pairs),
     }

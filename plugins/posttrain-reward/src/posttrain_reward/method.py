@@ -6,13 +6,17 @@ import contextlib
 import functools
 import sys
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from posttrain import DataError, LossOutput, PosttrainError
+from posttrain import DataError, LossOutput, Metric, PosttrainError, RowProblem, TrainContext
+from posttrain.models import disable_dropout
 
 from posttrain_reward.config import RewardConfig
-from posttrain_reward.data import check_pairs, collate_pairs, prepare_pairs
+from posttrain_reward.data import collate_pairs, pair_problems, prepare_pairs
 from posttrain_reward.loss import bradley_terry_loss, reward_metrics
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from transformers import PreTrainedModel
 
 
 class Reward:
@@ -34,7 +38,7 @@ class Reward:
     def __init__(self) -> None:
         self._new_head: str | None = None  # what load_model initialised, reported once in setup
 
-    def load_model(self, config: RewardConfig):
+    def load_model(self, config: RewardConfig) -> PreTrainedModel:
         """Load ``config.model`` as ``AutoModelForSequenceClassification`` with one output (the reward).
 
         A causal-LM checkpoint is fine: its body is reused and the ``score`` head is newly initialised (from the
@@ -70,10 +74,8 @@ class Reward:
             )
         return model
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[RewardConfig]) -> None:
         """Point the model at the tokenizer's pad token (so the last real token is scored) and drop dropout."""
-        import torch
-
         model, config = ctx.model, ctx.config
         if getattr(model.config, "num_labels", None) != 1 or "ForSequenceClassification" not in type(model).__name__:
             raise PosttrainError(
@@ -85,14 +87,12 @@ class Reward:
         # stale id would make it score padding.
         model.config.get_text_config().pad_token_id = ctx.tokenizer.pad_token_id
         if config.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+            disable_dropout(model)
         if self._new_head:
             _say(ctx, self._new_head)
             self._new_head = None
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def prepare(self, dataset: Any, ctx: TrainContext[RewardConfig]) -> list[dict]:
         config = ctx.config
         rows, n_filtered = prepare_pairs(dataset, ctx.tokenizer, config.max_length, config.truncation_mode)
         if n_filtered:
@@ -110,24 +110,27 @@ class Reward:
             )
         return rows
 
-    def check_rows(self, dataset: Any) -> list[str]:
-        """Every bad row, for ``posttrain check-data reward FILE``."""
-        return check_pairs(dataset)
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row, for ``posttrain check-data reward FILE``; ``prepare`` refuses exactly these rows."""
+        return pair_problems(rows)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
+    def collate(self, rows: list[dict], ctx: TrainContext[RewardConfig]) -> dict:
         return collate_pairs(rows, ctx.tokenizer.pad_token_id)
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict, ctx: TrainContext[RewardConfig]) -> LossOutput:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         rewards = out.logits.squeeze(-1)  # (2B,): the head's output at each row's last non-pad token
         chosen_rewards, rejected_rewards = rewards.chunk(2)  # (B,) each
         losses = bradley_terry_loss(
             chosen_rewards, rejected_rewards, batch.get("margin"), ctx.config.center_rewards_coefficient
         )
-        return LossOutput(losses.sum(), len(losses), reward_metrics(chosen_rewards, rejected_rewards))
+        metrics = reward_metrics(chosen_rewards, rejected_rewards)
+        if ctx.training:  # TRL's num_tokens: tokens trained on so far, padding excluded; the loop keeps the total
+            metrics["num_tokens"] = Metric.total(batch["attention_mask"].sum())
+        return LossOutput(losses.sum(), len(losses), metrics)
 
 
-def _say(ctx: Any, text: str) -> None:
+def _say(ctx: TrainContext, text: str) -> None:
     """One line on the main process (stderr when there is no accelerator, e.g. in unit tests)."""
     if ctx.accelerator is not None:
         ctx.accelerator.print(text)

@@ -2,13 +2,21 @@
 
 Each reward is ``f(prompts, completions, **columns) -> list[float | None]``. Registered names:
 ``accuracy``, ``format``, ``length_penalty``, ``reward_model``; the ``make_*`` factories build
-configured copies to register under names of your own.
+configured copies to register under names of your own. Options of the registered rewards are typed
+dataclasses filled from the run's ``reward_kwargs`` (``{format: {pattern: ...}}``).
 """
 
 from posttrain_rewards._text import completion_text, final_number
-from posttrain_rewards.reward_model import load_reward_model, make_reward_model_reward, reward_model
+from posttrain_rewards.reward_model import (
+    RewardModelOptions,
+    load_reward_model,
+    make_reward_model_reward,
+    reward_model,
+)
 from posttrain_rewards.verifiers import (
     DEFAULT_FORMAT_PATTERN,
+    FormatOptions,
+    LengthPenaltyOptions,
     accuracy,
     format_reward,
     length_penalty,
@@ -18,6 +26,9 @@ from posttrain_rewards.verifiers import (
 
 __all__ = [
     "DEFAULT_FORMAT_PATTERN",
+    "FormatOptions",
+    "LengthPenaltyOptions",
+    "RewardModelOptions",
     "accuracy",
     "completion_text",
     "final_number",

@@ -9,7 +9,11 @@ for conversational data. Models are loaded once per path and process, then kept.
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 from typing import Any
+
+from posttrain.rewards import reward
 
 REWARD_MODEL_ENV = "POSTTRAIN_REWARD_MODEL"
 _CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -111,27 +115,67 @@ def make_reward_model_reward(
     return reward_model
 
 
+@dataclass
+class RewardModelOptions:
+    """Options of the ``reward_model`` reward (``reward_kwargs: {reward_model: {path: ...}}``)."""
+
+    path: str | None = None  # directory of a one-label sequence classifier (e.g. `posttrain train reward` output)
+    batch_size: int = 16  # sequences per scoring forward pass
+    dtype: str = "auto"  # weights dtype when loading (auto, float32, bfloat16, float16)
+    append_eos: bool = True  # score text + EOS as posttrain-reward trains; false: TRL 1.16's bare text
+
+
+@reward(options=RewardModelOptions)
 def reward_model(
-    prompts: list, completions: list, reward_model_path: list | None = None, **columns: Any
+    prompts: list,
+    completions: list,
+    reward_model_path: list | None = None,
+    *,
+    options: RewardModelOptions | None = None,
+    **columns: Any,
 ) -> list[float]:
     """The registered ``reward_model`` reward. The model path is, first found: the row's
-    ``reward_model_path`` column or the ``POSTTRAIN_REWARD_MODEL`` environment variable.
+    ``reward_model_path`` column or ``reward_kwargs.reward_model.path``.
 
     Raises:
         ValueError: when neither gives a path.
     """
-    default = os.environ.get(REWARD_MODEL_ENV)
+    options = options or RewardModelOptions()
+    default = options.path
+    if default is None:
+        default = _env_path()
     paths = [p or default for p in (reward_model_path or [None] * len(completions))]
     if any(p is None for p in paths):
         raise ValueError(
-            "the 'reward_model' reward needs the path of a trained reward model: set "
-            f"{REWARD_MODEL_ENV}=/path/to/model, add a 'reward_model_path' column, or register "
+            "the 'reward_model' reward needs the path of a trained reward model: set reward_kwargs: "
+            "{reward_model: {path: /path/to/model}} in the config, add a 'reward_model_path' column, or register "
             "make_reward_model_reward('/path') under a name of your own"
         )
     scores: list[float] = [0.0] * len(completions)
     for path in dict.fromkeys(paths):  # one model at a time, in first-seen order
         idx = [i for i, p in enumerate(paths) if p == path]
-        model, tokenizer = load_reward_model(path)
-        for i, s in zip(idx, score(model, tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx])):
+        model, tokenizer = load_reward_model(path, dtype=options.dtype)
+        batch = score(
+            model,
+            tokenizer,
+            [prompts[i] for i in idx],
+            [completions[i] for i in idx],
+            options.batch_size,
+            options.append_eos,
+        )
+        for i, s in zip(idx, batch):
             scores[i] = s
     return scores
+
+
+def _env_path() -> str | None:
+    """POSTTRAIN_REWARD_MODEL of 1.x: still read, with a warning, until 2.0."""
+    value = os.environ.get(REWARD_MODEL_ENV)
+    if value is not None:
+        warnings.warn(
+            f"{REWARD_MODEL_ENV} is deprecated and will be ignored from posttrain-rewards 2.0; set reward_kwargs: "
+            "{reward_model: {path: ...}} in the run's config instead (it is then saved with the run).",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return value

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from dataclasses import dataclass
 from typing import Any
+
+from posttrain.rewards import reward
 
 from posttrain_rewards._text import completion_text, final_number, normalise
 
@@ -67,10 +71,41 @@ def make_format_reward(pattern: str = DEFAULT_FORMAT_PATTERN, flags: int = re.DO
     return format_reward
 
 
-def format_reward(prompts: list, completions: list, format_pattern: list | None = None, **columns: Any) -> list[float]:
-    """The registered ``format`` reward. The pattern is, first found: the row's ``format_pattern`` column,
-    the ``POSTTRAIN_FORMAT_PATTERN`` environment variable, or ``<think>…</think> <answer>…</answer>``."""
-    default = os.environ.get(FORMAT_PATTERN_ENV) or DEFAULT_FORMAT_PATTERN
+def _deprecated_env(name: str, option: str) -> str | None:
+    """An environment variable of 1.x that set a reward option; still read, with a warning, until 2.0."""
+    value = os.environ.get(name)
+    if value is not None:
+        warnings.warn(
+            f"{name} is deprecated and will be ignored from posttrain-rewards 2.0; set the option in the run's "
+            f"config instead: reward_kwargs: {{{option}}} (it is then saved with the run).",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return value
+
+
+@dataclass
+class FormatOptions:
+    """Options of the ``format`` reward (``reward_kwargs: {format: {pattern: ...}}``)."""
+
+    pattern: str = DEFAULT_FORMAT_PATTERN  # regex the whole (stripped) completion must match (re.DOTALL)
+
+
+@reward(options=FormatOptions)
+def format_reward(
+    prompts: list,
+    completions: list,
+    format_pattern: list | None = None,
+    *,
+    options: FormatOptions | None = None,
+    **columns: Any,
+) -> list[float]:
+    """The registered ``format`` reward: 1.0 when the completion matches the pattern, else 0.0. The pattern
+    is, first found: the row's ``format_pattern`` column, ``reward_kwargs.format.pattern``, or
+    ``<think>…</think> <answer>…</answer>``."""
+    default = (options or FormatOptions()).pattern
+    if options is None or options.pattern == DEFAULT_FORMAT_PATTERN:
+        default = _deprecated_env(FORMAT_PATTERN_ENV, "format: {pattern: ...}") or default
     patterns = format_pattern or [None] * len(completions)
     out = []
     for completion, pattern in zip(completions, patterns):
@@ -108,15 +143,34 @@ def make_length_penalty(max_completion_len: int = 512, soft_punish_cache: int = 
     return length_penalty
 
 
-def length_penalty(prompts: list, completions: list, completion_ids: list | None = None, **columns: Any) -> list[float]:
-    """The registered ``length_penalty``: :func:`make_length_penalty` with ``POSTTRAIN_LENGTH_PENALTY="MAX,CACHE"``
-    (default ``512,128``, TRL's default ``max_completion_length`` and a quarter of it)."""
-    raw = os.environ.get(LENGTH_PENALTY_ENV, "512,128")
-    try:
-        max_len, cache = (int(v) for v in raw.split(","))
-    except ValueError:
-        raise ValueError(
-            f"{LENGTH_PENALTY_ENV}={raw!r} is not understood; give two integers 'MAX,CACHE', "
-            "e.g. '512,128' (the completion budget and the soft-penalty zone before it)"
-        ) from None
+@dataclass
+class LengthPenaltyOptions:
+    """Options of the ``length_penalty`` reward (``reward_kwargs: {length_penalty: {...}}``)."""
+
+    max_completion_len: int = 512  # L_max: the completion budget (TRL's default max_completion_length)
+    soft_punish_cache: int = 128  # L_cache: the zone before L_max where the penalty ramps from 0 to -1
+
+
+@reward(options=LengthPenaltyOptions)
+def length_penalty(
+    prompts: list,
+    completions: list,
+    completion_ids: list | None = None,
+    *,
+    options: LengthPenaltyOptions | None = None,
+    **columns: Any,
+) -> list[float]:
+    """The registered ``length_penalty``: :func:`make_length_penalty` with ``reward_kwargs.length_penalty``
+    (default 512 and 128, TRL's default ``max_completion_length`` and a quarter of it)."""
+    options = options or LengthPenaltyOptions()
+    max_len, cache = options.max_completion_len, options.soft_punish_cache
+    raw = _deprecated_env(LENGTH_PENALTY_ENV, "length_penalty: {max_completion_len: ..., soft_punish_cache: ...}")
+    if raw is not None and options == LengthPenaltyOptions():
+        try:
+            max_len, cache = (int(v) for v in raw.split(","))
+        except ValueError:
+            raise ValueError(
+                f"{LENGTH_PENALTY_ENV}={raw!r} is not understood; give two integers 'MAX,CACHE', e.g. '512,128' "
+                "(better: reward_kwargs: {length_penalty: {max_completion_len: 512, soft_punish_cache: 128}})"
+            ) from None
     return make_length_penalty(max_len, cache)(prompts, completions, completion_ids=completion_ids)

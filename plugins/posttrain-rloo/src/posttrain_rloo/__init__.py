@@ -3,6 +3,5 @@
 from posttrain_rloo.config import RLOOConfig
 from posttrain_rloo.loss import kl_penalized_rewards, rloo_advantages, rloo_loss
 from posttrain_rloo.method import RLOO
-from posttrain_rloo.rollout import RewardError
 
-__all__ = ["RLOO", "RLOOConfig", "RewardError", "kl_penalized_rewards", "rloo_advantages", "rloo_loss"]
+__all__ = ["RLOO", "RLOOConfig", "kl_penalized_rewards", "rloo_advantages", "rloo_loss"]

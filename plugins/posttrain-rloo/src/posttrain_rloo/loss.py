@@ -10,6 +10,8 @@ Deviations from the paper (each as TRL 1.16 RLOOTrainer does it):
 2. The KL penalty is the k1 estimate summed over the sequence and subtracted from the reward (β = 0.05).
 3. Optional: advantages standardised over the batch (`normalize_advantages`), rewards clamped
    (`reward_clip_range`); completions no reward function scores are left out of their group's baseline.
+4. Completions sampled by another engine (vLLM) are reweighted by a truncated *sequence* importance weight
+   (``posttrain.generation.importance_weights``; token modes are applied per sequence). TRL's RLOO has none.
 """
 
 from __future__ import annotations
@@ -62,7 +64,14 @@ def rloo_advantages(rewards: torch.Tensor, num_generations: int, normalize: bool
 
 
 def rloo_loss(
-    logps, old_logps, advantages, completion_mask, *, epsilon: float = 0.2, epsilon_high: float | None = None
+    logps,
+    old_logps,
+    advantages,
+    completion_mask,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    is_weights=None,
 ):
     """Clipped sequence-level REINFORCE for one micro-batch under the loss contract.
 
@@ -70,6 +79,7 @@ def rloo_loss(
         logps, old_logps: (N, T) per-token log-probs under π_θ (with grad) and the sampling policy.
         advantages: (N,) from :func:`rloo_advantages`.
         completion_mask: (N, T).
+        is_weights: (N, 1) sequence importance weights for samples from another engine (vLLM), or None.
 
     Returns:
         (loss_sum, n_items = N sequences, stats): stats holds the clip fractions over sequences
@@ -81,6 +91,8 @@ def rloo_loss(
     ratio = torch.exp((logps * mask).sum(-1) - (old_logps * mask).sum(-1))  # (N,)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     per_sequence = -torch.min(ratio * advantages, clipped * advantages)  # (N,)
+    if is_weights is not None:
+        per_sequence = per_sequence * is_weights.reshape(-1)
     with torch.no_grad():
         low = ((ratio < 1 - epsilon) & (advantages < 0)).float()
         high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float()

@@ -1,22 +1,16 @@
-"""The RLOO method object: wiring between the loop, the rollout and the loss."""
+"""The RLOO method object: wiring between the loop, core's generation and reward services, and the loss."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from posttrain import LossOutput
+from posttrain import LossOutput, TrainContext
+from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
+from posttrain.models import eval_mode, reference_forward, reference_model
+from posttrain.ops import completion_logps
+from posttrain.rewards import RewardSet
 
-from posttrain_rloo import data
 from posttrain_rloo.config import RLOOConfig
-from posttrain_rloo.loss import rloo_loss
-from posttrain_rloo.rollout import (
-    completion_logps,
-    eos_token_ids,
-    generate_and_score,
-    generation_config,
-    resolve_reward_funcs,
-)
+from posttrain_rloo.loss import kl_penalized_rewards, rloo_advantages, rloo_loss
 
 
 class RLOO:
@@ -24,69 +18,96 @@ class RLOO:
 
     Example::
 
-        from posttrain.loop import train
+        import posttrain
         from posttrain_rloo import RLOO, RLOOConfig
 
         def is_digit(prompts, completions, **columns):
             return [float(c.strip().isdigit()) for c in completions]
 
-        train(RLOO(), RLOOConfig(model="tiny", dataset="prompts.jsonl", max_completion_length=8),
-              rewards={"is_digit": is_digit})
-
-    ``num_iterations`` (μ) > 1 keeps each micro-batch's rollout (with its old log-probs) at steps where
-    ``step % μ == 0`` and trains on it again for the next μ−1 optimizer steps, as in posttrain-grpo.
+        posttrain.train(RLOO(), RLOOConfig(model="tiny", dataset="prompts.jsonl", max_completion_length=8),
+                        rewards={"is_digit": is_digit})
     """
 
     name = "rloo"
     config_class = RLOOConfig
-    dataset_formats = data.FORMATS
+    dataset_formats = ("prompt_only",)
 
     def __init__(self) -> None:
-        self.reward_names: list[str] = []
-        self.reward_funcs: list = []
-        self.reward_weights = torch.ones(0)
+        self.rewards: RewardSet | None = None
+        self.generator = None
         self.ref_model = None
-        self.vllm = None
-        self.eos_ids: list[int] = []
-        self.generation_config = None
-        self._buffer: dict[int, dict] = {}  # micro_step -> rollout, reused while num_iterations > 1
 
-    # Copied from posttrain_grpo.method.GRPO.setup with grpo->rloo
-    def setup(self, ctx: Any) -> None:
+    # Copied from posttrain_grpo.method.GRPO.setup with GRPO->RLOO
+    def setup(self, ctx: TrainContext[RLOOConfig]) -> None:
         config = ctx.config
-        self.reward_names, self.reward_funcs, self.reward_weights = resolve_reward_funcs(config, ctx.rewards, self.name)
-        self.eos_ids = eos_token_ids(ctx.model, ctx.tokenizer)
-        self.generation_config = generation_config(config, ctx.tokenizer, self.eos_ids)
+        self.rewards = RewardSet.resolve(
+            config.reward_funcs, config.reward_weights, config.reward_kwargs, ctx=ctx, method=self.name
+        )
+        self.generator = build_generator(ctx)
         if config.beta != 0.0:
-            from posttrain.models import reference_model
-
             self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
-        if config.use_vllm:
-            from posttrain_rloo._vllm import VLLMGenerator
 
-            self.vllm = VLLMGenerator(ctx, self.name)
+    def prepare(self, dataset, ctx: TrainContext[RLOOConfig]) -> list[dict]:
+        return prepare_prompts(dataset, ctx.tokenizer, self.name)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
-        return data.prepare(dataset, ctx.tokenizer)
+    def collate(self, rows: list[dict], ctx: TrainContext[RLOOConfig]) -> dict:
+        return collate_prompts(rows, ctx.tokenizer.pad_token_id)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
-        return data.collate(rows, ctx.tokenizer.pad_token_id)
+    # Copied from posttrain_grpo.method.GRPO.rows_per_batch with GRPO->RLOO
+    def rows_per_batch(self, config: RLOOConfig, batch_size: int) -> int:
+        """A micro-batch of ``batch_size`` completions holds batch_size / num_generations prompts."""
+        return max(1, batch_size // config.num_generations)
 
-    # Copied from posttrain_grpo.method.GRPO.rollout
-    def rollout(self, model: Any, batch: dict, ctx: Any) -> dict:
-        mu = ctx.config.num_iterations
-        reuse = ctx.training and mu > 1
-        if reuse and ctx.step % mu != 0 and ctx.micro_step in self._buffer:
-            return _to(self._buffer[ctx.micro_step], ctx.device)
-        out = generate_and_score(self, model, batch, ctx, old_logps=reuse, ref_model=self.ref_model)
-        if reuse:
-            self._buffer[ctx.micro_step] = out
+    # Copied from posttrain_grpo.method.GRPO.batch_reuse with GRPO->RLOO
+    def batch_reuse(self, config: RLOOConfig) -> int:
+        return config.num_iterations  # μ optimizer steps on each rollout
+
+    @torch.no_grad()
+    def rollout(self, model, batches: list[dict], ctx: TrainContext[RLOOConfig]) -> list[dict]:
+        """Sample k completions per prompt, clip the rewards, subtract the KL penalty, leave-one-out advantages."""
+        config = ctx.config
+        k = config.num_generations
+        rollouts = sample(self.generator, model, batches, ctx, num_generations=k, rewards=self.rewards)
+        correct = config.importance_sampling_correction
+        correct = self.generator.reports_logps if correct is None else correct
+        out = []
+        for r in rollouts:
+            mask = r.completion_mask  # (N, C)
+            if config.mask_truncated_completions:
+                mask = mask * (~r.is_truncated).unsqueeze(1).long()
+            rewards = r.rewards.clamp(*config.reward_clip_range) if config.reward_clip_range else r.rewards  # (N,)
+            batch = {"input_ids": r.input_ids, "attention_mask": r.attention_mask, "completion_mask": mask}
+            metrics = dict(r.metrics)
+            width = mask.size(1)
+            # the sampling policy's log-probs: for the KL penalty, for reuse (μ > 1) and for the correction
+            needs_old = config.beta != 0.0 or config.num_iterations > 1 or (correct and r.sampling_logps is not None)
+            if needs_old:
+                with eval_mode(model):
+                    old = completion_logps(model, r.input_ids, r.attention_mask, width, config.temperature)[0]
+                batch["old_logps"] = old
+            if correct and r.sampling_logps is not None:
+                batch["is_weights"], is_metrics = importance_weights(
+                    old,
+                    r.sampling_logps,
+                    mask,
+                    config.importance_sampling_mode.replace("token_", "sequence_"),  # the loss is per sequence
+                    config.importance_sampling_clip_min,
+                    config.importance_sampling_clip_max,
+                )
+                metrics.update(is_metrics)
+            if config.beta != 0.0:
+                with reference_forward(model, self.ref_model) as ref, eval_mode(ref):
+                    ref_logps = completion_logps(ref, r.input_ids, r.attention_mask, width, config.temperature)[0]
+                rewards, per_token_kl = kl_penalized_rewards(rewards, old, ref_logps, mask, config.beta)
+                metrics["kl"] = float(per_token_kl.sum() / mask.sum().clamp(min=1))
+            advantages, std = rloo_advantages(rewards.cpu(), k, config.normalize_advantages)
+            batch["advantages"] = advantages.to(mask.device)  # (N,)
+            metrics["frac_reward_zero_std"] = float(torch.isclose(std, torch.zeros_like(std)).float().mean())
+            batch["metrics"] = metrics
+            out.append(batch)
         return out
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
-        if "completion_mask" not in batch:  # a collated batch that did not go through the loop's rollout
-            with torch.no_grad():
-                batch = self.rollout(ctx.model if ctx.model is not None else model, batch, ctx)
+    def loss(self, model, batch: dict, ctx: TrainContext[RLOOConfig]) -> LossOutput:
         config = ctx.config
         mask = batch["completion_mask"]  # (N, C)
         logps, entropy = completion_logps(
@@ -95,22 +116,12 @@ class RLOO:
         old_logps = batch.get("old_logps")
         loss_sum, n_items, stats = rloo_loss(
             logps,
-            logps.detach() if old_logps is None else old_logps,
+            logps.detach() if old_logps is None or config.num_iterations == 1 else old_logps,
             batch["advantages"],
             mask,
             epsilon=config.epsilon,
             epsilon_high=config.epsilon_high,
+            is_weights=batch.get("is_weights"),
         )
         stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
         return LossOutput(loss_sum, n_items, {**batch["metrics"], **stats})
-
-    def state_dict(self) -> dict:
-        return {"buffer": {k: _to(v, torch.device("cpu")) for k, v in self._buffer.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._buffer = dict(state.get("buffer", {}))
-
-
-# Copied from posttrain_grpo.method._to
-def _to(rollout: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in rollout.items()}

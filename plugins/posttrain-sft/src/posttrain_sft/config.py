@@ -7,6 +7,8 @@ from typing import Literal
 
 from posttrain.config import TrainingConfig
 
+LossType = Literal["nll", "dft"]  # the names of posttrain_sft.loss.LOSSES
+
 
 @dataclass
 class SFTConfig(TrainingConfig):
@@ -19,7 +21,7 @@ class SFTConfig(TrainingConfig):
     # -- which tokens carry loss
     completion_only_loss: bool | None = None  # loss on completion tokens only; null = true for prompt/completion rows
     assistant_only_loss: bool = False  # loss on assistant turns only (template needs {% generation %} markers)
-    loss_type: Literal["nll", "dft"] = "nll"  # nll = cross-entropy; dft = Dynamic Fine-Tuning (arXiv:2508.05629)
+    loss_type: LossType = "nll"  # nll = cross-entropy; dft = Dynamic Fine-Tuning (arXiv:2508.05629)
     # -- batching
     packing: bool = False  # best-fit-decreasing packing of whole sequences into max_length rows; implies padding_free
     padding_free: bool = False  # concatenate a micro-batch into one row with per-sequence position_ids, no padding

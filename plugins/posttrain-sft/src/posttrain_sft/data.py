@@ -20,12 +20,43 @@ from collections import deque
 from typing import Any
 
 import torch
-from posttrain import ConfigError, DataError
-from posttrain.data import check, is_conversational
+from posttrain import ConfigError, DataError, RowProblem
+from posttrain.data import is_conversational, validate
 
+from posttrain_sft.config import SFTConfig
 from posttrain_sft.loss import IGNORE_INDEX
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def row_problems(dataset: Any) -> list[RowProblem]:
+    """Every bad row: core's format checks, then rows whose prompt and completion mix a string and a message list
+    (the chat template needs one kind). ``SFT.check_rows`` reports these and :func:`prepare_rows` refuses them.
+
+    The format is prompt-completion when the rows have both columns, else language modeling, as in ``prepare_rows``.
+    """
+    fmt = "prompt_completion" if {"prompt", "completion"} <= set(_columns(dataset)) else "language_modeling"
+    problems = validate(dataset, fmt)
+    reported = {p.row for p in problems}
+    for i, row in enumerate(dataset):
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if (
+            i in reported
+            or prompt is None
+            or completion is None
+            or isinstance(prompt, list) == isinstance(completion, list)
+        ):
+            continue
+        kinds = ["a list of messages" if isinstance(v, list) else "a string" for v in (completion, prompt)]
+        problems.append(
+            RowProblem(
+                i,
+                "completion",
+                f"is {kinds[0]} while 'prompt' is {kinds[1]}",
+                "Use strings for both (standard) or message lists for both (conversational).",
+            )
+        )
+    return sorted(problems, key=lambda p: p.row)
 
 
 def common_prefix_length(ids: list[int], other: list[int]) -> int:
@@ -57,14 +88,20 @@ def tokenize_row(
     ``diverged`` when the prompt tokenizes differently alone than followed by its completion.
 
     Raises:
-        DataError: ``assistant_only`` on a standard row, or a conversation with no assistant token.
+        DataError: carrying one :class:`~posttrain.RowProblem`: ``assistant_only`` on a standard row, or a conversation
+            with no assistant token.
     """
     conversational = is_conversational(row)
     if assistant_only and not conversational:
+        field = "prompt" if row.get("completion") is not None else "text"
         raise DataError(
-            f"row {index}: assistant_only_loss is true but the row is standard text, not a conversation; "
-            "assistant turns exist only in message lists. Use `messages` (or conversational prompt/completion) rows, "
-            "or set assistant_only_loss false."
+            RowProblem(
+                index,
+                field,
+                "is standard text, but assistant_only_loss is true and assistant turns exist only in message lists",
+                "Use `messages` (or conversational prompt/completion) rows, or set assistant_only_loss false.",
+            ),
+            method="sft",
         )
     masks: list[list[int]] = []
     if row.get("completion") is not None:
@@ -97,9 +134,15 @@ def tokenize_row(
         assistant = list(out["assistant_masks"])
         if 1 not in assistant:
             raise DataError(
-                f"row {index}: assistant_only_loss is true but the chat template marks no token of this conversation "
-                "as the assistant's, so the row would carry no loss. Add an assistant message to the row, or check "
-                "that the template wraps assistant content in {% generation %}...{% endgeneration %}."
+                RowProblem(
+                    index,
+                    "completion" if row.get("completion") is not None else "messages",
+                    "has no token the chat template marks as the assistant's, so with assistant_only_loss the row "
+                    "would carry no loss",
+                    "Add an assistant message to the row, or check that the template wraps assistant content in "
+                    "{% generation %}...{% endgeneration %}.",
+                ),
+                method="sft",
             )
         masks.append(assistant)
     labels = [tok if all(m[i] for m in masks) else IGNORE_INDEX for i, tok in enumerate(input_ids)]
@@ -140,25 +183,41 @@ def pack_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def prepare_rows(dataset: Any, tokenizer: Any, config: Any) -> list[dict]:
+def _columns(dataset: Any) -> list[str]:
+    if hasattr(dataset, "column_names"):
+        return list(dataset.column_names)
+    return list({key: None for row in dataset for key in row})  # every key of every row, in first-seen order
+
+
+def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
     """Validate, tokenize, label, truncate (or pack) every row of ``dataset``.
 
     Raises:
-        DataError: a bad row (named by index and field).
+        DataError: carrying the :class:`~posttrain.RowProblem` of every bad row (index, field, what, how to fix).
         ConfigError: an option the data or tokenizer cannot support.
     """
-    columns = list(dataset.column_names)
+    if not hasattr(dataset, "column_names"):  # a list of rows, as `posttrain check-data` reads a JSONL file
+        dataset = [dict(row) for row in dataset]
+    columns = _columns(dataset)
     field = config.dataset_text_field
     if field != "text" and field in columns:
-        dataset = dataset.remove_columns([c for c in ("text",) if c in columns]).rename_column(field, "text")
-        columns = list(dataset.column_names)
+        if hasattr(dataset, "rename_column"):
+            dataset = dataset.remove_columns([c for c in ("text",) if c in columns]).rename_column(field, "text")
+        else:
+            dataset = [
+                {**{k: v for k, v in row.items() if k not in ("text", field)}, "text": row.get(field)}
+                for row in dataset
+            ]
+        columns = _columns(dataset)
     elif field != "text" and not ({"messages", "completion"} & set(columns)):
         raise DataError(
             f"dataset_text_field is {field!r} but the dataset has no such column (columns: {columns}). "
             "Set dataset_text_field to the column that holds the text."
         )
     fmt = "prompt_completion" if {"prompt", "completion"} <= set(columns) else "language_modeling"
-    check(dataset, fmt)
+    problems = row_problems(dataset)
+    if problems:
+        raise DataError(problems, method="sft")
     completion_only = fmt == "prompt_completion" if config.completion_only_loss is None else config.completion_only_loss
     if completion_only and fmt != "prompt_completion":
         raise ConfigError(
@@ -182,10 +241,16 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: Any) -> list[dict]:
                 "assistant_only_loss false."
             )
     diverged: list[int] = []
-    rows = [
-        tokenize_row(row, i, tokenizer, completion_only, config.assistant_only_loss, diverged)
-        for i, row in enumerate(dataset)
-    ]
+    rows = []
+    for i, row in enumerate(dataset):
+        try:
+            rows.append(tokenize_row(row, i, tokenizer, completion_only, config.assistant_only_loss, diverged))
+        except DataError as exc:  # a row the options cannot use: collect them all, then refuse them together
+            if not exc.problems:
+                raise
+            problems += exc.problems
+    if problems:
+        raise DataError(problems, method="sft")
     if diverged:
         warnings.warn(
             f"{len(diverged)} rows (first: row {diverged[0]}) tokenize their prompt differently alone than followed by "

@@ -14,6 +14,8 @@ loop divides by N, which is TRL's ``num_items_in_batch`` normalisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -48,7 +50,8 @@ def dft_loss(logps: torch.Tensor) -> torch.Tensor:
     return -(logps * logps.detach().exp()).sum()
 
 
-LOSSES = {"nll": nll_loss, "dft": dft_loss}
+#: ``loss_type`` name -> loss function (the sum over the loss tokens); ``SFTConfig.loss_type`` lists these names.
+LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"nll": nll_loss, "dft": dft_loss}
 
 
 @torch.no_grad()

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import ConfigError, LossOutput
+from posttrain import ConfigError, LossOutput, Metric, RowProblem, TrainContext
 from posttrain.ops import token_logps
 
 from posttrain_sft.config import SFTConfig
-from posttrain_sft.data import collate, prepare_rows
+from posttrain_sft.data import collate, prepare_rows, row_problems
 from posttrain_sft.loss import LOSSES, shift_labels, token_metrics
 
 
@@ -64,22 +64,22 @@ class SFT:
     config_class = SFTConfig
     dataset_formats = ("language_modeling", "prompt_completion")
 
-    def __init__(self) -> None:
-        self._tokens = 0  # input tokens (padding excluded) this process has trained on: TRL's num_tokens, local part
-        self._window = 0  # micro-batches since the loop last logged
-
-    def setup(self, ctx: Any) -> None:
-        self._window = 0
+    def setup(self, ctx: TrainContext[SFTConfig]) -> None:
         if ctx.config.packing or ctx.config.padding_free:
             check_packed_attention(ctx.model)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row (core's format checks, then prompt/completion mixing a string and messages), for ``posttrain
+        check-data``; ``prepare`` refuses exactly these, plus rows the options or the tokenizer cannot use."""
+        return row_problems(rows)
+
+    def prepare(self, dataset: Any, ctx: TrainContext[SFTConfig]) -> list[dict]:
         return prepare_rows(dataset, ctx.tokenizer, ctx.config)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
+    def collate(self, rows: list[dict], ctx: TrainContext[SFTConfig]) -> dict:
         return collate(rows, ctx.tokenizer.pad_token_id, padding_free=ctx.config.padding_free or ctx.config.packing)
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict, ctx: TrainContext[SFTConfig]) -> LossOutput:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # use_cache=False: with a cache, transformers ignores the position_ids restarts that separate packed sequences
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
@@ -87,35 +87,14 @@ class SFT:
         logps = token_logps(logits, targets)  # (B, T), 0 where no loss is taken
         loss_sum = LOSSES[ctx.config.loss_type](logps)
         n_loss_tokens, n_correct, entropy_sum = token_metrics(logits.detach(), targets)
-        count = n_loss_tokens.clamp(min=1)
-        metrics = {
-            "mean_token_accuracy": n_correct / count,
-            "entropy": entropy_sum / count,
-            "num_tokens": self._num_tokens(batch, ctx),
+        # token-weighted over the whole logging window (all micro-batches and processes), however rows are grouped
+        metrics: dict[str, Metric] = {
+            "mean_token_accuracy": Metric.ratio(n_correct, n_loss_tokens),
+            "entropy": Metric.ratio(entropy_sum, n_loss_tokens),
         }
+        if ctx.training:
+            # TRL's num_tokens: input tokens trained on so far (padding excluded); the loop keeps the running total
+            # over processes and micro-batches, and saves it in checkpoints
+            mask = batch.get("attention_mask")
+            metrics["num_tokens"] = Metric.total(mask.sum() if mask is not None else batch["input_ids"].numel())
         return LossOutput(loss_sum=loss_sum, n_items=n_loss_tokens, metrics=metrics)
-
-    def _num_tokens(self, batch: dict, ctx: Any) -> float:
-        """TRL's ``num_tokens``: input tokens (padding excluded) trained on so far, all processes together.
-
-        The loop logs each metric as its mean over the micro-batches since its last log, and over processes. For
-        that mean to be the running total T_n at the n-th micro-batch of a window, this reports n·T_n - (n-1)·T_(n-1),
-        whose mean over the window telescopes to T_n; each process reports world_size x its own total, whose mean
-        over processes is the global total. A window starts after every logging_steps-th step and at (re)start.
-        """
-        world = ctx.num_processes
-        if not ctx.training:  # evaluation reports the training total, as TRL does
-            return float(self._tokens * world)
-        if ctx.micro_step == 0 and ctx.step % ctx.config.logging_steps == 0:
-            self._window = 0
-        previous = self._tokens * world
-        mask = batch.get("attention_mask")
-        self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self._window += 1
-        return float(self._window * self._tokens * world - (self._window - 1) * previous)
-
-    def state_dict(self) -> dict:
-        return {"num_tokens": self._tokens}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._tokens, self._window = int(state["num_tokens"]), 0

@@ -7,7 +7,7 @@ from typing import Literal
 
 from posttrain.config import TrainingConfig
 
-LossType = Literal["sigmoid", "hinge", "ipo", "tpo-l"]
+LossType = Literal["sigmoid", "hinge", "ipo", "tpo-l"]  # the names of posttrain_tpo.loss.LOSSES
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """TPO data: triple-preference rows (prompt, chosen, rejected, reference), validated, tokenized and collated.
 
-``reference`` (the gold completion) is not one of core's standard formats, so it is validated here with core's
-:class:`~posttrain.data.RowProblem`, in the same message style as the other columns. Tokenization follows TRL 1.16:
+``reference`` (the gold completion) is not one of core's standard formats, so it is validated here as
+:class:`~posttrain.RowProblem` values, in the same message style as the other columns. Tokenization follows TRL 1.16:
 prompt and prompt+completion are tokenized separately and split where they diverge; standard rows get the EOS
 text appended to each completion.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import DataError
-from posttrain.data import RowProblem, apply_chat_template, extract_prompt, is_conversational, validate
+from posttrain import DataError, RowProblem
+from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
 
 COMPLETIONS = ("chosen", "rejected", "reference")
-_HINT = " Run `posttrain check-data tpo FILE` to list every bad row."
 
 
 def _reference_problem(row: dict, index: int) -> RowProblem | None:
@@ -56,8 +55,26 @@ def _reference_problem(row: dict, index: int) -> RowProblem | None:
     return None
 
 
-def row_problems(dataset: Any, source: str = "the dataset", limit: int | None = None) -> list[RowProblem]:
-    """Every problem, by row: core's preference checks plus the ``reference`` column."""
+def _implicit_prompt_problem(row: dict, index: int) -> RowProblem | None:
+    """Without a ``prompt`` column, ``reference`` must start with the prompt that chosen and rejected share."""
+    if row.get("prompt") is not None:
+        return None
+    prompt = extract_prompt(row)["prompt"]
+    if row["reference"][: len(prompt)] == prompt:
+        return None
+    return RowProblem(
+        index,
+        "reference",
+        "does not start with the prompt shared by 'chosen' and 'rejected'",
+        "Add an explicit 'prompt' column, or begin 'reference' with the same prompt.",
+    )
+
+
+def row_problems(dataset: Any, source: str = "the dataset") -> list[RowProblem]:
+    """Every bad row: core's preference checks plus the ``reference`` column, in row order.
+
+    ``TPO.check_rows`` reports these for ``posttrain check-data``, and :func:`prepare_rows` refuses exactly these rows.
+    """
     columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
     if "reference" not in columns:
         return [
@@ -68,33 +85,30 @@ def row_problems(dataset: Any, source: str = "the dataset", limit: int | None = 
                 "TPO reads prompt, chosen, rejected and reference (the gold completion).",
             )
         ]
-    problems = validate(dataset, ("preference",), source, limit=limit)
-    found: list[RowProblem] = []
+    problems = validate(dataset, ("preference",), source)
+    reported = {p.row for p in problems}
     for i, row in enumerate(dataset):
         problem = _reference_problem(row, i)
+        if problem is None and i not in reported:  # the implicit prompt needs usable chosen and rejected
+            problem = _implicit_prompt_problem(row, i)
         if problem:
-            found.append(problem)
-            if limit is not None and len(found) >= limit:
-                break
-    # both lists are in row order and each holds the first `limit` problems of its kind
-    return sorted(problems + found, key=lambda p: p.row)[:limit]
+            problems.append(problem)
+    return sorted(problems, key=lambda p: p.row)  # stable: core's problems of a row come first
 
 
-def split_prompt(row: dict, index: int, source: str = "the dataset") -> dict:
-    """An explicit-prompt row; an implicit prompt is taken from chosen/rejected and stripped from reference too."""
+def split_prompt(row: dict, index: int) -> dict:
+    """An explicit-prompt row; an implicit prompt is taken from chosen/rejected and stripped from reference too.
+
+    Raises:
+        DataError: ``reference`` does not start with the implicit prompt (:func:`row_problems` reports it first).
+    """
     if row.get("prompt") is not None:
         return row
+    problem = _implicit_prompt_problem(row, index)
+    if problem:
+        raise DataError(problem, method="tpo")
     out = extract_prompt(row)
-    prompt, reference = out["prompt"], row["reference"]
-    if reference[: len(prompt)] != prompt:
-        problem = RowProblem(
-            index,
-            "reference",
-            "does not start with the prompt shared by 'chosen' and 'rejected'",
-            "Add an explicit 'prompt' column, or begin 'reference' with the same prompt.",
-        )
-        raise DataError(problem.message(source))
-    return {**out, "reference": reference[len(prompt) :]}
+    return {**out, "reference": row["reference"][len(out["prompt"]) :]}
 
 
 # Copied from posttrain_bco.data.common_prefix_length
@@ -129,11 +143,15 @@ def tokenize_triple(tokenizer: Any, row: dict) -> dict[str, list[int]]:
 
 
 def prepare_rows(dataset: Any, tokenizer: Any, source: str = "the dataset") -> list[dict]:
-    """Validate every row (the first problem raises :class:`DataError`), then tokenize."""
-    problems = row_problems(dataset, source, limit=1)
+    """Validate every row, then tokenize.
+
+    Raises:
+        DataError: carrying the :class:`~posttrain.RowProblem` of every bad row (:func:`row_problems`).
+    """
+    problems = row_problems(dataset, source)
     if problems:
-        raise DataError(problems[0].message(source) + _HINT)
-    return [tokenize_triple(tokenizer, split_prompt(dict(row), i, source)) for i, row in enumerate(dataset)]
+        raise DataError(problems, method="tpo")
+    return [tokenize_triple(tokenizer, split_prompt(dict(row), i)) for i, row in enumerate(dataset)]
 
 
 def collate_rows(

@@ -17,12 +17,14 @@ Deviations from the paper:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 
 def tpo_loss(
-    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0
+    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0, **_
 ) -> torch.Tensor:
     """The paper's TPO preference term (``loss_type="sigmoid"``), a Bradley-Terry loss on summed log-probs.
 
@@ -38,12 +40,12 @@ def tpo_loss(
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def hinge_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+def hinge_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, **_) -> torch.Tensor:
     """SLiC hinge on summed log-probs: (B,) relu(1 - beta * (chosen - rejected))."""
     return torch.relu(1 - beta * (chosen_logps - rejected_logps))
 
 
-def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, **_) -> torch.Tensor:
     """IPO's squared loss (its Eq. 17) on length-normalised log-probs; beta plays IPO's tau.
 
     Returns:
@@ -53,7 +55,12 @@ def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: flo
 
 
 def tpo_l_loss(
-    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, gamma: float, label_smoothing: float = 0.0
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+    **_,
 ) -> torch.Tensor:
     """TPO-L: the sigmoid loss on length-normalised log-probs with a target reward margin gamma.
 
@@ -76,24 +83,14 @@ def reference_nll(ref_logps: torch.Tensor, ref_n_tokens: torch.Tensor) -> torch.
     return -ref_logps / ref_n_tokens.clamp(min=1)
 
 
+#: ``loss_type`` name -> preference term (B,). The method calls each with the same keyword arguments
+#: (``chosen_logps``, ``rejected_logps``, ``beta``, ``gamma``, ``label_smoothing``); ``**_`` takes the ones a function
+#: does not use. ``TPOConfig.loss_type`` lists these names.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": tpo_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "tpo-l": tpo_l_loss,
+}
+#: loss types that compare mean per-token log-probs instead of sums
 LENGTH_NORMALISED = ("ipo", "tpo-l")
-
-
-def preference_loss(
-    loss_type: str,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.5,
-) -> torch.Tensor:
-    """Dispatch ``loss_type`` (``sigmoid``, ``hinge``, ``ipo``, ``tpo-l``) to its function; (B,) losses."""
-    if loss_type == "sigmoid":
-        return tpo_loss(chosen_logps, rejected_logps, beta, label_smoothing)
-    if loss_type == "hinge":
-        return hinge_loss(chosen_logps, rejected_logps, beta)
-    if loss_type == "ipo":
-        return ipo_loss(chosen_logps, rejected_logps, beta)
-    if loss_type == "tpo-l":
-        return tpo_l_loss(chosen_logps, rejected_logps, beta, gamma, label_smoothing)
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of sigmoid, hinge, ipo, tpo-l")

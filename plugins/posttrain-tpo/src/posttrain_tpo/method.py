@@ -5,25 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from posttrain import LossOutput
+from posttrain import LossOutput, Metric, RowProblem, TrainContext
+from posttrain.models import disable_dropout
 from posttrain.ops import shift_for_causal_lm, token_logps
 
 from posttrain_tpo.config import TPOConfig
 from posttrain_tpo.data import collate_rows, prepare_rows, row_problems
-from posttrain_tpo.loss import LENGTH_NORMALISED, preference_loss, reference_nll
+from posttrain_tpo.loss import LENGTH_NORMALISED, LOSSES, reference_nll
 
 
-# Copied from posttrain_bco.method.disable_dropout
-def disable_dropout(model: Any) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+# Copied from posttrain_dpo.method._per_pair
+def _per_pair(values: torch.Tensor) -> Metric:
+    """The mean over pairs, logged as sum / count so it stays exact over micro-batches and processes."""
+    return Metric.ratio(values.sum(), values.numel())
 
 
-def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of ``values`` over the positions where ``mask`` is true (0.0 when there are none)."""
-    count = mask.sum()
-    return float((values * mask).sum() / count) if count > 0 else 0.0
+def _per_token(values: torch.Tensor, mask: torch.Tensor) -> Metric:
+    """The mean of ``values`` over the tokens where ``mask`` is true, logged as sum / count (exact over the window)."""
+    return Metric.ratio((values * mask).sum(), mask.sum())
 
 
 class TPO:
@@ -40,22 +39,22 @@ class TPO:
     config_class = TPOConfig
     dataset_formats = ("preference",)  # plus the `reference` column, validated in posttrain_tpo.data
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: TrainContext[TPOConfig]) -> None:
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
 
-    def check_rows(self, dataset: Any) -> list[str]:
-        """Every bad row, for ``posttrain check-data tpo FILE``."""
-        return [p.message() for p in row_problems(dataset)]
+    def check_rows(self, rows: Any) -> list[RowProblem]:
+        """Every bad row, for ``posttrain check-data tpo FILE``; ``prepare`` refuses exactly these rows."""
+        return row_problems(rows)
 
-    def prepare(self, dataset: Any, ctx: Any) -> list[dict]:
+    def prepare(self, dataset: Any, ctx: TrainContext[TPOConfig]) -> list[dict]:
         return prepare_rows(dataset, ctx.tokenizer)
 
-    def collate(self, rows: list[dict], ctx: Any) -> dict:
+    def collate(self, rows: list[dict], ctx: TrainContext[TPOConfig]) -> dict:
         c = ctx.config
         return collate_rows(rows, ctx.tokenizer.pad_token_id, c.max_length, c.truncation_mode, c.tpo_alpha != 0)
 
-    def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
+    def loss(self, model: Any, batch: dict, ctx: TrainContext[TPOConfig]) -> LossOutput:
         c = ctx.config
         branches = 3 if c.tpo_alpha != 0 else 2  # the reference rows are left out when their NLL has weight 0
         n = batch["input_ids"].shape[0] // branches  # triples in this micro-batch
@@ -68,12 +67,18 @@ class TPO:
         # ipo and tpo-l compare mean log-probs per token (SimPO-style), sigmoid and hinge summed ones
         scores = sums / n_tokens.clamp(min=1) if c.loss_type in LENGTH_NORMALISED else sums
         chosen, rejected = scores[:n], scores[n : 2 * n]  # (n,) each
-        losses = preference_loss(c.loss_type, chosen, rejected, c.beta, c.label_smoothing, c.tpo_l_gamma)  # (n,)
-        metrics: dict[str, Any] = {}
+        losses = LOSSES[c.loss_type](
+            chosen_logps=chosen,
+            rejected_logps=rejected,
+            beta=c.beta,
+            gamma=c.tpo_l_gamma,
+            label_smoothing=c.label_smoothing,
+        )  # (n,)
+        metrics: dict[str, Metric] = {}
         if branches == 3:
             nll = reference_nll(sums[2 * n :], n_tokens[2 * n :])  # (n,) mean NLL per reference token
             losses = losses + c.tpo_alpha * nll
-            metrics["nll_loss"] = nll.detach().mean()
+            metrics["nll_loss"] = _per_pair(nll.detach())
 
         with torch.no_grad():
             chosen_rewards, rejected_rewards = c.beta * chosen.detach(), c.beta * rejected.detach()
@@ -81,15 +86,16 @@ class TPO:
             correct = (logits.detach().argmax(-1) == labels) & valid
             metrics.update(
                 {
-                    "rewards/chosen": chosen_rewards.mean(),
-                    "rewards/rejected": rejected_rewards.mean(),
-                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-                    "logps/chosen": chosen.detach().mean(),
-                    "logps/rejected": rejected.detach().mean(),
-                    "logits/chosen": _token_mean(mean_logits[:n], valid[:n]),
-                    "logits/rejected": _token_mean(mean_logits[n : 2 * n], valid[n : 2 * n]),
-                    "mean_token_accuracy": _token_mean(correct[:n].float(), valid[:n]),
+                    "rewards/chosen": _per_pair(chosen_rewards),
+                    "rewards/rejected": _per_pair(rejected_rewards),
+                    "rewards/accuracies": _per_pair((chosen_rewards > rejected_rewards).float()),
+                    "rewards/margins": _per_pair(chosen_rewards - rejected_rewards),
+                    "logps/chosen": _per_pair(chosen.detach()),
+                    "logps/rejected": _per_pair(rejected.detach()),
+                    # token means over every chosen (rejected) completion token of the logging window
+                    "logits/chosen": _per_token(mean_logits[:n], valid[:n]),
+                    "logits/rejected": _per_token(mean_logits[n : 2 * n], valid[n : 2 * n]),
+                    "mean_token_accuracy": _per_token(correct[:n].float(), valid[:n]),
                 }
             )
         return LossOutput(loss_sum=losses.sum(), n_items=n, metrics=metrics)

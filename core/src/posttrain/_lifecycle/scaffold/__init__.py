@@ -1,9 +1,17 @@
-"""``posttrain new``: generate a method package from the template shipped inside core.
+"""``posttrain new``: generate a method package from a template shipped inside core.
 
-The template lives in ``template/``: every file ends in ``.tmpl`` (so neither Python, pytest nor
-pip byte-compilation treats it as code) and holds ``{{key}}`` placeholders, in file contents and in
-path names alike. Rendering is a plain substitution; an unknown key is an error, so the template
-and :func:`placeholders` cannot drift apart unnoticed. Standard library only: works offline.
+Templates live in ``templates/``: ``common/`` holds the files every package has (pyproject.toml,
+LICENSE, CHANGELOG, MANIFEST.in, the test fixtures) and each other folder is one template, chosen with
+``posttrain new NAME --template FOLDER``: its ``template.json`` (a one-line summary and the default
+package description) and its files, which are laid over ``common/`` (a file at the same path wins).
+Adding a template (``online``, ``environment``) is adding one folder.
+
+Every file ends in ``.tmpl`` (so neither Python, pytest nor pip byte-compilation treats it as code)
+and holds ``{{key}}`` placeholders, in file contents and in path names alike. Rendering is a plain
+substitution; an unknown key is an error, so the templates and :func:`placeholders` cannot drift apart
+unnoticed. Sections of the README and the docs page that only the author can write are blockquotes
+starting with :data:`PLACEHOLDER_MARK`; ``posttrain promote`` refuses a package that still has one.
+Standard library only: works offline.
 """
 
 from __future__ import annotations
@@ -22,6 +30,10 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _SUFFIX = ".tmpl"
 _RENAMES = {"gitignore": ".gitignore"}  # dotfiles are stored without the dot
+COMMON = "common"
+DEFAULT_TEMPLATE = "lm"
+PLACEHOLDER_MARK = "Write before promotion:"
+"""Starts every section of a generated README or docs page that the author has to write."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +87,53 @@ def _git_author() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def placeholders(n: Names, description: str, author: str, core_version: str, date: str) -> dict[str, str]:
-    """The values substituted for ``{{key}}`` in the template."""
+def template_names() -> list[str]:
+    """The templates ``posttrain new --template`` offers: every folder of ``templates/`` with a template.json."""
+    root = resources.files("posttrain._lifecycle.scaffold") / "templates"
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "template.json").is_file())
+
+
+def template_info(template: str) -> dict[str, str]:
+    """A template's ``template.json``: ``summary`` (one line, for ``--help`` and the CHANGELOG) and
+    ``description`` (the package Summary when ``--description`` is not given; may use ``{name}``).
+
+    Raises:
+        PosttrainError: an unknown template, naming the ones there are.
+    """
+    if template not in template_names():
+        raise PosttrainError(
+            f"unknown template {template!r}: the templates are {', '.join(template_names())}. "
+            "Pass one of them with --template."
+        )
+    root = resources.files("posttrain._lifecycle.scaffold") / "templates" / template
+    return json.loads((root / "template.json").read_text(encoding="utf-8"))
+
+
+def placeholder_phrases() -> list[str]:
+    """The instruction of every section the templates leave for the author, as it reads without its mark.
+
+    ``posttrain promote`` refuses docs that still hold one, with or without the mark in front of it.
+    """
+    quoted = re.compile(r"^> \*\*\{\{placeholder_mark\}\}\*\* (.+?)(?:\n(?!>)|\Z)", re.M | re.S)
+    phrases = set()
+    for template in template_names():
+        for rel, text in template_files(template):
+            for block in quoted.findall(text) if rel.endswith(".md.tmpl") else ():
+                instruction = " ".join(line.lstrip("> ").strip() for line in block.splitlines())
+                phrases.add(instruction.split(". ")[0][:80])  # the first sentence is the template's own wording
+    return sorted(phrases)
+
+
+def placeholders(
+    n: Names,
+    description: str,
+    author: str,
+    core_version: str,
+    date: str,
+    template: str = DEFAULT_TEMPLATE,
+    url: str | None = None,
+) -> dict[str, str]:
+    """The values substituted for ``{{key}}`` in the templates."""
     core_min, core_next_major = core_range(core_version)
     authors = f"authors = [{{ name = {_toml_string(author)} }}]\n" if author else ""
     return {
@@ -89,9 +146,15 @@ def placeholders(n: Names, description: str, author: str, core_version: str, dat
         "description_toml": _toml_string(description),
         "description_py": description.replace("\\", "\\\\").replace('"', '\\"'),
         "authors_toml": authors,
+        "copyright_holder": author or f"the {n.distribution} authors",
+        "year": date[:4],
         "core_min": core_min,
         "core_next_major": core_next_major,
         "date": date,
+        "template": template,
+        "template_summary": template_info(template)["summary"],
+        "url": url or f"https://pypi.org/project/{n.distribution}/",
+        "placeholder_mark": PLACEHOLDER_MARK,
     }
 
 
@@ -105,10 +168,11 @@ def render(text: str, values: dict[str, str], where: str = "the template") -> st
     return _PLACEHOLDER.sub(replace, text)
 
 
-def template_files() -> list[tuple[str, str]]:
-    """(relative path with placeholders, text) of every template file, sorted by path."""
-    root = resources.files("posttrain._lifecycle.scaffold") / "template"
-    found: list[tuple[str, str]] = []
+def template_files(template: str = DEFAULT_TEMPLATE) -> list[tuple[str, str]]:
+    """(relative path with placeholders, text) of every file of ``template`` laid over ``common/``."""
+    template_info(template)  # an unknown template is an error naming the known ones
+    root = resources.files("posttrain._lifecycle.scaffold") / "templates"
+    found: dict[str, str] = {}
 
     def walk(node, prefix: str) -> None:
         for child in node.iterdir():
@@ -117,16 +181,17 @@ def template_files() -> list[tuple[str, str]]:
                 if child.name != "__pycache__":
                     walk(child, rel + "/")
             elif child.name.endswith(_SUFFIX):
-                found.append((rel, child.read_text(encoding="utf-8")))
+                found[rel] = child.read_text(encoding="utf-8")
 
-    walk(root, "")
-    return sorted(found)
+    walk(root / COMMON, "")
+    walk(root / template, "")  # the template's own files win over common ones at the same path
+    return sorted(found.items())
 
 
-def render_files(values: dict[str, str]) -> dict[str, str]:
-    """Relative output path -> rendered text, for every template file."""
+def render_files(values: dict[str, str], template: str = DEFAULT_TEMPLATE) -> dict[str, str]:
+    """Relative output path -> rendered text, for every file of ``template``."""
     out = {}
-    for rel, text in template_files():
+    for rel, text in template_files(template):
         path = render(rel[: -len(_SUFFIX)], values, rel)
         head, _, base = path.rpartition("/")
         base = _RENAMES.get(base, base)
@@ -141,6 +206,8 @@ def generate(
     author: str | None = None,
     core_version: str | None = None,
     date: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    url: str | None = None,
 ) -> Path:
     """Write a new method package and return its directory.
 
@@ -148,15 +215,19 @@ def generate(
         name: the public method name, ``[a-z][a-z0-9_-]*``.
         directory: the package directory to create; default ``./posttrain-<name>``. It must not
             exist, or be empty.
-        description: the one-line summary ``posttrain list`` shows.
-        author: written to ``authors`` in pyproject.toml; default ``git config user.name`` if set.
+        description: the one-line summary ``posttrain list`` shows; default the template's.
+        author: written to ``authors`` in pyproject.toml and to LICENSE; default ``git config user.name``.
         core_version: the posttrain version to require (``>=X.Y,<X+1``); default the installed one.
         date: the date of the first CHANGELOG entry (ISO format); default today.
+        template: which starting method (:func:`template_names`): ``lm`` (next-token cross-entropy on
+            text) or ``preference`` (a pairwise loss against a frozen reference model).
+        url: the package's home page for ``[project.urls]``; default its PyPI page.
 
     Raises:
-        PosttrainError: invalid name, or the directory exists and is not empty.
+        PosttrainError: invalid name or template, or the directory exists and is not empty.
     """
     n = names(name)
+    info = template_info(template)
     target = Path(directory) if directory is not None else Path.cwd() / n.distribution
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise PosttrainError(
@@ -165,18 +236,22 @@ def generate(
         )
     if description is not None and ("\n" in description or not description.strip()):
         raise PosttrainError("--description must be one non-empty line (it becomes the package Summary).")
+    if url is not None and not re.match(r"^https?://\S+$", url):
+        raise PosttrainError(f"--url must be an http(s) address without spaces, got {url!r}.")
     if core_version is None:
         from posttrain._discovery import core_version as installed_core
 
         core_version = installed_core()
     values = placeholders(
         n,
-        description.strip() if description else f"{n.name}: next-token cross-entropy on text rows.",
+        description.strip() if description else info["description"].format(name=n.name),
         (author if author is not None else _git_author()).strip(),
         core_version,
         date or datetime.date.today().isoformat(),
+        template,
+        url,
     )
-    files = render_files(values)  # render everything before writing anything
+    files = render_files(values, template)  # render everything before writing anything
     for rel, text in files.items():
         path = target / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,122 @@
+"""The ``hf`` backend: transformers ``generate`` with the KV cache, on the policy being trained."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+
+from posttrain.generation import Completions, SamplingParams
+
+
+class HFGenerator:
+    """Samples with ``model.generate`` (batched, left-padded prompts, KV cache, eval mode).
+
+    Without seeds, every prompt x n of the call is sampled in batches of at most ``batch_size`` sequences
+    (all at once by default: one decode loop per optimizer step). With seeds (``per_prompt_generation``),
+    each prompt's n samples are one call under that prompt's seed, so a completion depends on (prompt, seed)
+    only, never on the rest of the batch.
+    """
+
+    name = "hf"
+
+    def __init__(self, model: Any, params: SamplingParams, batch_size: int | None = None, report_logps: bool = False):
+        self.model = model
+        self.params = params
+        self.batch_size = batch_size
+        self.reports_logps = report_logps
+        self.config = self._generation_config(params, report_logps)
+
+    @staticmethod
+    def _generation_config(params: SamplingParams, report_logps: bool):
+        from transformers import GenerationConfig
+
+        kwargs = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": True,
+            "use_cache": True,
+            "pad_token_id": params.pad_token_id,
+            "eos_token_id": list(params.stop_token_ids),
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,  # 0 disables top-k; None would let transformers apply its default of 50
+            "min_p": params.min_p,
+            "repetition_penalty": params.repetition_penalty,
+            "output_logits": report_logps,
+            "return_dict_in_generate": report_logps,
+        }
+        kwargs.update(params.extra)
+        return GenerationConfig(**kwargs)
+
+    def sync_weights(self, model: Any) -> None:
+        self.model = model  # the policy itself: nothing to copy
+
+    def close(self) -> None:
+        self.model = None
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions:
+        start = time.perf_counter()
+        rows = [p for p in prompt_ids for _ in range(n)]
+        if seeds is not None:
+            calls = [(list(range(i * n, (i + 1) * n)), seed) for i, seed in enumerate(seeds)]
+        else:
+            size = self.batch_size or len(rows) or 1
+            calls = [(list(range(s, min(s + size, len(rows)))), None) for s in range(0, len(rows), size)]
+        token_ids: list[list[int]] = [[] for _ in rows]
+        logps: list[list[float]] = [[] for _ in rows]
+        model = self.model
+        was_training = model.training
+        model.eval()  # no dropout noise; gradient checkpointing is inactive in eval, so the KV cache is used
+        try:
+            for indices, seed in calls:
+                ids, lps = self._call(model, [rows[i] for i in indices], seed)
+                for i, t, lp in zip(indices, ids, lps):
+                    token_ids[i], logps[i] = t, lp
+        finally:
+            model.train(was_training)
+        stops = set(self.params.stop_token_ids)
+        cut, truncated, cut_logps = [], [], []
+        for ids, lp in zip(token_ids, logps):
+            end = next((j for j, t in enumerate(ids) if t in stops), None)
+            keep = len(ids) if end is None else end + 1
+            cut.append(ids[:keep])
+            cut_logps.append(lp[:keep])
+            truncated.append(end is None)
+        return Completions(cut, truncated, cut_logps if self.reports_logps else None, time.perf_counter() - start)
+
+    def _call(self, model: Any, rows: list[list[int]], seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
+        device = next(model.parameters()).device
+        width = max(len(r) for r in rows)
+        pad = self.params.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with _seeded(seed, device):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+        sequences = out.sequences if self.reports_logps else out
+        new = sequences[:, width:]
+        logps: list[list[float]] = [[] for _ in rows]
+        if self.reports_logps:
+            # raw logits of each step -> log-softmax at the sampling temperature, as the trainer computes them
+            stacked = torch.stack(out.logits, dim=1).float() / self.params.temperature  # (B, T, V)
+            chosen = torch.log_softmax(stacked, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            logps = chosen.tolist()
+        return new.tolist(), logps
+
+
+def _seeded(seed: int | None, device: torch.device):
+    if seed is None:
+        return contextlib.nullcontext()
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+
+    @contextlib.contextmanager
+    def scope():
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return scope()
