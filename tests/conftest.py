@@ -290,7 +290,7 @@ def _install_vllm_stand_in(monkeypatch, deliver, record: dict) -> None:
                 method="POST",
                 headers={"Content-Type": "application/json"},
             )
-            urllib.request.urlopen(request, timeout=30).read()
+            urllib.request.urlopen(request, timeout=300).read()
 
         def init_weight_transfer_engine(self, init_info):
             self._post("init_weight_transfer_engine", {"init_info": init_info})

@@ -15,7 +15,7 @@ TEACHER = torch.tensor([[[0.2, 0.5, 0.3]]]).log()
 # Hand values are printed to 6 decimals (off by <= 5e-7); ours are float32 results of <= 30 rounded operations
 # (log-softmaxes over 3 logits, a mixture, products and sums) on numbers of size <= 2: off by <= 2.6e-6 (ATOL). Two
 # float32 formulas for the same divergence over a vocabulary of 7 (<= 64 operations on numbers <= 10 each) may round
-# apart by up to 7.6e-5 (PAIR_ATOL). See posttrain.testing._rounding.rounding_tolerance. A formula error (beta and 1 - beta
+# apart by up to 7.6e-5 (PAIR_ATOL). See posttrain.testing._rounding. A formula error (beta and 1 - beta
 # swapped, the mixture on the wrong side) moves the values by 1e-2 or more.
 ATOL = 5e-7 + rounding_tolerance(2.0, 30, sides=1)
 PAIR_ATOL = rounding_tolerance(10.0, 64)

@@ -11,7 +11,7 @@ from posttrain_kto import LOSSES, apo_zero_unpaired_loss, kl_reference_point, kt
 
 # Expected values are exact (float64 math, then rounded to float32: <= 1.2e-7) or printed to 6 decimals (<= 5e-7).
 # Ours are float32 results of <= 10 rounded operations (a difference, a product, a sigmoid, 1 - x, a weight) on
-# numbers of size <= 2: off by <= 3e-6 (posttrain.testing._rounding.rounding_tolerance). A formula error (a missing beta,
+# numbers of size <= 2: off by <= 3e-6 (posttrain.testing._rounding). A formula error (a missing beta,
 # a sign, the wrong z0) moves them by 1e-2 or more. Exactly representable results use assert_close's defaults.
 ATOL = 5e-7 + rounding_tolerance(2.0, 10, sides=1)
 

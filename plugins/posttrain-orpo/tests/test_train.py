@@ -86,7 +86,7 @@ def test_experimental_warning_and_silencing_through_the_command_line(silenced, w
     unless POSTTRAIN_EXPERIMENTAL_SILENCE names it (silencing another method leaves orpo's warning)."""
     env = {**os.environ, "POSTTRAIN_EXPERIMENTAL_SILENCE": silenced, "PYTHONWARNINGS": "default"}
     command = [sys.executable, "-m", "posttrain", "check-data", "orpo", str(PLUGIN / "configs" / "tiny.jsonl")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: 64 rows")
     assert done.stderr.count("ExperimentalWarning: method 'orpo'") == (1 if warns else 0), done.stderr

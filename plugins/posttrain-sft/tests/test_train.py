@@ -76,8 +76,9 @@ def test_restarting_position_ids_give_the_same_logits_as_separate_sequences(sft_
         packed = model(input_ids=torch.cat(seqs)[None], position_ids=position_ids, use_cache=False).logits[0]
         leaky = model(input_ids=torch.cat(seqs)[None], use_cache=False).logits[0]
     # Each logit is the same arithmetic over differently shaped matrices (one packed row against three): equal up to
-    # rounding, bounded from the forward pass's operations and the logits' size (posttrain.testing._rounding). Without the
-    # restarts, sequences see each other: over 100x that (measured 0.26 against 5e-5; the packed logits differ by 9e-8).
+    # rounding, bounded from the forward pass's operations and the logits' size (posttrain.testing._rounding). Without
+    # the restarts, sequences see each other: over 100x that (measured 0.26 against 5e-5; the packed logits differ
+    # by 9e-8).
     from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
 
     tolerance = rounding_tolerance(float(separate.abs().max()) + 1.0, LOGPROB_ROUNDINGS)
