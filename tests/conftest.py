@@ -101,6 +101,18 @@ def fake_site(tmp_path, monkeypatch):
             del sys.modules[name]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process runs with one torch thread, as in the ``OMP_NUM_THREADS=1`` subprocesses they are compared with
+    bit for bit: another thread count may split a kernel's reductions differently, and round differently."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from posttrain.testing import build_tiny_model
@@ -280,7 +292,7 @@ def _install_vllm_stand_in(monkeypatch, deliver, record: dict) -> None:
                 method="POST",
                 headers={"Content-Type": "application/json"},
             )
-            urllib.request.urlopen(request, timeout=30).read()
+            urllib.request.urlopen(request, timeout=300).read()
 
         def init_weight_transfer_engine(self, init_info):
             self._post("init_weight_transfer_engine", {"init_info": init_info})
