@@ -16,7 +16,11 @@ from posttrain._errors import ConfigError
 
 BUILTIN_REPORTERS = ("tensorboard", "none", "all")
 #: Packages that provide well-known ``report_to`` names, for the install hint.
-KNOWN_REPORTERS = {"wandb": "posttrain-wandb", "mlflow": "posttrain-mlflow", "trackio": "posttrain-trackio"}
+KNOWN_REPORTERS = {
+    "wandb": "posttrain-trackers[wandb]",
+    "mlflow": "posttrain-trackers[mlflow]",
+    "trackio": "posttrain-trackers[trackio]",
+}
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 _FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
@@ -109,7 +113,7 @@ def report_to_problems(config: Any) -> list[str]:
         if close:
             fix = f"did you mean {close[0]!r}?"
         elif key in KNOWN_REPORTERS:
-            fix = f"it is provided by {KNOWN_REPORTERS[key]}: `pip install {KNOWN_REPORTERS[key]}`"
+            fix = f"it is provided by {KNOWN_REPORTERS[key]}: `pip install '{KNOWN_REPORTERS[key]}'`"
         else:
             fix = "install the plugin that provides it, or remove it (`posttrain list --kind plugin` shows plugins)"
         found.append(

@@ -36,6 +36,7 @@ SAFE_TO_CHANGE = frozenset(
         "per_device_eval_batch_size",
         "eval_dataset",
         "report_to",
+        "tracker_options",
         "disable_progress_bar",
         "allow_inactive",
         "torch_compile",

@@ -85,7 +85,8 @@ class TrainingConfig:
     save_on_interrupt: bool = True  # Ctrl-C writes a resumable checkpoint
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
     resume_override: list[str] = field(default_factory=list)  # fields a resumed run may change (see failure-modes)
-    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard"]; metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard", "wandb"]; metrics.jsonl is always written
+    tracker_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tracker, e.g. {wandb: {project: x}}
     disable_progress_bar: bool = False
     allow_inactive: bool = False  # use a retired (7 - Inactive) method anyway
 
@@ -122,6 +123,9 @@ class TrainingConfig:
                 found.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lora_r < 1 or self.lora_alpha < 1:
             found.append(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
+        for name, options in self.tracker_options.items():  # each tracker plugin checks the keys of its own
+            if not isinstance(options, dict):
+                found.append(f"tracker_options.{name} must be a mapping of option: value, got {options!r}")
         return found
 
 

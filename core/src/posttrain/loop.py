@@ -106,6 +106,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` with ``method`` as ``config`` says. Models/datasets not passed are loaded from the config.
 
+    ``callbacks=None`` adds the callbacks installed plugins register for this config (as ``posttrain train``
+    does); a list replaces them.
+
     Emits the method's ``ExperimentalWarning`` and writes ``provenance.json`` exactly as ``posttrain train``
     does. Raises :class:`PosttrainError` subclasses for user errors (bad config, data, paths).
 
@@ -246,7 +249,7 @@ def _load_everything(
         total_steps=total_steps,
         rows_per_micro=rows_per_micro,
         reuse=reuse,
-        callbacks=tracking.Callbacks(callbacks or [], main),
+        callbacks=tracking.Callbacks(_plugin_callbacks(config) if callbacks is None else callbacks, main),
         window=tracking.LogWindow(accelerator),
         bar=tracking.ProgressBar(total_steps, 0, getattr(method, "name", "train"), enabled=False),
         result=TrainResult(global_step=0, output_dir=output_dir),
@@ -267,6 +270,14 @@ def _load_everything(
     )
     run.resume_path = resume_path
     return run
+
+
+def _plugin_callbacks(config: Any) -> list[Any]:
+    """Callbacks that ``posttrain.plugins`` modules add for this config (trackers for ``report_to``): the Python
+    API gets the same ones as ``posttrain train`` when it passes no ``callbacks`` of its own."""
+    from posttrain import _registry
+
+    return _registry.callbacks_for(config)
 
 
 def _quiet_library_progress() -> None:
