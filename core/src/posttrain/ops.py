@@ -104,9 +104,10 @@ class LMHead:
         return None if self.weight is None else self.weight.size(0)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(M, H) -> (M, V) float32 logits of a chunk of rows (the projection in the autocast dtype, if any)."""
+        """(M, H) -> (M, V) float32 logits of a chunk of rows (float64 for float64 inputs; the projection runs in the
+        autocast dtype, if any)."""
         z = hidden if self.weight is None else F.linear(hidden, self.weight, self.bias)
-        z = z.float()
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         if self.scale != 1.0:
             z = z * self.scale
         if self.softcap is not None:
@@ -164,12 +165,12 @@ class _HeadLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, head_args, temperature, want, chunk):  # type: ignore[override]
         scale, softcap = head_args
         head = LMHead(weight, bias, scale, softcap)
-        m = hidden.size(0)
-        logps = hidden.new_zeros(m, dtype=torch.float32)
-        lse = hidden.new_zeros(m, dtype=torch.float32)
-        ent = hidden.new_zeros(m, dtype=torch.float32) if want[0] else None
+        m, acc = hidden.size(0), torch.promote_types(hidden.dtype, torch.float32)  # float32 (float64 stays)
+        logps = hidden.new_zeros(m, dtype=acc)
+        lse = hidden.new_zeros(m, dtype=acc)
+        ent = hidden.new_zeros(m, dtype=acc) if want[0] else None
         top = torch.zeros(m, dtype=torch.bool, device=hidden.device) if want[1] else None
-        mean = hidden.new_zeros(m, dtype=torch.float32) if want[2] else None
+        mean = hidden.new_zeros(m, dtype=acc) if want[2] else None
         for start in range(0, m, chunk):
             rows = slice(start, start + chunk)
             z = head.logits(hidden[rows])
@@ -199,32 +200,45 @@ class _HeadLogps(torch.autograd.Function):
         scale, softcap = ctx.head_args
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_entropy = grad_entropy if ctx.has_entropy else None
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight and weight is not None else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        grad_hidden = torch.zeros_like(hidden, dtype=acc) if need_hidden else None
+        grad_weight = None
+        if need_weight and weight is not None:
+            grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grad_bias = torch.zeros_like(bias, dtype=grad_weight.dtype) if need_bias and bias is not None else None
         if grad_logps is None and grad_entropy is None:
             return None, None, None, None, None, None, None, None
         device_type, enabled, dtype = ctx.autocast
         for start in range(0, hidden.size(0), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h = hidden[rows]
-            # rebuild the chunk exactly as the forward did (same autocast dtype for the projection)
+            # rebuild the chunk exactly as the forward did (same autocast dtype for the projection); z is a fresh
+            # tensor, so the steps below work in place and the chunk costs about two (m, V) buffers
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                raw = h if weight is None else F.linear(h, weight, bias)
-            a = raw.float() * scale if scale != 1.0 else raw.float()
-            t = torch.tanh(a / softcap) if softcap is not None else None
-            z = softcap * t if t is not None else a
+                raw = h.clone() if weight is None else F.linear(h, weight, bias)
+            z = raw.to(acc)
+            if scale != 1.0:
+                z = z.mul_(scale)
+            t = None
+            if softcap is not None:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
             if ctx.temperature != 1.0:
-                z = z / ctx.temperature
-            log_p = z - lse[rows].unsqueeze(-1)  # (m, V)
-            p = log_p.exp()
-            grad_z = torch.zeros_like(p)
-            if grad_logps is not None:
-                g = grad_logps[rows].float() * (labels[rows] >= 0)  # ignored rows carry no gradient
-                grad_z.sub_(p * g.unsqueeze(-1))
-                grad_z.scatter_add_(-1, labels[rows].clamp(min=0).unsqueeze(-1), g.unsqueeze(-1))
+                z = z.div_(ctx.temperature)
+            log_p = z.sub_(lse[rows].unsqueeze(-1))  # (m, V), in place
+            valid = labels[rows] >= 0
+            g = grad_logps[rows].to(acc) * valid if grad_logps is not None else None  # ignored rows: no gradient
             if grad_entropy is not None:
-                grad_z.sub_(grad_entropy[rows].float().unsqueeze(-1) * p * (log_p + ent[rows].unsqueeze(-1)))
+                # dH/dz = -p (log p + H)
+                p = log_p.exp()
+                grad_z = log_p.add_(ent[rows].unsqueeze(-1)).mul_(p).mul_(-grad_entropy[rows].to(acc).unsqueeze(-1))
+                if g is not None:
+                    grad_z.addcmul_(p, g.unsqueeze(-1), value=-1)
+                del p
+            else:
+                grad_z = log_p.exp_().mul_(-g.unsqueeze(-1))  # d log p_y / dz = onehot(y) - p
+            if g is not None:
+                grad_z.scatter_add_(-1, labels[rows].clamp(min=0).unsqueeze(-1), g.unsqueeze(-1))
             # chain through temperature, softcap and scale back to the projection's output
             if ctx.temperature != 1.0:
                 grad_z.div_(ctx.temperature)
@@ -236,10 +250,17 @@ class _HeadLogps(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[rows] = grad_z
                 continue
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_z @ weight.float()
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_z.t(), h.float())
+            if raw.dtype == acc:
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_z @ weight.to(acc)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_z.t(), h.to(acc))
+            else:  # a low-precision projection (bf16 weights or autocast): its backward in that dtype, as autograd's
+                low = grad_z.to(raw.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = low @ weight.to(raw.dtype)
+                if grad_weight is not None:
+                    grad_weight += low.t() @ h.to(raw.dtype)
             if grad_bias is not None:
                 grad_bias.add_(grad_z.sum(0))
         return (
