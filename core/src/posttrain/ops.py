@@ -45,7 +45,7 @@ LOGITS_CHUNK_ELEMENTS = 1 << 23
 float32 logits; 256 tokens of a 32k vocabulary, 55 of a 152k one). Larger chunks make fewer, bigger matrix
 products; the head's memory is a few chunks, never B x T x V.
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 
 
@@ -91,7 +91,7 @@ class LMHead:
         scale: multiplier of the logits (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``); 1 for most.
         softcap: Gemma 2's ``final_logit_softcapping`` (``cap * tanh(z / cap)``), or None.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
 
     weight: torch.Tensor | None = None
@@ -125,7 +125,7 @@ class TokenLogps:
         top1: bool, the label is the arg-max token (the first one on ties, as ``argmax``), or None.
         mean_logit: float32 mean of the V logits (a TRL metric, detached), or None.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
 
     logps: torch.Tensor
@@ -300,7 +300,7 @@ def head_logps(
     Returns:
         :class:`TokenLogps` of (M,) tensors.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     vocab = head.vocab_size or hidden.size(-1)
     chunk = _chunk_rows(vocab, chunk_size)
@@ -380,7 +380,7 @@ def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
         ``(hidden, head)``: hidden (B, T', H) for the positions the model would have scored (T' = T, or
         ``logits_to_keep``), and the :class:`LMHead` to apply to them.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     layer = _output_layer(model)
     if layer is None:
@@ -430,7 +430,7 @@ def token_stats(
     Returns:
         :class:`TokenLogps` of (B, T') tensors, 0 (False) at ignored positions.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     hidden, head = hidden_states(model, **inputs)  # (B, T', H)
     valid = labels >= 0  # (B, T')
@@ -466,7 +466,7 @@ def segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -
     Returns:
         (S,) tensor of ``values``' dtype.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     return values.new_zeros(n_segments).index_add(0, segments, values)
 
@@ -487,7 +487,7 @@ def sequence_logps(
         logit over the scored tokens (a TRL metric).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 the head is applied in chunks to the scored positions only (:func:`head_logps`).
+    .. versionchanged:: 1.1 the head is applied in chunks to the scored positions only (:func:`head_logps`).
     """
     labels = F.pad(input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100), (0, 1), value=-100)  # (B, T)
     out = token_stats(model, labels, mean_logit=True, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -520,7 +520,7 @@ def completion_logps(
         (logps (N, C) float32, entropy (N, C) or None).
 
     .. versionadded:: 1.0
-    .. versionchanged:: 1.0 ``completion_mask``; the head is applied in chunks (:func:`head_logps`).
+    .. versionchanged:: 1.1 ``completion_mask``; the head is applied in chunks (:func:`head_logps`).
     """
     # positions count real tokens only, as generate() numbers them after left padding
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

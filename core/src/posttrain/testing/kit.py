@@ -326,7 +326,7 @@ def check_metadata(method_name: str) -> None:
     )
     assert e.summary, f"method {method_name!r} ({e.package}): the distribution has no Summary (description)"
     assert e.requires_core and ">=" in e.requires_core, (
-        f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=0.1,<1' "
+        f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=1.0,<2' "
         f"(found {e.requires_core!r})"
     )
     from importlib import metadata
@@ -536,8 +536,8 @@ def check_grad_accumulation(
     moves that element by a share of ``lr``; a real accumulation bug changes the update direction, by O(lr).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 a failure names the cause probing found; ``batch_unit``; ``atol`` scales with a
-       learning rate above 1e-3.
+    .. versionchanged:: 1.0 a failure names the cause probing found; ``batch_unit``.
+    .. versionchanged:: 1.1 ``atol`` scales with a learning rate above 1e-3.
     """
     runs = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
