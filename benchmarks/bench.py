@@ -938,6 +938,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 cell_report = report["results"][size][method]
                 cell_report["targets"] = check_targets(method, cell_report["ratios"], is_realistic(size))
+                # the report so far, after every cell: a run cut short keeps what it measured
+                report["total_wall_s"] = time.time() - started
+                report["machine"]["load_avg_end"] = os.getloadavg()
+                write_report(report, Path(args.out), args.tag or "partial", quiet=True)
     report["total_wall_s"] = time.time() - started
     report["machine"]["load_avg_end"] = os.getloadavg()
     write_report(report, Path(args.out), args.tag)
@@ -1111,7 +1115,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, out: Path, tag: str) -> None:
+def write_report(report: dict, out: Path, tag: str, quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{report['date'][:10]}{f'-{tag}' if tag else ''}"
     text = markdown(report)
@@ -1120,8 +1124,9 @@ def write_report(report: dict, out: Path, tag: str) -> None:
     if not tag:
         (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "latest.md").write_text(text)
-    print(text)
-    print(f"\nwrote {out / stem}.json and .md")
+    if not quiet:
+        print(text)
+        print(f"\nwrote {out / stem}.json and .md")
 
 
 if __name__ == "__main__":
