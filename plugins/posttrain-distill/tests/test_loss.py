@@ -111,3 +111,31 @@ def test_on_policy_choice_is_seeded_and_has_the_right_frequency():
         use_on_policy(0, s, 0, 0.0) for s in range(10)
     )
     assert math.isclose(sum(use_on_policy(1, s, 0, 0.5) for s in range(2000)) / 2000, 0.5, abs_tol=0.04)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_chunked_jsd_matches_the_full_logits_loss(beta):
+    """The method's chunked path (heads applied to hidden states a few tokens at a time, recomputed in backward)
+    gives the full-logits divergence, entropy and agreement, and the same gradients. Both reduce in float32
+    (``generalized_jsd`` casts), so they differ by float32 rounding of O(1) values only (1e-6); the entropy stays
+    float64 (1e-10). A teacher with a larger vocabulary is cut to the student's."""
+    from posttrain.ops import LMHead
+    from posttrain_distill.method import chunked_jsd
+
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(11, 6, dtype=torch.float64, generator=g).requires_grad_(True)
+    ws = torch.randn(9, 6, dtype=torch.float64, generator=g).requires_grad_(True)
+    ht = torch.randn(11, 4, dtype=torch.float64, generator=g)
+    wt = torch.randn(12, 4, dtype=torch.float64, generator=g)  # a padded teacher vocabulary
+    per_token, entropy, same = chunked_jsd(hs, LMHead(ws), ht, LMHead(wt), beta, 0.7, chunk_size=4)
+    zs, zt = hs @ ws.T, (ht @ wt.T)[:, :9]
+    full = generalized_jsd(zs, zt, beta, 0.7)
+    torch.testing.assert_close(per_token, full, rtol=0, atol=1e-6)
+    log_ps = torch.log_softmax(zs / 0.7, -1)
+    torch.testing.assert_close(entropy, -(log_ps.exp() * log_ps).sum(-1).detach(), rtol=0, atol=1e-10)
+    assert torch.equal(same, zs.argmax(-1) == zt.argmax(-1))
+    weights = torch.linspace(-1, 1, 11, dtype=torch.float64)
+    got = torch.autograd.grad((per_token * weights).sum(), (hs, ws))
+    want = torch.autograd.grad((full * weights).sum(), (hs, ws))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

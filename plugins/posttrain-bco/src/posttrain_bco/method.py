@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
 from posttrain.models import disable_dropout, reference_forward, reference_model
-from posttrain.ops import shift_for_causal_lm, token_logps
+from posttrain.ops import sequence_logps
 
 from posttrain_bco.config import BCOConfig
 from posttrain_bco.data import FORMATS, collate_rows, prepare_rows, row_problems
@@ -16,9 +16,8 @@ from posttrain_bco.loss import bco_loss, implicit_rewards, update_running_mean
 
 def completion_logps(model: Any, batch: dict) -> torch.Tensor:
     """(B,) summed log-probs of the completion tokens of each row."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits, labels = shift_for_causal_lm(out.logits, batch["input_ids"], batch["completion_mask"])
-    return token_logps(logits, labels).sum(-1)  # (B,)
+    # the head runs in chunks on completion tokens only: no (B, T, V) logits
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]  # (B,)
 
 
 class BCO:

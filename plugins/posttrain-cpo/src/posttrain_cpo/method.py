@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
 from posttrain.models import disable_dropout
-from posttrain.ops import token_logps
+from posttrain.ops import token_stats
 
 from posttrain_cpo.config import CPOConfig
 from posttrain_cpo.data import FORMATS, collate_pairs, prepare_rows, row_problems
@@ -23,12 +24,15 @@ def concatenated_forward(model: Any, batch: dict[str, torch.Tensor]) -> dict[str
     ``mean_logits`` (2B,), the vocabulary-mean logit averaged over completion tokens (a metric).
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
     labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (2B, T-1)
-    logps = token_logps(logits[:, :-1], labels)  # (2B, T-1), float32
+    # the head runs in chunks on real tokens only: no (2B, T, V) logits (posttrain.ops.token_stats)
+    out = token_stats(
+        model, F.pad(labels, (0, 1), value=-100), mean_logit=True, input_ids=input_ids, attention_mask=attention_mask
+    )
+    logps = out.logps[:, :-1]  # (2B, T-1), float32, 0 at padding
     token_mask = attention_mask[:, 1:].to(logps.dtype)
     completion_mask = batch["completion_mask"][:, 1:].to(logps.dtype)
-    vocab_mean = logits[:, :-1].detach().mean(-1, dtype=torch.float32)  # (2B, T-1), no float copy of the logits
+    vocab_mean = out.mean_logit[:, :-1]  # (2B, T-1), detached
     mean_logits = (vocab_mean * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1)
     return {"logps": logps, "token_mask": token_mask, "completion_mask": completion_mask, "mean_logits": mean_logits}
 

@@ -6,15 +6,62 @@ import inspect
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from posttrain import ConfigError, DataError, LossOutput
 from posttrain.data import check
 from posttrain.generation import build_generator, sample
 from posttrain.models import disable_dropout, load_teacher
+from posttrain.ops import LOGITS_CHUNK_ELEMENTS, LMHead, hidden_states
 
 from posttrain_distill.config import DistillConfig
 from posttrain_distill.data import collate_rows, same_kind_problems, tokenize_row
-from posttrain_distill.loss import generalized_jsd, top1_agreement
+from posttrain_distill.loss import generalized_jsd
 from posttrain_distill.rollout import use_on_policy
+
+
+def chunked_jsd(
+    student: torch.Tensor,
+    student_head: LMHead,
+    teacher: torch.Tensor,
+    teacher_head: LMHead,
+    beta: float,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token divergence, student entropy and top-1 agreement from hidden states, a chunk of tokens at a time.
+
+    Each chunk builds both heads' logits, reduces them and drops them; backward recomputes the chunk
+    (``torch.utils.checkpoint``), so the full-vocabulary logits of the batch never exist, for student or teacher.
+
+    Args:
+        student: (M, H) student hidden states of the scored tokens (with grad). teacher: (M, H') teacher's, no grad.
+        student_head, teacher_head: from :func:`posttrain.ops.hidden_states`; a larger teacher vocabulary is cut to
+            the student's.
+        beta, temperature: as in :func:`posttrain_distill.loss.generalized_jsd`.
+
+    Returns:
+        (divergence (M,) float32 with grad, entropy (M,) detached, same top-1 token (M,) bool).
+    """
+
+    def chunk(hs: torch.Tensor, ht: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zs = student_head.logits(hs)  # (m, V) float32
+        with torch.no_grad():
+            zt = teacher_head.logits(ht)[:, : zs.size(-1)]
+            log_ps = torch.log_softmax(zs.detach() / temperature, dim=-1)
+            entropy = -(log_ps.exp() * log_ps).sum(-1)
+            same = zs.detach().argmax(-1) == zt.argmax(-1)
+        return generalized_jsd(zs, zt, beta, temperature), entropy, same
+
+    vocab = student_head.vocab_size or student.size(-1)
+    rows = chunk_size or max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    parts = [
+        torch.utils.checkpoint.checkpoint(chunk, student[i : i + rows], teacher[i : i + rows], use_reentrant=False)
+        for i in range(0, student.size(0), rows)
+    ]
+    if not parts:  # no scored token: empty results, still connected to the graph
+        empty = student.sum(-1).float() * 0  # (0,)
+        return empty, empty.detach(), empty.detach().bool()
+    return tuple(torch.cat(x) for x in zip(*parts))  # type: ignore[return-value]
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -106,35 +153,35 @@ class Distill:
             out.append({**batch, "on_policy": torch.tensor(float(on))})
         return out
 
-    def _completion_logits(self, model: Any, batch: dict, keep: bool) -> torch.Tensor:
-        """(B, C, V) logits predicting each completion token (positions P-1 ... P+C-2)."""
+    def _completion_hidden(self, model: Any, batch: dict, keep: bool) -> tuple[torch.Tensor, LMHead]:
+        """(B, C, H) hidden states predicting each completion token (positions P-1 ... P+C-2), and the head."""
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C)
         # left-padded prompts: positions count real tokens only, as in generate()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         width = batch["completion_ids"].size(1)
         kwargs = {"logits_to_keep": width + 1} if keep else {}
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-        ).logits
-        return logits[:, -(width + 1) : -1]
+        hidden, head = hidden_states(
+            model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        return hidden[:, -(width + 1) : -1], head
 
     def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
         config = ctx.config
         mask = batch["completion_mask"]  # (B, C)
-        student = self._completion_logits(model, batch, self._keep_student)  # (B, C, V)
+        student, student_head = self._completion_hidden(model, batch, self._keep_student)  # (B, C, H)
         with torch.no_grad():
-            teacher = self._completion_logits(self.teacher, batch, self._keep_teacher)
-        teacher = teacher[..., : student.size(-1)]  # a padded teacher vocabulary is cut to the student's
-        per_token = generalized_jsd(student, teacher, config.beta, config.temperature)  # (B, C)
+            teacher, teacher_head = self._completion_hidden(self.teacher, batch, self._keep_teacher)
+        scored = mask.bool()  # (B, C): only completion tokens reach the heads, a chunk at a time
+        per_token, entropy, same = chunked_jsd(
+            student[scored], student_head, teacher[scored], teacher_head, config.beta, config.temperature
+        )  # (M,) each
         n_tokens = mask.sum()
         with torch.no_grad():
-            log_ps = torch.log_softmax(student.detach().float() / config.temperature, dim=-1)
-            entropy = -(log_ps.exp() * log_ps).sum(-1)  # (B, C)
             metrics = {
-                "entropy": (entropy * mask).sum() / n_tokens.clamp(min=1),
-                "top1_agreement": top1_agreement(student.detach(), teacher, mask),
+                "entropy": entropy.sum() / n_tokens.clamp(min=1),
+                "top1_agreement": same.sum().float() / n_tokens.clamp(min=1),
                 "completions/mean_length": mask.sum(1).float().mean(),
                 "on_policy": batch.get("on_policy", torch.tensor(0.0)),
             }
-        return LossOutput(loss_sum=(per_token * mask).sum(), n_items=n_tokens, metrics=metrics)
+        return LossOutput(loss_sum=per_token.sum(), n_items=n_tokens, metrics=metrics)

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 from posttrain import ConfigError, LossOutput, Metric, RowProblem, TrainContext
-from posttrain.ops import token_logps
+from posttrain.ops import token_stats
 
 from posttrain_sft.config import SFTConfig
 from posttrain_sft.data import collate, prepare_rows, row_problems
-from posttrain_sft.loss import LOSSES, shift_labels, token_metrics
+from posttrain_sft.loss import IGNORE_INDEX, LOSSES, shift_labels
 
 
 @torch.no_grad()
@@ -81,12 +81,13 @@ class SFT:
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[SFTConfig]) -> LossOutput:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        # use_cache=False: with a cache, transformers ignores the position_ids restarts that separate packed sequences
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         targets = shift_labels(batch["labels"])  # (B, T): position t predicts token t+1
-        logps = token_logps(logits, targets)  # (B, T), 0 where no loss is taken
-        loss_sum = LOSSES[ctx.config.loss_type](logps)
-        n_loss_tokens, n_correct, entropy_sum = token_metrics(logits.detach(), targets)
+        # the head runs in chunks on the loss positions only, so no (B, T, V) logits exist (posttrain.ops.token_stats;
+        # it calls the model with use_cache=False, which keeps the position_ids restarts of packed sequences apart)
+        out = token_stats(model, targets, entropy=True, top1=True, **inputs)
+        loss_sum = LOSSES[ctx.config.loss_type](out.logps)  # logps (B, T), 0 where no loss is taken
+        n_loss_tokens = (targets != IGNORE_INDEX).sum()
+        n_correct, entropy_sum = out.top1.sum(), out.entropy.detach().sum()
         # token-weighted over the whole logging window (all micro-batches and processes), however rows are grouped
         metrics: dict[str, Metric] = {
             "mean_token_accuracy": Metric.ratio(n_correct, n_loss_tokens),

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
 from posttrain.models import disable_dropout
-from posttrain.ops import shift_for_causal_lm, token_logps
+from posttrain.ops import token_stats
 
 from posttrain_tpo.config import TPOConfig
 from posttrain_tpo.data import collate_rows, prepare_rows, row_problems
@@ -58,12 +59,15 @@ class TPO:
         c = ctx.config
         branches = 3 if c.tpo_alpha != 0 else 2  # the reference rows are left out when their NLL has weight 0
         n = batch["input_ids"].shape[0] // branches  # triples in this micro-batch
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits, labels = shift_for_causal_lm(out.logits, batch["input_ids"], batch["completion_mask"])
-        per_token = token_logps(logits, labels)  # (branches * n, T-1), 0 outside completions
-        valid = labels >= 0  # (branches * n, T-1)
+        ids, completion = batch["input_ids"], batch["completion_mask"]
+        labels = F.pad(ids[:, 1:].masked_fill(~completion[:, 1:].bool(), -100), (0, 1), value=-100)  # (rows, T)
+        # the head runs in chunks on completion tokens only: no (rows, T, V) logits (posttrain.ops.token_stats)
+        out = token_stats(
+            model, labels, top1=True, mean_logit=True, input_ids=ids, attention_mask=batch["attention_mask"]
+        )
+        valid = labels >= 0  # (branches * n, T)
         n_tokens = valid.sum(-1)  # (branches * n,)
-        sums = per_token.sum(-1)  # (branches * n,)
+        sums = out.logps.sum(-1)  # (branches * n,), 0 outside completions
         # ipo and tpo-l compare mean log-probs per token (SimPO-style), sigmoid and hinge summed ones
         scores = sums / n_tokens.clamp(min=1) if c.loss_type in LENGTH_NORMALISED else sums
         chosen, rejected = scores[:n], scores[n : 2 * n]  # (n,) each
@@ -82,8 +86,8 @@ class TPO:
 
         with torch.no_grad():
             chosen_rewards, rejected_rewards = c.beta * chosen.detach(), c.beta * rejected.detach()
-            mean_logits = logits.detach().float().mean(-1)  # (branches * n, T-1)
-            correct = (logits.detach().argmax(-1) == labels) & valid
+            mean_logits = out.mean_logit  # (branches * n, T), vocabulary-mean logit, 0 outside completions
+            correct = out.top1  # (branches * n, T), False outside completions
             metrics.update(
                 {
                     "rewards/chosen": _per_pair(chosen_rewards),

@@ -1,0 +1,208 @@
+"""The chunked LM-head log-probs of ``posttrain.ops`` against the plain full-logits path, and their memory bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from posttrain import ops
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _plain(hidden, weight, bias, labels, scale=1.0, softcap=None, temperature=1.0):
+    """The reference: full (M, V) logits, float32 log_softmax, gather (what the methods did before chunking)."""
+    z = F.linear(hidden, weight, bias)
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    log_p = F.log_softmax(z, -1)
+    logps = log_p.gather(-1, labels.clamp(min=0)[:, None])[:, 0].masked_fill(labels < 0, 0.0)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logps, entropy, z.argmax(-1) == labels, z.mean(-1)
+
+
+def _inputs(dtype, m=37, h=8, v=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, h, generator=g, dtype=dtype).requires_grad_(True)
+    weight = torch.randn(v, h, generator=g, dtype=dtype).requires_grad_(True)
+    bias = torch.randn(v, generator=g, dtype=dtype).requires_grad_(True)
+    labels = torch.randint(0, v, (m,), generator=g)
+    labels[[0, 5, 6]] = -100
+    return hidden, weight, bias, labels
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 64])
+@pytest.mark.parametrize(
+    "head_args", [{}, {"scale": 0.5}, {"softcap": 3.0}, {"temperature": 0.7}], ids=["plain", "scale", "softcap", "temp"]
+)
+def test_head_logps_matches_full_logits_in_float64(chunk_size, head_args):
+    """Values and gradients (through the label log-probs and the entropy) equal the full-logits path. float64, so
+    the only difference is summation order: 1e-10."""
+    hidden, weight, bias, labels = _inputs(torch.float64)
+    temperature = head_args.pop("temperature", 1.0)
+    head = ops.LMHead(weight, bias, **head_args)
+    out = ops.head_logps(
+        hidden, head, labels, temperature=temperature, entropy=True, top1=True, mean_logit=True, chunk_size=chunk_size
+    )
+    ref = _plain(hidden, weight, bias, labels, temperature=temperature, **head_args)
+    valid = labels >= 0
+    torch.testing.assert_close(out.logps, ref[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.entropy, ref[1], rtol=0, atol=1e-10)
+    assert torch.equal(out.top1[valid], ref[2][valid])
+    torch.testing.assert_close(out.mean_logit, ref[3], rtol=0, atol=1e-10)
+    # an arbitrary weighting of both outputs, so every term of the backward formula is exercised
+    w1 = torch.linspace(-1, 2, len(labels), dtype=torch.float64)
+    w2 = torch.linspace(0.5, -0.3, len(labels), dtype=torch.float64)
+    loss = (out.logps * w1).sum() + (out.entropy * w2).sum()
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    ref_loss = (ref[0] * w1).sum() + (ref[1] * w2).sum()
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_head_logps_passes_gradcheck():
+    hidden, weight, bias, labels = _inputs(torch.float64, m=8, h=3, v=7)
+
+    def head_fn(h, w, b):
+        out = ops.head_logps(h, ops.LMHead(w, b, 0.7, 2.0), labels, temperature=1.3, entropy=True, chunk_size=3)
+        return out.logps, out.entropy
+
+    assert torch.autograd.gradcheck(head_fn, (hidden, weight, bias))
+
+
+def test_head_logps_float32_and_bfloat16_match_within_dtype_tolerance():
+    """float32: both paths reduce in float32, 1e-5 relative. bfloat16 weights: the projection runs in bfloat16 in
+    both paths (then float32), so they agree to bfloat16's resolution of the logits (2^-8 relative, ~0.05 here)."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        hidden, weight, bias, labels = _inputs(dtype, m=40, h=16, v=300)
+        out = ops.head_logps(hidden, ops.LMHead(weight, bias), labels, chunk_size=7)
+        ref = _plain(hidden, weight, bias, labels)[0]
+        torch.testing.assert_close(out.logps, ref, rtol=tol, atol=tol)
+        g = torch.autograd.grad(out.logps.sum(), (hidden, weight))
+        g_ref = torch.autograd.grad(ref.sum(), (hidden, weight))
+        for got, want in zip(g, g_ref):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_no_valid_label_gives_zero_and_a_connected_graph(tiny_model):
+    model, _ = tiny_model
+    ids = torch.tensor([[3, 4, 5]])
+    out = ops.token_stats(model, torch.full((1, 3), -100), input_ids=ids)
+    assert torch.equal(out.logps, torch.zeros(1, 3))
+    out.logps.sum().backward()  # a zero loss still back-propagates (no "does not require grad" error)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    from posttrain.testing import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model(tmp_path / "m", seed=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, model.config.vocab_size
+
+
+def test_model_paths_match_full_logits(tiny_model):
+    """``sequence_logps`` and ``completion_logps`` on a real model: values and every parameter's gradient equal the
+    full-logits path to float32 reduction-order tolerance."""
+    model, vocab = tiny_model
+    torch.manual_seed(0)
+    ids = torch.randint(5, vocab, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 5:] = 1
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    logps, n, _ = ops.sequence_logps(model, ids, mask, loss_mask)
+    got = grads(logps.sum())
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    plain, labels = ops.shift_for_causal_lm(logits, ids, loss_mask)
+    ref = ops.token_logps(plain, labels).sum(-1)
+    want = grads(ref.sum())
+    torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-5)
+    assert n.tolist() == [4, 4, 4]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    c_logps, entropy = ops.completion_logps(model, ids, mask, 4, temperature=0.8, with_entropy=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -5:-1] / 0.8
+    torch.testing.assert_close(c_logps, ops.token_logps(logits, ids[:, -4:]), rtol=1e-5, atol=1e-5)
+    log_p = logits.float().log_softmax(-1)
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces (forward and backward), in elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_batch_by_vocabulary_logits_with_a_32k_vocabulary(tmp_path, monkeypatch):
+    """With a 32k vocabulary, no tensor of the forward and backward is anywhere near B x T x V: the head's largest
+    tensor is one chunk (or the (V, H) weight and its gradient). The plain path, measured the same way, does build
+    B x T x V elements, so the bound is not vacuous."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32_000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    b, t, v = 4, 64, config.vocab_size
+    ids = torch.randint(0, v, (b, t))
+    mask, loss_mask = torch.ones_like(ids), torch.ones_like(ids)
+    monkeypatch.setattr(ops, "LOGITS_CHUNK_ELEMENTS", 8 * v)  # 8 tokens per chunk: 256k elements
+    with _LargestTensor() as chunked:
+        ops.sequence_logps(model, ids, mask, loss_mask)[0].sum().backward()
+    full = b * t * v  # 8.2M
+    assert chunked.largest <= max(8 * v, v * config.hidden_size), chunked.largest
+    assert chunked.largest < full / 8
+    with _LargestTensor() as plain:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ops.token_logps(logits[:, :-1], ids[:, 1:]).sum().backward()
+    assert plain.largest >= b * (t - 1) * v
+
+
+@pytest.mark.slow
+def test_hidden_states_through_a_compiled_model(tiny_model):
+    """``torch_compile: true`` calls ``model.compile()``: the head's capture hook runs inside the compiled forward,
+    the chunked log-probs and gradients equal the eager ones (inductor may reorder float32 sums: 1e-5), and a plain
+    call afterwards (as generation makes) still returns full logits."""
+    model, vocab = tiny_model
+    ids = torch.randint(5, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def run():
+        logps = ops.sequence_logps(model, ids, mask, mask)[0]
+        logps.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return logps.detach(), grads
+
+    eager, eager_grads = run()
+    model.compile()
+    compiled, compiled_grads = run()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert model(input_ids=ids, use_cache=False).logits.shape == (2, 12, vocab)
