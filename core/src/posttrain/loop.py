@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from posttrain import _checkpoint as ckpt
+from posttrain import _distributed as dist
 from posttrain import _preflight, _reader, _resume, _run_guard
 from posttrain import _tracking as tracking
 from posttrain._errors import ConfigError, DataError, PluginError, PosttrainError
@@ -132,6 +133,9 @@ def train(
             outcome = "finished"
     except BaseException as exc:
         error = exc
+        if run.accelerator.num_processes > 1 and dist.is_collective_failure(exc):
+            error = dist.explain(exc, run.config.ddp_timeout)  # which process stopped, and what it was doing
+            raise error from exc
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, without saving
             run.accelerator.print(f"stopped at step {run.step} without saving. {_run_guard.advice(run.output_dir)}")
         raise
@@ -151,8 +155,6 @@ def train(
 def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator) -> _Run:
     """Everything before the first step, in the order a reader expects; fails before any model loads
     when the method, the config or the output directory is unusable."""
-    from accelerate import Accelerator
-
     from posttrain import models
     from posttrain.config import config_problems
 
@@ -171,7 +173,7 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     cpu = config.use_cpu or not has_accelerator
     device = accelerator.device.type if accelerator is not None else ("cpu" if cpu else "cuda")
     _preflight.check(config, device)  # before Accelerator(), which fails on some of these with a traceback
-    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=cpu)
+    accelerator = accelerator or dist.make_accelerator(config, mixed, cpu)
     models.fit_max_length(config)  # before the saved config is compared on resume
     resume_path, lock = _run_guard.claim(config, getattr(method, "name", None), accelerator.is_main_process)
     try:
@@ -212,7 +214,9 @@ def _load_everything(
         model_path=config.model or None,
         rewards=rewards or {},
     )
-    model.to(accelerator.device)
+    if not any(p.is_meta for p in model.parameters()):  # FSDP2 with cpu_ram_efficient_loading: prepare() fills it
+        model.to(accelerator.device)
+    dist.doing("setting up the method", 0)
     setup = optional_member(method, "setup")
     if setup:
         setup(ctx)
@@ -232,6 +236,7 @@ def _load_everything(
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
+    dist.doing("wrapping the model (accelerator.prepare)", 0)
     model, optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
     run = _Run(
@@ -255,6 +260,7 @@ def _load_everything(
         result=TrainResult(global_step=0, output_dir=output_dir),
     )
     if resume_path is not None:
+        dist.doing(f"loading {resume_path.name}", 0)
         state = ckpt.load_checkpoint(
             resume_path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, method=method
         )
@@ -396,6 +402,7 @@ def _step_batches(run: _Run, micro_rows: list[list[int]]) -> list[dict]:
     batches = [_to_device(run.method.collate([run.train_rows[i] for i in ix], run.ctx), device) for ix in micro_rows]
     rollout = optional_member(run.method, "rollout")
     if rollout:
+        dist.doing("rolling out (generating completions)", run.step + 1)
         with torch.no_grad():
             batches = list(rollout(run.accelerator.unwrap_model(run.model), batches, run.ctx))
         if len(batches) != len(micro_rows):
@@ -427,6 +434,7 @@ def _optimizer_step(run: _Run) -> None:
     run.ctx.micro_step = 0
     for k, batch in enumerate(_step_batches(run, micro_rows)):
         run.ctx.micro_step = k
+        dist.doing(f"forward/backward on micro-batch {k + 1} of {len(micro_rows)}", run.step + 1)
         # skip the DDP all-reduce on all but the last micro-batch
         sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
@@ -437,6 +445,7 @@ def _optimizer_step(run: _Run) -> None:
         run.window.add_metrics(out.metrics)
     if run.reuse > 1 and (run.step + 1) % run.reuse == 0:
         run.rollout_cache.clear()  # the group is done: the next step rolls out new data
+    dist.doing("summing the step's item counts over processes", run.step + 1)
     # one collective for the item count, the finiteness check and a stop request (any process may see a signal)
     flags = torch.stack(
         [step_n, (~torch.isfinite(step_loss)).double(), torch.tensor(float(run.stop_requested is not None)).double()]
@@ -497,6 +506,7 @@ def _log_evaluate_save(run: _Run) -> None:
 
 
 def _evaluate_and_log(run: _Run) -> None:
+    dist.doing("evaluating", run.step)
     batch_rows = _rows_per_batch(run.method, run.config, run.config.per_device_eval_batch_size)
     metrics = evaluate(run.method, run.model, run.eval_rows, run.ctx, run.accelerator, batch_rows)
     row = {"step": run.step, **metrics}
@@ -505,6 +515,7 @@ def _evaluate_and_log(run: _Run) -> None:
 
 
 def _save(run: _Run) -> Path:
+    dist.doing(f"saving checkpoint-{run.step}", run.step)
     path = ckpt.save_checkpoint(
         run.output_dir,
         run.step,
@@ -517,6 +528,7 @@ def _save(run: _Run) -> Path:
         state={"epoch": run.epoch, "metric_totals": run.window.totals_for_checkpoint()},
         rollout_cache=run.rollout_cache,
         save_total_limit=run.config.save_total_limit,
+        sharded=dist.is_sharded(run.accelerator),
     )
     run.callbacks.emit("on_save", run.ctx, path)
     return path
@@ -563,9 +575,12 @@ def _finish(run: _Run) -> None:
     if run.eval_rows is not None:
         _evaluate_and_log(run)
     accelerator = run.accelerator
+    dist.doing("saving the final model", run.step)
     accelerator.wait_for_everyone()
+    # sharded (FSDP2): every process sends its shards, the main process writes one consolidated model
+    state = dist.full_state_dict(accelerator, run.model) if dist.is_sharded(accelerator) else None
     if accelerator.is_main_process:  # atomic, then marked complete (run_complete.json)
-        _run_guard.save_final(run.output_dir, accelerator.unwrap_model(run.model), run.tokenizer, run.step)
+        _run_guard.save_final(run.output_dir, accelerator.unwrap_model(run.model), run.tokenizer, run.step, state)
     accelerator.wait_for_everyone()
 
 
@@ -587,14 +602,22 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
     rollout = optional_member(method, "rollout")
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    # every process runs the same number of batches: under FSDP2 each forward (and each generation step) is a
+    # collective, so a process that ran out of rows repeats its first batch and discards the result
+    n_batches = math.ceil(len(rows) / (world * batch_size))
     try:
-        for start in range(rank * batch_size, len(rows), world * batch_size):
+        for b in range(n_batches):
+            start = (b * world + rank) * batch_size
+            padding = start >= len(rows)
+            start = rank * batch_size % len(rows) if padding else start
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
             batch = _to_device(method.collate(chunk, ctx), accelerator.device)
             if rollout:
                 batch = rollout(accelerator.unwrap_model(model), [batch], ctx)[0]
             with accelerator.autocast():
                 out = method.loss(model, batch, ctx)
+            if padding:
+                continue
             loss_sum += out.loss_sum.double()
             n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
             window.add_metrics(out.metrics)

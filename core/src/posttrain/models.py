@@ -322,17 +322,22 @@ def reference_model(ctx: Any, path: str | None = None):
 
     .. versionadded:: 0.1
     """
+    from posttrain import _distributed
+
     if is_peft_model(ctx.model):
         return None
     path = path or ctx.model_path
     if path:
-        ref = load_causal_lm(path, ctx.config)
+        with _distributed.loading_whole():  # every process loads it whole, then shards it below
+            ref = load_causal_lm(path, ctx.config)
     else:
         ref = frozen_copy(ctx.model)
     ref.requires_grad_(False)
     ref.eval()
     if ctx.accelerator is not None:
         ref = ref.to(ctx.accelerator.device)
+        if _distributed.is_sharded(ctx.accelerator):  # FSDP2: the reference costs 1/world per process
+            ref = _distributed.shard_frozen(ref, ctx.accelerator)
     return ref
 
 
