@@ -246,11 +246,10 @@ def _first_failure(exc: BaseException) -> Exception:
 def _metadata_classes() -> dict[tuple[str, str], Any]:
     """The only classes a sharded checkpoint's ``.metadata`` may name (what ``dcp.save`` writes)."""
     import collections
+    import pathlib
 
     import torch
     from torch.distributed.checkpoint import filesystem, metadata
-
-    import pathlib
 
     allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size}
     for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):  # the checkpoint's own path
