@@ -224,3 +224,141 @@ def test_planted_pickle_in_sharded_metadata_is_refused(toy_runs, tiny_model_dir,
     with pytest.raises(PosttrainError, match="not a plain file of tensors and data"):
         train_here(toy_module, {**fields, "resume_override": ["per_device_train_batch_size"]})
     assert not marker.exists()
+
+
+DPO_WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "hat", "box"]
+DPO_ROWS = [
+    {"prompt": f"say {w}{i}", "chosen": f" {w} {w} please", "rejected": f" {w[::-1]} no"}
+    for i in range(4)
+    for w in DPO_WORDS
+]
+
+
+def dpo_args(model: Path, dataset: Path, out: Path, batch: int) -> list[str]:
+    fields = {
+        "model": model,
+        "dataset": dataset,
+        "output_dir": out,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": 2,
+        "max_length": 64,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "disable_progress_bar": "true",
+        "seed": 0,
+    }
+    return [arg for name, value in fields.items() for arg in (f"--{name}", str(value))]
+
+
+def history_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_fsdp2_and_torchrun_ddp_equal_one_process(tmp_path, tiny_model_dir):
+    """DPO with its frozen reference model (sharded like the policy under FSDP2), started three ways:
+    ``posttrain train --accelerate_config fsdp2`` (FSDP2), ``torchrun -m posttrain train`` (DDP), and one
+    process here; the same losses, gradient norms and weights."""
+    pytest.importorskip("posttrain_dpo")
+    from posttrain.cli.train import run
+
+    dataset = write_rows(tmp_path / "pairs.jsonl", DPO_ROWS)
+    posttrain = [sys.executable, "-m", "posttrain", "train", "dpo"]
+    launcher = ["--accelerate_config", "fsdp2", "--num_processes", "2", "--main_process_port", str(free_port())]
+    fsdp = subprocess.Popen(
+        [*posttrain, *dpo_args(tiny_model_dir, dataset, tmp_path / "fsdp", 2), *launcher],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "posttrain", "train", "dpo"]
+    ddp = subprocess.Popen(
+        [*torchrun, *dpo_args(tiny_model_dir, dataset, tmp_path / "ddp", 2)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert run("train", ["dpo", *dpo_args(tiny_model_dir, dataset, tmp_path / "one", 4)]) == 0
+    assert "accelerate.commands.launch --config_file" in finish(fsdp)  # the command it started is printed
+    finish(ddp)
+    one = history_of(tmp_path / "one")
+    assert column(one, "loss")[0] == pytest.approx(0.6931472, abs=1e-6)  # step 1: policy == reference
+    for name in ("fsdp", "ddp"):
+        other = history_of(tmp_path / name)
+        assert column(other, "loss") == pytest.approx(column(one, "loss"), rel=1e-5), name
+        assert column(other, "grad_norm") == pytest.approx(column(one, "grad_norm"), rel=1e-5), name
+        assert max_diff(weights(tmp_path / "one"), weights(tmp_path / name)) < 1e-5, name
+
+
+def test_grpo_fsdp2_generates_and_trains_like_one_process(tmp_path, tiny_model_dir, toy_module):
+    """GRPO with HF generation on the FSDP2-sharded policy (every process all-gathers each layer per decode
+    step and keeps stepping until all are done) and a sharded KL reference (beta > 0). per_prompt_generation
+    seeds each prompt's samples, so both runs score the same completions; GRPO's loss is a difference of
+    nearly equal terms (about 1e-5 here), so it is compared absolutely, at the scale of the terms (1e-6)."""
+    pytest.importorskip("posttrain_grpo")
+    from posttrain.config import build_config
+    from posttrain_grpo import GRPO, GRPOConfig
+
+    dataset = write_rows(tmp_path / "prompts.jsonl", [{"prompt": f"echo {i}"} for i in range(16)])
+
+    def fields(out: Path, batch: int) -> dict:
+        return {
+            "model": str(tiny_model_dir),
+            "output_dir": str(out),
+            "reward_funcs": ["digits"],
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": batch,  # completions: 2 prompts x 4 per process
+            "num_generations": 4,
+            "max_completion_length": 6,
+            "beta": 0.04,
+            "per_prompt_generation": True,
+            "logging_steps": 1,
+            "save_steps": 0,
+            "disable_progress_bar": True,
+            "seed": 0,
+        }
+
+    two = launch(tmp_path, "grpo", "grpo", dataset, fields(tmp_path / "two", 4), Path(toy_module.__file__).read_text())
+
+    def digits(prompts, completions, **columns):  # the same reward as the launched script's
+        return [sum(c.isdigit() for c in x) / (1 + len(x)) for x in completions]
+
+    rows = [json.loads(line) for line in dataset.read_text().splitlines()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from posttrain.loop import train
+
+        one = train(
+            GRPO(),
+            build_config(GRPOConfig, fields(tmp_path / "one", 8)),
+            train_dataset=rows,
+            rewards={"digits": digits},
+        ).log_history
+    finish(two)
+    two_history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert column(two_history, "reward") == pytest.approx(column(one, "reward"), rel=1e-6)  # same completions
+    assert column(two_history, "loss") == pytest.approx(column(one, "loss"), abs=1e-6)
+    assert column(two_history, "kl") == pytest.approx(column(one, "kl"), rel=1e-4, abs=1e-9)
+    assert column(two_history, "grad_norm") == pytest.approx(column(one, "grad_norm"), rel=1e-5)
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+def test_a_hung_process_is_named_with_what_it_was_doing(tmp_path, tiny_model_dir, toy_module):
+    """Process 1 hangs inside its loss at step 2; process 0 waits in the gradient reduction, gives up after
+    ddp_timeout (5 s) and reports which process stopped answering and what each was doing."""
+    dataset = write_rows(tmp_path / "rows.jsonl", TOY_ROWS)
+    fields = toy_fields(tiny_model_dir, tmp_path / "hang", 2, hang_at_step=1, ddp_timeout=5, save_steps=0)
+    process = launch(tmp_path, "hang", "toy", dataset, fields, Path(toy_module.__file__).read_text())
+    out, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode != 0
+    assert "RankFailure: process 0 of 2 failed in a collective call" in out, out[-4000:]
+    assert "process 0: backward on micro-batch 1 of 2 at step 2" in out, out[-4000:]  # waiting for 1's gradients
+    assert "process 1: computing the loss on micro-batch 1 of 2 at step 2" in out, out[-4000:]
+    assert "Process 1 stopped answering (it died, or took longer than ddp_timeout=5 s)" in out, out[-4000:]

@@ -215,9 +215,9 @@ def explain(exc: BaseException, timeout_s: float) -> RankFailure:
         lines.append(f"  process {rank}: {record['what']} at step {record['step']} ({now - record['t']:.0f} s ago)")
         if rank != me and (record["step"], record["what"]) != (mine.get("step"), mine.get("what")):
             behind.append(rank)
-    suspects = ", ".join(str(r) for r in behind) or "another process"
+    suspects = f"Process {', '.join(str(r) for r in behind)}" if behind else "Another process"
     lines.append(
-        f"Process {suspects} stopped answering (it died, or took longer than ddp_timeout={timeout_s:g} s); its own "
+        f"{suspects} stopped answering (it died, or took longer than ddp_timeout={timeout_s:g} s); its own "
         "log above says why. If a step is legitimately slow (long generations, a slow disk), raise --ddp_timeout. "
         "Resume from the newest checkpoint with --resume_from_checkpoint latest."
     )

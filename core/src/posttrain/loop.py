@@ -434,11 +434,13 @@ def _optimizer_step(run: _Run) -> None:
     run.ctx.micro_step = 0
     for k, batch in enumerate(_step_batches(run, micro_rows)):
         run.ctx.micro_step = k
-        dist.doing(f"forward/backward on micro-batch {k + 1} of {len(micro_rows)}", run.step + 1)
+        micro = f"micro-batch {k + 1} of {len(micro_rows)}"
+        dist.doing(f"computing the loss on {micro}", run.step + 1)
         # skip the DDP all-reduce on all but the last micro-batch
         sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
             out = run.method.loss(model, batch, run.ctx)
+        dist.doing(f"backward on {micro}", run.step + 1)
         accelerator.backward(out.loss_sum)
         step_loss += out.loss_sum.detach().float()
         step_n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
