@@ -39,11 +39,14 @@ def make_accelerator(config: Any, mixed_precision: str, cpu: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if cpu and _env_true("ACCELERATE_USE_DEEPSPEED"):
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
         raise ConfigError(
-            "the accelerate config selects DeepSpeed, but this run is on CPU (no GPU found, or use_cpu true): "
-            "accelerate uses DeepSpeed only on an accelerator. Launch on GPUs, or use an FSDP2 config "
-            "(core/src/posttrain/configs/launch/fsdp2*.yaml), which also runs on CPU."
+            "the accelerate config selects DeepSpeed, which the posttrain loop does not support yet: DeepSpeed's "
+            "engine steps the optimizer inside backward() and keeps ZeRO gradients in its own buffers, while the "
+            "loop scales the summed gradients by processes / items once per step, after every micro-batch's "
+            "backward (the exact normalisation of training-loop.md). Use FSDP2 instead, which shards the same "
+            "things: --accelerate_config fsdp2 (like ZeRO-3; fsdp_reshard_after_forward: false is like ZeRO-2, "
+            "fsdp_offload_params: true like ZeRO-Offload). See docs/distributed.md."
         )
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launcher_precision not in ("no", mixed_precision):
