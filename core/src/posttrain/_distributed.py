@@ -189,9 +189,9 @@ def is_collective_failure(exc: BaseException) -> bool:
 
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
-    text = str(exc).lower()
+    text = str(exc).lower()  # the backends' own wording, not any error that mentions a timeout
     return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("timed out", "timeout", "connection closed by peer", "connection reset", "gloo")
+        marker in text for marker in ("gloo", "nccl", "connection closed by peer", "timed out waiting", "watchdog")
     )
 
 

@@ -201,7 +201,11 @@ def _load_everything(
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
     if model is None:
         load = optional_member(method, "load_model")
-        model = load(config) if load else models.load_causal_lm(config.model, config)
+        # FSDP2's cpu_ram_efficient_loading leaves meta tensors on all but local rank 0 until prepare(); a method
+        # that scores the data with the policy before that (precompute_ref_log_probs) needs it whole everywhere
+        whole = dist.loading_whole() if getattr(config, "precompute_ref_log_probs", False) else contextlib.nullcontext()
+        with whole:
+            model = load(config) if load else models.load_causal_lm(config.model, config)
     models.check_max_length(model, config, config.model or None)
     model = models.apply_peft(model, config)
     if config.torch_compile:

@@ -372,7 +372,10 @@ def load_teacher(path: str, tokenizer: Any, config: Any, device: Any = None):
             f"teacher at {path!r} uses a different tokenizer vocabulary ({len(teacher_tok)} vs {len(tokenizer)} tokens); "
             "on-policy distillation here compares token distributions, so teacher and student must share a tokenizer."
         )
-    teacher = load_causal_lm(path, config)
+    from posttrain import _distributed
+
+    with _distributed.loading_whole():  # under FSDP2 every process holds a whole (unsharded) teacher
+        teacher = load_causal_lm(path, config)
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher.to(device) if device is not None else teacher
