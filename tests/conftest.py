@@ -48,10 +48,11 @@ class FakeSite:
         version: str = "1.0.0",
         *,
         status: str | None = "5 - Production/Stable",
-        requires: str | None = "posttrain>=0.1,<1",
+        requires: str | None = "posttrain>=1.0,<2",
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
+        commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
         code: str | None = None,
@@ -74,6 +75,7 @@ class FakeSite:
             ("posttrain.methods", methods),
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
+            ("posttrain.commands", commands),
         ):
             if items:
                 eps.append(f"[{group}]")

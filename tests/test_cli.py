@@ -186,3 +186,23 @@ def test_plot_renders_png(runner, toy_rows, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(runner.tmp)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["list"], ["--help"], ["info", "dpo"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    """`posttrain list | head -1`: the reader goes away; no BrokenPipeError traceback, exit 141 (SIGPIPE)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ
+    )
+    proc.stdout.close()  # before the command writes anything: every write hits a pipe without a reader
+    err = proc.stderr.read().decode()
+    # 141 (SIGPIPE's shell code); argparse's --help swallows the write error itself and exits 0
+    assert proc.wait(timeout=120) == (0 if argv == ["--help"] else 141), err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
+
+
+def test_a_closed_pipe_in_a_shell_pipeline():
+    out = subprocess.run(
+        f"{sys.executable} -m posttrain list --all | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() and "Traceback" not in out.stderr and "Broken" not in out.stderr

@@ -44,7 +44,7 @@ CASES = [
     Case("unknown-method-close", train("dpp", "--dataset", "{tmp}/pairs.jsonl"), 2,
          ["unknown method 'dpp'"], ["Did you mean 'dpo'?"]),
     Case("unknown-method-far", train("zzz-method"), 2,
-         ["unknown method 'zzz-method'"], ["pip install posttrain-zzz-method", "`posttrain list`"]),
+         ["unknown method 'zzz-method'"], ["`posttrain install zzz-method`", "`posttrain list`"]),
     Case("unknown-reward", train("grpo", "--dataset", "{tmp}/prompts.jsonl", "--reward_funcs", "acuracy",
          "--num_generations", "2"), 2,
          ["unknown reward 'acuracy'"], ["Did you mean 'accuracy'?"], {"prompts.jsonl": PROMPTS}),

@@ -26,7 +26,12 @@ import re
 import warnings
 from importlib import metadata
 
-GROUPS = {"method": "posttrain.methods", "reward": "posttrain.rewards", "plugin": "posttrain.plugins"}
+GROUPS = {
+    "method": "posttrain.methods",
+    "reward": "posttrain.rewards",
+    "plugin": "posttrain.plugins",
+    "command": "posttrain.commands",  # CLI subcommands: name = command, value = module:function(argv) -> int
+}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 STABLE, EXPERIMENTAL, INACTIVE = "stable", "experimental", "inactive"
@@ -205,10 +210,14 @@ def _allowed(package: str, name: str) -> bool:
 
 
 def _docs_url(dist: metadata.Distribution) -> str:
+    """The package's documentation link: a Documentation/Docs URL before a Homepage one, whatever the order."""
+    urls = {}
     for url in dist.metadata.get_all("Project-URL") or []:
         label, _, link = url.partition(",")
-        if label.strip().lower() in ("documentation", "docs", "homepage"):
-            return link.strip()
+        urls.setdefault(label.strip().lower(), link.strip())
+    for label in ("documentation", "docs", "homepage"):
+        if urls.get(label):
+            return urls[label]
     return dist.metadata.get("Home-page") or ""
 
 
@@ -347,12 +356,17 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
     if package:
         matches = [e for e in matches if normalize(e.package) == normalize(package)]
     if not matches:
+        from posttrain.cli.plugin_index import not_installed_message
+
         known = sorted({e.name for e in entries if e.kind == kind})
+        indexed = None if package else not_installed_message(kind, name)
+        if indexed:  # a package we know provides it: say which, and how to install it
+            raise PluginError(indexed + (f" Installed {kind}s: {', '.join(known)}." if known else ""))
         hint = _suggest(name, known)
         listing = f" Installed: {', '.join(known)}." if known else f" No {kind} plugins are installed."
         install = (
-            f" If it is published, install it with `pip install posttrain-{name}`; `posttrain list` shows what "
-            "is installed."
+            f" If it is published as posttrain-{name}, install it with `posttrain install {name}`; `posttrain list` "
+            "shows what is installed."
             if kind == "method" and not hint
             else ""
         )

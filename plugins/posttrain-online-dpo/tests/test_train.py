@@ -90,7 +90,11 @@ def test_shipped_config_loads_and_trains_through_the_cli(odpo_tiny_model, tmp_pa
     assert config.reward_funcs == ["accuracy"] and config.missing_eos_penalty == 0.5
     from posttrain.cli.train import run
 
-    monkeypatch.chdir(CONFIGS.parents[2])
+    # The command runs from the repository root, where plugins/posttrain-online-dpo/... resolves; a link makes
+    # that true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-online-dpo").symlink_to(CONFIGS.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "root")
     code = run(
         "train",
         [

@@ -326,7 +326,7 @@ def check_metadata(method_name: str) -> None:
     )
     assert e.summary, f"method {method_name!r} ({e.package}): the distribution has no Summary (description)"
     assert e.requires_core and ">=" in e.requires_core, (
-        f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=0.1,<1' "
+        f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=1.0,<2' "
         f"(found {e.requires_core!r})"
     )
     from importlib import metadata
