@@ -43,6 +43,7 @@ SIZES = {
 #: sft: ``seq`` tokens per row (text + EOS). dpo/reward: prompt + completion + EOS per side, two sides per pair.
 #: grpo: ``batch`` prompts x ``generations`` completions of exactly ``completion`` tokens (EOS suppressed).
 #: dpo-precomputed: dpo with precompute_ref_log_probs (the reference scores every row once, before the first step).
+#: grpo-async: a generation-heavy GRPO step run synchronously and with async_generation (max_staleness 1), in one cell.
 WORKLOADS = {
     "tiny": {
         "sft": {"batch": 8, "accum": 2, "seq": 128},
@@ -51,6 +52,7 @@ WORKLOADS = {
         "reward": {"batch": 4, "accum": 2, "prompt": 32, "completion": 31},
         "grpo": {"batch": 2, "generations": 4, "accum": 2, "prompt": 16, "completion": 16},
         "grpo-long": {"batch": 2, "generations": 4, "accum": 2, "prompt": 16, "completion": 128},
+        "grpo-async": {"batch": 2, "generations": 4, "accum": 4, "prompt": 16, "completion": 128},
     },
     "small": {
         "sft": {"batch": 4, "accum": 2, "seq": 64},
@@ -59,9 +61,13 @@ WORKLOADS = {
         "reward": {"batch": 2, "accum": 2, "prompt": 16, "completion": 15},
         "grpo": {"batch": 2, "generations": 4, "accum": 1, "prompt": 16, "completion": 16},
         "grpo-long": {"batch": 2, "generations": 4, "accum": 1, "prompt": 16, "completion": 128},
+        "grpo-async": {"batch": 2, "generations": 4, "accum": 4, "prompt": 16, "completion": 128},
     },
 }
 LEARNING_RATE, MAX_GRAD_NORM, LOGGING_STEPS, SEED = 1e-5, 1.0, 5, 0
+#: grpo-async compares these two runners only: TRL's asynchronous GRPO needs a vLLM server, the bare loop has none.
+ASYNC_RUNNERS = ("posttrain", "posttrain-async")
+ASYNC_TARGET = 1.4  # completion tokens trained per second, asynchronous over synchronous
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -162,6 +168,7 @@ def worker(spec: dict) -> None:
         "sys": probe.sys,
         "peak_rss_mb": probe.rss_kb / 1024,
         "final_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "logged_means": shapes.pop("logged_means", {}),
         "first_batch_shapes": shapes,
     }
     Path(spec["result"]).write_text(json.dumps(result))
@@ -223,12 +230,21 @@ def run_posttrain(spec: dict, shapes: dict) -> None:
             max_completion_length=w["completion"],
             generation_kwargs={"min_new_tokens": w["completion"]},
             reward_funcs=["distinct_chars"],
+            # a worker process samples the next step while this one trains; one thread each (--threads)
+            async_generation=spec["runner"] == "posttrain-async",
+            max_staleness=1,
         )
         rewards = {"distinct_chars": distinct_chars}
     method = Method()
     collate = method.collate
     method.collate = lambda rows, ctx: _record_shapes(shapes, collate(rows, ctx))
-    train(method, config, rewards=rewards)
+    result = train(method, config, rewards=rewards)
+    if method_name == "grpo":  # where a step's time goes: sampling, and the trainer's waits in async mode
+        logged = [row for row in result.log_history if "loss" in row][1:]  # the first window holds the start-up
+        names = ("generation/seconds", "async/trainer_wait_seconds", "async/generator_idle_seconds")
+        shapes["logged_means"] = {
+            n: statistics.fmean(row[n] for row in logged) for n in names if logged and all(n in row for row in logged)
+        }
 
 
 def run_trl(spec: dict, shapes: dict) -> None:
@@ -500,6 +516,11 @@ def summarise(runs: list[dict]) -> dict:
         "load_avg": [round(r["load_avg"], 2) for r in runs],
         "n_steps": len(times),
         "first_batch_shapes": runs[0]["first_batch_shapes"],
+        "logged_means": {
+            name: statistics.median(r["logged_means"][name] for r in runs)
+            for name in runs[0].get("logged_means", {})
+            if all(name in r.get("logged_means", {}) for r in runs)
+        },
     }
 
 
@@ -649,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_data(method, w, total, data)
                 cell_runners = runners + (["posttrain-compile"] if args.compile and method == "sft" else [])
                 cell_runners = [r for r in cell_runners if r != "posttrain-compile" or method == "sft"]
+                if method == "grpo-async":
+                    cell_runners = list(ASYNC_RUNNERS)
                 runs: dict[str, list[dict]] = {r: [] for r in cell_runners}
                 for rep in range(repeats[size]):
                     order = cell_runners[rep % len(cell_runners) :] + cell_runners[: rep % len(cell_runners)]
@@ -682,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                     "runners": cell,
                     "ratios": ratios(cell),
                 }
+                if method == "grpo-async":
+                    report["results"][size][method]["async"] = async_ratio(cell, w)
                 cell_report = report["results"][size][method]
                 cell_report["targets"] = check_targets(method, cell_report["ratios"])
     report["total_wall_s"] = time.time() - started
@@ -726,6 +751,28 @@ def ratios(cell: dict) -> dict:
             "first_step_cpu": a["cpu_to_first_step_s"] / b["cpu_to_first_step_s"],
         }
     return out
+
+
+def async_ratio(cell: dict, w: dict) -> dict:
+    """Completion tokens trained per second, asynchronous over synchronous, from wall-clock step times.
+
+    Wall time, not CPU time: the point is the overlap of two processes, and the trainer's CPU time does not count
+    the worker's. Each round's two runs are adjacent in time (interleaved, order rotating), so the ratio is taken
+    within a round and the rounds' ratios are averaged (geometric mean), as for the other cells.
+    """
+    sync, overlapped = cell["posttrain"], cell["posttrain-async"]
+    per_round = [s / a for s, a in zip(sync["per_run_median_step_s"], overlapped["per_run_median_step_s"])]
+    completion_tokens = w["batch"] * w["generations"] * w["accum"] * w["completion"]
+    value = statistics.geometric_mean(per_round)
+    return {
+        "throughput": value,
+        "throughput_range": [min(per_round), max(per_round)],
+        "per_round": per_round,
+        "completion_tokens_per_step": completion_tokens,
+        "completion_tokens_per_s": {r: completion_tokens / cell[r]["median_step_s"] for r in ASYNC_RUNNERS},
+        "target": ASYNC_TARGET,
+        "met": value >= ASYNC_TARGET,
+    }
 
 
 def check_targets(method: str, cell_ratios: dict) -> list[dict]:
@@ -777,6 +824,8 @@ def markdown(report: dict) -> str:
     ]
     for size, methods in report["results"].items():
         for method, cell in methods.items():
+            if method == "grpo-async":
+                continue  # its own section below
             r = cell["ratios"]
             for ours in [k for k in cell["runners"] if k.startswith("posttrain")]:
                 t, b = r.get(f"{ours}/trl", {}), r.get(f"{ours}/bare", {})
@@ -818,6 +867,7 @@ def markdown(report: dict) -> str:
                     f"{st['median_step_s'] * 1e3:.0f} ms | {st['tokens_per_s']:,.0f} | {st['peak_rss_mb']:.0f} MB | "
                     f"{st['time_to_first_step_s']:.1f} s · {st['cpu_to_first_step_s']:.1f} s |"
                 )
+    lines += async_markdown(report)
     st = report["startup"]
     med = st["median_s"]
     list_ratio = med["posttrain list"] / med["python -c 'import trl'"]
@@ -834,6 +884,45 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def async_markdown(report: dict) -> list[str]:
+    """The grpo-async cells: throughput of asynchronous over synchronous GRPO, and where a step's time goes."""
+    cells = [
+        (size, cell) for size, methods in report["results"].items() for m, cell in methods.items() if m == "grpo-async"
+    ]
+    if not cells:
+        return []
+    lines = [
+        "## Asynchronous generation (grpo-async)",
+        "",
+        "GRPO with `async_generation: true, max_staleness: 1` (a worker process samples and scores the next step while "
+        "the trainer trains; one torch thread each) over the same run synchronously (one thread). Throughput = "
+        "completion tokens trained per second, from wall-clock step times (the overlap of two processes is the "
+        "point, and the trainer's CPU time does not count the worker's); the ratio is taken within each round of "
+        "interleaved runs and averaged over rounds (geometric mean), lowest and highest round in brackets. Both "
+        "runs sample with EOS suppressed, so every completion has exactly the workload's length.",
+        "",
+        "| size | workload | completion tokens/s sync | async | **async / sync** | target | sampling s/step (sync) "
+        "| trainer wait s/step (async) | load (1 min) per run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for size, cell in cells:
+        a, w = cell["async"], cell["workload"]
+        sync, overlapped = cell["runners"]["posttrain"], cell["runners"]["posttrain-async"]
+        shape = f"{w['batch']} prompts x {w['generations']} x {w['accum']} micro-batches, {w['completion']} tokens"
+        sampling = sync["logged_means"].get("generation/seconds")
+        wait = overlapped["logged_means"].get("async/trainer_wait_seconds")
+        loads = " / ".join(f"{x:.1f}" for x in sync["load_avg"] + overlapped["load_avg"])
+        lines.append(
+            f"| {size} | {shape} | {a['completion_tokens_per_s']['posttrain']:,.0f} | "
+            f"{a['completion_tokens_per_s']['posttrain-async']:,.0f} | **{a['throughput']:.2f}** "
+            f"({a['throughput_range'][0]:.2f}-{a['throughput_range'][1]:.2f}) | >= {a['target']} "
+            f"{'(met)' if a['met'] else '(missed)'} | {_f(sampling * w['accum'] if sampling is not None else None)} | "
+            f"{_f(wait)} | {loads} |"
+        )
+    lines.append("")
+    return lines
 
 
 def write_report(report: dict, out: Path, tag: str) -> None:

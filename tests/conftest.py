@@ -52,6 +52,7 @@ class FakeSite:
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
+        environments: dict[str, str] | None = None,
         commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
@@ -75,6 +76,7 @@ class FakeSite:
             ("posttrain.methods", methods),
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
+            ("posttrain.environments", environments),
             ("posttrain.commands", commands),
         ):
             if items:
@@ -97,6 +99,18 @@ def fake_site(tmp_path, monkeypatch):
         module = sys.modules[name]
         if getattr(module, "__file__", None) and str(site.root) in str(module.__file__):
             del sys.modules[name]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """In-process runs with one torch thread, as in the ``OMP_NUM_THREADS=1`` subprocesses they are compared with
+    bit for bit: another thread count may split a kernel's reductions differently, and round differently."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -282,7 +296,7 @@ def _install_vllm_stand_in(monkeypatch, deliver, record: dict) -> None:
                 method="POST",
                 headers={"Content-Type": "application/json"},
             )
-            urllib.request.urlopen(request, timeout=30).read()
+            urllib.request.urlopen(request, timeout=300).read()
 
         def init_weight_transfer_engine(self, init_info):
             self._post("init_weight_transfer_engine", {"init_info": init_info})

@@ -32,7 +32,7 @@ def test_list_does_not_import_torch_or_plugins(fake_site):
         "bad = [m for m in ('torch', 'transformers', 'pluggy', 'yaml', 'rich', 'pt_heavy') if m in sys.modules]; "
         "print('IMPORTED', bad)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout
     assert "zz-heavy" in out.stdout
@@ -43,7 +43,7 @@ def test_help_does_not_import_torch():
         "import sys\nfrom posttrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('TORCH', 'torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert "TORCH False" in out.stdout
     assert "list" in out.stdout and "train" in out.stdout
 
@@ -197,12 +197,12 @@ def test_a_closed_pipe_ends_quietly(argv):
     proc.stdout.close()  # before the command writes anything: every write hits a pipe without a reader
     err = proc.stderr.read().decode()
     # 141 (SIGPIPE's shell code); argparse's --help swallows the write error itself and exits 0
-    assert proc.wait(timeout=120) == (0 if argv == ["--help"] else 141), err
+    assert proc.wait(timeout=600) == (0 if argv == ["--help"] else 141), err
     assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
 
 
 def test_a_closed_pipe_in_a_shell_pipeline():
     out = subprocess.run(
-        f"{sys.executable} -m posttrain list --all | head -1", shell=True, capture_output=True, text=True, timeout=120
+        f"{sys.executable} -m posttrain list --all | head -1", shell=True, capture_output=True, text=True, timeout=600
     )
     assert out.stdout.strip() and "Traceback" not in out.stderr and "Broken" not in out.stderr

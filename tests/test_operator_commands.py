@@ -143,6 +143,8 @@ def test_check_data_loads_no_model(tmp_path, capsys, monkeypatch):
 
 def doctor(capsys, monkeypatch, allow, *args):
     monkeypatch.setenv("POSTTRAIN_PLUGINS", allow)  # probe only these packages (the real ones are slow to import)
+    if "--timeout" not in args:  # each probe is a fresh interpreter; a loaded machine may take a minute to start one
+        args = (*args, "--timeout", "600")
     return cli(capsys, "doctor", *args)
 
 

@@ -106,3 +106,18 @@ def test_plugin_sdist_runs_its_tests_from_the_unpacked_archive(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "page", sorted(p for p in (ROOT / "docs" / "methods").glob("*.md") if p.stem != "index"), ids=lambda p: p.stem
+)
+def test_method_page_states_the_packages_current_version_and_status(page):
+    """The header line of a method page follows the package's pyproject.toml (version bumps, promotion)."""
+    import re
+
+    m = re.search(r"\*\*Package\*\* `(posttrain-[a-z-]+)` (\S+) · \*\*status\*\* (\w+)", page.read_text())
+    assert m, f"{page.name} has no '**Package** `posttrain-X` VERSION · **status** S' line"
+    project = tomllib.loads((ROOT / "plugins" / m.group(1) / "pyproject.toml").read_text())["project"]
+    levels = [int(d) for c in project.get("classifiers", []) for d in re.findall(r"Development Status :: (\d)", c)]
+    status = "stable" if levels and 5 <= min(levels) <= 6 else "experimental"
+    assert (m.group(2), m.group(3)) == (project["version"], status), f"update the header of docs/methods/{page.name}"

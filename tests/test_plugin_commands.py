@@ -35,7 +35,7 @@ def test_help_lists_package_commands_without_importing_them(fake_site):
         "import sys\nfrom posttrain.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('IMPORTED', [m for m in ('torch', 'pluggy', 'yaml', 'rich', 'acme_heavy') if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout
     assert "commands from installed packages:" in out.stdout

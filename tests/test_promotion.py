@@ -572,7 +572,7 @@ def test_retire_an_experimental_package_and_dry_runs(package, capsys):
 def test_promote_without_a_kit_report_in_a_subprocess_reports_the_install_problem(package):
     """The command line end to end, in a fresh process: an uninstalled package cannot pass the kit."""
     out = subprocess.run(
-        [sys.executable, "-m", "posttrain", "promote", str(package)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "posttrain", "promote", str(package)], capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 1, out.stderr
     assert "[FAIL] conformance kit green at tier full: posttrain-toy-method is not installed" in out.stdout

@@ -79,7 +79,7 @@ WARN = "import warnings, posttrain; warnings.warn('experimental!', posttrain.Exp
     ids=["-W posttrain.ExperimentalWarning", "-W FutureWarning", "warnings.filterwarnings"],
 )
 def test_which_filters_silence_the_warning(options, code, silenced):
-    out = subprocess.run([sys.executable, *options, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, *options, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert ("experimental!" not in out.stderr) is silenced, out.stderr
     if options[1:] == ["ignore::posttrain.ExperimentalWarning"]:

@@ -177,13 +177,57 @@ def test_preference_template(tmp_path):
     assert project["description"] == "pair-method: a pairwise preference loss against a frozen reference model."
 
 
+ONLINE_LAYOUT = sorted(
+    [
+        *(f for f in LAYOUT if not f.endswith("/data.py")),
+        "src/posttrain_my_method/rewards.py",
+        "tests/test_rewards.py",
+        "tests/test_rollout.py",
+    ]
+)
+
+
+def test_online_template(tmp_path):
+    root = scaffold.generate("my-method", tmp_path / "pkg", author="", core_version="1.0", template="online")
+    assert files_of(root) == ONLINE_LAYOUT
+    source = root / "src" / "posttrain_my_method"
+    assert "def leave_one_out_advantages(" in (source / "loss.py").read_text()
+    assert "def reinforce_loss(" in (source / "loss.py").read_text()
+    method = (source / "method.py").read_text()
+    for call in ("RewardSet.resolve(", "build_generator(ctx)", "sample(self.generator", "def rollout(self, model"):
+        assert call in method, call
+    assert "@reward(options=AnswerOptions)" in (source / "rewards.py").read_text()
+    assert '"answer"' in (root / "data" / "tiny.jsonl").read_text()
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["posttrain.rewards"] == {
+        "my-method-answer": "posttrain_my_method.rewards:answer_reward"
+    }
+    assert project["description"] == "my-method: online RL on prompts, REINFORCE with a leave-one-out baseline."
+    assert "reward_funcs: [my-method-answer]" in (root / "configs" / "tiny.yaml").read_text()
+
+
+def test_online_pyproject_is_the_common_one_plus_the_reward_entry_point():
+    """The online template carries its own pyproject.toml (for the reward's entry point): it must not drift."""
+    files = dict(scaffold.template_files("online"))
+    common = dict(scaffold.template_files("lm"))["pyproject.toml.tmpl"]
+    online = files["pyproject.toml.tmpl"].splitlines(keepends=True)
+    added = [line for line in online if line not in common.splitlines(keepends=True)]
+    assert added == [
+        '[project.entry-points."posttrain.rewards"]\n',
+        '{{name}}-answer = "{{package}}.rewards:answer_reward"  # the example reward: `--reward_funcs {{name}}-answer`\n',
+    ]
+    assert "".join(line for line in online if line not in added).replace("\n\n\n", "\n\n") == common
+
+
 def test_unknown_template_is_refused(tmp_path):
-    with pytest.raises(PosttrainError, match="unknown template 'online': the templates are lm, preference"):
-        scaffold.generate("x", tmp_path / "pkg", template="online")
+    with pytest.raises(
+        PosttrainError, match="unknown template 'nonesuch': the templates are environment, lm, online, preference"
+    ):
+        scaffold.generate("x", tmp_path / "pkg", template="nonesuch")
 
 
 def test_a_template_is_one_folder(tmp_path, monkeypatch):
-    """Adding a template (online, environment) is adding a folder with template.json beside common/."""
+    """Adding a template (environment, ...) is adding a folder with template.json beside common/."""
     templates = Path(scaffold.__file__).parent / "templates"
     assert sorted(p.name for p in templates.iterdir() if p.is_dir()) == ["common", *scaffold.template_names()]
     for name in scaffold.template_names():
@@ -250,6 +294,9 @@ def test_cli_new(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "elsewhere" / "pkg" / "pyproject.toml").is_file()
     assert main(["new", "pairs", "--template", "preference", "--url", "https://example.org/pairs"]) == 0
     assert "(preference template)" in capsys.readouterr().out
+    assert main(["new", "rl", "--template", "online", "--author", ""]) == 0
+    out = capsys.readouterr().out
+    assert "(online template)" in out and "(config.py, loss.py, method.py, rewards.py)" in out
     urls = tomllib.loads((tmp_path / "posttrain-pairs" / "pyproject.toml").read_text())["project"]["urls"]
     assert urls == {"Homepage": "https://example.org/pairs"}
     assert main(["new", "bad-url", "--url", "not a url"]) == 2
@@ -389,3 +436,77 @@ def test_new_install_train_promote_end_to_end(venv, tmp_path):
     out = posttrain(*train, "--output_dir", tmp_path / "run-stable")
     assert out.returncode == 0, out.stderr
     assert "ExperimentalWarning" not in out.stderr and "experimental" not in out.stderr
+
+
+# -- the environment template ------------------------------------------------------------------------------
+
+ENV_LAYOUT = [
+    ".gitignore",
+    "CHANGELOG.md",
+    "LICENSE",
+    "MANIFEST.in",
+    "README.md",
+    "data/tiny.jsonl",
+    "pyproject.toml",
+    "src/posttrain_word_flip/__init__.py",
+    "src/posttrain_word_flip/environment.py",
+    "tests/conftest.py",
+    "tests/test_environment.py",
+]
+
+
+def test_environment_template_layout_and_metadata(tmp_path):
+    root = scaffold.generate("word-flip", tmp_path / "pkg", author="Ada", core_version="1.3.2", template="environment")
+    assert files_of(root) == ENV_LAYOUT
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert "{{" not in path.read_text(), f"unrendered placeholder in {path}"
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"] == {"posttrain.environments": {"word-flip": "posttrain_word_flip:WordFlip"}}
+    assert project["dependencies"] == ["posttrain>=1.3,<2"] and project["classifiers"] == [
+        "Development Status :: 3 - Alpha"
+    ]
+    assert project["description"] == "word-flip: a multi-turn environment with a tool, for agentic RL."
+    for path in root.rglob("*.py"):
+        ast.parse(path.read_text(), str(path))
+    assert 'environment_suite("word-flip"' in (root / "tests" / "test_environment.py").read_text()
+
+
+def test_cli_new_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["new", "word-flip", "--template", "environment", "--author", "Ada"]) == 0
+    out = capsys.readouterr().out
+    assert "Created posttrain-word-flip in posttrain-word-flip/ (11 files):" in out
+    assert "registers the 'word-flip' environment" in out and "--environment word-flip" in out
+    assert files_of(tmp_path / "posttrain-word-flip") == ENV_LAYOUT
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        main(["new", "x", "--template", "maze"])
+    assert "invalid choice: 'maze'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_new_environment_installs_lists_and_passes_its_own_tests(venv, tmp_path):
+    """new --template environment -> pip install -> list (experimental environment) -> info -> its own pytest
+    (unit tests and the environment conformance kit, metadata included)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTTRAIN_", "PYTHONPATH"))}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(*args, cwd=tmp_path):
+        return subprocess.run(
+            [str(venv), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        )
+
+    out = run("-m", "posttrain", "new", "word-flip", "--template", "environment", "--author", "Test")
+    assert out.returncode == 0, out.stderr
+    assert "registers the 'word-flip' environment" in out.stdout
+    pkg = tmp_path / "posttrain-word-flip"
+    out = run("-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e", pkg)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run("-m", "posttrain", "list", "--json", "--kind", "environment")
+    entry = {e["name"]: e for e in json.loads(out.stdout)}["word-flip"]
+    assert (entry["status"], entry["package"], entry["kind"]) == ("experimental", "posttrain-word-flip", "environment")
+    out = run("-m", "posttrain", "info", "word-flip")
+    assert out.returncode == 0 and "tools: reverse" in out.stdout and "tool_call_reward" in out.stdout, out.stdout
+    out = run("-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=pkg)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "9 passed" in out.stdout, out.stdout

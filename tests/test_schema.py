@@ -158,7 +158,7 @@ def test_info_answers_from_the_shipped_schema_without_importing(fake_site):
         capture_output=True,
         text=True,
         env=os.environ,
-        timeout=60,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout

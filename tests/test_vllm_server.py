@@ -64,7 +64,7 @@ class FakeVLLMServer:
                     return self._reply(server.complete(body))
                 if route == "/update_weights":
                     server.update_info = body["update_info"]
-                    assert server.received.wait(timeout=30), "no weights arrived"  # vLLM blocks in its NCCL recv
+                    assert server.received.wait(timeout=300), "no weights arrived"  # vLLM blocks in its NCCL recv
                     server.received.clear()
                     with torch.no_grad():
                         params = dict(server.model.named_parameters())

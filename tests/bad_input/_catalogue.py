@@ -18,6 +18,8 @@ import hashlib
 import io
 import json
 import os
+import socket
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +158,35 @@ def expand(argv: list[str], paths: dict) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def network_attempts():
+    """Record every attempt this thread makes to reach a host: a TCP/UDP ``connect`` (``socket.create_connection``,
+    and every HTTP client on top of it) and a name that does not resolve (which stops an attempt before
+    ``connect``). A hub lookup with retries shows up as several attempts, however fast or slow the machine is."""
+    attempts: list[tuple] = []
+    me = threading.get_ident()
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        try:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        except OSError:
+            if threading.get_ident() == me:
+                attempts.append((host, port, "does not resolve"))
+            raise
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and threading.get_ident() == me:
+            attempts.append(address)
+        return real_connect(sock, address)
+
+    socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+    try:
+        yield attempts
+    finally:
+        socket.getaddrinfo, socket.socket.connect = real_getaddrinfo, real_connect
+
+
 def run_case(case: Case, paths: dict, monkeypatch, watched: tuple[Path, ...], site=None) -> Outcome:
     """Run one table case and check its four promises."""
     for dist in case.site:
@@ -199,25 +230,37 @@ def weights_of(path: Path) -> dict:
 
 
 def same_weights(a: Path, b: Path) -> bool:
+    """Bit for bit: a resumed run repeats the uninterrupted run's arithmetic in the same order (with one torch thread
+    wherever part of it ran in an ``OMP_NUM_THREADS=1`` subprocess; see the ``one_torch_thread`` fixture)."""
+    import torch
+
     wa, wb = weights_of(a), weights_of(b)
-    return wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max().item() <= 1e-6 for k in wa)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "POSTTRAIN_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
-#: Test hooks appended to the toy method: a pause per loss call, so a signal lands mid-run.
+#: Test hooks appended to the toy method: a pause per loss call (TOY_STEP_DELAY), and a gate: from step
+#: TOY_GATE_STEP + 1 on, a loss call waits until the file TOY_GATE_FILE exists, so a test can send a signal
+#: while the run is certainly mid-run (then open the gate), however slow or fast the machine is.
 SLOW_TOY = """
 import os as _os
 import time as _time
 
 _DELAY = float(_os.environ.get("TOY_STEP_DELAY", "0"))
+_GATE_FILE = _os.environ.get("TOY_GATE_FILE")
+_GATE_STEP = int(_os.environ.get("TOY_GATE_STEP", "0"))
 _plain_loss = Toy.loss
 
 
 def _slow_loss(self, model, batch, ctx):
     _time.sleep(_DELAY)
+    if _GATE_FILE and ctx.step >= _GATE_STEP:
+        deadline = _time.monotonic() + 900  # a hang guard only
+        while not _os.path.exists(_GATE_FILE) and _time.monotonic() < deadline:
+            _time.sleep(0.01)
     return _plain_loss(self, model, batch, ctx)
 
 

@@ -23,6 +23,7 @@ from bad_input_catalogue import (
     cli,
     edit,
     jsonl,
+    network_attempts,
     run_case,
     train,
     write_files,
@@ -223,17 +224,16 @@ def test_check_data_reports_degenerate_rows_as_warnings(paths):
     ids=["no-network", "offline"],
 )
 def test_dataset_hub_name_without_hub_fails_fast(env, said, paths, watched, monkeypatch):
-    """A name shaped like a hub dataset, with no network or in offline mode: one line, in seconds, no retries."""
-    import time
-
+    """A name shaped like a hub dataset, with no network or in offline mode: one line, no retries (counted, not
+    timed: one reachability probe without network, none offline)."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(paths["tmp"])
     case = Case(f"dataset-hub-name-{said}", train("sft", "--dataset", "someorg/somedata"), 2,
                 ["dataset 'someorg/somedata'", "not a local file or directory", said], ["Check the"])  # fmt: skip
-    start = time.monotonic()
-    run_case(case, paths, monkeypatch, watched)
-    assert time.monotonic() - start < 20
+    with network_attempts() as attempts:
+        run_case(case, paths, monkeypatch, watched)
+    assert len(attempts) <= (1 if "HF_ENDPOINT" in env else 0), attempts
 
 
 def test_a_column_missing_from_the_first_row_is_a_row_problem(paths):

@@ -57,8 +57,13 @@ def args(paths, out="out", *extra) -> list[str]:
             "--disable_progress_bar", "--logging_steps", "1", *map(str, extra)]  # fmt: skip
 
 
-def start(paths, *extra, delay="0.1") -> subprocess.Popen:
-    env = subprocess_env(TOY_STEP_DELAY=delay)
+def start(paths, *extra, delay="0", gate_step: int | None = None) -> subprocess.Popen:
+    """``posttrain train ptoy`` in a subprocess; with ``gate_step``, its loss calls from step ``gate_step + 1`` on
+    wait for ``open_gate(paths)``, so the run is certainly still running until the test says so."""
+    gate = (
+        {"TOY_GATE_FILE": str(paths["tmp"] / "gate"), "TOY_GATE_STEP": str(gate_step)} if gate_step is not None else {}
+    )
+    env = subprocess_env(TOY_STEP_DELAY=delay, **gate)
     return subprocess.Popen(
         [sys.executable, "-m", "posttrain", *args(paths, "out", *extra)[0:]],
         env=env,
@@ -68,9 +73,13 @@ def start(paths, *extra, delay="0.1") -> subprocess.Popen:
     )
 
 
+def open_gate(paths) -> None:
+    (paths["tmp"] / "gate").write_text("")
+
+
 def wait_for_steps(paths, proc, steps: int) -> None:
     metrics = paths["tmp"] / "out" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a hang guard only: a loaded machine may take minutes to start a run
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
             return
@@ -82,18 +91,21 @@ def wait_for_steps(paths, proc, steps: int) -> None:
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_a_resumable_checkpoint(sig, code, toy, paths):
+def test_signal_saves_a_resumable_checkpoint(sig, code, toy, paths, one_torch_thread):
     """A real ``posttrain train`` gets SIGTERM (a scheduler's preemption) or Ctrl-C: it finishes the step, writes
-    a complete checkpoint, exits 128 + the signal, says how to resume, and resuming equals an uninterrupted run."""
-    proc = start(paths, "--max_steps", "40")
+    a complete checkpoint, exits 128 + the signal, says how to resume, and resuming equals an uninterrupted run.
+
+    Event-based: step 3 waits at the gate until the signal has been sent, so it always lands mid-run (in step 3)."""
+    proc = start(paths, "--max_steps", "40", gate_step=2)
     wait_for_steps(paths, proc, 2)
     proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=120)
+    open_gate(paths)
+    output, _ = proc.communicate(timeout=900)
     assert proc.returncode == code, output
     out = paths["tmp"] / "out"
     (checkpoint,) = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-    assert 2 <= step < 40 and checkpoint.name == f"checkpoint-{step}"
+    assert step == 3 and checkpoint.name == f"checkpoint-{step}"  # the signalled step is finished, then saved
     assert f"interrupted at step {step} ({sig.name}); resumable checkpoint in {checkpoint}" in output
     assert "--resume_from_checkpoint latest" in output and "Traceback" not in output
     assert not (out / "run_complete.json").exists() and not (out / ".posttrain.lock").exists()
@@ -111,11 +123,12 @@ def follow(paths, *extra):
 
 def test_killed_before_its_first_checkpoint_the_advice_leads_out(toy, paths):
     """kill -9 before any checkpoint: every message points to --overwrite_output_dir, none to resuming, and
-    following it works (the dead run's lock is taken over)."""
-    proc = start(paths, "--max_steps", "40", "--save_steps", "0")
+    following it works (the dead run's lock is taken over). Step 2 waits at a gate that never opens, so the kill
+    lands mid-run however slow or fast the machine is."""
+    proc = start(paths, "--max_steps", "40", "--save_steps", "0", gate_step=1)
     wait_for_steps(paths, proc, 1)
     proc.kill()
-    proc.wait(timeout=60)
+    proc.wait(timeout=900)
     same = ["--max_steps", "3", "--save_steps", "0"]
     again = follow(paths, *same)
     assert_said(again, 2, ["stopped before its first checkpoint", "cannot be resumed"], ["--overwrite_output_dir true"])

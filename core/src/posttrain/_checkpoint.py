@@ -13,6 +13,7 @@ Layout (transformers-compatible: ``from_pretrained("out/checkpoint-20")`` works)
         rng_state_<rank>.pt               # python, numpy, torch (and CUDA) RNG, per process
         method_state.pt                   # the method's own state, when it has one
         rollout_cache_<rank>.pt           # rolled-out batches of an unfinished batch_reuse group
+        service_state_<rank>.pt           # core services' state (samples generated ahead, asynchronous mode)
         trainer_state.json                # step, epoch, metric totals; written last
 
 Under FSDP2 (parameters sharded across processes) the weights and optimizer state are written by every
@@ -132,6 +133,7 @@ def save_checkpoint(
     method=None,
     state: dict | None = None,
     rollout_cache: dict | None = None,
+    services: dict | None = None,
     save_total_limit: int | None = None,
     sharded: bool = False,
 ) -> Path:
@@ -157,6 +159,8 @@ def save_checkpoint(
                 for k, b in rollout_cache.items()
             }
             torch.save(cpu, tmp / f"rollout_cache_{accelerator.process_index}.pt")
+        if services and any(services.values()):
+            torch.save(services, tmp / f"service_state_{accelerator.process_index}.pt")
         if sharded:
             _save_sharded(tmp / SHARDED_DIR, model, optimizer)  # every process writes its own shards
         if main:
@@ -417,6 +421,8 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
             _set_rng_state(_load(reading))
         reading = path / f"rollout_cache_{accelerator.process_index}.pt"
         state["rollout_cache"] = _load(reading) if reading.is_file() else {}
+        reading = path / f"service_state_{accelerator.process_index}.pt"
+        state["services"] = _load(reading) if reading.is_file() else {}
     except Exception as exc:  # any unreadable piece means the checkpoint cannot be trusted
         m = _CHECKPOINT_RE.match(path.name)
         earlier = [p for p in list_checkpoints(path.parent) if m and int(p.name.split("-")[1]) < int(m.group(1))]

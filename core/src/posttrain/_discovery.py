@@ -11,6 +11,8 @@ name::
     dpo = "posttrain_dpo:DPO"
     [project.entry-points."posttrain.rewards"]
     accuracy = "posttrain_rewards:accuracy"
+    [project.entry-points."posttrain.environments"]
+    calculator = "posttrain_envs:Calculator"   # a multi-turn environment (posttrain.environments)
     [project.entry-points."posttrain.plugins"]
     wandb = "posttrain_wandb.hooks"       # a module with @hookimpl functions
 
@@ -29,9 +31,11 @@ from importlib import metadata
 GROUPS = {
     "method": "posttrain.methods",
     "reward": "posttrain.rewards",
+    "environment": "posttrain.environments",
     "plugin": "posttrain.plugins",
     "command": "posttrain.commands",  # CLI subcommands: name = command, value = module:function(argv) -> int
 }
+KINDS = tuple(GROUPS)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 STABLE, EXPERIMENTAL, INACTIVE = "stable", "experimental", "inactive"
@@ -40,7 +44,7 @@ DOCS_PROMOTION = "https://posttrain.readthedocs.io/promotion/"
 
 
 class Entry:
-    """One thing a distribution provides (a method, a reward or a hook plugin).
+    """One thing a distribution provides (a method, a reward, an environment or a hook plugin).
 
     A plain class rather than a dataclass: ``dataclasses`` costs ~20 ms of import on the
     ``posttrain list`` path.
@@ -77,7 +81,7 @@ class Entry:
         docs_url: str = "",
         location: str = "",
     ):
-        self.kind = kind  # "method" | "reward" | "plugin"
+        self.kind = kind  # "method" | "reward" | "environment" | "plugin"
         self.name = name  # public name (the entry-point name)
         self.value = value  # "module:attr"
         self.package = package  # distribution name
@@ -221,7 +225,7 @@ def _docs_url(dist: metadata.Distribution) -> str:
     return dist.metadata.get("Home-page") or ""
 
 
-def discover(kinds: tuple[str, ...] = ("method", "reward", "plugin")) -> list[Entry]:
+def discover(kinds: tuple[str, ...] = KINDS) -> list[Entry]:
     """Every entry point of the posttrain groups, with status, compatibility and conflicts.
 
     Reads metadata only. Distributions that appear twice on ``sys.path`` count once (the first, as

@@ -104,7 +104,20 @@ def entry_for_method(method: Any) -> Any:
     return None
 
 
-def provenance_for(method: Any, reward_names: list[str]) -> dict[str, Any]:
+def environment_entries(config: Any) -> list[Any]:
+    """The installed entry of the run's ``environment`` (none without one, or for a hook-registered one)."""
+    from posttrain import _discovery as discovery
+
+    name = getattr(config, "environment", None)
+    if not name:
+        return []
+    package, _, plain = name.rpartition(":")
+    norm = package.replace("_", "-").lower()
+    found = discovery.discover(("environment",))
+    return [e for e in found if e.name == plain and (not package or e.package.replace("_", "-").lower() == norm)]
+
+
+def provenance_for(method: Any, reward_names: list[str], config: Any = None) -> dict[str, Any]:
     """Provenance of a run started through the Python API, with the same experimental warning as the CLI."""
     from posttrain import _discovery as discovery
 
@@ -112,4 +125,4 @@ def provenance_for(method: Any, reward_names: list[str]) -> dict[str, Any]:
     if entry is not None:
         discovery.warn_if_experimental(entry)
     rewards = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
-    return provenance(entry, rewards)
+    return provenance(entry, rewards + environment_entries(config))

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only; importing these costs seconds
     import torch
@@ -137,6 +137,29 @@ class TrainContext(Generic[ConfigT]):
     training: bool = True  # False during evaluation
     rewards: dict[str, Any] = field(default_factory=dict)  # reward functions the run was given, by name
     state: dict[str, Any] = field(default_factory=dict)  # free space for a method's own objects
+    services: dict[str, RunService] = field(default_factory=dict)  # core services the loop keeps in step
+    _upcoming: Callable[[int], list[UpcomingBatch]] | None = field(default=None, repr=False, compare=False)
+
+    def upcoming_batches(self, horizon: int) -> list[UpcomingBatch]:
+        """The micro-batches this process will roll out in the next ``horizon`` optimizer steps.
+
+        The loop's data order is a pure function of (seed, step), so the batches of future steps are known
+        now: a generation service uses this to sample them ahead of time instead of copying the loop's
+        sampler. One entry per step in ``[step, step + horizon)`` that rolls out (with ``batch_reuse`` R,
+        every R-th step), before the run's last step; each holds the collated micro-batches on the CPU,
+        exactly as ``method.collate`` returns them and in the order ``rollout`` will receive them.
+
+        Raises:
+            RuntimeError: outside a training run (no loop set the data source).
+
+        .. versionadded:: 1.0
+        """
+        if self._upcoming is None:
+            raise RuntimeError(
+                "TrainContext.upcoming_batches is only available inside posttrain.loop.train, which knows the "
+                "data order; this context was built elsewhere"
+            )
+        return self._upcoming(horizon)
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +176,39 @@ class TrainContext(Generic[ConfigT]):
     @property
     def process_index(self) -> int:
         return self.accelerator.process_index if self.accelerator is not None else 0
+
+
+class UpcomingBatch(NamedTuple):
+    """The micro-batches one future optimizer step rolls out (see :meth:`TrainContext.upcoming_batches`).
+
+    .. versionadded:: 1.0
+    """
+
+    step: int  # the optimizer step (steps completed before it) whose rollout receives these batches
+    batches: list[dict]  # collated micro-batches, on the CPU
+
+
+class RunService(Protocol):
+    """Infrastructure that lives beside the loop for one run and must follow its steps, checkpoints and end,
+    such as the asynchronous generation worker. Core registers one in ``ctx.services[name]``; the loop calls:
+
+    - ``on_step(ctx)``: the policy is ready for step ``ctx.step``: once before the first step of a run (new
+      or resumed), then after every optimizer step, before logging, evaluation and checkpointing.
+    - ``state_dict()`` when a checkpoint is written, on every process (tensors, numbers, strings, lists and
+      dicts only: checkpoints load with ``weights_only``); ``load_state_dict(state)`` on resume, before the
+      first ``on_step``.
+    - ``close()`` when training ends, however it ends (finished, interrupted, failed).
+
+    .. versionadded:: 1.0
+    """
+
+    def on_step(self, ctx: TrainContext) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable

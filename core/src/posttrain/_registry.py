@@ -54,6 +54,22 @@ class RewardRegistry:
         self.rewards[name] = func
 
 
+class EnvironmentRegistry:
+    """Handed to ``posttrain_register_environments``; ``add(name, environment_class)``."""
+
+    def __init__(self) -> None:
+        self.environments: dict[str, Any] = {}
+
+    def add(self, name: str, environment_class: Any) -> None:
+        if not discovery.NAME_RE.match(name):
+            raise PluginError(
+                f"a posttrain_register_environments hook registered {name!r}; names must match [a-z][a-z0-9_-]*"
+            )
+        if name in self.environments:
+            raise PluginError(f"environment {name!r} is registered twice by posttrain_register_environments hooks.")
+        self.environments[name] = environment_class
+
+
 class CallbackRegistry:
     """Handed to ``posttrain_add_callbacks``; ``add(callback)``.
 
@@ -250,6 +266,19 @@ def resolve_rewards(names: list[str]) -> dict[str, Callable]:
         out[name] = _load(entry)
         discovery.warn_if_experimental(entry)
     return out
+
+
+def resolve_environment(name: str) -> tuple[Any, discovery.Entry | None]:
+    """The environment class for ``name``: hook-registered first, then ``posttrain.environments`` entry points
+    (warning once if it is experimental)."""
+    hooked = EnvironmentRegistry()
+    call_hook("posttrain_register_environments", registry=hooked)
+    if name in hooked.environments:
+        return hooked.environments[name], None
+    entry = discovery.find("environment", name, discovery.discover(("environment",)))
+    environment_class = _load(entry)
+    discovery.warn_if_experimental(entry)
+    return environment_class, entry
 
 
 def callbacks_for(config: Any) -> list[Any]:

@@ -7,6 +7,7 @@ Where each hook fires, as the training loop reads::
       load the ``posttrain.plugins`` modules enabled   # pluggy registers their hookimpls
       posttrain_register_methods(registry)             # in-process methods (tests, notebooks)
       posttrain_register_rewards(registry)             # reward functions / verifiers by name
+      posttrain_register_environments(registry)        # multi-turn environments, when a run names one
       posttrain_add_callbacks(registry, config)        # loggers and training-event callbacks
       method.setup(ctx)                                # reference model, precomputation ...
       for step in range(max_steps):
@@ -19,8 +20,8 @@ Where each hook fires, as the training loop reads::
           callback.on_save(ctx, checkpoint_dir)         # every save_steps
       callback.on_train_end(ctx, outcome)               # finished, interrupted or failed
 
-Methods and rewards that a *distribution* provides are normally declared as entry points
-(``posttrain.methods`` and ``posttrain.rewards``), so ``posttrain list`` can show them without
+Methods, rewards and environments that a *distribution* provides are normally declared as entry points
+(``posttrain.methods``, ``posttrain.rewards`` and ``posttrain.environments``), so ``posttrain list`` can show them without
 importing anything. The register hooks below are for what cannot be declared statically: methods
 defined in a test or a notebook, or families of rewards generated at run time.
 
@@ -108,6 +109,37 @@ def posttrain_register_rewards(registry: RewardRegistry) -> None:
             registry.add("shorter", shorter_is_better)
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def posttrain_register_environments(registry: Any) -> None:
+    """Register multi-turn environments by name, for ``environment:`` in a config to refer to.
+
+    Called once per run that sets ``environment``, before the name is resolved; names registered here win
+    over ``posttrain.environments`` entry points. Call ``registry.add(name, environment_class)``; the class
+    follows :class:`posttrain.environments.Environment` (``reset(row, seed)``, ``step(turn)``) and is
+    instantiated once per episode with ``environment_kwargs``. The return value is ignored; all
+    implementations are called.
+
+    :param registry: a :class:`posttrain._registry.EnvironmentRegistry`.
+
+    Example::
+
+        from posttrain import hookimpl
+        from posttrain.environments import Step
+
+        class SayDone:
+            def reset(self, row, seed):
+                return None
+            def step(self, turn):
+                return Step(reward=float(turn.content == "done"), done=True)
+
+        @hookimpl
+        def posttrain_register_environments(registry):
+            registry.add("say-done", SayDone)
+
+    .. versionadded:: 1.0
     """
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from posttrain import _distributed as dist
 from posttrain import _preflight, _reader, _resume, _run_guard
 from posttrain import _tracking as tracking
 from posttrain._errors import ConfigError, DataError, PluginError, PosttrainError
-from posttrain._method import TrainContext, TrainOutcome, method_problems, optional_member
+from posttrain._method import TrainContext, TrainOutcome, UpcomingBatch, method_problems, optional_member
 
 __all__ = ["NonFiniteLossError", "TrainResult", "evaluate", "train"]
 
@@ -122,6 +123,7 @@ def train(
         _write_run_files(run, provenance)
         run.callbacks.emit("on_train_begin", run.ctx)
         with _stop_on_signals(run):
+            _notify_services(run)  # the policy is ready for the first step (a generation worker starts here)
             while run.step < run.total_steps and run.stop_requested is None:
                 _optimizer_step(run)
                 _log_evaluate_save(run)
@@ -141,6 +143,7 @@ def train(
         raise
     finally:
         run.bar.close()
+        _close_services(run)
         try:
             run.callbacks.emit("on_train_end", run.ctx, TrainOutcome(outcome, run.step, run.output_dir, error))
         finally:
@@ -272,7 +275,10 @@ def _load_everything(
         run.step, run.epoch = state["global_step"], state.get("epoch", 0)
         run.window.totals.update(state.get("metric_totals", {}))
         run.rollout_cache = state.get("rollout_cache", {})
+        for name, service in run.ctx.services.items():
+            service.load_state_dict(state.get("services", {}).get(name, {}))
     run.ctx.step = run.result.global_step = run.step
+    run.ctx._upcoming = lambda horizon: _upcoming_batches(run, horizon)
     if main:
         run.callbacks.prepend(tracking.build_loggers(config, output_dir, run.step if resume_path else None))
     run.bar = tracking.ProgressBar(
@@ -368,7 +374,7 @@ def _write_run_files(run: _Run, provenance: dict | None) -> None:
         _run_guard.open_directory(run.output_dir, run.config.overwrite_output_dir and run.resume_path is None)
         save_config(run.config, run.output_dir / "posttrain_config.yaml", getattr(run.method, "name", None))
         if provenance is None:
-            provenance = _environment.provenance_for(run.method, list(run.ctx.rewards))
+            provenance = _environment.provenance_for(run.method, list(run.ctx.rewards), run.config)
         (run.output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
 
 
@@ -472,6 +478,46 @@ def _optimizer_step(run: _Run) -> None:
     run.step += 1
     run.window.add_step(step_loss, total_n)
     run.ctx.step = run.result.global_step = run.step
+    _notify_services(run)
+
+
+def _upcoming_batches(run: _Run, horizon: int) -> list[UpcomingBatch]:
+    """What ``ctx.upcoming_batches`` answers: the collated micro-batches (CPU) of every step in the next
+    ``horizon`` that rolls out, computed by the same ``_step_rows`` the steps themselves will call."""
+    config, accelerator = run.config, run.accelerator
+    out = []
+    for step in range(run.step, min(run.step + horizon, run.total_steps)):
+        if step % run.reuse:
+            continue  # reuses the group's cached rollout
+        micro_rows, _ = _step_rows(
+            step // run.reuse,
+            len(run.train_rows),
+            run.rows_per_micro,
+            config.gradient_accumulation_steps,
+            accelerator.num_processes,
+            accelerator.process_index,
+            config.seed,
+        )
+        out.append(
+            UpcomingBatch(step, [run.method.collate([run.train_rows[i] for i in ix], run.ctx) for ix in micro_rows])
+        )
+    return out
+
+
+def _notify_services(run: _Run) -> None:
+    """Tell core services (``ctx.services``) that the policy is ready for step ``run.step``."""
+    for service in run.ctx.services.values():
+        service.on_step(run.ctx)
+
+
+def _close_services(run: _Run) -> None:
+    """Stop every service (a generation worker process) however the run ends. A service that fails to close is
+    reported, never raised: the run's own outcome (finished, interrupted, or its error) is what matters here."""
+    for name, service in run.ctx.services.items():
+        try:
+            service.close()
+        except Exception as exc:
+            warnings.warn(f"closing the run's {name!r} service failed: {type(exc).__name__}: {exc}", stacklevel=2)
 
 
 def _apply_gradients(run: _Run, total_n: float) -> None:
@@ -533,6 +579,7 @@ def _save(run: _Run) -> Path:
         method=run.method,
         state={"epoch": run.epoch, "metric_totals": run.window.totals_for_checkpoint()},
         rollout_cache=run.rollout_cache,
+        services={name: service.state_dict() for name, service in run.ctx.services.items()},
         save_total_limit=run.config.save_total_limit,
         sharded=dist.is_sharded(run.accelerator),
     )

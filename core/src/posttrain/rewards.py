@@ -30,7 +30,6 @@ Rewards come from ``posttrain.rewards`` entry points (``accuracy = pkg:accuracy`
 better (online DPO ranks its pairs with one); they are defined in ``posttrain._judges`` and public here.
 
 .. versionadded:: 1.0
-.. versionchanged:: 1.1 pairwise judges: :func:`judge`, :class:`Judge`, :class:`JudgeError`, :func:`is_judge`.
 """
 
 from __future__ import annotations
@@ -161,12 +160,18 @@ class RewardSet:
             kwargs: ``config.reward_kwargs``, options by reward name.
             ctx: the run's context; resolved functions are recorded in ``ctx.rewards`` (for provenance).
 
+        With an ``environment`` in ``ctx.config``, the episode return comes first, named after the environment
+        and weighted by ``environment_reward_weight``; it may then be the only reward.
+
         Raises:
             ConfigError: no reward at all, options for an unknown reward, bad options, wrong weights.
             PluginError: a name no installed package or hook provides (with the install hint).
         """
         given = dict(given if given is not None else (ctx.rewards if ctx is not None else {}))
         names = list(names) or [n for n, f in given.items() if not is_judge(f)]
+        environment = getattr(getattr(ctx, "config", None), "environment", None)
+        if not names and environment:  # the environment's episode return is the reward
+            return cls._with_environment(ctx.config, [], [], [])
         if not names:
             raise ConfigError(
                 f"{method} needs at least one reward function: set reward_funcs (for example `--reward_funcs "
@@ -196,7 +201,24 @@ class RewardSet:
             funcs.append(functools.partial(func, options=options) if options is not None else func)
         if ctx is not None:
             ctx.rewards.update({n: given[n] for n in names})
+        if environment:
+            return cls._with_environment(ctx.config, names, funcs, weights)
         return cls(names, funcs, weights)
+
+    @classmethod
+    def _with_environment(cls, config: Any, names: list[str], funcs: list[Callable], weights: Any) -> RewardSet:
+        """The run's rewards with the environment's episode return first, named after the environment."""
+        from posttrain.environments import episode_return
+
+        label = config.environment.split(":")[-1]
+        if label in names:
+            raise ConfigError(
+                f"reward_funcs names {label!r}, which is also the name of the run's environment, whose episode "
+                "return joins the rewards under that name; rename the reward function (or register it under "
+                "another name)"
+            )
+        weights = cls(names, funcs, weights).weights.tolist()  # one weight per named reward, checked as usual
+        return cls([label, *names], [episode_return, *funcs], [config.environment_reward_weight, *weights])
 
     def score(
         self,

@@ -49,14 +49,16 @@ def preference_accuracy(model_dir: str | Path, pairs: list[dict]) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def test_tiny_model_learns_to_prefer_desirable(bco_model_dir, tmp_path):
+def measure_learning(model_dir, out_dir, seed: int = 0) -> dict[str, float]:
+    """The run of test_tiny_model_learns_to_prefer_desirable (``benchmarks/calibrate_learning.py bco`` runs it over
+    seeds and thread counts)."""
     held_out = vowel_pairs(64, seed=1)
-    before = preference_accuracy(bco_model_dir, held_out)
+    before = preference_accuracy(model_dir, held_out)
     config = build_config(
         BCOConfig,
         {
-            "model": str(bco_model_dir),
-            "output_dir": str(tmp_path / "run"),
+            "model": str(model_dir),
+            "output_dir": str(out_dir / "run"),
             "max_length": 64,
             "learning_rate": 2e-3,
             "per_device_train_batch_size": 16,
@@ -64,19 +66,38 @@ def test_tiny_model_learns_to_prefer_desirable(bco_model_dir, tmp_path):
             "logging_steps": 5,
             "save_steps": 0,
             "disable_progress_bar": True,
-            "seed": 0,
+            "seed": seed,
         },
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(BCO(), config, train_dataset=vowel_pairs(64, seed=0))
-    after = preference_accuracy(tmp_path / "run", held_out)
+    after = preference_accuracy(out_dir / "run", held_out)
     losses = [row["loss"] for row in result.log_history if "loss" in row]
     margins = [row["rewards/margins"] for row in result.log_history if "rewards/margins" in row]
-    print(f"held-out preference accuracy {before:.3f} -> {after:.3f}; losses {losses}; margins {margins}")
-    assert after >= 0.9 and after > before + 0.2
-    assert losses[-1] < losses[0] and margins[-1] > 0
-    assert "delta" in result.log_history[-1]
+    return {
+        "before": before,
+        "after": after,
+        "rise": after - before,
+        "loss_drop": losses[0] - losses[-1],
+        "last_margin": margins[-1],
+        "logs_delta": float("delta" in result.log_history[-1]),
+    }
+
+
+def test_tiny_model_learns_to_prefer_desirable(bco_model_dir, tmp_path):
+    """Preference accuracy on 64 held-out pairs, computed from the logits (no sampling).
+
+    Calibration (``python benchmarks/calibrate_learning.py bco --seeds 0-4 --threads 1 2``, 2026-11-30, 10 runs):
+    accuracy 0.38-0.59 before, 1.0 after in every run, a rise of 0.41 at least (mean 0.53); the loss (steps 11-15
+    against 1-5) fell by 0.061 at least, the last reward margin was 0.37 at least. Thresholds: 0.9 after, a rise of
+    0.2, a loss drop of 0.03 and a margin of 0.18 (about half the minimum each).
+    """
+    m = measure_learning(bco_model_dir, tmp_path)
+    print(m)
+    assert m["after"] >= 0.9 and m["rise"] > 0.2, m
+    assert m["loss_drop"] > 0.03 and m["last_margin"] > 0.18, m
+    assert m["logs_delta"] == 1.0, m
 
 
 def test_shipped_example_runs(bco_model_dir, tmp_path):

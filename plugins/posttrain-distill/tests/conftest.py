@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,15 +37,14 @@ def distill_teacher_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("distill") / "teacher", hidden_size=48, seed=1)
 
 
-@pytest.fixture(scope="session")
-def distill_pattern_teacher_dir(tmp_path_factory):
-    """A tiny teacher trained to answer every pattern prompt with 'abcabc' + EOS (40 full-batch Adam steps)."""
+def build_pattern_teacher(path) -> Path:
+    """A tiny teacher trained to answer every pattern prompt with 'abcabc' + EOS (40 full-batch Adam steps, seed 1)."""
     from posttrain.testing import build_tiny_model, build_tokenizer
     from transformers import AutoModelForCausalLM
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    path = build_tiny_model(tmp_path_factory.mktemp("distill") / "pattern-teacher", seed=1)
+    path = build_tiny_model(path, seed=1)
     tokenizer = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([tokenizer(p + PATTERN + tokenizer.eos_token).input_ids for p in PATTERN_PROMPTS])  # (16, 10)
@@ -60,3 +61,9 @@ def distill_pattern_teacher_dir(tmp_path_factory):
     model.save_pretrained(path)
     torch.set_num_threads(threads)
     return path
+
+
+@pytest.fixture(scope="session")
+def distill_pattern_teacher_dir(tmp_path_factory):
+    """See build_pattern_teacher."""
+    return build_pattern_teacher(tmp_path_factory.mktemp("distill") / "pattern-teacher")

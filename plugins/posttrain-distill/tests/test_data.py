@@ -101,6 +101,12 @@ def test_config_problems():
     assert build_config(DistillConfig, {"teacher_model": "t"}).beta == 1.0  # TRL's default: reverse KL
 
 
+def test_an_environment_is_refused():
+    """The forwards attend to the model's tokens only, so an episode's observations would be invisible."""
+    with pytest.raises(ConfigError, match="environment \\('calculator'\\) is not supported by distill yet"):
+        build_config(DistillConfig, {"teacher_model": "t", "environment": "calculator"})
+
+
 def test_teacher_with_another_vocabulary_is_refused(distill_student_dir, tmp_path):
     from posttrain.models import load_causal_lm, load_tokenizer
     from posttrain.testing import build_tiny_model, build_tokenizer

@@ -10,6 +10,7 @@ from posttrain import TrainContext
 from posttrain.config import build_config
 from posttrain.loop import train
 from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
 from posttrain.testing.kit import check_grad_accumulation
 from posttrain_distill import Distill, DistillConfig, generalized_jsd
 from transformers import AutoModelForCausalLM
@@ -52,37 +53,70 @@ def run(student_dir, teacher_dir, tmp_path, rows, **fields):
         return train(Distill(), build_config(DistillConfig, values), train_dataset=rows).log_history
 
 
+def measure_on_policy(student_dir, teacher_dir, out_dir, beta: float, steps: int, seed: int = 0) -> dict[str, float]:
+    """The run of test_on_policy_student_moves_toward_a_pattern_teacher (``benchmarks/calibrate_learning.py
+    distill-forward distill-reverse`` runs it over seeds and thread counts)."""
+    before = pattern_agreement(student_dir, teacher_dir)
+    history = run(
+        student_dir,
+        teacher_dir,
+        out_dir,
+        [{"prompt": p} for p in PATTERN_PROMPTS],
+        max_steps=steps,
+        beta=beta,
+        seed=seed,
+    )
+    after = pattern_agreement(out_dir / "out", teacher_dir)
+    logged = [row["top1_agreement"] for row in history]
+    return {
+        "before": before,
+        "after": after,
+        "logged_rise": sum(logged[-5:]) / 5 - logged[0],
+        "all_on_policy": float(all(row["on_policy"] == 1.0 for row in history)),
+        "lengths_in_range": float(all(1 <= row["completions/mean_length"] <= 8 for row in history)),
+    }
+
+
 @pytest.mark.parametrize(("beta", "steps", "floor"), [(0.0, 30, 0.7), (1.0, 40, 0.4)])
 def test_on_policy_student_moves_toward_a_pattern_teacher(
     distill_student_dir, distill_pattern_teacher_dir, tmp_path, beta, steps, floor
 ):
     """The teacher answers every prompt with 'abcabc'; the random student learns it from its own samples only
-    (prompt-only rows). Agreement on the pattern goes from 0 to most tokens (seeds 0-3 measured: forward KL
-    0.85 each after 30 steps; reverse KL, mode-seeking, 0.56-0.85 after 40 steps and can stall longer)."""
-    before = pattern_agreement(distill_student_dir, distill_pattern_teacher_dir)
-    history = run(
-        distill_student_dir,
-        distill_pattern_teacher_dir,
-        tmp_path,
-        [{"prompt": p} for p in PATTERN_PROMPTS],
-        max_steps=steps,
-        beta=beta,
-    )
-    after = pattern_agreement(tmp_path / "out", distill_pattern_teacher_dir)
-    logged = [row["top1_agreement"] for row in history]
-    assert before < 0.15 and after > floor, (before, after)
-    assert sum(logged[-5:]) / 5 > logged[0] + 0.2, logged
-    assert all(row["on_policy"] == 1.0 for row in history)
-    assert all(1 <= row["completions/mean_length"] <= 8 for row in history)
+    (prompt-only rows). Agreement on the pattern (top-1 on the teacher's completions, computed from the logits of
+    both models: no sampling) goes from 0 to most tokens.
+
+    Calibration (``python benchmarks/calibrate_learning.py distill-forward distill-reverse --seeds 0-4 --threads 1 2``,
+    2026-11-30, 10 runs each): agreement at most 0.07 before; 0.85 after in every run of both (95 of 112 tokens, the
+    same each time: what the student can match). Floors 0.7 (forward KL) and 0.4 (reverse KL, mode-seeking, which
+    has stalled below 0.6 in earlier versions). The logged agreement (on the student's own samples, so noisy) rose by
+    0.79 at least (mean 0.87) from step 1 to the last 5 steps; threshold 0.4, about half that.
+    """
+    m = measure_on_policy(distill_student_dir, distill_pattern_teacher_dir, tmp_path, beta, steps)
+    assert m["before"] < 0.15 and m["after"] > floor, m
+    assert m["logged_rise"] > 0.4, m
+    assert m["all_on_policy"] == 1.0 and m["lengths_in_range"] == 1.0, m
+
+
+def measure_off_policy(student_dir, teacher_dir, out_dir, seed: int = 0) -> dict[str, float]:
+    """The training run of test_off_policy_loss_decreases_and_is_accumulation_invariant
+    (``benchmarks/calibrate_learning.py distill-off-policy``)."""
+    rows = [{"prompt": p, "completion": "abc"[: 1 + i % 3] + " x" * (i % 4)} for i, p in enumerate(PATTERN_PROMPTS)]
+    history = run(student_dir, teacher_dir, out_dir, rows, lmbda=0.0, max_steps=6, beta=0.5, seed=seed)
+    losses = [row["loss"] for row in history]
+    return {"loss_drop": losses[0] - losses[-1], "none_on_policy": float(all(r["on_policy"] == 0.0 for r in history))}
 
 
 def test_off_policy_loss_decreases_and_is_accumulation_invariant(distill_student_dir, distill_teacher_dir, tmp_path):
     """lmbda 0 trains on fixed dataset completions: the loss (a token mean of the JSD) goes down, and batch 4 x 1,
-    1 x 4 and 2 x 2 give the same losses and weights (token sums over the step's token count)."""
+    1 x 4 and 2 x 2 give the same losses and weights (token sums over the step's token count).
+
+    Calibration (``python benchmarks/calibrate_learning.py distill-off-policy --seeds 0-4 --threads 1 2``,
+    2026-11-30, 10 runs): the loss fell by 0.0027 at least over 6 steps (mean 0.0029, from ~0.004: a random student
+    and teacher start close); threshold 0.0013, about half. A student that does not train keeps its loss.
+    """
+    m = measure_off_policy(distill_student_dir, distill_teacher_dir, tmp_path)
+    assert m["loss_drop"] > 0.0013 and m["none_on_policy"] == 1.0, m
     rows = [{"prompt": p, "completion": "abc"[: 1 + i % 3] + " x" * (i % 4)} for i, p in enumerate(PATTERN_PROMPTS)]
-    history = run(distill_student_dir, distill_teacher_dir, tmp_path, rows, lmbda=0.0, max_steps=6, beta=0.5)
-    losses = [row["loss"] for row in history]
-    assert losses[-1] < losses[0] and all(row["on_policy"] == 0.0 for row in history)
     overrides = {"teacher_model": str(distill_teacher_dir), "lmbda": 0.0, "max_completion_length": 8}
     check_grad_accumulation(Distill, rows, distill_student_dir, tmp_path / "ga", overrides)
 
@@ -153,11 +187,21 @@ def test_loss_is_the_masked_jsd_token_sum(distill_student_dir, distill_teacher_d
     rows = method.prepare([{"prompt": "abcd:", "completion": "xy"}, {"prompt": "e:", "completion": "zzzz"}], ctx)
     with torch.no_grad():
         out = method.loss(ctx.model, method.collate(rows, ctx), ctx)
-        expected = 0.0
+        expected, tolerance = 0.0, 0.0
         for r in rows:
             ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
             p = len(r["prompt_ids"])
             s, t = ctx.model(input_ids=ids).logits[:, p - 1 : -1], method.teacher(input_ids=ids).logits[:, p - 1 : -1]
             expected += generalized_jsd(s, t, 0.4, 0.8).sum().item()
-    assert float(out.loss_sum) == pytest.approx(expected, rel=1e-5)
+            # the loss scores these logits in a padded batch: each logit rounds apart by at most a forward pass's
+            # bound (posttrain.testing._rounding), scaled by 1/temperature, and a token's JSD moves by at most the
+            # largest logit change of either model times 2 (its gradient in each model's logits is a difference of
+            # two distributions: absolute values summing to <= 2)
+            for logits in (s, t):
+                tolerance += (
+                    2
+                    * len(r["completion_ids"])
+                    * rounding_tolerance(float(logits.abs().max()) / 0.8 + 1.0, LOGPROB_ROUNDINGS)
+                )
+    assert float(out.loss_sum) == pytest.approx(expected, rel=0, abs=tolerance)
     assert int(out.n_items) == sum(len(r["completion_ids"]) for r in rows) == 3 + 5

@@ -42,7 +42,12 @@ def test_rollout_tensors_advantages_and_reward_metrics(grpo_tiny_model):
     n, c = out["completion_mask"].shape
     assert n == 8 and out["input_ids"].shape == (8, 4 + c) and out["advantages"].shape == (8,)
     assert "old_logps" not in out and "ref_logps" not in out  # mu = 1, beta = 0, hf: no extra forward passes
-    assert abs(float(out["advantages"][:4].sum())) < 1e-5  # each group's advantages sum to 0
+    # each group's advantages sum to 0, up to float32 rounding of the ~12 operations behind them (sizes |A| summed;
+    # posttrain.testing._rounding); a group mean taken over the wrong rows moves the sum by ~0.1 or more
+    from posttrain.testing._rounding import rounding_tolerance
+
+    advantages = out["advantages"][:4]
+    assert abs(float(advantages.sum())) <= rounding_tolerance(float(advantages.abs().sum()), 12, sides=1)
     for key in ("reward", "reward_std", "rewards/len/mean", "frac_reward_zero_std", "completions/mean_length"):
         assert key in out["metrics"], key
 
@@ -54,7 +59,9 @@ def test_loss_metrics_use_trl_names(grpo_tiny_model):
     out = method.loss(model, batch, ctx)
     for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "reward"):
         assert key in out.metrics, key
-    assert float(out.metrics["kl"]) == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    # policy == reference at the start: the same forward pass, so the per-token k3 is 0; it is also second order in
+    # any rounding difference d (k3 ~ d^2 / 2), so 1e-6 holds for d up to 1e-3
+    assert float(out.metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
     assert int(out.n_items) == int(batch["completion_mask"].sum())
 
 

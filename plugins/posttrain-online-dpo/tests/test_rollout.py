@@ -150,5 +150,11 @@ def test_config_problems_are_reported_together():
     assert "importance_sampling_correction is not supported" in text and "6 problems" in text
 
 
+def test_an_environment_is_refused():
+    """The loss forward attends to the model's tokens only, so an episode's observations would be invisible."""
+    with pytest.raises(ConfigError, match="environment \\('calculator'\\) is not supported by online-dpo yet"):
+        build_config(OnlineDPOConfig, {"reward_funcs": ["a"], "environment": "calculator"})
+
+
 def test_batch_size_counts_prompts():
     assert OnlineDPO().rows_per_batch(OnlineDPOConfig(), 8) == 8

@@ -36,20 +36,33 @@ def _preference_accuracy(model_dir: Path, rows: list[dict]) -> float:
     return (mean_logps[:n] > mean_logps[n:]).float().mean().item()
 
 
-def test_learns_held_out_preference(orpo_model_dir, orpo_rows, tmp_path):
-    held_out = orpo_rows(32, seed=1)
-    before = _preference_accuracy(orpo_model_dir, held_out)
-    config = dict(model=str(orpo_model_dir), output_dir=str(tmp_path / "run"), learning_rate=1e-2, max_steps=40)
+def measure_learning(model_dir, out_dir, rows, seed: int = 0) -> dict[str, float]:
+    """The run of test_learns_held_out_preference (``benchmarks/calibrate_learning.py orpo`` runs it over seeds and
+    thread counts); ``rows`` is the conftest's row generator."""
+    held_out = rows(32, seed=1)
+    before = _preference_accuracy(model_dir, held_out)
+    config = dict(model=str(model_dir), output_dir=str(out_dir / "run"), learning_rate=1e-2, max_steps=40, seed=seed)
     config.update(per_device_train_batch_size=8, logging_steps=10, save_steps=0, disable_progress_bar=True)
     config = build_config(ORPOConfig, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train(ORPO(), config, train_dataset=orpo_rows(64, seed=0))
-    after = _preference_accuracy(tmp_path / "run", held_out)
+        result = train(ORPO(), config, train_dataset=rows(64, seed=0))
+    after = _preference_accuracy(out_dir / "run", held_out)
     losses = [row["loss"] for row in result.log_history if "loss" in row]
-    assert losses[-1] < losses[0]
-    assert after >= 0.85, f"held-out preference accuracy {before:.3f} -> {after:.3f}"
-    assert after >= before + 0.2, f"held-out preference accuracy {before:.3f} -> {after:.3f}"
+    return {"before": before, "after": after, "rise": after - before, "loss_drop": losses[0] - losses[-1]}
+
+
+def test_learns_held_out_preference(orpo_model_dir, orpo_rows, tmp_path):
+    """Preference accuracy on 32 held-out pairs, computed from the logits (no sampling).
+
+    Calibration (``python benchmarks/calibrate_learning.py orpo --seeds 0-4 --threads 1 2``, 2026-11-30, 10 runs):
+    accuracy 0.28-0.63 before, 1.0 after in every run, a rise of 0.38 at least (mean 0.51); the loss fell by 1.79 at
+    least. Thresholds: 0.85 after, a rise of 0.2 (about half the minimum), a loss drop of 0.9 (half).
+    """
+    m = measure_learning(orpo_model_dir, tmp_path, orpo_rows)
+    assert m["loss_drop"] > 0.9, m
+    assert m["after"] >= 0.85, m
+    assert m["rise"] >= 0.2, m
 
 
 def test_quickstart_command_logs_orpo_metrics(orpo_model_dir, tmp_path):
@@ -73,7 +86,7 @@ def test_experimental_warning_and_silencing_through_the_command_line(silenced, w
     unless POSTTRAIN_EXPERIMENTAL_SILENCE names it (silencing another method leaves orpo's warning)."""
     env = {**os.environ, "POSTTRAIN_EXPERIMENTAL_SILENCE": silenced, "PYTHONWARNINGS": "default"}
     command = [sys.executable, "-m", "posttrain", "check-data", "orpo", str(PLUGIN / "configs" / "tiny.jsonl")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok: 64 rows")
     assert done.stderr.count("ExperimentalWarning: method 'orpo'") == (1 if warns else 0), done.stderr

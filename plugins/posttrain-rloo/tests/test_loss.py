@@ -8,6 +8,10 @@ import pytest
 import torch
 from posttrain_rloo import kl_penalized_rewards, rloo_advantages, rloo_loss
 
+# Expected values are exact (float64 math). Ours are float32 results of a few rounded operations on numbers of size
+# <= 3 (~1e-6 at most): assert_close's float32 defaults (atol 1e-5, rtol 1.3e-6) and pytest.approx's (rel 1e-6) on
+# exactly representable results cover them, and a formula error moves the values by 1e-2 or more.
+
 
 def test_leave_one_out_advantages():
     """k = 4, rewards [1, 0, 0, 1]: baseline_i = (2 − r_i)/3, so A = 1 − 1/3 = 2/3 or 0 − 2/3 = −2/3.

@@ -7,9 +7,13 @@ import math
 import pytest
 import torch
 from posttrain.config import build_config
+from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
 from posttrain_tpo import LOSSES, TPO, TPOConfig, hinge_loss, ipo_loss, reference_nll, tpo_l_loss, tpo_loss
 
 CHOSEN, REJECTED = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -3.0])  # delta = chosen - rejected = [1, -3]
+# Hand values are printed to 6 decimals (off by <= 5e-7); the loss functions are float32, a few rounded operations on
+# numbers <= 16 (~1e-5 at most, relative ~1e-6): assert_close's float32 defaults (atol 1e-5, rtol 1.3e-6) cover
+# both, and a formula error (a missing beta, the wrong sign or normalisation) moves the values by 1e-2 or more.
 
 
 def softplus(x: float) -> float:
@@ -72,6 +76,13 @@ def test_losses_dict_calls_each_function_with_the_shared_keywords(loss_type):
     torch.testing.assert_close(got, functions[loss_type]())
 
 
+def _logps_tolerance(logps: float, n_tokens: int) -> float:
+    """How far the method's float32 log-prob of a sequence, scored in a padded batch, may round away from this
+    unpadded recomputation: n token log-probs out of a forward pass, of size |log p| plus the logit scale ~1 per
+    token (posttrain.testing._rounding.rounding_tolerance). A padding token scored moves it by ~4 nats."""
+    return rounding_tolerance(abs(logps) + n_tokens, LOGPROB_ROUNDINGS + n_tokens)
+
+
 def _manual(model, prompt_ids, completion_ids) -> tuple[float, int]:
     """Independent: the unpadded sequence alone; (sum of completion log-probs, number of completion tokens)."""
     ids = torch.tensor([prompt_ids + completion_ids])
@@ -96,19 +107,25 @@ def test_method_loss_matches_independent_computation(tpo_ctx, loss_type, alpha):
     rows = method.prepare(ROWS, tpo_ctx)
     batch = method.collate(rows, tpo_ctx)
     assert batch["input_ids"].shape[0] == (3 if alpha else 2) * len(ROWS)
-    expected = 0.0
+    expected, tolerance = 0.0, 0.0
     for row in rows:
         (c, nc), (r, nr), (ref, nref) = (
             _manual(tpo_ctx.model, row["prompt_ids"], row[f"{k}_ids"]) for k in ("chosen", "rejected", "reference")
         )
+        tc, tr, tref = _logps_tolerance(c, nc), _logps_tolerance(r, nr), _logps_tolerance(ref, nref)
+        # each term moves by at most its slope times the log-probs' tolerances (softplus's slope is <= 1)
         if loss_type == "sigmoid":
             expected += softplus(-0.5 * (c - r))
+            tolerance += 0.5 * (tc + tr)
         elif loss_type == "tpo-l":
             expected += softplus(-(0.5 * (c / nc - r / nr) - 0.5))
+            tolerance += 0.5 * (tc / nc + tr / nr)
         else:
             expected += (c / nc - r / nr - 1 / (2 * 0.5)) ** 2
+            tolerance += 2 * abs(c / nc - r / nr - 1) * (tc / nc + tr / nr) + (tc / nc + tr / nr) ** 2
         expected += alpha * (-ref / nref)
+        tolerance += alpha * tref / nref
     out = method.loss(tpo_ctx.model, batch, tpo_ctx)
     assert out.n_items == 2
-    assert out.loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    assert out.loss_sum.item() == pytest.approx(expected, rel=0, abs=tolerance)
     assert ("nll_loss" in out.metrics) == (alpha != 0)

@@ -47,16 +47,16 @@ def preference_accuracy(model_dir: str | Path, triples: list[dict]) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-@pytest.mark.parametrize(("loss_type", "tpo_alpha"), [("sigmoid", 1.0), ("tpo-l", 0.0)])
-def test_tiny_model_learns_to_prefer_chosen(tpo_model_dir, tmp_path, loss_type, tpo_alpha):
-    """The default objective, and TPO-L with the NLL term off (so the preference term alone must do it)."""
+def measure_learning(model_dir, out_dir, loss_type: str, tpo_alpha: float, seed: int = 0) -> dict[str, float]:
+    """The run of test_tiny_model_learns_to_prefer_chosen (``benchmarks/calibrate_learning.py tpo-sigmoid tpo-l``
+    runs it over seeds and thread counts)."""
     held_out = vowel_triples(64, seed=1)
-    before = preference_accuracy(tpo_model_dir, held_out)
+    before = preference_accuracy(model_dir, held_out)
     config = build_config(
         TPOConfig,
         {
-            "model": str(tpo_model_dir),
-            "output_dir": str(tmp_path / "run"),
+            "model": str(model_dir),
+            "output_dir": str(out_dir / "run"),
             "max_length": 64,
             "learning_rate": 2e-3,
             "loss_type": loss_type,
@@ -67,21 +67,31 @@ def test_tiny_model_learns_to_prefer_chosen(tpo_model_dir, tmp_path, loss_type, 
             "logging_steps": 5,
             "save_steps": 0,
             "disable_progress_bar": True,
-            "seed": 0,
+            "seed": seed,
         },
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = train(TPO(), config, train_dataset=vowel_triples(64, seed=0))
-    after = preference_accuracy(tmp_path / "run", held_out)
+    after = preference_accuracy(out_dir / "run", held_out)
     losses = [row["loss"] for row in result.log_history if "loss" in row]
-    accuracies = [row["rewards/accuracies"] for row in result.log_history if "rewards/accuracies" in row]
-    print(
-        f"{loss_type}: held-out preference accuracy {before:.3f} -> {after:.3f}; losses {losses}; "
-        f"train reward accuracies {accuracies}"
-    )
-    assert after >= 0.9 and after > before + 0.2
-    assert losses[-1] < losses[0]
+    return {"before": before, "after": after, "rise": after - before, "loss_drop": losses[0] - losses[-1]}
+
+
+@pytest.mark.parametrize(("loss_type", "tpo_alpha"), [("sigmoid", 1.0), ("tpo-l", 0.0)])
+def test_tiny_model_learns_to_prefer_chosen(tpo_model_dir, tmp_path, loss_type, tpo_alpha):
+    """The default objective, and TPO-L with the NLL term off (so the preference term alone must do it). Preference
+    accuracy on 64 held-out triples, computed from the logits (no sampling).
+
+    Calibration (``python benchmarks/calibrate_learning.py tpo-sigmoid tpo-l --seeds 0-4 --threads 1 2``,
+    2026-11-30, 10 runs each): accuracy 0.25-0.61 before and 1.0 after in every run of both, a rise of 0.39 at least
+    (mean 0.53); the loss (steps 11-15 against 1-5) fell by 0.61 (sigmoid) and 0.28 (tpo-l) at least. Thresholds:
+    0.9 after, a rise of 0.2, loss drops of 0.3 and 0.14 (about half the minimum each).
+    """
+    m = measure_learning(tpo_model_dir, tmp_path, loss_type, tpo_alpha)
+    print(loss_type, m)
+    assert m["after"] >= 0.9 and m["rise"] > 0.2, m
+    assert m["loss_drop"] > {"sigmoid": 0.3, "tpo-l": 0.14}[loss_type], m
 
 
 def test_shipped_example_runs(tpo_model_dir, tmp_path):

@@ -100,7 +100,7 @@ def mlflow_server(store, tmp_path):
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while True:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=2).close()

@@ -4,9 +4,11 @@ For a method everything comes from metadata and the ``<method>.schema.json`` the
 answer takes a fraction of a second and imports neither the plugin nor torch. A package without a shipped
 schema (an older or third-party one) is imported instead, and the output says so.
 
-A name that is not a method may be a reward, a hook plugin (``posttrain.plugins``, e.g. a tracker) or a
-plugin command: ``info`` then prints its package facts, and the options it reads when it declares them (a
-reward's ``@reward(options=...)`` class, a hook module's ``OPTIONS`` dataclass), which needs an import.
+For an environment (no method of that name), its constructor options and tools, read by importing it
+(``--no-import`` shows its metadata only). A name that is neither may be a reward, a hook plugin
+(``posttrain.plugins``, e.g. a tracker) or a plugin command: ``info`` then prints its package facts, and the
+options it reads when it declares them (a reward's ``@reward(options=...)`` class, a hook module's ``OPTIONS``
+dataclass), which needs an import.
 """
 
 from __future__ import annotations
@@ -128,16 +130,23 @@ def describe_other(entry: discovery.Entry, no_import: bool, as_json: bool) -> in
 def run(command: str, argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="posttrain info",
-        description="Describe an installed method, or a reward, hook plugin (e.g. a tracker) or plugin command.",
+        description="Describe an installed method or environment, or a reward, hook plugin (e.g. a tracker) or "
+        "plugin command.",
     )
-    p.add_argument("method", metavar="NAME", help="a method name; else a reward, hook plugin or command name")
+    p.add_argument("method", metavar="NAME", help="a method or environment name; else a reward, hook plugin or command")
     p.add_argument("--no-import", action="store_true", help="never import the plugin, even without a shipped schema")
     p.add_argument("--json", action="store_true", help="print the facts and config schema (or options) as JSON")
     args = p.parse_args(argv)
     from posttrain._errors import PluginError
 
+    entries = discovery.discover()
+    provided = {(e.kind, discovery.normalize(e.name)) for e in entries}
+    name = discovery.normalize(args.method.split(":")[-1])
+    if ("environment", name) in provided and ("method", name) not in provided:
+        entry = discovery.find("environment", args.method, entries, allow_inactive=True)
+        return _environment(entry, args)
     try:
-        entry = discovery.find("method", args.method, allow_inactive=True)
+        entry = discovery.find("method", args.method, entries, allow_inactive=True)
     except PluginError as error:
         other = _other_entry(args.method)
         if other is None:
@@ -174,3 +183,69 @@ def run(command: str, argv: list[str]) -> int:
     print(f"schema:   {source}")
     print_fields(schema)
     return 0
+
+
+def _header(kind: str, entry: discovery.Entry) -> None:
+    print(f"{kind + ':':<9} {entry.name}")
+    print(f"package:  {entry.package} {entry.version}")
+    print(f"status:   {entry.status}")
+    print(f"summary:  {entry.summary}")
+    print(f"requires: posttrain{entry.requires_core or ' (any)'} (installed {discovery.core_version()})")
+    print(f"provides: {entry.value}")
+    if entry.docs_url:
+        print(f"docs:     {entry.docs_url}")
+
+
+def _environment(entry: discovery.Entry, args: argparse.Namespace) -> int:
+    """An environment's facts; its options (``environment_kwargs``) and tools need an import, so not with
+    ``--no-import``."""
+    described = None
+    if not args.no_import:
+        from posttrain import _registry as registry
+
+        described = describe_environment(registry._load(entry))  # a failing plugin is a one-line error
+    if args.json:
+        print(json.dumps({"entry": entry.to_dict(), "environment": described}, indent=2))
+        return 0
+    _header("environment", entry)
+    if described is None:
+        print("options:  not shown (--no-import; they are read by importing the environment)")
+        return 0
+    print(f"about:    {described['about'] or '(no docstring)'}")
+    options = described["options"]
+    print("\nenvironment_kwargs (constructor options):" if options else "\nenvironment_kwargs: none")
+    for option in options:
+        annotation = f": {option['type']}" if option["type"] else ""
+        default = f" = {option['default']}" if "default" in option else ""
+        print(f"  {option['name']}{annotation}{default}")
+    tools = described["tools"]
+    print(f"\ntools: {', '.join(t['name'] for t in tools) or 'none'}")
+    for tool in tools:
+        print(f"  {tool['name']}{tool['signature']}: {tool['summary']}")
+    return 0
+
+
+def describe_environment(env_class: type) -> dict:
+    """Docstring summary, constructor options (``environment_kwargs``) and tools of an environment class."""
+    import inspect
+
+    options = []
+    for p in inspect.signature(env_class).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        option = {
+            "name": p.name,
+            "type": "" if p.annotation is p.empty else getattr(p.annotation, "__name__", str(p.annotation)),
+        }
+        if p.default is not p.empty:
+            option["default"] = repr(p.default)
+        options.append(option)
+    tools = [
+        {
+            "name": tool.__name__,
+            "signature": str(inspect.signature(tool)),
+            "summary": (inspect.getdoc(tool) or "(no docstring)").splitlines()[0],
+        }
+        for tool in getattr(env_class, "tools", None) or []
+    ]
+    return {"about": (inspect.getdoc(env_class) or "").split("\n\n")[0], "options": options, "tools": tools}

@@ -14,13 +14,15 @@ PROBLEMS = (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posttrain list", description="List installed methods, rewards and plugins.")
+    p = argparse.ArgumentParser(
+        prog="posttrain list", description="List installed methods, rewards, environments and plugins."
+    )
     p.add_argument(
         "--status",
         choices=["stable", "experimental", "inactive", "broken", "incompatible", "conflict"],
         help="show only entries with this status",
     )
-    p.add_argument("--kind", choices=["method", "reward", "plugin", "command", "all"], default="all")
+    p.add_argument("--kind", choices=[*discovery.KINDS, "all"], default="all")
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     p.add_argument("--all", action="store_true", help="include inactive (retired) packages")
     p.add_argument("--verbose", "-v", action="store_true", help="show entry-point values, core ranges and reasons")
@@ -47,7 +49,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    kinds = ("method", "reward", "plugin", "command") if args.kind == "all" else (args.kind,)
+    kinds = discovery.KINDS if args.kind == "all" else (args.kind,)
     entries = discovery.discover(kinds)
     plugin_commands.mark_builtin_conflicts(entries)
     everything = list(entries)  # --check looks at every entry, whatever --status or --all hide from the table
@@ -69,7 +71,13 @@ def run(command: str, argv: list[str]) -> int:
             group = [e for e in entries if e.kind == kind]
             if not group:
                 continue
-            title = {"method": "Methods", "reward": "Rewards", "plugin": "Plugins", "command": "Commands"}[kind]
+            title = {
+                "method": "Methods",
+                "reward": "Rewards",
+                "environment": "Environments",
+                "plugin": "Plugins",
+                "command": "Commands",
+            }[kind]
             headers = [kind, "package", "version", "status", "compat", "summary"]
             rows = []
             for e in group:

@@ -144,6 +144,7 @@ def train_from_config(method_class, entry, config) -> int:
     from posttrain import _discovery as discovery
 
     reward_entries = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
+    reward_entries += environment.environment_entries(config)  # the environment, when the run plays one
     method = registry.instantiate(method_class, getattr(entry, "name", None) or getattr(method_class, "name", "?"))
     result = train(
         method,

@@ -3,7 +3,7 @@
 An online method (GRPO, RLOO, online DPO, distillation) asks for completions; it does not know which
 backend made them::
 
-    generator = build_generator(ctx)                    # in setup(): hf | vllm | vllm-server, from the config
+    generator = build_generator(ctx, num_generations=8, rewards=reward_set)  # in setup(), from the config
     rollouts = sample(generator, model, batches, ctx, num_generations=8, rewards=reward_set)
     for r in rollouts:                                  # one per micro-batch of the optimizer step
         r.input_ids, r.completion_mask, r.rewards, r.sampling_logps ...
@@ -17,7 +17,10 @@ Backends (``generation_backend`` in :class:`OnlineConfig`):
 - ``vllm-server``: a stock ``vllm serve`` on other GPUs or nodes, driven over HTTP (``/v1/completions``),
   weights sent with vLLM's NCCL weight-transfer engine. ``posttrain vllm-serve-command`` prints the command.
 
-Weights are pushed at most once per optimizer step, before the step's first generation. Backends that
+Weights are pushed at most once per optimizer step, before the step's first generation. With
+``async_generation: true`` a worker process samples and scores the next steps' batches while the trainer
+trains (``max_staleness`` bounds how many optimizer steps old the sampling weights may be; see
+``posttrain.generation._async`` and docs/async-generation.md). Backends that
 report their own log-probs (vLLM) enable importance-sampling correction by default
 (:func:`importance_weights`): the loss is reweighted by π_trainer / π_generator, truncated at
 ``importance_sampling_cap``, because the two engines' numerics differ.
@@ -30,11 +33,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from posttrain.config import TrainingConfig
+from posttrain.generation._async import GenerationWorkerError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -44,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Completions",
+    "GenerationWorkerError",
     "Generator",
     "OnlineConfig",
     "Rollout",
@@ -94,6 +100,17 @@ class OnlineConfig(TrainingConfig):
     importance_sampling_mode: ISMode = "sequence_mask"  # per token or per sequence; clip to the bounds or mask
     importance_sampling_clip_max: float | None = 3.0  # upper bound C_max of π_trainer / π_generator
     importance_sampling_clip_min: float | None = None  # lower bound C_min (None: no lower bound)
+    # -- environments: multi-turn episodes with tools (posttrain.environments; docs/environments.md)
+    environment: str | None = None  # a posttrain.environments name: sample episodes instead of single completions
+    environment_kwargs: dict | None = None  # keyword arguments of the environment's constructor
+    max_turns: int = 4  # model turns per episode at most (max_completion_length applies to each turn)
+    max_episode_tokens: int | None = None  # model + environment tokens per episode at most; None: no limit
+    environment_timeout: float = 60.0  # seconds one reset or step may take before the run stops with an error
+    environment_reward_weight: float = 1.0  # weight of the episode return among the reward functions
+    # -- asynchronous generation (docs/async-generation.md)
+    async_generation: bool = False  # sample and score the next batches in a worker process while training
+    max_staleness: int = 1  # optimizer steps between the sampling weights and the step that trains on them
+    async_generation_timeout: float = 600.0  # seconds without progress from the worker before the run stops
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -122,7 +139,19 @@ class OnlineConfig(TrainingConfig):
             found.append(f"importance_sampling_clip_min/_max must satisfy 0 <= min <= max (max > 0), got {lo} and {hi}")
         if not self.vllm_server_timeout > 0:
             found.append(f"vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
-        return found
+        if self.max_staleness < 0:
+            found.append(f"max_staleness must be >= 0 (0: the synchronous algorithm), got {self.max_staleness}")
+        if not self.async_generation_timeout > 0:
+            found.append(f"async_generation_timeout must be > 0 seconds, got {self.async_generation_timeout}")
+        if self.async_generation and self.generation_backend != "hf":
+            found.append(
+                f"async_generation runs the hf backend in a worker process; generation_backend "
+                f"{self.generation_backend!r} has no asynchronous mode yet. Use generation_backend hf, or set "
+                "async_generation false"
+            )
+        if self.async_generation and self.environment:
+            found.append("async_generation does not run multi-turn environments yet; set async_generation false")
+        return found + _environment_problems(self)
 
 
 @dataclass(frozen=True)
@@ -212,18 +241,51 @@ def generation_seed(seed: int, mode: str, step: int, row: int) -> int:
     return int.from_bytes(digest, "little") % (2**63)
 
 
-def build_generator(ctx: TrainContext, params: SamplingParams | None = None) -> Generator:
+def build_generator(
+    ctx: TrainContext,
+    params: SamplingParams | None = None,
+    *,
+    num_generations: int | None = None,
+    rewards: RewardSet | None = None,
+) -> Generator:
     """The backend ``ctx.config.generation_backend`` names, ready to sample from the policy ``ctx.model``.
+
+    With ``async_generation: true`` this is the asynchronous service: it samples and scores ahead of the
+    method's calls to :func:`sample`, so it needs to know now what those calls will ask for.
+
+    Args:
+        num_generations, rewards: what the method will pass to :func:`sample` when training. A method that
+            passes ``num_generations`` supports ``async_generation`` (the service checks every call against
+            them); one that does not gets a ConfigError when the option is on.
 
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process
-            engine, the server unreachable ...), saying what to change.
+            engine, the server unreachable ...), the ``environment`` does not fit its options, or
+            ``async_generation`` is on for a method that does not declare what it samples, saying what to change.
+        PluginError: no installed package or hook provides the ``environment``.
 
     .. versionadded:: 1.0
     """
     config = ctx.config
+    if getattr(config, "environment", None):  # resolve and check it now, before any step runs
+        from posttrain.generation._episodes import environment_for
+
+        environment_for(ctx)
     params = params or SamplingParams.from_config(config, ctx.tokenizer, ctx.model)
     backend = config.generation_backend
+    if getattr(config, "async_generation", False):
+        from posttrain._errors import ConfigError
+        from posttrain.generation._async import AsyncGenerator
+
+        if num_generations is None:
+            raise ConfigError(
+                [
+                    "async_generation: true, but this method builds its generator without saying what it samples "
+                    "(build_generator(ctx, num_generations=..., rewards=...)), so a worker cannot sample ahead for "
+                    "it; it does not support asynchronous generation. Set async_generation false"
+                ]
+            )
+        return AsyncGenerator(ctx, params, num_generations, rewards)
     if backend == "hf":
         from posttrain.generation._hf import HFGenerator
 
@@ -235,6 +297,22 @@ def build_generator(ctx: TrainContext, params: SamplingParams | None = None) -> 
     from posttrain.generation._vllm_server import VLLMServerGenerator
 
     return VLLMServerGenerator(ctx, params)
+
+
+def _environment_problems(config: OnlineConfig) -> list[str]:
+    found = []
+    name = config.environment
+    if name is not None and not re.match(r"^([A-Za-z0-9_.-]+:)?[a-z][a-z0-9_-]*$", name):
+        found.append(f"environment must be an environment name such as 'calculator' (or 'package:name'), got {name!r}")
+    if name is None and config.environment_kwargs:
+        found.append("environment_kwargs is set but environment is not; name the environment, or drop the kwargs")
+    if config.max_turns < 1:
+        found.append(f"max_turns must be >= 1, got {config.max_turns}")
+    if config.max_episode_tokens is not None and config.max_episode_tokens < 1:
+        found.append(f"max_episode_tokens must be >= 1 or null, got {config.max_episode_tokens}")
+    if not config.environment_timeout > 0:
+        found.append(f"environment_timeout must be > 0 seconds, got {config.environment_timeout}")
+    return found
 
 
 # -- prompt-only data -------------------------------------------------------------------------------------
@@ -313,6 +391,12 @@ class Rollout:
     Tensors are on the micro-batch's device. ``input_ids``/``attention_mask`` are the left-padded prompt
     followed by the right-padded completion, ready for :func:`posttrain.ops.completion_logps`.
 
+    With an ``environment`` (multi-turn episodes) the completion is the whole episode after the prompt: the
+    model's turns and the environment's observations, interleaved. ``completion_mask`` covers exactly the
+    model's tokens (the loss never sees an environment token) while ``attention_mask`` covers both (the model
+    reads the observations); ``rewards`` include the episode return, and ``turn_rewards``/``turn_index`` give
+    per-turn rewards for methods that assign credit per turn (:func:`posttrain.environments.returns_to_go`).
+
     .. versionadded:: 1.0
     """
 
@@ -329,6 +413,9 @@ class Rollout:
     rewards_per_func: torch.Tensor | None = None  # (N, K), NaN where a function returned None
     rewards: torch.Tensor | None = None  # (N,) weighted sum, NaN when no function scored it
     metrics: dict[str, float] = field(default_factory=dict)
+    completion_attention_mask: torch.Tensor | None = None  # (N, C) model + environment tokens; None: completion_mask
+    turn_rewards: torch.Tensor | None = None  # (N, T) each model turn's reward from the environment, 0 past the end
+    turn_index: torch.Tensor | None = None  # (N, C) turn of each model token; -1 on environment tokens and padding
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -340,7 +427,8 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         import torch
 
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        completion = self.completion_mask if self.completion_attention_mask is None else self.completion_attention_mask
+        return torch.cat([self.prompt_mask, completion], dim=1)
 
 
 def sample(
@@ -368,6 +456,14 @@ def sample(
     .. versionadded:: 1.0
     """
     config, tokenizer = ctx.config, ctx.tokenizer
+    if getattr(config, "environment", None):
+        from posttrain.generation._episodes import sample_episodes
+
+        return sample_episodes(generator, model, batches, ctx, num_generations, rewards)
+    if ctx.training and getattr(config, "async_generation", False):  # sampled ahead by a worker process
+        from posttrain.generation._async import take_rollouts
+
+        return take_rollouts(generator, batches, ctx, num_generations, rewards)
     _sync_once(generator, model, ctx)
     prompt_lists = [
         ids[m.bool()].tolist() for b in batches for ids, m in zip(b["prompt_ids"].cpu(), b["prompt_mask"].cpu())

@@ -33,4 +33,10 @@ class DistillConfig(OnlineConfig):
             found.append(f"lmbda must be in [0, 1], got {self.lmbda}")
         if not 0.0 <= self.beta <= 1.0:
             found.append(f"beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.beta}")
+        if self.environment:
+            found.append(
+                f"environment ({self.environment!r}) is not supported by distill yet: its student and teacher "
+                "forwards attend to the model's tokens only, and would not see the environment's observations in "
+                "an episode; train against environments with grpo or rloo, or remove environment"
+            )
         return found

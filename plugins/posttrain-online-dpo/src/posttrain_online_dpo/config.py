@@ -65,6 +65,12 @@ class OnlineDPOConfig(OnlineConfig):
                 "missing_eos_penalty lowers reward scores, and a judge gives none; remove it, or let the judge "
                 "prefer completions that end"
             )
+        if self.environment:
+            found.append(
+                f"environment ({self.environment!r}) is not supported by online-dpo yet: its loss forward attends to "
+                "the model's tokens only, and would not see the environment's observations in an episode; train "
+                "against environments with grpo or rloo, or remove environment"
+            )
         if self.importance_sampling_correction:
             found.append(
                 "importance_sampling_correction is not supported by online-dpo: the DPO loss does not weight "

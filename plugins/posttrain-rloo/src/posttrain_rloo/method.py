@@ -43,7 +43,7 @@ class RLOO:
         self.rewards = RewardSet.resolve(
             config.reward_funcs, config.reward_weights, config.reward_kwargs, ctx=ctx, method=self.name
         )
-        self.generator = build_generator(ctx)
+        self.generator = build_generator(ctx, num_generations=config.num_generations, rewards=self.rewards)
         if config.beta != 0.0:
             self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
 
