@@ -137,6 +137,7 @@ from posttrain.ops import token_logps
 class ToyConfig(TrainingConfig):
     max_length: int = 64  # tokens per row
     nan_at_step: int = -1  # test hook: make the loss NaN at this step
+    hang_at_step: int = -1  # test hook: process 1 hangs in the loss at this step
 
 
 class Toy:
@@ -167,6 +168,9 @@ class Toy:
         loss_sum = -logps.sum()
         if ctx.step == ctx.config.nan_at_step:
             loss_sum = loss_sum * float("nan")
+        if ctx.step == ctx.config.hang_at_step and ctx.accelerator.process_index == 1:
+            import signal
+            signal.pause()  # hangs until a signal (the launcher's SIGTERM once another process has failed)
         return LossOutput(loss_sum, n, {"num_tokens": n.float()})
 """
 

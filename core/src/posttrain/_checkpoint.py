@@ -16,9 +16,24 @@ Layout (transformers-compatible: ``from_pretrained("out/checkpoint-20")`` works)
         service_state_<rank>.pt           # core services' state (samples generated ahead, asynchronous mode)
         trainer_state.json                # step, epoch, metric totals; written last
 
+Under FSDP2 (parameters sharded across processes) the weights and optimizer state are written by every
+process at once with ``torch.distributed.checkpoint`` instead of ``model.safetensors`` + ``optimizer.pt``::
+
+    checkpoint-20/
+        config.json, tokenizer files, scheduler.pt, rng_state_<rank>.pt, ..., trainer_state.json
+        sharded/                          # .metadata + one __<rank>_0.distcp file per process
+
+The sharded state is keyed by parameter name, so it loads on any number of processes (FSDP2, DDP or
+one process): ``torch.distributed.checkpoint`` re-slices it for the new layout. The final model at the
+end of the run is always consolidated into one ``save_pretrained`` directory. ``output_dir`` must be on
+a filesystem every node sees (as a two-node run needs anyway).
+
 Every ``.pt`` file is loaded with ``torch.load(weights_only=True)``: only tensors, numbers, strings,
 lists, tuples and dicts come back, so a planted pickle payload cannot run code on resume. States are
-converted to those types when saved (the numpy RNG state's array becomes a tensor).
+converted to those types when saved (the numpy RNG state's array becomes a tensor). The sharded
+format's pickled parts follow the same rule: its ``.metadata`` is read by an unpickler that knows only
+``torch.distributed.checkpoint``'s metadata classes and torch's dtypes/sizes, and its non-tensor entries
+(learning rates, betas) by ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from typing import Any
 from posttrain._errors import PosttrainError
 
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -119,8 +135,11 @@ def save_checkpoint(
     rollout_cache: dict | None = None,
     services: dict | None = None,
     save_total_limit: int | None = None,
+    sharded: bool = False,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically; every process must call this (collective)."""
+    """Write ``checkpoint-<step>`` atomically; every process must call this (collective).
+
+    ``sharded``: the model is FSDP2-sharded; weights and optimizer go to ``sharded/`` (module docstring)."""
     import torch
 
     output_dir = Path(output_dir)
@@ -142,12 +161,17 @@ def save_checkpoint(
             torch.save(cpu, tmp / f"rollout_cache_{accelerator.process_index}.pt")
         if services and any(services.values()):
             torch.save(services, tmp / f"service_state_{accelerator.process_index}.pt")
+        if sharded:
+            _save_sharded(tmp / SHARDED_DIR, model, optimizer)  # every process writes its own shards
         if main:
             unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            if sharded:
+                unwrapped.config.save_pretrained(tmp)  # the weights are in sharded/
+            else:
+                unwrapped.save_pretrained(tmp, safe_serialization=True)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             method_state = getattr(method, "state_dict", None) if method is not None else None
             if method_state is not None:
@@ -155,8 +179,9 @@ def save_checkpoint(
             # trainer_state.json last: its presence marks a complete checkpoint
             (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}, indent=2))
             for file in tmp.iterdir():
-                with open(file, "rb") as fh:
-                    os.fsync(fh.fileno())
+                if file.is_file():  # sharded/: each process fsynced its own files
+                    with open(file, "rb") as fh:
+                        os.fsync(fh.fileno())
         accelerator.wait_for_everyone()
         if main:
             if final.exists():  # re-saving the same step (e.g. interrupt right after a save)
@@ -178,6 +203,128 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+# -- sharded (FSDP2) weights and optimizer: torch.distributed.checkpoint, loaded as plain data only ---------------
+
+
+def _save_sharded(directory: Path, model: Any, optimizer: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=dcp.FileSystemWriter(directory))
+    except dcp.api.CheckpointException as exc:  # a BaseException: make it an error the callers report
+        raise _first_failure(exc) from exc
+
+
+def _load_sharded(directory: Path, model: Any, optimizer: Any) -> None:
+    """Load into whatever layout this run has (FSDP2 on any number of processes, DDP, one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_load_planner())
+    except dcp.api.CheckpointException as exc:  # a BaseException: make it an error the callers report
+        raise _first_failure(exc) from exc
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _first_failure(exc: BaseException) -> Exception:
+    """The first process's error inside a ``CheckpointException`` (which collects one per process)."""
+    import pickle
+
+    failures = getattr(exc, "failures", {}) or {}
+    first = next(iter(failures.values()), None)
+    text = str(first if first is not None else exc)
+    if "refused to unpickle" in text:
+        return pickle.UnpicklingError(text)
+    if isinstance(first, OSError):
+        return first
+    return RuntimeError(text.strip().splitlines()[-1] if text.strip() else type(exc).__name__)
+
+
+def _metadata_classes() -> dict[tuple[str, str], Any]:
+    """The only classes a sharded checkpoint's ``.metadata`` may name (what ``dcp.save`` writes)."""
+    import collections
+    import pathlib
+
+    import torch
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size}
+    for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):  # the checkpoint's own path
+        allowed[("pathlib", name)] = getattr(pathlib, name)
+    for module in (metadata, filesystem):
+        for name, value in vars(module).items():
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                allowed[(module.__name__, name)] = value
+    for dtype in {getattr(torch, n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}:
+        allowed[("torch", str(dtype).removeprefix("torch."))] = dtype
+    for name in ("strided", "sparse_coo", "contiguous_format", "preserve_format", "channels_last"):
+        allowed[("torch", name)] = getattr(torch, name)
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    return allowed
+
+
+class _MetadataUnpickler:
+    """``pickle.Unpickler`` that resolves only :func:`_metadata_classes`: a planted ``.metadata`` cannot run code."""
+
+    def __init__(self, stream: Any) -> None:
+        import pickle
+
+        allowed = _metadata_classes()
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if (module, name) in allowed:
+                    return allowed[(module, name)]
+                raise pickle.UnpicklingError(f"refused to unpickle {module}.{name} (not checkpoint metadata)")
+
+        self._unpickler = Restricted(stream)
+
+    def load(self) -> Any:
+        return self._unpickler.load()
+
+
+def _safe_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _safe_reader(directory: Path) -> Any:
+    return _safe_reader_class()(directory)
+
+
+def _safe_load_planner() -> Any:
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)  # learning rates, betas: plain data only
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafeLoadPlanner()
 
 
 class CheckpointWriteError(PosttrainError, OSError):
@@ -239,7 +386,10 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
     try:
         state = json.loads(reading.read_text())
         unwrapped = accelerator.unwrap_model(model)
-        if (path / "adapter_model.safetensors").is_file():
+        if (path / SHARDED_DIR).is_dir():
+            reading = path / SHARDED_DIR
+            _load_sharded(reading, model, optimizer)
+        elif (path / "adapter_model.safetensors").is_file():
             from peft import set_peft_model_state_dict
 
             reading = path / "adapter_model.safetensors"
@@ -257,8 +407,9 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
                 raise ValueError(
                     f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        reading = path / "optimizer.pt"
-        optimizer.load_state_dict(_load(reading, map_location="cpu"))
+        if not (path / SHARDED_DIR).is_dir():
+            reading = path / "optimizer.pt"
+            optimizer.load_state_dict(_load(reading, map_location="cpu"))
         reading = path / "scheduler.pt"
         scheduler.load_state_dict(_load(reading))
         load_method_state = getattr(method, "load_state_dict", None) if method is not None else None
@@ -282,7 +433,9 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
         )
         import pickle
 
-        if isinstance(exc, pickle.UnpicklingError):  # garbage, or objects weights_only refused: never run them
+        if isinstance(exc, pickle.UnpicklingError) or "refused to unpickle" in str(
+            exc
+        ):  # garbage, or objects weights_only refused: never run them
             raise PosttrainError(
                 f"cannot resume from {path}: {reading.name} is not a plain file of tensors and data (it is corrupt, "
                 "or it holds Python objects that could run code when loaded), so it was not loaded. posttrain never "

@@ -40,6 +40,7 @@ SAFE_TO_CHANGE = frozenset(
         "disable_progress_bar",
         "allow_inactive",
         "torch_compile",
+        "ddp_timeout",
     }
 )
 _PATH_FIELDS = ("model", "dataset", "eval_dataset")

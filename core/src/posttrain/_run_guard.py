@@ -357,10 +357,11 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def save_final(output_dir: Path, model: Any, tokenizer: Any, step: int) -> None:
+def save_final(output_dir: Path, model: Any, tokenizer: Any, step: int, state_dict: dict | None = None) -> None:
     """The final model, atomically: ``save_pretrained`` into ``.tmp-final``, fsync, move the files into place
     (``config.json`` last, so the directory never looks like a model before its weights are there), then write
-    :data:`COMPLETE_FILE`, the record that the run finished."""
+    :data:`COMPLETE_FILE`, the record that the run finished. ``state_dict``: the consolidated weights of a
+    sharded (FSDP2) model, gathered by every process before the main process calls this."""
     tmp = output_dir / ".tmp-final"
     kept = "The checkpoints are kept and no partial model was left. "
     with writing(f"the final model into {output_dir}", output_dir, kept):
@@ -368,7 +369,7 @@ def save_final(output_dir: Path, model: Any, tokenizer: Any, step: int) -> None:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             files = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: (p.name == "config.json", p.name))

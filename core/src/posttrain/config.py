@@ -71,6 +71,7 @@ class TrainingConfig:
     attn_implementation: str | None = None
     use_cpu: bool = False  # train on CPU even when an accelerator is present
     torch_compile: bool = False
+    ddp_timeout: int = 1800  # seconds a process waits for the others in a collective before failing with a report
     # -- LoRA (needs `pip install posttrain[peft]`)
     use_peft: bool = False
     lora_r: int = 16
@@ -107,6 +108,8 @@ class TrainingConfig:
         for name in ("eval_steps", "save_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 found.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ddp_timeout < 1:
+            found.append(f"ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
         if not 0 <= self.warmup_ratio < 1:
             found.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.bf16 and self.fp16:

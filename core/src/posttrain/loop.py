@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from posttrain import _checkpoint as ckpt
+from posttrain import _distributed as dist
 from posttrain import _preflight, _reader, _resume, _run_guard
 from posttrain import _tracking as tracking
 from posttrain._errors import ConfigError, DataError, PluginError, PosttrainError
@@ -134,6 +135,9 @@ def train(
             outcome = "finished"
     except BaseException as exc:
         error = exc
+        if run.accelerator.num_processes > 1 and dist.is_collective_failure(exc):
+            error = dist.explain(exc, run.config.ddp_timeout)  # which process stopped, and what it was doing
+            raise error from exc
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, without saving
             run.accelerator.print(f"stopped at step {run.step} without saving. {_run_guard.advice(run.output_dir)}")
         raise
@@ -154,8 +158,6 @@ def train(
 def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator) -> _Run:
     """Everything before the first step, in the order a reader expects; fails before any model loads
     when the method, the config or the output directory is unusable."""
-    from accelerate import Accelerator
-
     from posttrain import models
     from posttrain.config import config_problems
 
@@ -174,7 +176,7 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     cpu = config.use_cpu or not has_accelerator
     device = accelerator.device.type if accelerator is not None else ("cpu" if cpu else "cuda")
     _preflight.check(config, device)  # before Accelerator(), which fails on some of these with a traceback
-    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=cpu)
+    accelerator = accelerator or dist.make_accelerator(config, mixed, cpu)
     models.fit_max_length(config)  # before the saved config is compared on resume
     resume_path, lock = _run_guard.claim(config, getattr(method, "name", None), accelerator.is_main_process)
     try:
@@ -202,7 +204,11 @@ def _load_everything(
         tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
     if model is None:
         load = optional_member(method, "load_model")
-        model = load(config) if load else models.load_causal_lm(config.model, config)
+        # FSDP2's cpu_ram_efficient_loading leaves meta tensors on all but local rank 0 until prepare(); a method
+        # that scores the data with the policy before that (precompute_ref_log_probs) needs it whole everywhere
+        whole = dist.loading_whole() if getattr(config, "precompute_ref_log_probs", False) else contextlib.nullcontext()
+        with whole:
+            model = load(config) if load else models.load_causal_lm(config.model, config)
     models.check_max_length(model, config, config.model or None)
     model = models.apply_peft(model, config)
     if config.torch_compile:
@@ -215,7 +221,9 @@ def _load_everything(
         model_path=config.model or None,
         rewards=rewards or {},
     )
-    model.to(accelerator.device)
+    if not any(p.is_meta for p in model.parameters()):  # FSDP2 with cpu_ram_efficient_loading: prepare() fills it
+        model.to(accelerator.device)
+    dist.doing("setting up the method", 0)
     setup = optional_member(method, "setup")
     if setup:
         setup(ctx)
@@ -235,6 +243,7 @@ def _load_everything(
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
+    dist.doing("wrapping the model (accelerator.prepare)", 0)
     model, optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
     run = _Run(
@@ -258,6 +267,7 @@ def _load_everything(
         result=TrainResult(global_step=0, output_dir=output_dir),
     )
     if resume_path is not None:
+        dist.doing(f"loading {resume_path.name}", 0)
         state = ckpt.load_checkpoint(
             resume_path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, method=method
         )
@@ -402,6 +412,7 @@ def _step_batches(run: _Run, micro_rows: list[list[int]]) -> list[dict]:
     batches = [_to_device(run.method.collate([run.train_rows[i] for i in ix], run.ctx), device) for ix in micro_rows]
     rollout = optional_member(run.method, "rollout")
     if rollout:
+        dist.doing("rolling out (generating completions)", run.step + 1)
         with torch.no_grad():
             batches = list(rollout(run.accelerator.unwrap_model(run.model), batches, run.ctx))
         if len(batches) != len(micro_rows):
@@ -433,16 +444,20 @@ def _optimizer_step(run: _Run) -> None:
     run.ctx.micro_step = 0
     for k, batch in enumerate(_step_batches(run, micro_rows)):
         run.ctx.micro_step = k
+        micro = f"micro-batch {k + 1} of {len(micro_rows)}"
+        dist.doing(f"computing the loss on {micro}", run.step + 1)
         # skip the DDP all-reduce on all but the last micro-batch
         sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
             out = run.method.loss(model, batch, run.ctx)
+        dist.doing(f"backward on {micro}", run.step + 1)
         accelerator.backward(out.loss_sum)
         step_loss += out.loss_sum.detach().float()
         step_n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
         run.window.add_metrics(out.metrics)
     if run.reuse > 1 and (run.step + 1) % run.reuse == 0:
         run.rollout_cache.clear()  # the group is done: the next step rolls out new data
+    dist.doing("summing the step's item counts over processes", run.step + 1)
     # one collective for the item count, the finiteness check and a stop request (any process may see a signal)
     flags = torch.stack(
         [step_n, (~torch.isfinite(step_loss)).double(), torch.tensor(float(run.stop_requested is not None)).double()]
@@ -543,6 +558,7 @@ def _log_evaluate_save(run: _Run) -> None:
 
 
 def _evaluate_and_log(run: _Run) -> None:
+    dist.doing("evaluating", run.step)
     batch_rows = _rows_per_batch(run.method, run.config, run.config.per_device_eval_batch_size)
     metrics = evaluate(run.method, run.model, run.eval_rows, run.ctx, run.accelerator, batch_rows)
     row = {"step": run.step, **metrics}
@@ -551,6 +567,7 @@ def _evaluate_and_log(run: _Run) -> None:
 
 
 def _save(run: _Run) -> Path:
+    dist.doing(f"saving checkpoint-{run.step}", run.step)
     path = ckpt.save_checkpoint(
         run.output_dir,
         run.step,
@@ -564,6 +581,7 @@ def _save(run: _Run) -> Path:
         rollout_cache=run.rollout_cache,
         services={name: service.state_dict() for name, service in run.ctx.services.items()},
         save_total_limit=run.config.save_total_limit,
+        sharded=dist.is_sharded(run.accelerator),
     )
     run.callbacks.emit("on_save", run.ctx, path)
     return path
@@ -610,9 +628,12 @@ def _finish(run: _Run) -> None:
     if run.eval_rows is not None:
         _evaluate_and_log(run)
     accelerator = run.accelerator
+    dist.doing("saving the final model", run.step)
     accelerator.wait_for_everyone()
+    # sharded (FSDP2): every process sends its shards, the main process writes one consolidated model
+    state = dist.full_state_dict(accelerator, run.model) if dist.is_sharded(accelerator) else None
     if accelerator.is_main_process:  # atomic, then marked complete (run_complete.json)
-        _run_guard.save_final(run.output_dir, accelerator.unwrap_model(run.model), run.tokenizer, run.step)
+        _run_guard.save_final(run.output_dir, accelerator.unwrap_model(run.model), run.tokenizer, run.step, state)
     accelerator.wait_for_everyone()
 
 
@@ -634,14 +655,22 @@ def evaluate(method: Any, model: Any, rows: Any, ctx: TrainContext, accelerator:
     rollout = optional_member(method, "rollout")
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    # every process runs the same number of batches: under FSDP2 each forward (and each generation step) is a
+    # collective, so a process that ran out of rows repeats its first batch and discards the result
+    n_batches = math.ceil(len(rows) / (world * batch_size))
     try:
-        for start in range(rank * batch_size, len(rows), world * batch_size):
+        for b in range(n_batches):
+            start = (b * world + rank) * batch_size
+            padding = start >= len(rows)
+            start = rank * batch_size % len(rows) if padding else start
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
             batch = _to_device(method.collate(chunk, ctx), accelerator.device)
             if rollout:
                 batch = rollout(accelerator.unwrap_model(model), [batch], ctx)[0]
             with accelerator.autocast():
                 out = method.loss(model, batch, ctx)
+            if padding:
+                continue
             loss_sum += out.loss_sum.double()
             n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
             window.add_metrics(out.metrics)

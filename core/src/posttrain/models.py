@@ -322,17 +322,22 @@ def reference_model(ctx: Any, path: str | None = None):
 
     .. versionadded:: 0.1
     """
+    from posttrain import _distributed
+
     if is_peft_model(ctx.model):
         return None
     path = path or ctx.model_path
     if path:
-        ref = load_causal_lm(path, ctx.config)
+        with _distributed.loading_whole():  # every process loads it whole, then shards it below
+            ref = load_causal_lm(path, ctx.config)
     else:
         ref = frozen_copy(ctx.model)
     ref.requires_grad_(False)
     ref.eval()
     if ctx.accelerator is not None:
         ref = ref.to(ctx.accelerator.device)
+        if _distributed.is_sharded(ctx.accelerator):  # FSDP2: the reference costs 1/world per process
+            ref = _distributed.shard_frozen(ref, ctx.accelerator)
     return ref
 
 
@@ -367,7 +372,10 @@ def load_teacher(path: str, tokenizer: Any, config: Any, device: Any = None):
             f"teacher at {path!r} uses a different tokenizer vocabulary ({len(teacher_tok)} vs {len(tokenizer)} tokens); "
             "on-policy distillation here compares token distributions, so teacher and student must share a tokenizer."
         )
-    teacher = load_causal_lm(path, config)
+    from posttrain import _distributed
+
+    with _distributed.loading_whole():  # under FSDP2 every process holds a whole (unsharded) teacher
+        teacher = load_causal_lm(path, config)
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher.to(device) if device is not None else teacher

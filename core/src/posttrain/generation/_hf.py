@@ -93,8 +93,15 @@ class HFGenerator:
         pad = self.params.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        # FSDP2: each forward all-gathers the parameters, a collective, so every process keeps stepping until
+        # all of them are done (transformers' synced_gpus) instead of leaving the decode loop early and hanging
+        from posttrain._distributed import is_fsdp_module
+
+        synced = is_fsdp_module(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         with _seeded(seed, device):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=self.config, synced_gpus=synced or None
+            )
         sequences = out.sequences if self.reports_logps else out
         new = sequences[:, width:]
         logps: list[list[float]] = [[] for _ in rows]
