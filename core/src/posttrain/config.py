@@ -37,6 +37,7 @@ class TrainingConfig:
     """Fields every method shares. A method's config adds its own fields and paper defaults.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 ``freeze`` (vision-language models).
     """
 
     # -- what to train on
@@ -71,6 +72,8 @@ class TrainingConfig:
     attn_implementation: str | None = None
     use_cpu: bool = False  # train on CPU even when an accelerator is present
     torch_compile: bool = False
+    # vision-language models: parts that do not train (with use_peft: parts that get no adapters)
+    freeze: Literal["none", "vision", "vision_and_projector"] = "none"  # none, the vision tower, or tower + projector
     # -- LoRA (needs `pip install posttrain[peft]`)
     use_peft: bool = False
     lora_r: int = 16

@@ -28,6 +28,7 @@ import torch
 
 from posttrain import _checkpoint as ckpt
 from posttrain import _tracking as tracking
+from posttrain import vision
 from posttrain._errors import DataError, PluginError, PosttrainError
 from posttrain._method import TrainContext, TrainOutcome, method_problems, optional_member
 
@@ -157,11 +158,11 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, config, resuming=resume_path is not None)
     set_seed(config.seed)
-    if tokenizer is None:
-        tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer, processor = _tokenizer_and_processor(config, tokenizer)
     if model is None:
         load = optional_member(method, "load_model")
         model = load(config) if load else models.load_causal_lm(config.model, config)
+    vision.freeze_parts(model, config.freeze)
     model = models.apply_peft(model, config)
     if config.torch_compile:
         model.compile()
@@ -172,6 +173,7 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
         model=model,
         model_path=config.model or None,
         rewards=rewards or {},
+        processor=processor,
     )
     model.to(accelerator.device)
     setup = optional_member(method, "setup")
@@ -229,6 +231,20 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     return run
 
 
+def _tokenizer_and_processor(config: Any, given: Any) -> tuple[Any, Any]:
+    """(tokenizer, processor or None): a processor given as ``tokenizer`` (TRL's ``processing_class``) or loaded
+    for a vision-language model brings its tokenizer; a text model gets its tokenizer alone."""
+    from posttrain import models
+
+    if given is not None:
+        inner = getattr(given, "tokenizer", None)
+        return (inner, given) if inner is not None and hasattr(given, "image_processor") else (given, None)
+    if vision.is_vision_language_model(config.model, config.trust_remote_code):
+        processor = models.load_processor(config.model, config.trust_remote_code)
+        return processor.tokenizer, processor
+    return models.load_tokenizer(config.model, config.trust_remote_code), None
+
+
 def _quiet_library_progress() -> None:
     """Our bar is the one progress display: silence transformers' and datasets' own bars."""
     import datasets
@@ -244,6 +260,8 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
 
     dataset = data_lib.load_dataset(source, ctx.config.dataset_split if split == "train" else "train")
     path = str(source) if isinstance(source, (str, Path)) else None
+    if vision.has_images(dataset):
+        _check_image_support(method, ctx, path or f"the {split} dataset")
     try:
         rows = method.prepare(dataset, ctx)
     except DataError as exc:
@@ -256,6 +274,24 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
             "filtered out; the warnings above say why, e.g. prompts longer than max_length)."
         )
     return rows
+
+
+def _check_image_support(method: Any, ctx: TrainContext, source: str) -> None:
+    """Rows with images need a method that declares ``supports_images`` and a vision-language model."""
+    name = getattr(method, "name", type(method).__name__)
+    if not getattr(method, "supports_images", False):
+        raise DataError(
+            f"{source} has rows with images, but method {name!r} trains on text only (it does not declare "
+            "supports_images). Use a method that accepts images (`posttrain info METHOD` says which), or drop the "
+            "images/image column."
+        )
+    if ctx.processor is None:
+        raise DataError(
+            f"{source} has rows with images, but the model{f' at {ctx.model_path!r}' if ctx.model_path else ''} is "
+            "not a vision-language model (its config has no vision_config, or no processor was given), so it cannot "
+            "see them. Train a "
+            "vision-language model (e.g. a LLaVA, Idefics3 or Qwen2-VL checkpoint), or drop the images/image column."
+        )
 
 
 def _rows_per_batch(method: Any, config: Any, batch_size: int) -> int:
@@ -473,7 +509,7 @@ def _save(run: _Run) -> Path:
         model=run.model,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
-        tokenizer=run.tokenizer,
+        tokenizer=run.ctx.processor or run.tokenizer,
         method=run.method,
         state={"epoch": run.epoch, "metric_totals": run.window.totals_for_checkpoint()},
         rollout_cache=run.rollout_cache,
@@ -527,7 +563,7 @@ def _finish(run: _Run) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(run.model).save_pretrained(run.output_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(run.output_dir)
+        (run.ctx.processor or run.tokenizer).save_pretrained(run.output_dir)  # a processor saves its tokenizer
     accelerator.wait_for_everyone()
 
 

@@ -41,7 +41,8 @@ def sequence_logps(
     """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
 
     Args:
-        model: a causal LM (called with ``use_cache=False`` and ``kwargs``).
+        model: a causal LM (called with ``use_cache=False`` and ``kwargs``, e.g. a vision-language model's pixel
+            values).
         input_ids: (B, T) token ids.
         attention_mask: (B, T), 1 on real tokens.
         loss_mask: (B, T), 1 on the tokens scored.
@@ -68,6 +69,7 @@ def completion_logps(
     completion_width: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    **model_inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the last ``completion_width`` tokens of each row, at a sampling temperature.
 
@@ -78,20 +80,28 @@ def completion_logps(
         completion_width: C.
         temperature: logits are divided by it, as when the completions were sampled.
         with_entropy: also return the per-token entropy (detached).
+        model_inputs: more forward inputs, e.g. a vision-language model's pixel values
+            (:attr:`posttrain.generation.Rollout.model_inputs`).
 
     Returns:
         (logps (N, C) float32, entropy (N, C) or None).
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.0 ``model_inputs``.
     """
-    # positions count real tokens only, as generate() numbers them after left padding
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if model_inputs:
+        # a vision-language model numbers positions itself: Qwen2-VL's 3-D rotary positions follow the image grid,
+        # which 1-D positions would flatten; rotary positions are relative, so left padding changes nothing else
+        position_ids = None
+    else:  # positions count real tokens only, as generate() numbers them after left padding
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
         logits_to_keep=completion_width + 1,
+        **model_inputs,
     ).logits[:, :-1]  # (N, C, V)
     logits = logits.float() / temperature
     logps = token_logps(logits, input_ids[:, -completion_width:])

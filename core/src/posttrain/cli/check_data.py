@@ -37,7 +37,9 @@ def read_rows(path: str) -> list[dict]:
         not_objects = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
         if not_objects:
             raise DataError(f"row {not_objects[0]} of {path} is not a JSON object (got {rows[not_objects[0]]!r}).")
-        return rows
+        from posttrain.vision import resolve_image_paths
+
+        return resolve_image_paths(rows, p.parent)  # as train reads them: relative to the dataset file
     from posttrain.data import load_dataset
 
     return load_dataset(path).to_list()
@@ -61,6 +63,23 @@ def _method_problems(method_class, rows: list[dict]) -> list[RowProblem]:
     return found
 
 
+def _image_support_problems(method_class, name: str, rows: list[dict]) -> list[RowProblem]:
+    """Rows with images for a method that does not declare ``supports_images``: the dataset as a whole is refused."""
+    from posttrain.vision import IMAGE_COLUMNS, has_images
+
+    if getattr(method_class, "supports_images", False) or not has_images(rows):
+        return []
+    column = next(c for c in IMAGE_COLUMNS if any(r.get(c) for r in rows))
+    return [
+        RowProblem(
+            -1,
+            column,
+            f"holds images, but method {name!r} trains on text only (it does not declare supports_images)",
+            "Use a method that accepts images (`posttrain info METHOD` says which), or drop the column.",
+        )
+    ]
+
+
 def run(command: str, argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="posttrain check-data", description="Validate a dataset against a method's format; no model is loaded."
@@ -79,6 +98,7 @@ def run(command: str, argv: list[str]) -> int:
     rows = read_rows(args.file)
     source = Path(args.file).name
     problems = validate(rows, formats, source, args.limit) if formats else []
+    problems = _image_support_problems(method_class, args.method, rows) + problems
     if args.limit is None or len(problems) < args.limit:
         seen = {(q.row, q.field) for q in problems}
         extra = _method_problems(method_class, rows)

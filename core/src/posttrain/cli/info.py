@@ -28,6 +28,8 @@ def run(command: str, argv: list[str]) -> int:
     method_class = discovery.load(entry)
     formats = ", ".join(getattr(method_class, "dataset_formats", ()) or ["(not declared)"])
     print(f"data:     {formats}")
+    accepts = getattr(method_class, "supports_images", False) is True
+    print(f"images:   {'yes: rows may carry images (vision-language models)' if accepts else 'no: text only'}")
     print(f"\nconfig fields ({method_class.config_class.__name__}):")
     for name, type_name, default, help_text in describe_fields(method_class.config_class):
         print(f"  {name:32} {type_name:28} {default!r:>14}  {help_text}")

@@ -1,0 +1,201 @@
+"""A tiny vision-language model and a synthetic image task: "what colour is the shape?".
+
+``build_tiny_vlm`` writes a random LLaVA (a one-layer CLIP vision tower, the two-layer projector and a two-layer
+Llama) with a processor built from the character tokenizer of :mod:`posttrain.testing.tiny` plus the ``<image>``
+token and a CLIP image processor: no hub, no torchvision, ~50k parameters, milliseconds per step on CPU.
+``shape_image`` draws a coloured square or disc at a random place on a noisy grey background, so the colour is
+the only thing an answer can depend on; ``colour_rows`` makes rows of every dataset format around it::
+
+    path = build_tiny_vlm("/tmp/vlm")
+    rows = colour_rows(64, "prompt_completion", seed=0)   # {"images": [PIL], "prompt": [...], "completion": [...]}
+
+.. versionadded:: 1.0
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (40, 60, 220),
+    "yellow": (230, 210, 20),
+}
+"""The colours of :func:`shape_image` and their RGB values; a random answer is right one time in four.
+
+.. versionadded:: 1.0
+"""
+IMAGE_SIZE = 32
+"""Side of the square images, in pixels (the tiny CLIP tower sees 4 x 4 patches of 8 pixels).
+
+.. versionadded:: 1.0
+"""
+QUESTION = "What colour is the shape?"
+"""The question every row of :func:`colour_rows` asks.
+
+.. versionadded:: 1.0
+"""
+
+#: Renders string content or content parts; an image part becomes ``<image>``, which the processor expands into one
+#: token per image patch. Assistant turns are wrapped in {% generation %} for assistant-only loss.
+VISION_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}<image>{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{ render(message['content']) + '<|end|>' }}"
+    "{% endgeneration %}"
+    "{%- else -%}{{ render(message['content']) + '<|end|>' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+"""The chat template of :func:`build_tiny_vlm`'s processor (``<|role|>content<|end|>`` per message).
+
+.. versionadded:: 1.0
+"""
+
+
+def shape_image(colour: str, rng: random.Random, size: int = IMAGE_SIZE):
+    """A ``size`` x ``size`` RGB image: noisy grey background, one ``colour`` square or disc of random size and place.
+
+    .. versionadded:: 1.0
+    """
+    from PIL import Image, ImageDraw
+
+    background = [rng.randrange(90, 170) for _ in range(size * size)]
+    image = Image.new("RGB", (size, size))
+    image.putdata([(v, v, v) for v in background])
+    side = rng.randrange(size // 3, size * 2 // 3)
+    x, y = rng.randrange(0, size - side), rng.randrange(0, size - side)
+    draw = ImageDraw.Draw(image)
+    box = (x, y, x + side - 1, y + side - 1)
+    if rng.random() < 0.5:
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.ellipse(box, fill=COLOURS[colour])
+    return image
+
+
+def colour_rows(n: int, fmt: str = "prompt_completion", seed: int = 0, conversational: bool = True) -> list[dict]:
+    """``n`` rows asking for the colour of the shape in their image, in dataset format ``fmt``.
+
+    Colours cycle, so any ``len(COLOURS)`` consecutive rows hold each once; ``answer`` holds the right colour in
+    every format (for rewards and for tests). Every third row carries a second image of the same colour
+    (``"Both shapes: "`` prefixes the question), so batches mix rows with one and two images.
+
+    Args:
+        fmt: ``language_modeling`` (``messages``), ``prompt_completion``, ``preference`` (a wrong colour as
+            ``rejected``) or ``prompt_only``.
+        conversational: message lists with ``{"type": "image"}`` parts (True), or standard strings with the
+            ``<image>`` token (False).
+
+    .. versionadded:: 1.0
+    """
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    rows = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        wrong = names[(i + 1 + rng.randrange(len(names) - 1)) % len(names)]
+        count = 2 if i % 3 == 2 else 1
+        images = [shape_image(colour, rng) for _ in range(count)]
+        question = ("Both shapes: " if count == 2 else "") + QUESTION
+        if conversational:
+            prompt: Any = [
+                {"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": question}]}
+            ]
+            chosen: Any = [{"role": "assistant", "content": colour}]
+            rejected: Any = [{"role": "assistant", "content": wrong}]
+        else:
+            prompt, chosen, rejected = "<image>" * count + question + " ", colour, wrong
+        row: dict[str, Any] = {"images": images}
+        if fmt == "language_modeling":
+            row["messages" if conversational else "text"] = prompt + chosen
+        elif fmt == "prompt_completion":
+            row.update(prompt=prompt, completion=chosen)
+        elif fmt == "preference":
+            row.update(prompt=prompt, chosen=chosen, rejected=rejected)
+        elif fmt == "prompt_only":
+            row["prompt"] = prompt
+        else:
+            raise ValueError(
+                f"unknown format {fmt!r}; use language_modeling, prompt_completion, preference or prompt_only"
+            )
+        row["answer"] = colour
+        rows.append(row)
+    return rows
+
+
+def build_tiny_vlm(path: str | Path, seed: int = 0, hidden_size: int = 32, vision_hidden_size: int = 32) -> Path:
+    """Write a random tiny LLaVA and its processor to ``path`` (a directory ``from_pretrained`` and
+    ``AutoProcessor`` load) and return it; reused when ``config.json`` is already there.
+
+    .. versionadded:: 1.0
+    """
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from posttrain.testing.tiny import build_tokenizer
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.chat_template = VISION_CHAT_TEMPLATE
+    patch = 8
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",  # drop the CLS feature: one token per patch
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=VISION_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
