@@ -43,6 +43,7 @@ PUBLIC_MODULES = (
     "posttrain.hookspecs",
     "posttrain.rewards",
     "posttrain.generation",
+    "posttrain.vision",
     "posttrain.testing",
     "posttrain.testing.kit",
     "posttrain.testing.parity",

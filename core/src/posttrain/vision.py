@@ -64,6 +64,10 @@ IMAGE_COLUMNS = ("images", "image")
 .. versionadded:: 1.0
 """
 Freeze = Literal["none", "vision", "vision_and_projector"]
+"""The type of the ``freeze`` config field (see :data:`FREEZE_CHOICES`).
+
+.. versionadded:: 1.0
+"""
 FREEZE_CHOICES: tuple[str, ...] = ("none", "vision", "vision_and_projector")
 """Values of the ``freeze`` config field: train everything, everything but the vision tower, or the language
 model only.

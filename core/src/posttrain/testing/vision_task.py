@@ -2,7 +2,8 @@
 
 ``build_tiny_vlm`` writes a random LLaVA (a one-layer CLIP vision tower, the two-layer projector and a two-layer
 Llama) with a processor built from the character tokenizer of :mod:`posttrain.testing.tiny` plus the ``<image>``
-token and a CLIP image processor: no hub, no torchvision, ~50k parameters, milliseconds per step on CPU.
+token and a CLIP image processor: no hub, no torchvision, ~40k parameters, four tokens per image, milliseconds
+per step on CPU.
 ``shape_image`` draws a coloured square or disc at a random place on a noisy grey background, so the colour is
 the only thing an answer can depend on; ``colour_rows`` makes rows of every dataset format around it::
 
@@ -29,7 +30,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 .. versionadded:: 1.0
 """
 IMAGE_SIZE = 32
-"""Side of the square images, in pixels (the tiny CLIP tower sees 4 x 4 patches of 8 pixels).
+"""Side of the square images, in pixels (the tiny CLIP tower sees 2 x 2 patches of 16 pixels: four tokens).
 
 .. versionadded:: 1.0
 """
@@ -111,8 +112,9 @@ def colour_rows(n: int, fmt: str = "prompt_completion", seed: int = 0, conversat
             prompt: Any = [
                 {"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": question}]}
             ]
-            chosen: Any = [{"role": "assistant", "content": colour}]
-            rejected: Any = [{"role": "assistant", "content": wrong}]
+            # content parts in every message: a dataset column cannot mix string and list contents (Arrow)
+            chosen: Any = [{"role": "assistant", "content": [{"type": "text", "text": colour}]}]
+            rejected: Any = [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}]
         else:
             prompt, chosen, rejected = "<image>" * count + question + " ", colour, wrong
         row: dict[str, Any] = {"images": images}
@@ -152,7 +154,7 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, hidden_size: int = 32, visio
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     tokenizer.chat_template = VISION_CHAT_TEMPLATE
-    patch = 8
+    patch = 16
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
