@@ -197,7 +197,7 @@ def _check_messages(value: Any, row: int, column: str) -> RowProblem | None:
             return RowProblem(
                 row,
                 column,
-                f"message {j} has content {content!r}, neither a string nor a list of content parts",
+                f"message {j} has non-string content {content!r} that is not a list of content parts either",
                 'Write the content as a string, or as parts [{"type": "text", "text": "..."}, {"type": "image"}].',
             )
     return None

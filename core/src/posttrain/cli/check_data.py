@@ -123,10 +123,11 @@ def run(command: str, argv: list[str]) -> int:
         )
     else:
         for q in problems:
-            print(q.message(source) if q.row >= 0 else q.problem)
+            print(q.message(source) if q.row >= 0 or q.field else q.problem)
         if problems:
+            whole = " and a problem with the dataset as a whole" if any(q.row < 0 for q in problems) else ""
             print(
-                f"\n{len(bad_rows)} bad row(s) out of {len(rows)} in {args.file} for method {args.method!r} "
+                f"\n{len(bad_rows)} bad row(s){whole} out of {len(rows)} in {args.file} for method {args.method!r} "
                 f"(format: {' or '.join(formats)})."
             )
         else:
