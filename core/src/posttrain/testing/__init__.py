@@ -9,7 +9,14 @@ The conformance kit is a pytest plugin that a method package opts into with
 
 from posttrain.testing.echo_task import build_echo_model, echo_exact, echo_exact_probability, echo_rows
 from posttrain.testing.tiny import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
-from posttrain.testing.vision_task import COLOURS, VISION_CHAT_TEMPLATE, build_tiny_vlm, colour_rows, shape_image
+from posttrain.testing.vision_task import (
+    COLOURS,
+    VISION_CHAT_TEMPLATE,
+    build_tiny_vlm,
+    colour_logps,
+    colour_rows,
+    shape_image,
+)
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -19,6 +26,7 @@ __all__ = [
     "build_tiny_model",
     "build_tiny_vlm",
     "build_tokenizer",
+    "colour_logps",
     "colour_rows",
     "echo_exact",
     "echo_exact_probability",

@@ -70,10 +70,10 @@ def shape_image(colour: str, rng: random.Random, size: int = IMAGE_SIZE):
     """
     from PIL import Image, ImageDraw
 
-    background = [rng.randrange(90, 170) for _ in range(size * size)]
+    background = [rng.randrange(100, 160) for _ in range(size * size)]
     image = Image.new("RGB", (size, size))
     image.putdata([(v, v, v) for v in background])
-    side = rng.randrange(size // 3, size * 2 // 3)
+    side = rng.randrange(size // 2, size * 3 // 4)
     x, y = rng.randrange(0, size - side), rng.randrange(0, size - side)
     draw = ImageDraw.Draw(image)
     box = (x, y, x + side - 1, y + side - 1)
@@ -201,3 +201,44 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, hidden_size: int = 32, visio
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def colour_logps(model: Any, processor: Any, rows: list[dict]):
+    """Log-probability of each colour answer (its text and end-of-turn token) for each conversational row's prompt:
+    a noise-free measure of what the model learnt, with no sampling.
+
+    Args:
+        model: a vision-language model (in eval mode, on CPU or any device).
+        processor: its processor.
+        rows: rows of :func:`colour_rows` with a conversational ``prompt``.
+
+    Returns:
+        (len(rows), len(COLOURS)) float tensor, columns in :data:`COLOURS` order; the right colour's column is
+        ``list(COLOURS).index(row["answer"])``.
+
+    .. versionadded:: 1.0
+    """
+    import torch
+
+    from posttrain.vision import encode, image_inputs
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            prompt = encode(processor, row["prompt"], row["images"], add_generation_prompt=True)["input_ids"]
+            answers = [processor.tokenizer(c + "<|end|>", add_special_tokens=False).input_ids for c in COLOURS]
+            width = len(prompt) + max(len(a) for a in answers)
+            pad = processor.tokenizer.pad_token_id
+            ids = torch.tensor([prompt + a + [pad] * (width - len(prompt) - len(a)) for a in answers], device=device)
+            mask = torch.tensor([[1] * (len(prompt) + len(a)) + [0] * (width - len(prompt) - len(a)) for a in answers])
+            pixels = image_inputs(processor, [row["images"]] * len(answers))
+            logits = model(
+                input_ids=ids, attention_mask=mask.to(device), **{k: v.to(device) for k, v in pixels.items()}
+            ).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (K, T-1)
+            scored = torch.zeros_like(logps)
+            for k, a in enumerate(answers):
+                scored[k, len(prompt) - 1 : len(prompt) - 1 + len(a)] = 1  # position t predicts token t + 1
+            out.append((logps * scored).sum(-1).cpu())
+    return torch.stack(out)
