@@ -8,11 +8,13 @@ nox -s copies              # "# Copied from" markers still match their source (p
 nox -s parity              # per-method comparison against TRL 1.16 (installs trl; not in CI)
 nox -s bench               # speed/memory against TRL and a bare PyTorch loop (not in CI)
 nox -s demo                # the end-to-end demo
+nox -s build               # wheel + sdist of core and every plugin into dist/, then twine check --strict
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nox
@@ -21,20 +23,24 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ["-c", str(ROOT / "constraints.txt")]
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file())
 CORE_EXTRAS = "core[peft,plot,tensorboard]"
+# a plugin's extras that its tests need (the libraries it drives); pinned in constraints.txt
+PLUGIN_EXTRAS = {"posttrain-trackers": "[all]"}
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 
 def install_all(session: nox.Session, *extra: str) -> None:
-    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, *[f"-eplugins/{p}" for p in PLUGINS], "pytest", *extra)
+    plugins = [f"-eplugins/{p}{PLUGIN_EXTRAS.get(p, '')}" for p in PLUGINS]
+    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, *plugins, "pytest", *extra)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
-    # setuptools>=77 builds the scaffolded packages (SPDX license) in the scaffold tests, without build isolation
-    install_all(session, "pytest-xdist", "ruff==0.17.6", "setuptools>=77")
+    # setuptools>=77 builds sdists and scaffolded packages (SPDX license) without build isolation in the tests;
+    # jsonschema validates the shipped configs against their schemas
+    install_all(session, "pytest-xdist", "ruff==0.17.6", "setuptools>=77", "jsonschema")
     # two workers with one torch thread each beat one worker with two threads on tiny models
     session.run(
         "python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs, env={"OMP_NUM_THREADS": "1"}
@@ -45,7 +51,7 @@ def tests(session: nox.Session) -> None:
 @nox.parametrize("name", PLUGINS)
 def plugin(session: nox.Session, name: str) -> None:
     """One plugin installed alone with core: a hidden dependency on another plugin fails here."""
-    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, f"-eplugins/{name}", "pytest")
+    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, f"-eplugins/{name}{PLUGIN_EXTRAS.get(name, '')}", "pytest")
     others = [p for p in PLUGINS if p != name]
     installed = session.run("python", "-m", "pip", "list", "--format=json", silent=True)
     leaked = sorted({d["name"] for d in json.loads(installed)} & set(others))
@@ -92,3 +98,15 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     install_all(session)
     session.run("posttrain", "demo", *session.posargs)
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """A wheel and an sdist for core and every plugin in dist/, each built in isolation as an index would,
+    then `twine check --strict` on all of them (fails on any warning, e.g. a missing long description)."""
+    session.install("build==1.6.1", "twine==7.0.0")
+    out = ROOT / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    for package in ["core", *[f"plugins/{p}" for p in PLUGINS]]:
+        session.run("python", "-m", "build", "--outdir", str(out), str(ROOT / package))
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in out.iterdir()))

@@ -52,6 +52,7 @@ class FakeSite:
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,
+        commands: dict[str, str] | None = None,
         summary: str | None = None,
         module: str | None = None,
         code: str | None = None,
@@ -74,6 +75,7 @@ class FakeSite:
             ("posttrain.methods", methods),
             ("posttrain.rewards", rewards),
             ("posttrain.plugins", plugins),
+            ("posttrain.commands", commands),
         ):
             if items:
                 eps.append(f"[{group}]")

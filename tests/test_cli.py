@@ -53,7 +53,9 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.startswith("posttrain ")
 
 
-def test_list_table_shows_status_and_reasons(fake_site, capsys):
+def test_list_table_shows_status_and_reasons(fake_site, capsys, monkeypatch):
+    # the last column shrinks to the terminal: wide enough that the installed packages' names do not cut the reason
+    monkeypatch.setenv("COLUMNS", "200")
     fake_site.add("pt-s", methods={"zz-s": "pt_s:Method"}, module="pt_s", code=GOOD, summary="stable thing")
     fake_site.add("pt-e", status="3 - Alpha", methods={"zz-e": "pt_e:Method"}, module="pt_e", code=GOOD)
     fake_site.add("pt-x", methods={"zz-x": "pt_missing:Method"})
@@ -184,3 +186,23 @@ def test_plot_renders_png(runner, toy_rows, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(runner.tmp)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["list"], ["--help"], ["info", "dpo"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    """`posttrain list | head -1`: the reader goes away; no BrokenPipeError traceback, exit 141 (SIGPIPE)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posttrain", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ
+    )
+    proc.stdout.close()  # before the command writes anything: every write hits a pipe without a reader
+    err = proc.stderr.read().decode()
+    # 141 (SIGPIPE's shell code); argparse's --help swallows the write error itself and exits 0
+    assert proc.wait(timeout=120) == (0 if argv == ["--help"] else 141), err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
+
+
+def test_a_closed_pipe_in_a_shell_pipeline():
+    out = subprocess.run(
+        f"{sys.executable} -m posttrain list --all | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip() and "Traceback" not in out.stderr and "Broken" not in out.stderr

@@ -50,7 +50,7 @@ def test_missing_empty_and_unreadable_files(tmp_path):
     with pytest.raises(DataError, match="is empty"):
         data.load_dataset(str(tmp_path / "empty.jsonl"))
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="cannot read dataset file"):
+    with pytest.raises(DataError, match="row 0 of .*bad.jsonl: line 1 is not valid JSON"):
         data.load_dataset(str(tmp_path / "bad.jsonl"))
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(DataError, match="cannot tell the format"):

@@ -69,7 +69,7 @@ def test_missing_plugin_names_the_package(tmp_path, monkeypatch, capsys):
     code = main(["demo", "--quick", "--output_dir", str(tmp_path / "demo")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "posttrain-grpo" in err and "pip install ./plugins/posttrain-grpo" in err
+    assert "posttrain-grpo" in err and "`posttrain install grpo`" in err
     assert not (tmp_path / "demo").exists()  # refused before writing anything
 
 

@@ -189,3 +189,18 @@ def test_duplicate_distribution_on_path_counts_once(fake_site, tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(second))
     assert [e.name for e in discovery.discover(("method",))].count("zz-twice") == 1
     assert metadata.version("pt-twice") == "1.0.0"
+
+
+def test_a_distribution_without_summary_under_the_importlib_metadata_backport(fake_site):
+    """mlflow and OpenTelemetry import the importlib_metadata backport, which replaces importlib.metadata's
+    finders and raises KeyError for a missing METADATA field where the standard library returns None."""
+    pytest.importorskip("importlib_metadata", reason="the importlib_metadata backport is not installed")
+    dist = fake_site.add(
+        "pt-nosummary", methods={"zz-nosummary": "pt_nosummary:M"}, module="pt_nosummary", code="M = 1"
+    )
+    metadata_file = dist / "METADATA"
+    metadata_file.write_text(
+        "".join(line + "\n" for line in metadata_file.read_text().splitlines() if "Summary" not in line)
+    )
+    (entry,) = [e for e in discovery.discover(("method",)) if e.name == "zz-nosummary"]
+    assert entry.summary == "" and entry.package == "pt-nosummary"

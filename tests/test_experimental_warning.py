@@ -9,7 +9,18 @@ import pytest
 from posttrain import _discovery as discovery
 from posttrain import _registry as registry
 
-CODE = "class Method:\n    name = 'x'\n"
+CODE = """
+class Method:
+    name = "x"
+    config_class = object
+    dataset_formats = ("language_modeling",)
+
+    def prepare(self, dataset, ctx): ...
+
+    def collate(self, rows, ctx): ...
+
+    def loss(self, model, batch, ctx): ...
+"""
 
 
 @pytest.fixture

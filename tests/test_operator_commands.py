@@ -95,7 +95,7 @@ def test_check_data_json_shape_and_limit(tmp_path, capsys):
     code, out, _ = cli(capsys, "check-data", "dpo", data, "--json")
     report = json.loads(out)
     assert code == 1
-    assert set(report) == {"method", "file", "rows", "formats", "bad_rows", "problems"}
+    assert set(report) == {"method", "file", "rows", "formats", "bad_rows", "problems", "warnings"}
     assert (report["method"], report["rows"], report["formats"], report["bad_rows"]) == ("dpo", 6, ["preference"], 3)
     assert all(set(p) == {"row", "field", "problem", "fix"} for p in report["problems"])
     assert [(p["row"], p["field"]) for p in report["problems"]] == [
@@ -112,8 +112,8 @@ def test_check_data_ok_and_malformed_line(tmp_path, capsys):
     code, out, _ = cli(capsys, "check-data", "sft", data)
     assert code == 0 and out.startswith("ok: 5 rows of") and "'sft'" in out
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n')
-    code, _, err = cli(capsys, "check-data", "sft", tmp_path / "broken.jsonl")
-    assert code == 2 and "line 2 of" in err and "not valid JSON" in err and "one JSON object" in err
+    code, out, _ = cli(capsys, "check-data", "sft", tmp_path / "broken.jsonl")
+    assert code == 1 and "row 1 of broken.jsonl: line 2 is not valid JSON" in out and "one JSON object" in out
 
 
 def test_check_data_wrong_format_names_columns(tmp_path, capsys):

@@ -153,18 +153,21 @@ def save_checkpoint(
             for file in tmp.iterdir():
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
+        accelerator.wait_for_everyone()
+        if main:
+            if final.exists():  # re-saving the same step (e.g. interrupt right after a save)
+                (final / STATE_FILE).unlink(missing_ok=True)  # first, so a half-deleted one never looks complete
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(output_dir)
     except BaseException as exc:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, PosttrainError):
-            raise CheckpointWriteError.from_os_error(exc, final) from exc
+        if isinstance(exc, Exception) and not isinstance(exc, PosttrainError):
+            # a full disk shows up as OSError, or as whatever safetensors, tokenizers or torch.save raise
+            raise CheckpointWriteError.from_error(exc, final) from exc
         raise
-    accelerator.wait_for_everyone()
     if main:
-        if final.exists():  # re-saving the same step (e.g. interrupt right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(output_dir)
         if save_total_limit:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
                 (old / STATE_FILE).unlink(missing_ok=True)  # first, so a half-deleted one never looks complete
@@ -177,15 +180,16 @@ class CheckpointWriteError(PosttrainError, OSError):
     """Writing a checkpoint failed (full disk, quota, permissions); nothing partial was left behind."""
 
     @classmethod
-    def from_os_error(cls, exc: OSError, final: Path) -> CheckpointWriteError:
+    def from_error(cls, exc: Exception, final: Path) -> CheckpointWriteError:
+        from posttrain import _run_guard
+
         newest = latest_checkpoint(final.parent)
         kept = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
-        where = f" ({exc.filename})" if exc.filename else ""
         error = cls(
-            f"could not write {final.name}: {exc.strerror or exc}{where}. The partial checkpoint was removed and "
-            f"{kept}. Free disk space (or set save_total_limit), then continue with --resume_from_checkpoint latest."
+            f"could not write {final.name}: {_run_guard._reason(exc)}. The partial checkpoint was removed and "
+            f"{kept}. Free disk space (or set save_total_limit), then: {_run_guard.advice(final.parent)}"
         )
-        error.errno = exc.errno
+        error.errno = getattr(exc, "errno", None)
         return error
 
 
@@ -212,7 +216,8 @@ def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | Non
         hint = (
             f" Resume from the newest complete checkpoint there, {newest} (or 'latest')."
             if newest
-            else " No complete checkpoint is left there; start again without resuming."
+            else " No complete checkpoint is left there; start again with --overwrite_output_dir true instead of "
+            "--resume_from_checkpoint."
         )
         raise PosttrainError(
             f"checkpoint {str(path)!r} is incomplete or corrupt (no {STATE_FILE}); it was probably interrupted while "
@@ -226,17 +231,19 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
     from safetensors.torch import load_file
 
     path = Path(path)
+    reading = path / STATE_FILE
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = json.loads(reading.read_text())
         unwrapped = accelerator.unwrap_model(model)
         if (path / "adapter_model.safetensors").is_file():
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(unwrapped, load_file(path / "adapter_model.safetensors"))
+            reading = path / "adapter_model.safetensors"
+            set_peft_model_state_dict(unwrapped, load_file(reading))
         else:
             weights = {}
-            for file in sorted(path.glob("model*.safetensors")):
-                weights.update(load_file(file))
+            for reading in sorted(path.glob("model*.safetensors")):
+                weights.update(load_file(reading))
             if not weights:
                 raise FileNotFoundError("no model*.safetensors file")
             missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
@@ -246,21 +253,38 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
                 raise ValueError(
                     f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        optimizer.load_state_dict(_load(path / "optimizer.pt", map_location="cpu"))
-        scheduler.load_state_dict(_load(path / "scheduler.pt"))
+        reading = path / "optimizer.pt"
+        optimizer.load_state_dict(_load(reading, map_location="cpu"))
+        reading = path / "scheduler.pt"
+        scheduler.load_state_dict(_load(reading))
         load_method_state = getattr(method, "load_state_dict", None) if method is not None else None
-        if load_method_state is not None and (path / "method_state.pt").is_file():
-            load_method_state(_load(path / "method_state.pt"))
-        rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            _set_rng_state(_load(rng_file))
-        cache_file = path / f"rollout_cache_{accelerator.process_index}.pt"
-        state["rollout_cache"] = _load(cache_file) if cache_file.is_file() else {}
+        reading = path / "method_state.pt"
+        if load_method_state is not None and reading.is_file():
+            load_method_state(_load(reading))
+        reading = path / f"rng_state_{accelerator.process_index}.pt"
+        if reading.is_file():
+            _set_rng_state(_load(reading))
+        reading = path / f"rollout_cache_{accelerator.process_index}.pt"
+        state["rollout_cache"] = _load(reading) if reading.is_file() else {}
     except Exception as exc:  # any unreadable piece means the checkpoint cannot be trusted
         m = _CHECKPOINT_RE.match(path.name)
         earlier = [p for p in list_checkpoints(path.parent) if m and int(p.name.split("-")[1]) < int(m.group(1))]
-        hint = f"resume from an earlier one ({earlier[-1]})" if earlier else "start again without resuming"
+        hint = (
+            f"resume from an earlier one ({earlier[-1]})"
+            if earlier
+            else "start again: --overwrite_output_dir true instead of --resume_from_checkpoint"
+        )
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # garbage, or objects weights_only refused: never run them
+            raise PosttrainError(
+                f"cannot resume from {path}: {reading.name} is not a plain file of tensors and data (it is corrupt, "
+                "or it holds Python objects that could run code when loaded), so it was not loaded. posttrain never "
+                f"writes such files: if you did not make this checkpoint, do not trust it. Delete it and {hint}."
+            ) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PosttrainError(
-            f"cannot resume from {path}: the checkpoint is corrupt or incomplete ({exc}). Delete it and {hint}."
+            f"cannot resume from {path}: the checkpoint is corrupt or incomplete ({reading.name}: {reason}). "
+            f"Delete it and {hint}."
         ) from exc
     return state

@@ -26,7 +26,12 @@ import re
 import warnings
 from importlib import metadata
 
-GROUPS = {"method": "posttrain.methods", "reward": "posttrain.rewards", "plugin": "posttrain.plugins"}
+GROUPS = {
+    "method": "posttrain.methods",
+    "reward": "posttrain.rewards",
+    "plugin": "posttrain.plugins",
+    "command": "posttrain.commands",  # CLI subcommands: name = command, value = module:function(argv) -> int
+}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 STABLE, EXPERIMENTAL, INACTIVE = "stable", "experimental", "inactive"
@@ -181,27 +186,38 @@ def core_version() -> str:
 # -- discovery ---------------------------------------------------------------------------------------
 
 
+def normalize(name: str) -> str:
+    """A name as pip compares it (PEP 503): case-insensitive, runs of ``-``, ``_`` and ``.`` are one ``-``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
 def _env_list(name: str) -> set[str] | None:
+    """The normalised names of a comma-separated environment variable, None when it is unset or blank."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    return {item.strip() for item in raw.split(",") if item.strip()}
+    return {normalize(item) for item in raw.split(",") if item.strip()}
 
 
 def _allowed(package: str, name: str) -> bool:
-    """Operator allow/block lists match a distribution name or a provided name."""
+    """Operator allow/block lists match a distribution name or a provided name, spelt in any way pip accepts
+    (``Posttrain_DPO`` blocks ``posttrain-dpo``), so a block cannot be dodged by spelling."""
     allow, block = _env_list("POSTTRAIN_PLUGINS"), _env_list("POSTTRAIN_DISABLE_PLUGINS")
-    keys = {package, name, package.replace("_", "-").lower()}
+    keys = {normalize(package), normalize(name)}
     if block and keys & block:
         return False
     return not (allow is not None and not keys & allow)
 
 
 def _docs_url(dist: metadata.Distribution) -> str:
+    """The package's documentation link: a Documentation/Docs URL before a Homepage one, whatever the order."""
+    urls = {}
     for url in dist.metadata.get_all("Project-URL") or []:
         label, _, link = url.partition(",")
-        if label.strip().lower() in ("documentation", "docs", "homepage"):
-            return link.strip()
+        urls.setdefault(label.strip().lower(), link.strip())
+    for label in ("documentation", "docs", "homepage"):
+        if urls.get(label):
+            return urls[label]
     return dist.metadata.get("Home-page") or ""
 
 
@@ -224,10 +240,10 @@ def discover(kinds: tuple[str, ...] = ("method", "reward", "plugin")) -> list[En
         if "[posttrain." not in text:
             continue
         try:
-            package = dist.metadata["Name"] or ""
+            package = dist.metadata.get("Name") or ""
         except Exception:  # unreadable METADATA; nothing to show it under
             continue
-        key = re.sub(r"[-_.]+", "-", package).lower()
+        key = normalize(package)
         if not package or key in seen:
             continue
         try:
@@ -259,7 +275,9 @@ def discover(kinds: tuple[str, ...] = ("method", "reward", "plugin")) -> list[En
                 value=ep.value,
                 package=package,
                 version=dist.version or "?",
-                summary=(dist.metadata["Summary"] or "").strip(),
+                # .get: the importlib_metadata backport (imported by mlflow, OpenTelemetry ...) takes over
+                # importlib.metadata's finders, and its metadata raises KeyError for a missing field
+                summary=(dist.metadata.get("Summary") or "").strip(),
                 status=declared,
                 declared_status=declared,
                 requires_core=requires,
@@ -334,17 +352,21 @@ def find(kind: str, name: str, entries: list[Entry] | None = None, allow_inactiv
     package = None
     if ":" in name:
         package, name = name.split(":", 1)
-    matches = [e for e in entries if e.kind == kind and e.name == name]
+    matches = [e for e in entries if e.kind == kind and normalize(e.name) == normalize(name)]
     if package:
-        norm = re.sub(r"[-_.]+", "-", package).lower()
-        matches = [e for e in matches if re.sub(r"[-_.]+", "-", e.package).lower() == norm]
+        matches = [e for e in matches if normalize(e.package) == normalize(package)]
     if not matches:
+        from posttrain.cli.plugin_index import not_installed_message
+
         known = sorted({e.name for e in entries if e.kind == kind})
+        indexed = None if package else not_installed_message(kind, name)
+        if indexed:  # a package we know provides it: say which, and how to install it
+            raise PluginError(indexed + (f" Installed {kind}s: {', '.join(known)}." if known else ""))
         hint = _suggest(name, known)
         listing = f" Installed: {', '.join(known)}." if known else f" No {kind} plugins are installed."
         install = (
-            f" If it is published, install it with `pip install posttrain-{name}`; `posttrain list` shows what "
-            "is installed."
+            f" If it is published as posttrain-{name}, install it with `posttrain install {name}`; `posttrain list` "
+            "shows what is installed."
             if kind == "method" and not hint
             else ""
         )
@@ -403,7 +425,7 @@ def _silenced(name: str) -> bool:
         return False
     if raw in ("1", "true", "yes", "all"):
         return True
-    names = {n.strip() for n in raw.split(",") if n.strip()}
+    names = {normalize(n) for n in raw.split(",") if n.strip()}
     bad = [n for n in names if not NAME_RE.match(n)]
     if bad:
         warnings.warn(
@@ -411,7 +433,7 @@ def _silenced(name: str) -> bool:
             "method names such as 'kto,orpo'.",
             stacklevel=3,
         )
-    return name in names
+    return normalize(name) in names
 
 
 def warn_if_experimental(entry: Entry) -> bool:

@@ -63,10 +63,8 @@ class RowProblem:
         return {"row": self.row, "field": self.field, "problem": self.problem, "fix": self.fix}
 
     def message(self, source: str = "the dataset") -> str:
-        if self.row < 0:
-            text = f"{source}: field {self.field!r} {self.problem}" if self.field else f"{source}: {self.problem}"
-        else:
-            text = f"row {self.row} of {source}: field {self.field!r} {self.problem}"
+        where = f"row {self.row} of {source}" if self.row >= 0 else source
+        text = f"{where}: field {self.field!r} {self.problem}" if self.field else f"{where}: {self.problem}"
         return f"{text}. {self.fix}" if self.fix else text
 
 
@@ -105,7 +103,7 @@ class DataError(PosttrainError, ValueError):
         if more:
             text += f" ({more} more problem{'s' if more > 1 else ''} in other rows.)"
         command = f"posttrain check-data {self.method or 'METHOD'} {self.source or 'FILE'}"
-        return f"{text} Run `{command}` to list every bad row."
+        return f"{text} Run `{command}` to list every bad row (rows count from 0, in file order)."
 
     def for_source(self, source: str, method: str | None = None) -> DataError:
         """The same error, naming ``source`` (a file) and ``method`` in its message and check-data hint."""

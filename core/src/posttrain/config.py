@@ -87,7 +87,9 @@ class TrainingConfig:
     save_total_limit: int | None = None  # keep only the newest N checkpoints
     save_on_interrupt: bool = True  # Ctrl-C writes a resumable checkpoint
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest" in output_dir
-    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard"]; metrics.jsonl is always written
+    resume_override: list[str] = field(default_factory=list)  # fields a resumed run may change (see failure-modes)
+    report_to: list[str] = field(default_factory=list)  # e.g. ["tensorboard", "wandb"]; metrics.jsonl is always written
+    tracker_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tracker, e.g. {wandb: {project: x}}
     disable_progress_bar: bool = False
     allow_inactive: bool = False  # use a retired (7 - Inactive) method anyway
 
@@ -114,7 +116,81 @@ class TrainingConfig:
             found.append("bf16 and fp16 are both true; choose one mixed-precision mode")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             found.append(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        if not 0 <= self.seed < 2**32:
+            found.append(f"seed must be in [0, 2**32 - 1] (numpy's range), got {self.seed}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("adam_epsilon", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                found.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            found.append(f"lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
+        for name, options in self.tracker_options.items():  # each tracker plugin checks the keys of its own
+            if not isinstance(options, dict):
+                found.append(f"tracker_options.{name} must be a mapping of option: value, got {options!r}")
         return found
+
+
+# -- rules every field gets, in every method's config ------------------------------------------------------
+
+#: Float fields named like this are probabilities or shares: [0, 1].
+_UNIT_INTERVAL = ("top_p", "min_p", "lmbda")
+_UNIT_SUFFIXES = ("_dropout", "_prob", "_probability", "_ratio", "_utilization")
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, float)]
+    return []
+
+
+def generic_problems(config: Any) -> dict[str, str]:
+    """Rules that hold for a field of any method by its type and name, so every plugin gets them for free.
+
+    - every float (alone or in a list) is finite: NaN and infinity are refused;
+    - probabilities and shares (``top_p``, ``min_p``, ``*_dropout``, ``*_prob``, ``*_ratio``, ...) lie in [0, 1];
+    - ``temperature`` is > 0; token lengths (``max_length``, ``max_*_length``) are >= 1, and ``max_length``
+      >= 2 (a prompt token and a completion token).
+    """
+    import math
+
+    found: dict[str, str] = {}  # field -> problem
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        bad = [v for v in _floats(value) if not math.isfinite(v)]
+        if bad:
+            found[f.name] = f"{f.name} must be a finite number, got {bad[0]}"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (f.name in _UNIT_INTERVAL or f.name.endswith(_UNIT_SUFFIXES)) and not 0 <= value <= 1:
+            found[f.name] = f"{f.name} must be in [0, 1] (a probability or share), got {value}"
+        if f.name == "temperature" and value <= 0:
+            found[f.name] = f"temperature must be > 0 (logits are divided by it), got {value}"
+        if f.name == "max_length" and value < 2:
+            found[f.name] = f"max_length must be >= 2 (one prompt token and one completion token), got {value}"
+        elif f.name.startswith("max_") and f.name.endswith("_length") and isinstance(value, int) and value < 1:
+            found[f.name] = f"{f.name} must be >= 1, got {value}"
+    return found
+
+
+def config_problems(config: Any) -> list[str]:
+    """The config's own :meth:`TrainingConfig.problems`, plus the generic rules for the fields they do not cover.
+
+    A config's own problems name their field first (the convention every method follows), so a field the
+    method already reports is not reported twice; the method's message, which knows the method, wins.
+    """
+    generic = generic_problems(config)
+    check = getattr(config, "problems", None)  # TrainingConfig's cross-field checks; plain options have none
+    try:
+        own = check() if callable(check) else []
+    except (TypeError, ValueError) as exc:  # a method's rule tripped over a value the generic rules refuse
+        own = [] if generic else [f"the configuration could not be checked ({type(exc).__name__}: {exc})"]
+    covered = {problem.split(" ", 1)[0] for problem in own}
+    return [p for name, p in generic.items() if name not in covered] + own
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -256,8 +332,7 @@ def build_config(config_class: type, values: dict[str, Any], source: str | None 
     if problems:
         raise ConfigError(problems, source)
     config = config_class(**kwargs)
-    check = getattr(config, "problems", None)  # TrainingConfig's cross-field checks; plain options have none
-    problems = check() if callable(check) else []
+    problems = config_problems(config)
     if problems:
         raise ConfigError(problems, source)
     return config

@@ -19,9 +19,11 @@ rejected (:func:`extract_prompt`).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
+from posttrain import _reader
 from posttrain._errors import DataError, RowProblem
 
 __all__ = [
@@ -93,60 +95,70 @@ def load_dataset(path_or_name: Any, split: str = "train"):
         builder = _SUFFIXES.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"cannot tell the format of {text!r}; use .json, .jsonl, .csv or .parquet")
+        if _reader.is_readable_here(path):  # JSON, JSONL, CSV: the reader `posttrain check-data` uses too
+            table = _reader.read_file(text)
+            problems = table.problems + _reader.mixed_type_problems(table.rows, table.numbers)
+            if problems:
+                raise DataError(sorted(problems, key=lambda q: q.row), source=text)
+            return _reader.to_dataset(table)
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
-            where = _first_bad_json_line(path) if builder == "json" else None
-            if where == "":
-                raise DataError(f"dataset file {text!r} has no rows; write one JSON object per line (JSONL).") from None
-            if where:
-                raise DataError(f"cannot read dataset file {text!r}: {where}") from None
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(
                 f"cannot read dataset file {text!r} as {builder}: {reason}. Check that the file is valid {builder}."
             ) from None
         if len(ds) == 0:
-            raise DataError(f"dataset file {text!r} has no rows; write one JSON object per line (JSONL).")
+            raise DataError(f"dataset file {text!r} has no rows.")
         from posttrain.vision import resolve_image_paths
 
         return resolve_image_paths(ds, path.parent)  # image paths are relative to the dataset file
-    try:  # a hub name; never reached by the test suite
-        return datasets.load_dataset(text, split=split)
+    if text.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise DataError(  # a path, not a hub name: never a hub lookup for a typo
+            f"dataset path {text!r} does not exist (relative to {Path.cwd()}). Check the path; a file needs its "
+            "extension (.jsonl, .json, .csv, .parquet)."
+        )
+    from posttrain._preflight import hub_unavailable, offline_mode
+
+    reason = None if offline_mode() else hub_unavailable()  # offline mode reads the cache, quickly
+    if reason is not None:  # fail in a second, not after a minute of retries
+        raise DataError(
+            f"dataset {text!r} is not a local file or directory (none at {Path.cwd() / text}), and as a hub name it "
+            f"cannot be downloaded: {reason}. Check the path; for a cached hub dataset set HF_HUB_OFFLINE=1."
+        )
+    try:  # a hub name; in offline mode from the cache only (the libraries read the variable at import)
+        with _offline(offline_mode() is not None):
+            return datasets.load_dataset(text, split=split)
     except Exception as exc:
-        raise DataError(f"cannot load dataset {text!r}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load dataset {text!r} (not a local file or directory, so tried as a hub name): {reason}. "
+            "Check the path or the dataset name."
+        ) from None
 
 
-def _first_bad_json_line(path: Path) -> str | None:
-    """Where a JSON/JSONL file stops being valid, in words (``datasets``' own error does not say); "" when
-    it holds only blank lines, None when it looks valid."""
-    import json
+@contextlib.contextmanager
+def _offline(on: bool):
+    """Hold ``datasets`` and ``huggingface_hub`` to offline mode when the environment asks for it, even when they
+    were imported before the variable was set."""
+    if not on:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return f"it is not UTF-8 text ({exc}); save it as UTF-8."
-    try:
-        json.loads(text)  # one JSON document (a list of rows or a mapping of columns)
-        return None
-    except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):
-            return f"line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}); fix that line."
-    if not text.strip():
-        return ""
-    fix = (
-        'Each line of a JSONL file must be one JSON object (e.g. {"prompt": "...", "completion": "..."}); '
-        "fix or remove that line."
+    saved = (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+        huggingface_hub.constants.HF_HUB_OFFLINE,
     )
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno}). {fix}"
-        if not isinstance(value, dict):
-            return f"line {number} is a JSON {type(value).__name__}, not an object. {fix}"
-    return None
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved[:2]
+        huggingface_hub.constants.HF_HUB_OFFLINE = saved[2]
 
 
 def is_conversational(row: dict) -> bool:
@@ -272,7 +284,10 @@ def validate(
     .. versionadded:: 0.1
     """
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
-    columns = list(dataset.column_names) if hasattr(dataset, "column_names") else list(dataset[0])
+    if hasattr(dataset, "column_names"):
+        columns = list(dataset.column_names)
+    else:  # rows as read from a file: every column any row has, in first-seen order (as `datasets` would)
+        columns = list(dict.fromkeys(key for row in dataset for key in row))
     fmt = next((f for f in formats if any(set(alt) <= set(columns) for alt in FORMAT_COLUMNS[f])), None)
     if fmt is None:
         need = "; ".join(f"{f}: " + " or ".join("+".join(a) for a in FORMAT_COLUMNS[f]) for f in formats)

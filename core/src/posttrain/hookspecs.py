@@ -127,7 +127,10 @@ def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
 
     :param registry: a :class:`CallbackRegistry` (``posttrain.hookspecs.CallbackRegistry``).
     :param config: the resolved run configuration (a method's config dataclass), so a plugin can
-        decide from ``config.report_to`` whether to add itself.
+        decide from ``config.report_to`` whether to add itself. ``report_to`` names are checked before
+        the run starts against ``tensorboard``, ``all``, ``none`` and the names of the installed
+        ``posttrain.plugins`` entry points, so a plugin recognises the value its entry point is named
+        after (``print = "my_package.hooks"`` below).
 
     Example::
 

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from posttrain import _checkpoint as ckpt
+from posttrain import _preflight, _reader, _resume, _run_guard, vision
 from posttrain import _tracking as tracking
-from posttrain import vision
-from posttrain._errors import DataError, PluginError, PosttrainError
+from posttrain._errors import ConfigError, DataError, PluginError, PosttrainError
 from posttrain._method import TrainContext, TrainOutcome, method_problems, optional_member
 
 __all__ = ["NonFiniteLossError", "TrainResult", "evaluate", "train"]
@@ -46,6 +46,7 @@ class TrainResult:
     output_dir: Path
     log_history: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run
 
     @property
     def final_loss(self) -> float | None:
@@ -86,6 +87,8 @@ class _Run:
     epoch: int = 0
     stop_requested: str | None = None  # name of the signal that asked to stop
     rollout_cache: dict[int, dict] = field(default_factory=dict)  # micro-step -> rolled-out batch (reuse > 1)
+    lock: Any = None  # the output_dir lock (main process)
+    resume_path: Path | None = None
 
 
 def train(
@@ -103,17 +106,20 @@ def train(
 ) -> TrainResult:
     """Train ``model`` with ``method`` as ``config`` says. Models/datasets not passed are loaded from the config.
 
+    ``callbacks=None`` adds the callbacks installed plugins register for this config (as ``posttrain train``
+    does); a list replaces them.
+
     Emits the method's ``ExperimentalWarning`` and writes ``provenance.json`` exactly as ``posttrain train``
     does. Raises :class:`PosttrainError` subclasses for user errors (bad config, data, paths).
 
     .. versionadded:: 0.1
     """
     run = _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator)
-    _write_run_files(run, provenance)
-    run.callbacks.emit("on_train_begin", run.ctx)
     outcome = "failed"
     error: BaseException | None = None
     try:
+        _write_run_files(run, provenance)
+        run.callbacks.emit("on_train_begin", run.ctx)
         with _stop_on_signals(run):
             while run.step < run.total_steps and run.stop_requested is None:
                 _optimizer_step(run)
@@ -126,10 +132,16 @@ def train(
             outcome = "finished"
     except BaseException as exc:
         error = exc
+        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, without saving
+            run.accelerator.print(f"stopped at step {run.step} without saving. {_run_guard.advice(run.output_dir)}")
         raise
     finally:
         run.bar.close()
-        run.callbacks.emit("on_train_end", run.ctx, TrainOutcome(outcome, run.step, run.output_dir, error))
+        try:
+            run.callbacks.emit("on_train_end", run.ctx, TrainOutcome(outcome, run.step, run.output_dir, error))
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     return run.result
 
 
@@ -140,9 +152,9 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     """Everything before the first step, in the order a reader expects; fails before any model loads
     when the method, the config or the output directory is unusable."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     from posttrain import models
+    from posttrain.config import config_problems
 
     _quiet_library_progress()
     problems = method_problems(method)
@@ -150,19 +162,45 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
         raise PluginError(
             f"method {getattr(method, 'name', method)!r} breaks the plugin contract: " + "; ".join(problems)
         )
+    problems = config_problems(config)  # the CLI checked already; a config built in Python is checked here
+    if problems:
+        raise ConfigError(problems)
     mixed = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     # without an accelerator, cpu=True is what makes accelerate run multi-process CPU (gloo) under torchrun
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=config.use_cpu or not has_accelerator)
+    cpu = config.use_cpu or not has_accelerator
+    device = accelerator.device.type if accelerator is not None else ("cpu" if cpu else "cuda")
+    _preflight.check(config, device)  # before Accelerator(), which fails on some of these with a traceback
+    accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=cpu)
+    models.fit_max_length(config)  # before the saved config is compared on resume
+    resume_path, lock = _run_guard.claim(config, getattr(method, "name", None), accelerator.is_main_process)
+    try:
+        run = _load_everything(
+            method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator, resume_path
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _load_everything(
+    method, config, model, tokenizer, train_dataset, eval_dataset, callbacks, rewards, accelerator, resume_path
+) -> _Run:
+    from accelerate.utils import set_seed
+
+    from posttrain import models
+
     output_dir = Path(config.output_dir)
-    resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, output_dir)
-    _check_output_dir(output_dir, config, resuming=resume_path is not None)
     set_seed(config.seed)
     tokenizer, processor = _tokenizer_and_processor(config, tokenizer)
     if model is None:
         load = optional_member(method, "load_model")
         model = load(config) if load else models.load_causal_lm(config.model, config)
     vision.freeze_parts(model, config.freeze)
+    models.check_max_length(model, config, config.model or None)
     model = models.apply_peft(model, config)
     if config.torch_compile:
         model.compile()
@@ -186,6 +224,8 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     reuse = int(reuse_of(config)) if reuse_of else 1
     rows_per_micro = _rows_per_batch(method, config, config.per_device_train_batch_size)
     total_steps = _total_steps(config, len(train_rows), rows_per_micro, accelerator.num_processes, reuse)
+    if resume_path is not None:
+        _resume.check_total_steps(total_steps, resume_path)
     optimizer = _optimizer(model, config)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
     from transformers import get_scheduler
@@ -210,7 +250,7 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
         total_steps=total_steps,
         rows_per_micro=rows_per_micro,
         reuse=reuse,
-        callbacks=tracking.Callbacks(callbacks or [], main),
+        callbacks=tracking.Callbacks(_plugin_callbacks(config) if callbacks is None else callbacks, main),
         window=tracking.LogWindow(accelerator),
         bar=tracking.ProgressBar(total_steps, 0, getattr(method, "name", "train"), enabled=False),
         result=TrainResult(global_step=0, output_dir=output_dir),
@@ -219,6 +259,7 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
         state = ckpt.load_checkpoint(
             resume_path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, method=method
         )
+        _resume.apply_hyperparameters(optimizer, scheduler, config)  # the config's values, never half-applied
         run.step, run.epoch = state["global_step"], state.get("epoch", 0)
         run.window.totals.update(state.get("metric_totals", {}))
         run.rollout_cache = state.get("rollout_cache", {})
@@ -228,7 +269,16 @@ def _set_up(method, config, model, tokenizer, train_dataset, eval_dataset, callb
     run.bar = tracking.ProgressBar(
         total_steps, run.step, getattr(method, "name", "train"), enabled=main and not config.disable_progress_bar
     )
+    run.resume_path = resume_path
     return run
+
+
+def _plugin_callbacks(config: Any) -> list[Any]:
+    """Callbacks that ``posttrain.plugins`` modules add for this config (trackers for ``report_to``): the Python
+    API gets the same ones as ``posttrain train`` when it passes no ``callbacks`` of its own."""
+    from posttrain import _registry
+
+    return _registry.callbacks_for(config)
 
 
 def _tokenizer_and_processor(config: Any, given: Any) -> tuple[Any, Any]:
@@ -256,10 +306,9 @@ def _quiet_library_progress() -> None:
 
 def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
     """Load and ``prepare`` one dataset; row errors name the file and a runnable check-data command."""
-    from posttrain import data as data_lib
-
-    dataset = data_lib.load_dataset(source, ctx.config.dataset_split if split == "train" else "train")
     path = str(source) if isinstance(source, (str, Path)) else None
+    # the reader and checks `posttrain check-data` uses, so both agree on every file
+    dataset = _reader.load_checked(method, source, ctx.config.dataset_split if split == "train" else "train")
     if vision.has_images(dataset):
         _check_image_support(method, ctx, path or f"the {split} dataset")
     try:
@@ -277,14 +326,8 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
 
 
 def _check_image_support(method: Any, ctx: TrainContext, source: str) -> None:
-    """Rows with images need a method that declares ``supports_images`` and a vision-language model."""
-    name = getattr(method, "name", type(method).__name__)
-    if not getattr(method, "supports_images", False):
-        raise DataError(
-            f"{source} has rows with images, but method {name!r} trains on text only (it does not declare "
-            "supports_images). Use a method that accepts images (`posttrain info METHOD` says which), or drop the "
-            "images/image column."
-        )
+    """Rows with images need a vision-language model (a method without ``supports_images`` was refused with the
+    row checks, in :func:`posttrain._reader.problems_and_warnings`)."""
     if ctx.processor is None:
         raise DataError(
             f"{source} has rows with images, but the model{f' at {ctx.model_path!r}' if ctx.model_path else ''} is "
@@ -331,18 +374,6 @@ def _optimizer(model: torch.nn.Module, config: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def _check_output_dir(output_dir: Path, config: Any, resuming: bool) -> None:
-    has_run = (
-        output_dir.is_dir()
-        and any((output_dir / name).exists() for name in ("posttrain_config.yaml", tracking.METRICS_FILE))
-    ) or bool(ckpt.list_checkpoints(output_dir))
-    if has_run and not resuming and not config.overwrite_output_dir:
-        raise PosttrainError(
-            f"output_dir {str(output_dir)!r} already holds a run. Pass --resume_from_checkpoint latest to continue it, "
-            "--overwrite_output_dir true to replace it, or choose another --output_dir."
-        )
-
-
 def _write_run_files(run: _Run, provenance: dict | None) -> None:
     """The resolved config and the provenance (plugins used, versions, status) beside the model."""
     if not run.accelerator.is_main_process:
@@ -352,11 +383,12 @@ def _write_run_files(run: _Run, provenance: dict | None) -> None:
     from posttrain import _environment
     from posttrain.config import save_config
 
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run.config, run.output_dir / "posttrain_config.yaml", getattr(run.method, "name", None))
-    if provenance is None:
-        provenance = _environment.provenance_for(run.method, list(run.ctx.rewards))
-    (run.output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    with _run_guard.writing("the run's files", run.output_dir):
+        _run_guard.open_directory(run.output_dir, run.config.overwrite_output_dir and run.resume_path is None)
+        save_config(run.config, run.output_dir / "posttrain_config.yaml", getattr(run.method, "name", None))
+        if provenance is None:
+            provenance = _environment.provenance_for(run.method, list(run.ctx.rewards))
+        (run.output_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
 
 
 # -- one optimizer step ------------------------------------------------------------------------------------
@@ -446,7 +478,7 @@ def _optimizer_step(run: _Run) -> None:
         raise NonFiniteLossError(
             f"{here} at step {run.step + 1} (epoch {run.epoch}); rows of the batch on process "
             f"{accelerator.process_index}: {sorted(i for ix in micro_rows for i in ix)}. Lower learning_rate, check "
-            "those rows, or enable max_grad_norm. The last good checkpoint is kept."
+            f"those rows, or enable max_grad_norm. {_run_guard.advice(run.output_dir)}"
         )
     if stop and run.stop_requested is None:
         run.stop_requested = "a signal on another process"
@@ -541,11 +573,11 @@ def _stop_on_signals(run: _Run):
 
 
 def _save_on_interrupt(run: _Run) -> None:
-    run.result.interrupted = True
+    run.result.interrupted, run.result.stop_signal = True, run.stop_requested
     if not run.config.save_on_interrupt:
         run.accelerator.print(
             f"interrupted at step {run.step} ({run.stop_requested}); save_on_interrupt is false, so nothing was saved "
-            "since the last checkpoint."
+            f"since the last checkpoint. {_run_guard.advice(run.output_dir)}"
         )
         return
     path = _save(run)
@@ -561,9 +593,11 @@ def _finish(run: _Run) -> None:
         _evaluate_and_log(run)
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(run.model).save_pretrained(run.output_dir, safe_serialization=True)
-        (run.ctx.processor or run.tokenizer).save_pretrained(run.output_dir)  # a processor saves its tokenizer
+    if accelerator.is_main_process:  # atomic, then marked complete (run_complete.json)
+        _run_guard.save_final(
+            run.output_dir, accelerator.unwrap_model(run.model), run.ctx.processor or run.tokenizer, run.step
+        )
+        # a processor saves its tokenizer too
     accelerator.wait_for_everyone()
 
 

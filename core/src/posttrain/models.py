@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +26,145 @@ __all__ = [
 ]
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def _check_path(path: str, what: str = "model") -> None:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _check_path(path: str, what: str = "model") -> dict:
+    """Refuse a path that cannot be a model, fast and in one line; return ``from_pretrained`` keyword arguments.
+
+    A name that does not exist locally is a hub name only if it is shaped like one (``org/name`` or ``name``,
+    and ``org`` is not a local directory); otherwise it is a path typo and "does not exist". A hub name is
+    refused at once when offline (``HF_HUB_OFFLINE=1``) or when the hub cannot be reached, instead of after
+    a minute of retries.
+    """
     if not path:
         raise ConfigError(f"no {what} given; pass --{what} PATH (a local directory saved with save_pretrained)")
     p = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or p.exists() or path.count("/") > 1
-    if looks_local and not p.exists():
-        raise PosttrainError(f"{what} path {path!r} does not exist; pass a directory saved with save_pretrained.")
-    if p.exists() and not (p / "config.json").is_file():
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise PosttrainError(
+                f"{what} path {path!r} has no config.json, so it is not a transformers model directory; "
+                "point at the directory that save_pretrained wrote."
+            )
+        return {}
+    first = path.split("/", 1)[0]
+    if not _HUB_ID.match(path) or path.startswith((".", "~")) or (("/" in path) and Path(first).is_dir()):
         raise PosttrainError(
-            f"{what} path {path!r} has no config.json, so it is not a transformers model directory; "
-            "point at the directory that save_pretrained wrote."
+            f"{what} path {path!r} does not exist (relative to {Path.cwd()}); pass a directory saved with "
+            "save_pretrained, or a hub name such as 'org/model'."
         )
+    return _hub_kwargs(path, what)
+
+
+def _hub_kwargs(name: str, what: str) -> dict:
+    """``local_files_only`` when the hub is unreachable but the files are cached; a one-line error otherwise."""
+    from posttrain._preflight import hub_unavailable
+
+    reason = hub_unavailable()
+    if reason is None:
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    raise PosttrainError(
+        f"{what} {name!r} is not a local directory (none at {Path.cwd() / name}) and is not in the hub cache, and "
+        f"{reason}, so it cannot be downloaded. Check the path, or download the model where there is network "
+        "(`huggingface-cli download NAME`) and pass its directory."
+    )
+
+
+def _model_type(path: str) -> str:
+    import json
+
+    try:
+        return str(json.loads((Path(path).expanduser() / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def _position_limit(model_config: Any) -> int | None:
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+    limit = get("max_position_embeddings") or get("n_positions")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def _lengths(config: Any) -> dict[str, int]:
+    lengths = {}
+    if isinstance(getattr(config, "max_length", None), int):
+        lengths["max_length"] = config.max_length
+    prompt, completion = getattr(config, "max_prompt_length", None), getattr(config, "max_completion_length", None)
+    if isinstance(prompt, int) and isinstance(completion, int):
+        lengths["max_prompt_length + max_completion_length"] = prompt + completion
+    return lengths
+
+
+def fit_max_length(config: Any) -> None:
+    """Before the model loads: a ``max_length`` longer than the model's position table (read from its
+    config.json) is refused when the user set it, and lowered to the table's size, with a warning, when it is
+    the method's default. A local model directory only; :func:`check_max_length` covers the rest."""
+    import dataclasses
+    import json
+    import warnings
+
+    path = Path(getattr(config, "model", "") or "").expanduser()
+    try:
+        limit = _position_limit(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return
+    default = next((f.default for f in dataclasses.fields(config) if f.name == "max_length"), None)
+    value = getattr(config, "max_length", None)
+    if limit is not None and isinstance(value, int) and value > limit and value == default:
+        warnings.warn(
+            f"max_length defaults to {value} but the model at {str(path)!r} has positions for {limit} tokens "
+            f"(max_position_embeddings); using max_length {limit}. Set --max_length to choose another value.",
+            UserWarning,
+            stacklevel=3,
+        )
+        config.max_length = limit
+    check_max_length(None, config, str(path), limit)
+
+
+def check_max_length(model: Any, config: Any, path: str | None, limit: int | None = None) -> None:
+    """Refuse token lengths longer than the model's position table (an IndexError, or silent garbage, later)."""
+    if limit is None:
+        limit = _position_limit(getattr(model, "config", None))
+    if limit is None:
+        return
+    for name, value in _lengths(config).items():
+        if value > limit:
+            raise ConfigError(
+                f"{name} is {value} but the model{f' at {path!r}' if path else ''} has positions for {limit} tokens "
+                f"(max_position_embeddings in its config.json); longer sequences would index past its position "
+                f"table. Set it to {limit} or less"
+            )
+
+
+def _load_error(exc: Exception, path: str, what: str) -> PosttrainError | None:
+    """A one-line error for the ways ``from_pretrained`` fails on user input, or None for anything else."""
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "trust_remote_code" in text or "custom code" in text:
+        return PosttrainError(
+            f"{what} at {path!r} needs custom code from its directory (or repository) to load. That code runs with "
+            "your permissions, so posttrain does not run it by default: read it, then pass --trust_remote_code true."
+        )
+    if "does not recognize this architecture" in text:
+        return PosttrainError(
+            f"{what} at {path!r} has a model type ({_model_type(path)!r} in config.json) that this transformers "
+            "version does not know; upgrade transformers (`pip install -U transformers`) or fix config.json."
+        )
+    if "attn_implementation" in text or "FlashAttention" in text or "flash_attn" in text:
+        return PosttrainError(f"{what} at {path!r} cannot use the attention implementation asked for: {first}")
+    return None
 
 
 def _dtype(name: str):
@@ -53,8 +180,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
-    _check_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs = _check_path(path)
+    p = Path(path).expanduser()
+    if p.is_dir() and not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        raise PosttrainError(
+            f"model directory {path!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the tokenizer "
+            f"there too (tokenizer.save_pretrained({path!r}))."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise _load_error(exc, path, "tokenizer") or PosttrainError(
+            f"cannot load the tokenizer of {path!r}: {_first_line(exc)}. Check that the directory holds the files "
+            "tokenizer.save_pretrained writes."
+        ) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PosttrainError(
@@ -76,8 +215,14 @@ def load_processor(path: str, trust_remote_code: bool = False):
     """
     from transformers import AutoProcessor
 
-    _check_path(path)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs = _check_path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise _load_error(exc, path, "processor") or PosttrainError(
+            f"cannot load the processor of {path!r}: {_first_line(exc)}. Check that the directory holds the files "
+            "processor.save_pretrained writes."
+        ) from None
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise PosttrainError(
             f"model at {path!r} is a vision-language model but its directory holds no processor with an image "
@@ -108,18 +253,35 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
 
     from posttrain.vision import is_vision_language_model
 
-    _check_path(path)
+    kwargs = _check_path(path)
     if model_class is None and is_vision_language_model(path, config.trust_remote_code):
         from transformers import AutoModelForImageTextToText
 
         model_class = AutoModelForImageTextToText
     model_class = model_class or AutoModelForCausalLM
-    kwargs = {"dtype": _dtype(config.dtype), "trust_remote_code": config.trust_remote_code}
+    kwargs.update(dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     try:
         model = model_class.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:  # a .bin weights file holding objects: refused by weights_only, never run
+        raise PosttrainError(
+            f"cannot load the model at {path!r}: its weights file holds Python objects other than tensors, which "
+            "could run code when loaded, so it was not loaded. Use a model saved as safetensors from a source you "
+            "trust."
+        ) from None
+    except (OSError, ImportError) as exc:
+        known = _load_error(exc, path, "model")
+        if known is None and not isinstance(exc, OSError):
+            raise
+        raise known or PosttrainError(
+            f"cannot load the model at {path!r}: {_first_line(exc)}. Check that the directory holds the files "
+            "save_pretrained writes (config.json and model*.safetensors)."
+        ) from None
     except ValueError as exc:
+        known = _load_error(exc, path, "model")
+        if known is not None:
+            raise known from None
         if "Unrecognized configuration class" in str(exc):
             name = getattr(model_class, "__name__", str(model_class))
             fix = (
@@ -267,8 +429,8 @@ def load_teacher(path: str, tokenizer: Any, config: Any, device: Any = None):
     """
     from transformers import AutoTokenizer
 
-    _check_path(path, "teacher")
-    teacher_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    kwargs = _check_path(path, "teacher")
+    teacher_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code, **kwargs)
     if teacher_tok.get_vocab() != tokenizer.get_vocab():
         raise PosttrainError(
             f"teacher at {path!r} uses a different tokenizer vocabulary ({len(teacher_tok)} vs {len(tokenizer)} tokens); "

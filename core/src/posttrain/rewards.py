@@ -26,7 +26,11 @@ keyword argument ``options``::
 Rewards come from ``posttrain.rewards`` entry points (``accuracy = pkg:accuracy``), from
 ``posttrain_register_rewards`` hooks, or from callables passed to :func:`posttrain.train` (``rewards=``).
 
+**Pairwise judges** (``@judge``, :class:`Judge`) ship the same way and say which of two completions is
+better (online DPO ranks its pairs with one); they are defined in ``posttrain._judges`` and public here.
+
 .. versionadded:: 1.0
+.. versionchanged:: 1.1 pairwise judges: :func:`judge`, :class:`Judge`, :class:`JudgeError`, :func:`is_judge`.
 """
 
 from __future__ import annotations
@@ -42,8 +46,19 @@ from typing import Any, Protocol
 import torch
 
 from posttrain._errors import ConfigError, PosttrainError
+from posttrain._judges import Judge, JudgeError, PairwiseJudge, is_judge, judge  # public here
 
-__all__ = ["RewardError", "RewardFunction", "RewardSet", "reward"]
+__all__ = [
+    "Judge",
+    "JudgeError",
+    "PairwiseJudge",
+    "RewardError",
+    "RewardFunction",
+    "RewardSet",
+    "is_judge",
+    "judge",
+    "reward",
+]
 
 _OPTIONS_ATTR = "__posttrain_reward_options__"
 
@@ -151,7 +166,7 @@ class RewardSet:
             PluginError: a name no installed package or hook provides (with the install hint).
         """
         given = dict(given if given is not None else (ctx.rewards if ctx is not None else {}))
-        names = list(names) or list(given)
+        names = list(names) or [n for n, f in given.items() if not is_judge(f)]
         if not names:
             raise ConfigError(
                 f"{method} needs at least one reward function: set reward_funcs (for example `--reward_funcs "
@@ -168,6 +183,13 @@ class RewardSet:
             from posttrain._registry import resolve_rewards
 
             given.update(resolve_rewards(missing))
+        judges = [n for n in names if is_judge(given[n])]
+        if judges:
+            raise ConfigError(
+                f"reward_funcs names {', '.join(map(repr, judges))}, a pairwise judge: it compares two completions "
+                "and cannot score one; remove it from reward_funcs and pass it as `judge` to a method that ranks "
+                "pairs (online-dpo)"
+            )
         funcs = []
         for name in names:
             func, options = given[name], _build_options(name, given[name], (kwargs or {}).get(name))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import textwrap
+from pathlib import Path
 
 import posttrain_rewards
 import pytest
+import tomllib
 from posttrain import PluginError, hookimpl
 from posttrain import _registry as registry
 
@@ -26,7 +28,8 @@ def test_listing_reads_metadata_without_importing(monkeypatch):
 
     entries = {e.name: e for e in discovery.discover(("reward",)) if e.package == "posttrain-rewards"}
     assert set(entries) == {"accuracy", "format", "length_penalty", "reward_model"}
-    assert {e.status for e in entries.values()} == {"stable"} and entries["accuracy"].version == "1.0.0"
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert {e.status for e in entries.values()} == {"stable"} and entries["accuracy"].version == declared
 
 
 def test_a_third_party_distribution_with_an_entry_point(rewards_fake_site):

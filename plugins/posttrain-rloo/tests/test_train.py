@@ -52,7 +52,11 @@ def test_shipped_config_loads_and_trains_through_the_cli(rloo_tiny_model, tmp_pa
     assert config.reward_funcs == ["accuracy"] and config.beta == 0.05
     from posttrain.cli.train import run
 
-    monkeypatch.chdir(CONFIGS.parents[2])
+    # The command runs from the repository root, where plugins/posttrain-rloo/... resolves; a link makes that
+    # true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-rloo").symlink_to(CONFIGS.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "root")
     code = run(
         "train",
         [

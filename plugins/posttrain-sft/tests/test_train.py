@@ -254,12 +254,15 @@ def test_the_yaml_example_runs_from_the_command_line(sft_model_dir, tmp_path):
     yaml_path = PLUGIN / "configs" / "tiny.yaml"
     first_comment = yaml_path.read_text().splitlines()[0]
     assert first_comment.startswith("# posttrain train sft --config plugins/posttrain-sft/configs/tiny.yaml")
+    # The command runs from the repository root, where plugins/posttrain-sft/... resolves; a link makes that
+    # true from an unpacked sdist too.
+    (tmp_path / "root" / "plugins").mkdir(parents=True)
+    (tmp_path / "root" / "plugins" / "posttrain-sft").symlink_to(PLUGIN, target_is_directory=True)
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "posttrain", "train", "sft", "--config", str(yaml_path)]
     command += ["--model", str(sft_model_dir), "--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1"]
     command += ["--disable_progress_bar", "true"]
-    # the command runs from the repository root (the yaml names its dataset relative to it)
-    done = subprocess.run(command, cwd=PLUGIN.parents[1], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=tmp_path / "root", capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

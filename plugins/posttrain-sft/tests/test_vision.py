@@ -37,7 +37,9 @@ def prepare(rows, processor, **fields):
 
 
 def test_prompt_completion_with_an_image_masks_the_prompt_and_its_image_tokens(processor):
-    (row,) = colour_rows(1, "prompt_completion")  # <|user|><image>What colour is the shape?<|end|><|assistant|>red<|end|>
+    (row,) = colour_rows(
+        1, "prompt_completion"
+    )  # <|user|><image>What colour is the shape?<|end|><|assistant|>red<|end|>
     (prepared,) = prepare([row], processor)
     image = image_token_id(processor)
     prompt = [3, *[image] * TOKENS_PER_IMAGE, *ids(processor, "What colour is the shape?"), 1, 4]

@@ -148,7 +148,7 @@ def find_package(target: str | None, cwd: str | Path | None = None) -> Path:
         if (d / "plugins" / f"posttrain-{target}" / "pyproject.toml").is_file():
             return d / "plugins" / f"posttrain-{target}"
     for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
         if name == f"posttrain-{target}" or any(ep.name == target and ep.group in GROUPS for ep in dist.entry_points):
             source = install_source(dist)
             if source is not None and (source / "pyproject.toml").is_file():

@@ -94,8 +94,8 @@ def require_plugins() -> dict[str, Any]:
                 found[name] = registry.resolve_rewards([name])[name]
         except PluginError as exc:
             raise PosttrainError(
-                f"the demo needs {package} (the {kind} {name!r}): install it with `pip install ./plugins/{package}` "
-                f"from a posttrain checkout, or `pip install {package}`, then run `posttrain demo` again. ({exc})"
+                f"the demo needs {package} (the {kind} {name!r}): install it with `posttrain install "
+                f"{package.removeprefix('posttrain-')}`, then run `posttrain demo` again. ({exc})"
             ) from None
     return found
 

@@ -50,7 +50,10 @@ def run(command: str, argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per import (default 60)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    entries = discovery.discover()
+    from posttrain.cli import plugin_commands
+
+    entries = discovery.discover(tuple(discovery.GROUPS))
+    plugin_commands.mark_builtin_conflicts(entries)
     import os
     from concurrent.futures import ThreadPoolExecutor
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from posttrain import _discovery as discovery
+from posttrain.cli import plugin_commands
 
 PROBLEMS = (discovery.BROKEN, discovery.INCOMPATIBLE, discovery.CONFLICT)
 
@@ -19,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
         choices=["stable", "experimental", "inactive", "broken", "incompatible", "conflict"],
         help="show only entries with this status",
     )
-    p.add_argument("--kind", choices=["method", "reward", "plugin", "all"], default="all")
+    p.add_argument("--kind", choices=["method", "reward", "plugin", "command", "all"], default="all")
     p.add_argument("--json", action="store_true", help="machine-readable output (a JSON list)")
     p.add_argument("--all", action="store_true", help="include inactive (retired) packages")
     p.add_argument("--verbose", "-v", action="store_true", help="show entry-point values, core ranges and reasons")
@@ -46,8 +47,10 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 def run(command: str, argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    kinds = ("method", "reward", "plugin") if args.kind == "all" else (args.kind,)
+    kinds = ("method", "reward", "plugin", "command") if args.kind == "all" else (args.kind,)
     entries = discovery.discover(kinds)
+    plugin_commands.mark_builtin_conflicts(entries)
+    everything = list(entries)  # --check looks at every entry, whatever --status or --all hide from the table
     if not args.all and args.status != "inactive":
         entries = [e for e in entries if e.status != discovery.INACTIVE]
     if args.status:
@@ -56,7 +59,8 @@ def run(command: str, argv: list[str]) -> int:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
     elif not entries:
         print(
-            "No posttrain methods installed. Install one, e.g. `pip install posttrain-sft`."
+            "No posttrain methods installed. Install one, e.g. `posttrain install sft`; "
+            "the plugin directory in the docs lists the packages."
             if not args.status
             else f"No {args.status} entries."
         )
@@ -65,7 +69,7 @@ def run(command: str, argv: list[str]) -> int:
             group = [e for e in entries if e.kind == kind]
             if not group:
                 continue
-            title = {"method": "Methods", "reward": "Rewards", "plugin": "Plugins"}[kind]
+            title = {"method": "Methods", "reward": "Rewards", "plugin": "Plugins", "command": "Commands"}[kind]
             headers = [kind, "package", "version", "status", "compat", "summary"]
             rows = []
             for e in group:
@@ -79,8 +83,8 @@ def run(command: str, argv: list[str]) -> int:
             print(f"{title}:")
             print(_table(rows, headers))
             print()
-    if args.check and any(e.status in PROBLEMS for e in entries):
-        bad = [e for e in entries if e.status in PROBLEMS]
+    if args.check and any(e.status in PROBLEMS for e in everything):
+        bad = [e for e in everything if e.status in PROBLEMS]
         print(
             f"{len(bad)} problem(s): " + "; ".join(f"{e.name} ({e.package}): {e.reason}" for e in bad), file=sys.stderr
         )

@@ -32,9 +32,11 @@ def run(command: str, argv: list[str]) -> int:
     from posttrain import _registry as registry
     from posttrain import config as config_lib
 
-    # inactive methods are refused below, once the config says whether allow_inactive is true (flag or YAML)
-    method_class, entry = registry.resolve_method(method_name, allow_inactive=True)
-    if "-h" in rest or "--help" in rest:
+    # inactive methods are refused below, once the config says whether allow_inactive is true (flag or YAML);
+    # --help needs no hook plugins, so none are imported for it
+    wants_help = "-h" in rest or "--help" in rest
+    method_class, entry = registry.resolve_method(method_name, allow_inactive=True, hooks=not wants_help)
+    if wants_help:
         print(usage(method_name, method_class.config_class))
         return 0
     overrides = config_lib.parse_cli_overrides(rest)
@@ -64,7 +66,7 @@ def train_from_config(method_class, entry, config) -> int:
     from posttrain import _discovery as discovery
 
     reward_entries = [e for e in discovery.discover(("reward",)) if e.name in reward_names]
-    method = method_class()
+    method = registry.instantiate(method_class, getattr(entry, "name", None) or getattr(method_class, "name", "?"))
     result = train(
         method,
         config,
@@ -73,11 +75,12 @@ def train_from_config(method_class, entry, config) -> int:
         provenance=environment.provenance(entry, reward_entries),
     )
     final = result.final_loss
-    status = "interrupted" if result.interrupted else "done"
-    print(
-        f"{status}: {result.global_step} steps"
-        + (f", final loss {final:.4f}" if final is not None else "")
-        + f"; model and metrics in {result.output_dir}",
-        file=sys.stderr,
-    )
-    return 130 if result.interrupted else 0
+    loss = f", final loss {final:.4f}" if final is not None else ""
+    if result.interrupted:
+        print(
+            f"interrupted: {result.global_step} steps{loss}; checkpoints and metrics in {result.output_dir}",
+            file=sys.stderr,
+        )
+        return 143 if result.stop_signal == "SIGTERM" else 130  # 128 + the signal number, as a shell reports it
+    print(f"done: {result.global_step} steps{loss}; model and metrics in {result.output_dir}", file=sys.stderr)
+    return 0
