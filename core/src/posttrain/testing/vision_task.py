@@ -242,3 +242,88 @@ def colour_logps(model: Any, processor: Any, rows: list[dict]):
                 scored[k, len(prompt) - 1 : len(prompt) - 1 + len(a)] = 1  # position t predicts token t + 1
             out.append((logps * scored).sum(-1).cpu())
     return torch.stack(out)
+
+
+def colour_exact(prompts: list, completions: list, answer: list[str], **columns: Any) -> list[float]:
+    """Exact-match verifier for :func:`colour_rows`: 1.0 when the completion (stripped) is the ``answer`` colour.
+
+    Completions are strings (standard prompts) or ``[{"role": "assistant", "content": text}]`` (chat prompts).
+
+    .. versionadded:: 1.0
+    """
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(t.strip() == a) for t, a in zip(texts, answer)]
+
+
+def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100) -> Path:
+    """A tiny vision-language model at ``path/colour`` that answers "what colour is the shape?" with a colour
+    name and ``<|end|>``, but a colour drawn at random, not read from the image: with the default 100 steps it
+    samples exactly the right answer about one time in five (a quarter of the ~80% of answers that are well formed).
+
+    The answer format is taught by a short cross-entropy loop on :func:`colour_rows` prompts whose targets are
+    random colours, so a reinforcement-learning test starts from a model that samples colour names (an
+    exact-match reward is not always zero) and has to learn to look at the image to raise it. Runs in one torch
+    thread (restored afterwards) so the result does not depend on the caller's setting.
+
+    .. versionadded:: 1.0
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from posttrain.vision import encode, image_inputs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = Path(path) / "colour"
+        if (out / "config.json").is_file():
+            return out
+        base = build_tiny_vlm(Path(path) / "model", seed=seed)
+        processor = AutoProcessor.from_pretrained(base)
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        pad = processor.tokenizer.pad_token_id
+        rows = colour_rows(32, "prompt_only", seed=seed + 1)
+        prompts = [encode(processor, r["prompt"], r["images"], add_generation_prompt=True)["input_ids"] for r in rows]
+        answers = {c: processor.tokenizer(c + "<|end|>", add_special_tokens=False).input_ids for c in COLOURS}
+        for _ in range(sft_steps):
+            picked = rng.sample(range(len(rows)), 8)
+            targets = [answers[rng.choice(list(COLOURS))] for _ in picked]  # independent of the image
+            seqs = [prompts[i] + t for i, t in zip(picked, targets)]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+            labels = torch.full_like(ids, -100)
+            for k, (i, t) in enumerate(zip(picked, targets)):
+                labels[k, len(prompts[i]) : len(prompts[i]) + len(t)] = torch.tensor(t)
+            mask = (labels != -100) | (
+                torch.arange(width)[None] < torch.tensor([len(prompts[i]) for i in picked])[:, None]
+            )
+            pixels = image_inputs(processor, [rows[i]["images"] for i in picked])
+            logits = model(input_ids=ids, attention_mask=mask.long(), **pixels).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def colour_exact_probability(model_dir: str | Path, rows: list[dict]) -> float:
+    """Mean over ``rows`` (conversational :func:`colour_rows`) of the probability that the model samples exactly
+    the right colour and ``<|end|>`` at temperature 1: the expected :func:`colour_exact` reward, computed from the
+    logits with no sampling noise.
+
+    .. versionadded:: 1.0
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    logps = colour_logps(model, AutoProcessor.from_pretrained(model_dir), rows).double()
+    right = torch.tensor([list(COLOURS).index(r["answer"]) for r in rows])
+    return float(logps.gather(1, right[:, None]).exp().mean())
