@@ -18,7 +18,7 @@ from PIL import Image
 from posttrain import ConfigError, DataError, PosttrainError, RowProblem, vision
 from posttrain.cli import main
 from posttrain.models import apply_peft, load_causal_lm, load_processor
-from posttrain.testing import build_tiny_vlm, colour_rows, shape_image
+from posttrain.testing import build_tiny_vlm, colour_exact, colour_rows, shape_image
 
 TOKENS_PER_IMAGE = 4
 
@@ -203,6 +203,24 @@ def test_check_data_reports_image_problems_before_any_model_loads(tmp_path, caps
     assert "cannot be read" in found[1][2] and "1 image placeholder" in found[2][2]
 
 
+def test_check_data_counts_standard_image_tokens_with_a_processor(tmp_path, capsys, vlm_dir):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    rows = [
+        {"images": ["a.png"], "prompt": "<image>What colour? ", "completion": "red"},
+        {"images": ["a.png", "a.png"], "prompt": "<image>What colour? ", "completion": "red"},
+        {"images": ["a.png"], "prompt": "What colour? ", "completion": "red"},
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["check-data", "sft", str(data)]) == 0  # without a processor the image token is unknown
+    capsys.readouterr()
+    assert main(["check-data", "sft", str(data), "--processor", str(vlm_dir), "--json"]) == 1
+    found = [(p["row"], p["field"], p["problem"]) for p in json.loads(capsys.readouterr().out)["problems"]]
+    assert [(row, field) for row, field, _ in found] == [(1, "images"), (2, "images")]
+    assert "holds 2 image(s) but 'prompt' has 1 image token(s) '<image>'" in found[0][2]
+    assert "holds 1 image(s) but 'prompt' has 0 image token(s)" in found[1][2]
+
+
 def test_check_data_refuses_images_for_a_text_only_method(tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     rows = [{"prompt": "<image>Q", "completion": "A", "label": True, "images": [str(tmp_path / "a.png")]}]
@@ -383,3 +401,15 @@ def test_shape_images_show_their_colour():
     pixels = torch.from_numpy(np.asarray(shape_image("blue", random.Random(0)))).reshape(-1, 3)  # (32 * 32, RGB)
     assert pixels.shape == (32 * 32, 3)
     assert (pixels == torch.tensor([40, 60, 220])).all(-1).sum() >= (32 // 3) ** 2 * 0.7  # the disc or the square
+
+
+def test_colour_exact_matches_string_and_chat_completions():
+    completions = [
+        "red",
+        " blue\n",
+        "redd",
+        [{"role": "assistant", "content": "green"}],
+        [{"role": "assistant", "content": "red"}],
+    ]
+    answers = ["red", "blue", "red", "green", "yellow"]
+    assert colour_exact([None] * 5, completions, answers) == [1.0, 1.0, 0.0, 1.0, 0.0]

@@ -458,7 +458,11 @@ def is_vision_language_model(source: Any, trust_remote_code: bool = False) -> bo
         try:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+            from posttrain.models import _check_path
+
+            # a path typo, or a hub name offline or unreachable, fails here at once (no round of hub retries)
+            kwargs = _check_path(str(source))
+            config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **kwargs)
         except Exception:  # not a model we can read: the loader reports it with its own message
             return False
     return getattr(config, "vision_config", None) is not None
