@@ -32,7 +32,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 def install_all(session: nox.Session, *extra: str) -> None:
     plugins = [f"-eplugins/{p}{PLUGIN_EXTRAS.get(p, '')}" for p in PLUGINS]
-    session.install(*CONSTRAINTS, "-e", CORE_EXTRAS, *plugins, "pytest", *extra)
+    # not silent: pip's "Collecting ..." lines are the progress of a several-minute install (CI logs, no terminal)
+    session.install(*CONSTRAINTS, "--progress-bar", "off", "-e", CORE_EXTRAS, *plugins, "pytest", *extra, silent=False)
 
 
 @nox.session

@@ -519,7 +519,7 @@ def fake_plugins(root: Path, n: int) -> None:
         info.mkdir(parents=True)
         (info / "METADATA").write_text(
             f"Metadata-Version: 2.1\nName: posttrain-fake{i:02d}\nVersion: 0.1.0\n"
-            f"Summary: Benchmark stand-in method {i}.\nRequires-Dist: posttrain>=0.1,<1\n"
+            f"Summary: Benchmark stand-in method {i}.\nRequires-Dist: posttrain>=1.0,<2\n"
             "Classifier: Development Status :: 3 - Alpha\n"
         )
         (info / "entry_points.txt").write_text(f"[posttrain.methods]\nfake{i:02d} = posttrain_fake{i:02d}:Method\n")

@@ -48,7 +48,7 @@ class FakeSite:
         version: str = "1.0.0",
         *,
         status: str | None = "5 - Production/Stable",
-        requires: str | None = "posttrain>=0.1,<1",
+        requires: str | None = "posttrain>=1.0,<2",
         methods: dict[str, str] | None = None,
         rewards: dict[str, str] | None = None,
         plugins: dict[str, str] | None = None,

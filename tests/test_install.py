@@ -25,7 +25,7 @@ CORE = discovery.core_version()
 
 
 def build_wheel(
-    where: Path, name: str, version: str = "0.0.1", requires: str = "posttrain>=0.1,<1", method: str = "zz-tw"
+    where: Path, name: str, version: str = "0.0.1", requires: str = "posttrain>=1.0,<2", method: str = "zz-tw"
 ) -> Path:
     """A minimal pure-Python wheel providing one method: no build backend, no network."""
     module = name.replace("-", "_")
@@ -79,11 +79,11 @@ def checkout(tmp_path, monkeypatch):
     """A fake source checkout with plugins/posttrain-zzdemo, named by POSTTRAIN_CHECKOUT."""
     root = tmp_path / "checkout"
     (root / "core").mkdir(parents=True)
-    (root / "core" / "pyproject.toml").write_text('[project]\nname = "posttrain"\nversion = "0.1.0"\n')
+    (root / "core" / "pyproject.toml").write_text('[project]\nname = "posttrain"\nversion = "1.0.0"\n')
     plugin = root / "plugins" / "posttrain-zzdemo"
     plugin.mkdir(parents=True)
     (plugin / "pyproject.toml").write_text(
-        '[project]\nname = "posttrain-zzdemo"\nversion = "1.0.0"\ndependencies = ["posttrain>=0.1,<1"]\n'
+        '[project]\nname = "posttrain-zzdemo"\nversion = "1.0.0"\ndependencies = ["posttrain>=1.0,<2"]\n'
     )
     monkeypatch.setenv("POSTTRAIN_CHECKOUT", str(root))
     return root

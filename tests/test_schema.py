@@ -193,3 +193,41 @@ def test_info_json(capsys):
     assert main(["info", "dpo", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["entry"]["package"] == "posttrain-dpo" and data["schema"]["title"] == "DPOConfig"
+
+
+HOOK_WITH_OPTIONS = '''
+from dataclasses import dataclass
+
+
+@dataclass
+class ShipOptions:
+    """Options of the zz-ship hook plugin."""
+
+    endpoint: str = "http://127.0.0.1:9000"  # where metrics are shipped
+    retries: int = 3  # attempts per row
+
+
+OPTIONS = ShipOptions
+'''
+
+
+def test_info_describes_a_hook_plugin_and_its_declared_options(fake_site, capsys):
+    """`posttrain info NAME` also answers for a hook plugin (a tracker, say), listing its OPTIONS dataclass."""
+    fake_site.add("pt-ship", plugins={"zz-ship": "pt_ship"}, module="pt_ship", code=HOOK_WITH_OPTIONS)
+    assert main(["info", "zz-ship"]) == 0
+    out = capsys.readouterr().out
+    assert "hook plugin: zz-ship" in out and "package:  pt-ship 1.0.0" in out
+    assert "options (Options of the zz-ship hook plugin.)" in out
+    line = next(line for line in out.splitlines() if line.strip().startswith("retries"))
+    assert "int" in line and "3" in line and "attempts per row" in line
+    assert main(["info", "zz-ship", "--no-import"]) == 0
+    assert "options:  not shown (--no-import)" in capsys.readouterr().out
+    assert main(["info", "zz-ship", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["entry"]["kind"] == "plugin" and [f["name"] for f in facts["options"]] == ["endpoint", "retries"]
+
+
+def test_info_suggests_a_close_hook_plugin_name_over_a_look_alike_method(fake_site, capsys):
+    fake_site.add("pt-ship", plugins={"zz-ship": "pt_ship"}, module="pt_ship", code=HOOK_WITH_OPTIONS)
+    assert main(["info", "zz-shipp"]) == 2
+    assert "Did you mean 'zz-ship' (hook plugin)?" in capsys.readouterr().err

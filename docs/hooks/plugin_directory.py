@@ -28,7 +28,9 @@ GROUPS = {
     "rewards": "posttrain.rewards",
     "environments": "posttrain.environments",
     "commands": "posttrain.commands",
+    "hooks": "posttrain.plugins",
 }
+KINDS = {"hooks": ("hook module", "hook modules")}
 FIX = "python docs/hooks/plugin_directory.py"
 
 
@@ -83,7 +85,8 @@ def _provides(entry: dict) -> str:
     for field in GROUPS:
         names = entry.get(field, [])
         if names:
-            kind = field[:-1] if len(names) == 1 else field
+            singular, plural = KINDS.get(field, (field[:-1], field))
+            kind = singular if len(names) == 1 else plural
             parts.append(f"{kind} " + ", ".join(f"`{n}`" for n in names))
     return "; ".join(parts) or "hooks only"
 
@@ -93,15 +96,22 @@ def _links(entry: dict) -> str:
     links = []
     if entry.get("origin") == "official":
         pages = [f"methods/{m}.md" for m in entry.get("methods", [])] or (
-            ["rewards.md"] if entry.get("rewards") else []
+            ["rewards.md"] if entry.get("rewards") else [_docs_page(entry.get("docs", ""))]
         )
-        links += [f"[docs]({page})" for page in pages if (DOCS / page).is_file()]
+        links += [f"[docs]({page})" for page in pages if page and (DOCS / page).is_file()]
     elif entry.get("docs"):
         links.append(f"[docs]({entry['docs']})")
     source = entry.get("source", "")
     if source.startswith(("http://", "https://")):
         links.append(f"[source]({source})")
     return " · ".join(links)
+
+
+def _docs_page(url: str) -> str:
+    """``https://posttrain.readthedocs.io/trackers/`` -> ``trackers.md`` (a page of these docs, or nothing)."""
+    prefix = "https://posttrain.readthedocs.io/"
+    path = url[len(prefix) :].strip("/") if url.startswith(prefix) else ""
+    return f"{path}.md" if path else ""
 
 
 def _install(entry: dict) -> str:

@@ -126,7 +126,7 @@ class TrainContext(Generic[ConfigT]):
     ``processor`` holds its processor (see :mod:`posttrain.vision`) and ``tokenizer`` the processor's tokenizer.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 ``processor``.
+    .. versionchanged:: 1.1 ``processor``.
     """
 
     config: ConfigT
@@ -197,7 +197,8 @@ class Method(Protocol):
 
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 optional members are declared and checked; ``batch_reuse`` and
-       ``rows_per_batch`` added; ``check_rows`` returns :class:`RowProblem` values; ``supports_images``.
+       ``rows_per_batch`` added; ``check_rows`` returns :class:`RowProblem` values.
+    .. versionchanged:: 1.1 optional attribute ``supports_images``.
     """
 
     name: str

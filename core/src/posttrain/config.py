@@ -37,7 +37,7 @@ class TrainingConfig:
     """Fields every method shares. A method's config adds its own fields and paper defaults.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 ``freeze`` (vision-language models).
+    .. versionchanged:: 1.1 ``freeze`` (vision-language models).
     """
 
     # -- what to train on

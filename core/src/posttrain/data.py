@@ -67,7 +67,7 @@ def load_dataset(path_or_name: Any, split: str = "train"):
     a file's ``images``/``image`` column are made absolute against the file's directory.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 image paths are resolved against the dataset file's directory.
+    .. versionchanged:: 1.1 image paths are resolved against the dataset file's directory.
     """
     import datasets
 
@@ -244,7 +244,7 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
     :func:`posttrain.vision.image_problems` (missing or unreadable files, images vs placeholders).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 content-part messages and image checks.
+    .. versionchanged:: 1.1 content-part messages and image checks.
     """
     alternatives = FORMAT_COLUMNS[fmt]
     present = {k for k, v in row.items() if v is not None}

@@ -211,7 +211,7 @@ def load_processor(path: str, trust_remote_code: bool = False):
     Raises:
         PosttrainError: the directory holds no processor (only a tokenizer).
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     from transformers import AutoProcessor
 
@@ -247,7 +247,7 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
     unless ``model_class`` says otherwise, so a reference model is the same class as the policy.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 vision-language models load with ``AutoModelForImageTextToText``.
+    .. versionchanged:: 1.1 vision-language models load with ``AutoModelForImageTextToText``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -307,7 +307,7 @@ def apply_peft(model: Any, config: Any):
     projector, ``none`` on every linear layer (TRL's ``all-linear``).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 no adapters in the parts of a vision-language model that ``freeze`` names.
+    .. versionchanged:: 1.1 no adapters in the parts of a vision-language model that ``freeze`` names.
     """
     if not config.use_peft:
         return model

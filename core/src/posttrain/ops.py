@@ -87,7 +87,7 @@ def completion_logps(
         (logps (N, C) float32, entropy (N, C) or None).
 
     .. versionadded:: 1.0
-    .. versionchanged:: 1.0 ``model_inputs``.
+    .. versionchanged:: 1.1 ``model_inputs``.
     """
     if model_inputs:
         # a vision-language model numbers positions itself: Qwen2-VL's 3-D rotary positions follow the image grid,

@@ -21,7 +21,7 @@ tokens); pixel values are computed again for every micro-batch, so no pixel valu
 aligned with the tokens (``mm_token_type_ids`` of Qwen2-VL, ``token_type_ids`` of Gemma 3) come back in
 ``token_inputs`` and are padded with 0 like the ids.
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 
 from __future__ import annotations
@@ -61,30 +61,30 @@ __all__ = [
 IMAGE_COLUMNS = ("images", "image")
 """The columns a row may hold its images in (TRL's names): ``images`` (a list) or ``image`` (one image).
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 Freeze = Literal["none", "vision", "vision_and_projector"]
 """The type of the ``freeze`` config field (see :data:`FREEZE_CHOICES`).
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 FREEZE_CHOICES: tuple[str, ...] = ("none", "vision", "vision_and_projector")
 """Values of the ``freeze`` config field: train everything, everything but the vision tower, or the language
 model only.
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 VISION_MODULES = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
 """Module names that hold a vision-language model's vision tower in transformers (LLaVA, Gemma 3, PaliGemma,
 InternVL: ``vision_tower``; Idefics3, SmolVLM, Mllama: ``vision_model``; Qwen2-VL and Qwen2.5-VL: ``visual``).
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 PROJECTOR_MODULES = ("multi_modal_projector", "connector", "merger", "mm_projector", "aligner")
 """Module names of the projector between the vision tower and the language model (Qwen2-VL's ``merger`` sits
 inside ``visual`` and counts as the projector).
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 _NOT_TOKEN_INPUTS = ("input_ids", "attention_mask", "assistant_masks", "labels")
 
@@ -95,7 +95,7 @@ _NOT_TOKEN_INPUTS = ("input_ids", "attention_mask", "assistant_masks", "labels")
 def row_images(row: dict) -> list:
     """The images of a row as a list (``images``, else ``[image]``, else ``[]``); values are not opened.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     images = row.get("images")
     if images is None and row.get("image") is not None:
@@ -108,7 +108,7 @@ def row_images(row: dict) -> list:
 def has_images(rows: Any) -> bool:
     """Whether any row of a dataset (or list of rows) carries an image.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     columns = rows.column_names if hasattr(rows, "column_names") else {k for r in rows for k in r}
     if not set(IMAGE_COLUMNS) & set(columns):
@@ -126,7 +126,7 @@ def load_image(value: Any) -> Image.Image:
         ValueError: the value is of an unknown kind, the file is missing, or PIL cannot decode it; the message
             says which.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     try:
         from PIL import Image, UnidentifiedImageError
@@ -163,7 +163,7 @@ def resolve_image_paths(rows: Any, base_dir: str | Path) -> Any:
     directory when only the latter holds the file. Returns the same kind it is given (a ``datasets.Dataset`` or
     a list of rows); rows without string paths are returned unchanged.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     base = Path(base_dir).expanduser()
 
@@ -239,7 +239,7 @@ def image_problems(row: dict, index: int, image_token: str | None = None, open_f
         image_token: the processor's image placeholder string (``"<image>"``), or None.
         open_files: decode every image (a full read); False checks only that paths exist.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     column = "images" if row.get("images") is not None else "image"
     raw = row.get(column)
@@ -318,7 +318,7 @@ def multimodal_messages(messages: list[dict], n_images: int = 0) -> list[dict]:
     parts put before the text of the first user message with string content (TRL's
     ``prepare_multimodal_messages``, without the images themselves). Messages already in list form are kept.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     out, placed = [], False
     for message in messages:
@@ -357,7 +357,7 @@ def encode(
         ``token_inputs`` holds the processor's outputs aligned with the tokens (``mm_token_type_ids``,
         ``token_type_ids``), empty for most models.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     pictures = [load_image(v) for v in images] or None
     if isinstance(text, list):
@@ -397,7 +397,7 @@ def encode(
 def image_token_id(processor: Any) -> int | None:
     """The id of the token each image's features replace (``<image>``, ``<|image_pad|>``), or None.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None and getattr(processor, "image_token", None) is not None:
@@ -416,7 +416,7 @@ def image_inputs(processor: Any, images_per_row: Sequence[Sequence[Any]]) -> dic
     dict when no row has an image. The model matches image features to image tokens in order, so rows without
     images are simply left out.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     nested = [[load_image(v) for v in row] for row in images_per_row if len(row)]
     if not nested:
@@ -429,7 +429,7 @@ def model_inputs(batch: dict) -> dict[str, Any]:
     """The image entries of a batch to pass to the model's forward: the names listed in ``batch["vision_inputs"]``
     (set by the method's collate), or an empty dict for a text batch.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     return {name: batch[name] for name in batch.get("vision_inputs", ())}
 
@@ -441,7 +441,7 @@ def is_vision_language_model(source: Any, trust_remote_code: bool = False) -> bo
     """Whether a model (a directory, a hub name, a config or a model) takes images: its config has a
     ``vision_config``, as every transformers vision-language model's does.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     config = getattr(source, "config", source)
     if isinstance(source, (str, Path)):
@@ -473,7 +473,7 @@ def parameter_part(name: str) -> Literal["vision", "projector", "language"]:
     component makes it the projector (checked first: Qwen2-VL's ``visual.merger``), a ``VISION_MODULES``
     component the vision tower, anything else the language model (embeddings and LM head included).
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     components = name.split(".")
     if any(c in PROJECTOR_MODULES for c in components):
@@ -491,7 +491,7 @@ def freeze_parts(model: Any, freeze: str) -> list[str]:
         ConfigError: ``freeze`` asks for a part the model does not have (a text-only model, or a vision-language
             model whose modules use names this module does not know).
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     if freeze not in FREEZE_CHOICES:
         raise ConfigError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {freeze!r}")

@@ -38,7 +38,7 @@ def test_a_third_party_distribution_with_an_entry_point(rewards_fake_site):
     dist.mkdir()
     (dist / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: acme-rewards\nVersion: 0.3.0\nSummary: Acme rewards\n"
-        "Classifier: Development Status :: 4 - Beta\nRequires-Dist: posttrain>=0.1,<1\n"
+        "Classifier: Development Status :: 4 - Beta\nRequires-Dist: posttrain>=1.0,<2\n"
     )
     (dist / "entry_points.txt").write_text("[posttrain.rewards]\nshouting = acme_rewards:shouting\n")
     (rewards_fake_site / "acme_rewards.py").write_text(

@@ -126,7 +126,7 @@ def test_sft_teaches_the_colour_of_the_shape(vlm_dir, tmp_path):
 
     Calibration (``python benchmarks/calibrate_vision.py sft --seeds 0-2 --threads 1 2``, 2026-11-30; seed = model
     initialisation, training rows and data order): 60 steps of batch 8 at learning rate 5e-3 gave accuracy 1.000 on
-    the 40 held-out images in every run (seeds 0, 1, 2 with one thread; THREADS2); the untrained models scored
+    the 40 held-out images in every run (seeds 0, 1, 2 with one thread; seed 0 with two threads); the untrained models scored
     0.250. The threshold 0.75 leaves 0.25 below every calibration run and 0.5 above chance.
     """
     from posttrain.loop import train

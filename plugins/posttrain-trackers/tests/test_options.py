@@ -156,3 +156,16 @@ def test_command_line_forms(trainer):
     assert config.tracker_options == {"wandb": {"project": "p", "tags": ["a", "b"]}}
     with pytest.raises(ConfigError, match="tracker_options.wandb must be a mapping"):
         load_config(type(config), overrides={"tracker_options": "{wandb: offline}"})
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow", "trackio"])
+def test_info_lists_each_trackers_options(name, capsys):
+    """`posttrain info wandb` documents the tracker's typed options, read from the options class itself."""
+    from posttrain.cli import main
+
+    assert main(["info", name]) == 0
+    out = capsys.readouterr().out
+    assert f"hook plugin: {name}" in out and "package:  posttrain-trackers" in out
+    assert f"tracker_options: {{{name}: {{...}}}}" in out
+    for field_name in ("run_name", "log_checkpoints"):
+        assert any(line.strip().startswith(field_name) for line in out.splitlines()), field_name

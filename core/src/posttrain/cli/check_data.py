@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from posttrain._errors import RowProblem
+
 
 def _rows_of(path: str):
     from posttrain import _reader

@@ -1,8 +1,12 @@
-"""``posttrain info METHOD``: package, status, docs, data formats and config fields.
+"""``posttrain info NAME``: package, status, docs, data formats and config fields.
 
-Everything comes from metadata and the ``<method>.schema.json`` the package ships, so the answer
-takes a fraction of a second and imports neither the plugin nor torch. A package without a shipped
+For a method everything comes from metadata and the ``<method>.schema.json`` the package ships, so the
+answer takes a fraction of a second and imports neither the plugin nor torch. A package without a shipped
 schema (an older or third-party one) is imported instead, and the output says so.
+
+A name that is not a method may be a reward, a hook plugin (``posttrain.plugins``, e.g. a tracker) or a
+plugin command: ``info`` then prints its package facts, and the options it reads when it declares them (a
+reward's ``@reward(options=...)`` class, a hook module's ``OPTIONS`` dataclass), which needs an import.
 """
 
 from __future__ import annotations
@@ -37,13 +41,108 @@ def print_fields(schema: dict) -> None:
         print(f"  {name:32} {_type_label(prop):28} {default:>14}  {prop.get('description', '')}")
 
 
+def print_options(options: type, heading: str) -> None:
+    """The fields of an options dataclass, as ``print_fields`` prints a config."""
+    from posttrain.config import describe_fields
+
+    print(f"\n{heading}:")
+    for name, type_name, default, help_text in describe_fields(options):
+        print(f"  {name:32} {type_name:28} {default!r:>14}  {help_text}")
+
+
+OTHER_KINDS = ("reward", "plugin", "command")
+KIND_LABEL = {"reward": "reward", "plugin": "hook plugin", "command": "command"}
+
+
+def _other_entry(name: str) -> discovery.Entry | None:
+    """The reward, hook plugin or command called ``name`` when there is exactly one usable such entry."""
+    package = None
+    if ":" in name:
+        package, name = name.split(":", 1)
+    for kind in OTHER_KINDS:
+        matches = [e for e in discovery.discover((kind,)) if discovery.normalize(e.name) == discovery.normalize(name)]
+        if package:
+            matches = [e for e in matches if discovery.normalize(e.package) == discovery.normalize(package)]
+        if matches:
+            return discovery.find(kind, f"{package}:{name}" if package else name, matches, allow_inactive=True)
+    return None
+
+
+def _declared_options(entry: discovery.Entry) -> type | None:
+    """The options class a reward (``@reward(options=...)``) or a hook module (``OPTIONS``) declares."""
+    import dataclasses
+
+    obj = discovery.load(entry)
+    if entry.kind == "reward":
+        from posttrain.rewards import options_class
+
+        options = options_class(obj)
+    else:
+        options = getattr(obj, "OPTIONS", None)
+    return options if isinstance(options, type) and dataclasses.is_dataclass(options) else None
+
+
+def _with_other_suggestions(error: Exception, name: str) -> Exception:
+    """An unknown name close to a reward, hook plugin or command name suggests that, not a look-alike method."""
+    import difflib
+
+    from posttrain._errors import PluginError
+
+    others = {e.name: KIND_LABEL[e.kind] for e in discovery.discover(OTHER_KINDS)}
+    close = difflib.get_close_matches(name, list(others), n=3, cutoff=0.75)
+    if not close or not str(error).startswith("unknown method"):
+        return error
+    hint = " or ".join(f"{c!r} ({others[c]})" for c in close)
+    return PluginError(f"no method, reward, hook plugin or command is called {name!r}. Did you mean {hint}?")
+
+
+def describe_other(entry: discovery.Entry, no_import: bool, as_json: bool) -> int:
+    options = None if no_import or entry.kind == "command" else _declared_options(entry)
+    if as_json:
+        from posttrain.config import describe_fields
+
+        fields = (
+            [{"name": n, "type": t, "default": repr(d), "help": h} for n, t, d, h in describe_fields(options)]
+            if options
+            else None
+        )
+        print(json.dumps({"entry": entry.to_dict(), "options": fields}, indent=2))
+        return 0
+    print(f"{KIND_LABEL[entry.kind] + ':':9} {entry.name}")
+    print(f"package:  {entry.package} {entry.version}")
+    print(f"status:   {entry.status}")
+    print(f"summary:  {entry.summary}")
+    print(f"requires: posttrain{entry.requires_core or ' (any)'} (installed {discovery.core_version()})")
+    print(f"provides: {entry.value}")
+    if entry.docs_url:
+        print(f"docs:     {entry.docs_url}")
+    if options is not None:
+        doc = (options.__doc__ or "").strip().splitlines()
+        summary = doc[0] if doc and not doc[0].startswith(f"{options.__name__}(") else options.__name__
+        print_options(options, f"options ({summary.replace('``', '`')})")
+    elif no_import and entry.kind != "command":
+        print("options:  not shown (--no-import)")
+    return 0
+
+
 def run(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="posttrain info", description="Describe an installed method.")
-    p.add_argument("method")
+    p = argparse.ArgumentParser(
+        prog="posttrain info",
+        description="Describe an installed method, or a reward, hook plugin (e.g. a tracker) or plugin command.",
+    )
+    p.add_argument("method", metavar="NAME", help="a method name; else a reward, hook plugin or command name")
     p.add_argument("--no-import", action="store_true", help="never import the plugin, even without a shipped schema")
-    p.add_argument("--json", action="store_true", help="print the method's facts and config schema as JSON")
+    p.add_argument("--json", action="store_true", help="print the facts and config schema (or options) as JSON")
     args = p.parse_args(argv)
-    entry = discovery.find("method", args.method, allow_inactive=True)
+    from posttrain._errors import PluginError
+
+    try:
+        entry = discovery.find("method", args.method, allow_inactive=True)
+    except PluginError as error:
+        other = _other_entry(args.method)
+        if other is None:
+            raise _with_other_suggestions(error, args.method) from None
+        return describe_other(other, args.no_import, args.json)
     from posttrain.cli import schema as schema_lib
 
     schema, path = schema_lib.read_shipped(entry)

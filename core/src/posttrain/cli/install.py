@@ -157,8 +157,8 @@ def _check_core_range(label: str, requirements: list[str]) -> None:
         if not ok:
             raise PluginError(
                 f"{label} needs posttrain{spec}, but the installed core is posttrain {core}; `posttrain install` "
-                "never changes the core. Use a release of the package made for this core, or upgrade the core "
-                f"first (`pip install 'posttrain{spec}'`) and run the install again."
+                "never changes the core. Use a release of the package made for this core, or first install a core "
+                f"in that range (`pip install 'posttrain{spec}'`) and run the install again."
             )
 
 

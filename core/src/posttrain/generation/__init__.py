@@ -191,7 +191,7 @@ class PromptImages:
         images: the prompt's image values, in order (paths, bytes or PIL images; see :mod:`posttrain.vision`).
         token_inputs: the processor's inputs aligned with the prompt's tokens (``mm_token_type_ids``), unpadded.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
 
     images: list
@@ -283,7 +283,7 @@ def prepare_prompts(dataset: Any, tokenizer: Any, method: str, processor: Any = 
             that do not match their placeholders).
 
     .. versionadded:: 1.0
-    .. versionchanged:: 1.0 ``processor``: prompts with images.
+    .. versionchanged:: 1.1 ``processor``: prompts with images.
     """
     from posttrain._errors import ConfigError, DataError, RowProblem
     from posttrain.data import apply_chat_template, is_conversational, validate
@@ -338,7 +338,7 @@ def collate_prompts(rows: list[dict], pad_token_id: int) -> dict:
     ``prompt_images`` (one :class:`PromptImages` or None per row); :func:`sample` hands them to the generator.
 
     .. versionadded:: 1.0
-    .. versionchanged:: 1.0 ``prompt_images``.
+    .. versionchanged:: 1.1 ``prompt_images``.
     """
     import torch
 
@@ -376,7 +376,7 @@ class Rollout:
     images, pass it ``model_inputs`` too (the pixel values of each of the N rows and the token-aligned inputs).
 
     .. versionadded:: 1.0
-    .. versionchanged:: 1.0 ``model_inputs``.
+    .. versionchanged:: 1.1 ``model_inputs``.
     """
 
     prompt_ids: torch.Tensor  # (N, P) each prompt repeated n times

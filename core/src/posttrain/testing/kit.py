@@ -86,7 +86,7 @@ FULL_CHECKS = (
 IMAGE_CHECKS = ("images_reach_model", "image_grad_accumulation", "image_padding_invariance")
 """The checks tier ``full`` adds for a method that declares ``supports_images``, on a tiny vision-language model.
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 MIN_ROWS = 8
 """The fewest raw rows :func:`conformance_suite` accepts (a step of batch 4 x accumulation 1, twice).
@@ -345,7 +345,7 @@ def check_metadata(method_name: str) -> None:
     )
     assert e.summary, f"method {method_name!r} ({e.package}): the distribution has no Summary (description)"
     assert e.requires_core and ">=" in e.requires_core, (
-        f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=0.1,<1' "
+        f"method {method_name!r} ({e.package}): declare the core range you support, e.g. 'posttrain>=1.0,<2' "
         f"(found {e.requires_core!r})"
     )
     from importlib import metadata
@@ -844,7 +844,7 @@ def _changes(snapshot: Any, now: Any, where: str, allow_new_keys: bool) -> list[
 def default_image_rows(method_class: Any, n: int = 12) -> list[dict]:
     """Rows with synthetic images in the first of the method's dataset formats the colour task can write.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     from posttrain.testing.vision_task import colour_rows
 
@@ -865,7 +865,7 @@ def check_images_reach_model(method_class, rows, model_dir, overrides, rewards=N
     pixel values, or a model that never sees them, gives the same ``loss_sum`` twice. For an online method (one
     with ``rollout``) the images also change what is sampled, so the loss or the item count must differ.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     from PIL import ImageOps
 
@@ -948,8 +948,8 @@ def conformance_suite(
             ``supports_images``); default :func:`default_image_rows`.
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``; ``batch_unit``; the image
-       checks and ``image_rows``.
+    .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``; ``batch_unit``.
+    .. versionchanged:: 1.1 the image checks and ``image_rows``.
     """
     import pytest
 

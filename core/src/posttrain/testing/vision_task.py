@@ -10,7 +10,7 @@ the only thing an answer can depend on; ``colour_rows`` makes rows of every data
     path = build_tiny_vlm("/tmp/vlm")
     rows = colour_rows(64, "prompt_completion", seed=0)   # {"images": [PIL], "prompt": [...], "completion": [...]}
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 """The colours of :func:`shape_image` and their RGB values; a random answer is right one time in four.
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 IMAGE_SIZE = 32
 """Side of the square images, in pixels (the tiny CLIP tower sees 2 x 2 patches of 16 pixels: four tokens).
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 QUESTION = "What colour is the shape?"
 """The question every row of :func:`colour_rows` asks.
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 
 #: Renders string content or content parts; an image part becomes ``<image>``, which the processor expands into one
@@ -59,14 +59,14 @@ VISION_CHAT_TEMPLATE = (
 )
 """The chat template of :func:`build_tiny_vlm`'s processor (``<|role|>content<|end|>`` per message).
 
-.. versionadded:: 1.0
+.. versionadded:: 1.1
 """
 
 
 def shape_image(colour: str, rng: random.Random, size: int = IMAGE_SIZE):
     """A ``size`` x ``size`` RGB image: noisy grey background, one ``colour`` square or disc of random size and place.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     from PIL import Image, ImageDraw
 
@@ -97,7 +97,7 @@ def colour_rows(n: int, fmt: str = "prompt_completion", seed: int = 0, conversat
         conversational: message lists with ``{"type": "image"}`` parts (True), or standard strings with the
             ``<image>`` token (False).
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     rng = random.Random(seed)
     names = list(COLOURS)
@@ -139,7 +139,7 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, hidden_size: int = 32, visio
     """Write a random tiny LLaVA and its processor to ``path`` (a directory ``from_pretrained`` and
     ``AutoProcessor`` load) and return it; reused when ``config.json`` is already there.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -216,7 +216,7 @@ def colour_logps(model: Any, processor: Any, rows: list[dict]):
         (len(rows), len(COLOURS)) float tensor, columns in :data:`COLOURS` order; the right colour's column is
         ``list(COLOURS).index(row["answer"])``.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     import torch
 
@@ -249,7 +249,7 @@ def colour_exact(prompts: list, completions: list, answer: list[str], **columns:
 
     Completions are strings (standard prompts) or ``[{"role": "assistant", "content": text}]`` (chat prompts).
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [float(t.strip() == a) for t, a in zip(texts, answer)]
@@ -265,7 +265,7 @@ def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100) -> P
     exact-match reward is not always zero) and has to learn to look at the image to raise it. Runs in one torch
     thread (restored afterwards) so the result does not depend on the caller's setting.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -318,7 +318,7 @@ def colour_exact_probability(model_dir: str | Path, rows: list[dict]) -> float:
     the right colour and ``<|end|>`` at temperature 1: the expected :func:`colour_exact` reward, computed from the
     logits with no sampling noise.
 
-    .. versionadded:: 1.0
+    .. versionadded:: 1.1
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

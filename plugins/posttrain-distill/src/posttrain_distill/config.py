@@ -20,6 +20,7 @@ class DistillConfig(OnlineConfig):
     beta: float = 1.0  # generalised JSD mixture: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher)
     max_completion_length: int = 512  # tokens generated per completion (dataset completions are cut to it too)
     disable_dropout: bool = False  # set every dropout probability of the student to 0
+    per_prompt_generation: bool = True  # 1.0's batch-independent samples; false batches them (faster)
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -34,6 +34,8 @@ BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")  # MLflow allows alphanumerics, _ - .
 
 @dataclass
 class MLflowOptions(TrackerOptions):
+    """Options of ``report_to: [mlflow]``, set under ``tracker_options: {mlflow: {...}}``."""
+
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's (sqlite:///mlflow.db here)
     experiment_name: str | None = None  # default: MLFLOW_EXPERIMENT_NAME, else "Default"
     tags: dict[str, str] = field(default_factory=dict)  # extra run tags
@@ -159,3 +161,6 @@ def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
     tracker = tracker_for(MLflowTracker, config)
     if tracker is not None:
         registry.add(tracker)
+
+
+OPTIONS = MLflowOptions  # what `posttrain info mlflow` lists (read from tracker_options.mlflow)

@@ -25,6 +25,8 @@ ALERT_LEVELS = {"finished": "INFO", "interrupted": "WARN", "failed": "ERROR"}
 
 @dataclass
 class TrackioOptions(TrackerOptions):
+    """Options of ``report_to: [trackio]``, set under ``tracker_options: {trackio: {...}}``."""
+
     project: str | None = None  # default: TRACKIO_PROJECT, else "posttrain"
     group: str | None = None  # runs of a group are shown together
     space_id: str | None = None  # log to this Hugging Face Space instead of locally; default: TRACKIO_SPACE_ID
@@ -80,3 +82,6 @@ def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
     tracker = tracker_for(TrackioTracker, config)
     if tracker is not None:
         registry.add(tracker)
+
+
+OPTIONS = TrackioOptions  # what `posttrain info trackio` lists (read from tracker_options.trackio)

@@ -24,6 +24,8 @@ EXIT_CODES = {"finished": 0, "failed": 1, "interrupted": 130}  # 130: as `posttr
 
 @dataclass
 class WandbOptions(TrackerOptions):
+    """Options of ``report_to: [wandb]``, set under ``tracker_options: {wandb: {...}}``."""
+
     project: str | None = None  # default: WANDB_PROJECT, else "posttrain"
     entity: str | None = None  # team or user; default: WANDB_ENTITY, else your default entity
     tags: list[str] = field(default_factory=list)
@@ -85,3 +87,6 @@ def posttrain_add_callbacks(registry: CallbackRegistry, config: Any) -> None:
     tracker = tracker_for(WandbTracker, config)
     if tracker is not None:
         registry.add(tracker)
+
+
+OPTIONS = WandbOptions  # what `posttrain info wandb` lists (read from tracker_options.wandb)
