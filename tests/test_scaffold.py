@@ -177,13 +177,57 @@ def test_preference_template(tmp_path):
     assert project["description"] == "pair-method: a pairwise preference loss against a frozen reference model."
 
 
+ONLINE_LAYOUT = sorted(
+    [
+        *(f for f in LAYOUT if not f.endswith("/data.py")),
+        "src/posttrain_my_method/rewards.py",
+        "tests/test_rewards.py",
+        "tests/test_rollout.py",
+    ]
+)
+
+
+def test_online_template(tmp_path):
+    root = scaffold.generate("my-method", tmp_path / "pkg", author="", core_version="1.0", template="online")
+    assert files_of(root) == ONLINE_LAYOUT
+    source = root / "src" / "posttrain_my_method"
+    assert "def leave_one_out_advantages(" in (source / "loss.py").read_text()
+    assert "def reinforce_loss(" in (source / "loss.py").read_text()
+    method = (source / "method.py").read_text()
+    for call in ("RewardSet.resolve(", "build_generator(ctx)", "sample(self.generator", "def rollout(self, model"):
+        assert call in method, call
+    assert "@reward(options=AnswerOptions)" in (source / "rewards.py").read_text()
+    assert '"answer"' in (root / "data" / "tiny.jsonl").read_text()
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["posttrain.rewards"] == {
+        "my-method-answer": "posttrain_my_method.rewards:answer_reward"
+    }
+    assert project["description"] == "my-method: online RL on prompts, REINFORCE with a leave-one-out baseline."
+    assert "reward_funcs: [my-method-answer]" in (root / "configs" / "tiny.yaml").read_text()
+
+
+def test_online_pyproject_is_the_common_one_plus_the_reward_entry_point():
+    """The online template carries its own pyproject.toml (for the reward's entry point): it must not drift."""
+    files = dict(scaffold.template_files("online"))
+    common = dict(scaffold.template_files("lm"))["pyproject.toml.tmpl"]
+    online = files["pyproject.toml.tmpl"].splitlines(keepends=True)
+    added = [line for line in online if line not in common.splitlines(keepends=True)]
+    assert added == [
+        '[project.entry-points."posttrain.rewards"]\n',
+        '{{name}}-answer = "{{package}}.rewards:answer_reward"  # the example reward: `--reward_funcs {{name}}-answer`\n',
+    ]
+    assert "".join(line for line in online if line not in added).replace("\n\n\n", "\n\n") == common
+
+
 def test_unknown_template_is_refused(tmp_path):
-    with pytest.raises(PosttrainError, match="unknown template 'online': the templates are lm, preference"):
-        scaffold.generate("x", tmp_path / "pkg", template="online")
+    with pytest.raises(
+        PosttrainError, match="unknown template 'environment': the templates are lm, online, preference"
+    ):
+        scaffold.generate("x", tmp_path / "pkg", template="environment")
 
 
 def test_a_template_is_one_folder(tmp_path, monkeypatch):
-    """Adding a template (online, environment) is adding a folder with template.json beside common/."""
+    """Adding a template (environment, ...) is adding a folder with template.json beside common/."""
     templates = Path(scaffold.__file__).parent / "templates"
     assert sorted(p.name for p in templates.iterdir() if p.is_dir()) == ["common", *scaffold.template_names()]
     for name in scaffold.template_names():
@@ -250,6 +294,9 @@ def test_cli_new(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "elsewhere" / "pkg" / "pyproject.toml").is_file()
     assert main(["new", "pairs", "--template", "preference", "--url", "https://example.org/pairs"]) == 0
     assert "(preference template)" in capsys.readouterr().out
+    assert main(["new", "rl", "--template", "online", "--author", ""]) == 0
+    out = capsys.readouterr().out
+    assert "(online template)" in out and "(config.py, loss.py, method.py, rewards.py)" in out
     urls = tomllib.loads((tmp_path / "posttrain-pairs" / "pyproject.toml").read_text())["project"]["urls"]
     assert urls == {"Homepage": "https://example.org/pairs"}
     assert main(["new", "bad-url", "--url", "not a url"]) == 2

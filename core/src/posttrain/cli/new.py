@@ -1,4 +1,4 @@
-"""``posttrain new NAME [--template lm|preference]``: scaffold a method package that installs and passes its own tests."""
+"""``posttrain new NAME [--template lm|preference|online]``: scaffold a method package that installs and passes its own tests."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def run(command: str, argv: list[str]) -> int:
     )
     n = scaffold.names(args.name)
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    modules = sorted(p.name for p in (target / "src" / n.package).glob("*.py") if p.name != "__init__.py")
     shown = os.path.relpath(target) if not os.path.relpath(target).startswith("..") else str(target)
     print(f"Created {n.distribution} ({args.template} template) in {shown}/ ({len(files)} files):")
     for f in files:
@@ -66,7 +67,7 @@ def run(command: str, argv: list[str]) -> int:
         f"  pytest                      # unit tests, a tiny training run and the conformance kit\n"
         f"  python -c \"from posttrain.testing import build_tiny_model; build_tiny_model('tiny-model')\"\n"
         f"  posttrain train {n.name} --config configs/tiny.yaml\n"
-        f"\nThe method lives in {Path('src', n.package)}/ (config.py, data.py, loss.py, method.py). The README "
+        f"\nThe method lives in {Path('src', n.package)}/ ({', '.join(modules)}). The README "
         f"and docs/{n.name}.md have sections only you can write (marked '{scaffold.PLACEHOLDER_MARK}'). "
         f"When the method is ready for users, `posttrain promote` checks the promotion criteria."
     )

@@ -663,8 +663,9 @@ def check_reference_frozen(method_class, rows, model_dir, overrides, rewards=Non
     The modules checked are every ``torch.nn.Module`` among the method's attributes (``self.ref_model``, a
     teacher, a reward model; in dicts and lists too) and in ``ctx.state``, after ``setup``; under LoRA also
     the policy's own frozen base weights, which are the reference when adapters are disabled. One micro-batch
-    goes through ``rollout`` and ``loss``, ``loss_sum`` is back-propagated and the policy's trainable
-    parameters take an SGD step: a checked parameter shared with the policy, holding a gradient, or changed
+    goes through ``rollout`` and ``loss`` (the policy first moved a little off the reference, where a KL term's
+    gradient would vanish), ``loss_sum`` is back-propagated and the policy's trainable parameters take an SGD
+    step: a checked parameter shared with the policy, holding a gradient, or changed
     fails the check, naming it. ``peft`` (default: when peft is installed) repeats the check with
     ``use_peft=True``.
 
@@ -687,6 +688,9 @@ def _check_frozen_once(method_class, rows, model_dir, overrides, rewards) -> Non
     method, model, ctx, prepared = _live_method(
         method_class, rows, model_dir, overrides, training=True, rewards=rewards
     )
+    # move the policy off the reference first: where the two agree, a KL penalty's gradient (GRPO's k3 estimate)
+    # is exactly 0 with respect to both, so a reference left open to gradients would go unnoticed
+    _perturb(model)
     label = f"{method_class.name}{' (use_peft=True)' if overrides.get('use_peft') else ''}"
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     storages = {p.untyped_storage().data_ptr(): n for n, p in model.named_parameters() if p.requires_grad}

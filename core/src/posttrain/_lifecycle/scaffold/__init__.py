@@ -4,7 +4,7 @@ Templates live in ``templates/``: ``common/`` holds the files every package has 
 LICENSE, CHANGELOG, MANIFEST.in, the test fixtures) and each other folder is one template, chosen with
 ``posttrain new NAME --template FOLDER``: its ``template.json`` (a one-line summary and the default
 package description) and its files, which are laid over ``common/`` (a file at the same path wins).
-Adding a template (``online``, ``environment``) is adding one folder.
+Adding a template (``environment``) is adding one folder.
 
 Every file ends in ``.tmpl`` (so neither Python, pytest nor pip byte-compilation treats it as code)
 and holds ``{{key}}`` placeholders, in file contents and in path names alike. Rendering is a plain
@@ -220,7 +220,8 @@ def generate(
         core_version: the posttrain version to require (``>=X.Y,<X+1``); default the installed one.
         date: the date of the first CHANGELOG entry (ISO format); default today.
         template: which starting method (:func:`template_names`): ``lm`` (next-token cross-entropy on
-            text) or ``preference`` (a pairwise loss against a frozen reference model).
+            text), ``preference`` (a pairwise loss against a frozen reference model) or ``online``
+            (REINFORCE on sampled completions scored by reward functions).
         url: the package's home page for ``[project.urls]``; default its PyPI page.
 
     Raises:
