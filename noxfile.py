@@ -22,7 +22,7 @@ import nox
 ROOT = Path(__file__).parent
 CONSTRAINTS = ["-c", str(ROOT / "constraints.txt")]
 PLUGINS = sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file())
-CORE_EXTRAS = "core[peft,plot,tensorboard]"
+CORE_EXTRAS = "core[peft,plot,tensorboard,vision]"
 # a plugin's extras that its tests need (the libraries it drives); pinned in constraints.txt
 PLUGIN_EXTRAS = {"posttrain-trackers": "[all]"}
 

@@ -44,6 +44,7 @@ PUBLIC_MODULES = (
     "posttrain.rewards",
     "posttrain.generation",
     "posttrain.environments",
+    "posttrain.vision",
     "posttrain.testing",
     "posttrain.testing.environments",
     "posttrain.testing.kit",

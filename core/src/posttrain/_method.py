@@ -122,9 +122,11 @@ class TrainContext(Generic[ConfigT]):
 
     ``model`` is the unwrapped policy model (use it for ``generate``); inside ``loss`` call the
     ``model`` argument, which may be wrapped for distributed training. Annotate with the method's
-    config class for typed access: ``ctx: TrainContext[DPOConfig]``.
+    config class for typed access: ``ctx: TrainContext[DPOConfig]``. For a vision-language model
+    ``processor`` holds its processor (see :mod:`posttrain.vision`) and ``tokenizer`` the processor's tokenizer.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 ``processor``.
     """
 
     config: ConfigT
@@ -137,6 +139,8 @@ class TrainContext(Generic[ConfigT]):
     training: bool = True  # False during evaluation
     rewards: dict[str, Any] = field(default_factory=dict)  # reward functions the run was given, by name
     state: dict[str, Any] = field(default_factory=dict)  # free space for a method's own objects
+    # a vision-language model's processor (``tokenizer`` is its tokenizer); None for a text model
+    processor: Any = None
     services: dict[str, RunService] = field(default_factory=dict)  # core services the loop keeps in step
     _upcoming: Callable[[int], list[UpcomingBatch]] | None = field(default=None, repr=False, compare=False)
 
@@ -231,6 +235,12 @@ class Method(Protocol):
     - ``rows_per_batch(config, batch_size) -> int``: dataset rows in a micro-batch of ``batch_size`` items
       when a row expands into several (prompts into completions); default ``batch_size``.
 
+    Optional attributes (:data:`OPTIONAL_ATTRIBUTES`):
+
+    - ``supports_images: bool``: the method trains on rows with images (``images``/``image`` columns) for a
+      vision-language model; ``posttrain info`` shows it and the conformance kit adds its image checks.
+      Without it, rows with images are refused before a model loads.
+
     Example::
 
         class MyMethod:
@@ -244,6 +254,7 @@ class Method(Protocol):
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 optional members are declared and checked; ``batch_reuse`` and
        ``rows_per_batch`` added; ``check_rows`` returns :class:`RowProblem` values.
+    .. versionchanged:: 1.0 optional attribute ``supports_images``.
     """
 
     name: str
@@ -275,6 +286,8 @@ OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
     "rows_per_batch": ("config", "batch_size"),
 }
 REQUIRED_ATTRIBUTES = ("name", "config_class", "dataset_formats")
+#: Optional attributes and their types (checked by :func:`method_problems` when present).
+OPTIONAL_ATTRIBUTES: dict[str, type] = {"supports_images": bool}
 
 
 def _positional_arity(func: Any) -> tuple[int, int] | None:
@@ -332,12 +345,17 @@ def method_problems(method: Any) -> list[str]:
         problem = _signature_problem(owner, name, _bound(cls, instance, name), expected)
         if problem:
             problems.append(problem)
-    known = set(REQUIRED_MEMBERS) | set(OPTIONAL_MEMBERS) | set(REQUIRED_ATTRIBUTES)
+    for name, kind in OPTIONAL_ATTRIBUTES.items():
+        value = getattr(instance if instance is not None else cls, name, None)
+        if value is not None and not isinstance(value, kind):
+            problems.append(f"{owner}.{name} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+    known = set(REQUIRED_MEMBERS) | set(OPTIONAL_MEMBERS) | set(REQUIRED_ATTRIBUTES) | set(OPTIONAL_ATTRIBUTES)
     own = set(vars(cls)) | (set(vars(instance)) if instance is not None and hasattr(instance, "__dict__") else set())
+    candidates = sorted(set(OPTIONAL_MEMBERS) | set(REQUIRED_MEMBERS) | set(OPTIONAL_ATTRIBUTES))
     for attr in sorted(own):
         if attr.startswith("_") or attr in known:
             continue
-        close = difflib.get_close_matches(attr, sorted(set(OPTIONAL_MEMBERS) | set(REQUIRED_MEMBERS)), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(attr, candidates, n=1, cutoff=0.8)
         if close:
             problems.append(
                 f"{owner} defines {attr!r}, which is not part of the Method protocol and is never called; "

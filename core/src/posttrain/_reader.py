@@ -63,6 +63,10 @@ def read_file(path: str | Path) -> Table:
         table = _jsonl_rows(lines, source)
     if not table.rows and not table.problems:
         raise DataError(f"dataset file {source!r} has no rows; write one JSON object per line (JSONL).")
+    from posttrain.vision import IMAGE_COLUMNS, resolve_image_paths
+
+    if any(column in row for row in table.rows for column in IMAGE_COLUMNS):
+        table.rows = resolve_image_paths(table.rows, p.parent)  # image paths are relative to the dataset file
     return table
 
 
@@ -278,6 +282,7 @@ def problems_and_warnings(method: Any, table: Any, source: str) -> tuple[list[Ro
     found = list(table.problems) if isinstance(table, Table) else []
     formats = tuple(getattr(method, "dataset_formats", ()) or ())
     if rows and len(rows):
+        found += _renumber(image_support_problems(method, rows), numbers)
         if formats:
             found += _renumber(data.validate(rows, formats, source), numbers)
         found += _renumber(method_row_problems(method, rows), numbers)
@@ -294,6 +299,32 @@ def problems_and_warnings(method: Any, table: Any, source: str) -> tuple[list[Ro
     warned = _renumber(degenerate_rows(rows), numbers) if rows and len(rows) else []
     bad = {q.row for q in unique}
     return unique, [w for w in warned if w.row not in bad]
+
+
+def image_support_problems(method: Any, rows: Any) -> list[RowProblem]:
+    """The first row with images, when ``method`` does not declare ``supports_images``: it trains on text only,
+    so the images would be dropped without a word."""
+    from posttrain.vision import IMAGE_COLUMNS, row_images
+
+    if getattr(method, "supports_images", False) is True:
+        return []
+    columns = rows.column_names if hasattr(rows, "column_names") else {k for r in rows for k in r}
+    if not set(IMAGE_COLUMNS) & set(columns):
+        return []
+    first = next((i for i, row in enumerate(rows) if row_images(row)), None)
+    if first is None:
+        return []
+    name = getattr(method, "name", None) or type(method).__name__
+    column = "images" if rows[first].get("images") is not None else "image"
+    return [
+        RowProblem(
+            first,
+            column,
+            f"holds images, but method {name!r} trains on text only (it does not declare supports_images)",
+            "Use a method that accepts images (`posttrain info METHOD` says which: sft, dpo, grpo), or drop the "
+            f"{column!r} column.",
+        )
+    ]
 
 
 def _renumber(problems: list[RowProblem], numbers: list[int] | None) -> list[RowProblem]:

@@ -37,6 +37,7 @@ class TrainingConfig:
     """Fields every method shares. A method's config adds its own fields and paper defaults.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 ``freeze`` (vision-language models).
     """
 
     # -- what to train on
@@ -72,6 +73,8 @@ class TrainingConfig:
     use_cpu: bool = False  # train on CPU even when an accelerator is present
     torch_compile: bool = False
     ddp_timeout: int = 1800  # seconds a process waits for the others in a collective before failing with a report
+    # vision-language models: parts that do not train (with use_peft: parts that get no adapters)
+    freeze: Literal["none", "vision", "vision_and_projector"] = "none"  # none, the vision tower, or tower + projector
     # -- LoRA (needs `pip install posttrain[peft]`)
     use_peft: bool = False
     lora_r: int = 16

@@ -63,9 +63,11 @@ _SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 def load_dataset(path_or_name: Any, split: str = "train"):
     """Load a ``datasets.Dataset`` from a local file, a saved directory, a Dataset or a hub name.
 
-    Raises :class:`DataError` naming the path for a missing, empty or unreadable file.
+    Raises :class:`DataError` naming the path for a missing, empty or unreadable file. Relative image paths in
+    a file's ``images``/``image`` column are made absolute against the file's directory.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 image paths are resolved against the dataset file's directory.
     """
     import datasets
 
@@ -108,7 +110,9 @@ def load_dataset(path_or_name: Any, split: str = "train"):
             ) from None
         if len(ds) == 0:
             raise DataError(f"dataset file {text!r} has no rows.")
-        return ds
+        from posttrain.vision import resolve_image_paths
+
+        return resolve_image_paths(ds, path.parent)  # image paths are relative to the dataset file
     if text.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
         raise DataError(  # a path, not a hub name: never a hub lookup for a typo
             f"dataset path {text!r} does not exist (relative to {Path.cwd()}). Check the path; a file needs its "
@@ -198,14 +202,26 @@ def _check_messages(value: Any, row: int, column: str) -> RowProblem | None:
             return RowProblem(
                 row, column, f"message {j} has unknown role {message['role']!r}", f"Use one of: {', '.join(ROLES)}."
             )
-        if not isinstance(message["content"], str):
+        content = message["content"]
+        if isinstance(content, list) and all(_is_part(part) for part in content):
+            continue  # content parts: [{"type": "text", "text": ...}, {"type": "image"}] (vision-language rows)
+        if not isinstance(content, str):
             return RowProblem(
                 row,
                 column,
-                f"message {j} has non-string content {message['content']!r}",
-                "Write the content as a string.",
+                f"message {j} has non-string content {content!r} that is not a list of content parts either",
+                'Write the content as a string, or as parts [{"type": "text", "text": "..."}, {"type": "image"}].',
             )
     return None
+
+
+def _is_part(part: Any) -> bool:
+    """A content part of a multimodal message: ``{"type": "text", "text": str}`` or ``{"type": "image", ...}``."""
+    if not isinstance(part, dict):
+        return False
+    if part.get("type") == "text":
+        return isinstance(part.get("text"), str)
+    return part.get("type") == "image"
 
 
 def _check_text(value: Any, row: int, column: str, allow_empty: bool = False) -> RowProblem | None:
@@ -224,9 +240,11 @@ def _check_text(value: Any, row: int, column: str, allow_empty: bool = False) ->
 
 
 def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
-    """Everything wrong with one row for ``fmt``.
+    """Everything wrong with one row for ``fmt``; a row with images also gets
+    :func:`posttrain.vision.image_problems` (missing or unreadable files, images vs placeholders).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 content-part messages and image checks.
     """
     alternatives = FORMAT_COLUMNS[fmt]
     present = {k for k, v in row.items() if v is not None}
@@ -251,6 +269,10 @@ def row_problems(row: dict, index: int, fmt: str) -> list[RowProblem]:
                 index, "label", f"must be true or false, got {row['label']!r}", "Write the JSON literal true or false."
             )
         )
+    if not problems and present & {"images", "image"}:
+        from posttrain.vision import image_problems
+
+        problems += image_problems(row, index)
     return problems
 
 

@@ -29,7 +29,7 @@ import torch
 
 from posttrain import _checkpoint as ckpt
 from posttrain import _distributed as dist
-from posttrain import _preflight, _reader, _resume, _run_guard
+from posttrain import _preflight, _reader, _resume, _run_guard, vision
 from posttrain import _tracking as tracking
 from posttrain._errors import ConfigError, DataError, PluginError, PosttrainError
 from posttrain._method import TrainContext, TrainOutcome, UpcomingBatch, method_problems, optional_member
@@ -200,8 +200,7 @@ def _load_everything(
 
     output_dir = Path(config.output_dir)
     set_seed(config.seed)
-    if tokenizer is None:
-        tokenizer = models.load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer, processor = _tokenizer_and_processor(config, tokenizer)
     if model is None:
         load = optional_member(method, "load_model")
         # FSDP2's cpu_ram_efficient_loading leaves meta tensors on all but local rank 0 until prepare(); a method
@@ -209,6 +208,7 @@ def _load_everything(
         whole = dist.loading_whole() if getattr(config, "precompute_ref_log_probs", False) else contextlib.nullcontext()
         with whole:
             model = load(config) if load else models.load_causal_lm(config.model, config)
+    vision.freeze_parts(model, config.freeze)
     models.check_max_length(model, config, config.model or None)
     model = models.apply_peft(model, config)
     if config.torch_compile:
@@ -220,6 +220,7 @@ def _load_everything(
         model=model,
         model_path=config.model or None,
         rewards=rewards or {},
+        processor=processor,
     )
     if not any(p.is_meta for p in model.parameters()):  # FSDP2 with cpu_ram_efficient_loading: prepare() fills it
         model.to(accelerator.device)
@@ -296,6 +297,20 @@ def _plugin_callbacks(config: Any) -> list[Any]:
     return _registry.callbacks_for(config)
 
 
+def _tokenizer_and_processor(config: Any, given: Any) -> tuple[Any, Any]:
+    """(tokenizer, processor or None): a processor given as ``tokenizer`` (TRL's ``processing_class``) or loaded
+    for a vision-language model brings its tokenizer; a text model gets its tokenizer alone."""
+    from posttrain import models
+
+    if given is not None:
+        inner = getattr(given, "tokenizer", None)
+        return (inner, given) if inner is not None and hasattr(given, "image_processor") else (given, None)
+    if vision.is_vision_language_model(config.model, config.trust_remote_code):
+        processor = models.load_processor(config.model, config.trust_remote_code)
+        return processor.tokenizer, processor
+    return models.load_tokenizer(config.model, config.trust_remote_code), None
+
+
 def _quiet_library_progress() -> None:
     """Our bar is the one progress display: silence transformers' and datasets' own bars."""
     import datasets
@@ -310,6 +325,8 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
     path = str(source) if isinstance(source, (str, Path)) else None
     # the reader and checks `posttrain check-data` uses, so both agree on every file
     dataset = _reader.load_checked(method, source, ctx.config.dataset_split if split == "train" else "train")
+    if vision.has_images(dataset):
+        _check_image_support(method, ctx, path or f"the {split} dataset")
     try:
         rows = method.prepare(dataset, ctx)
     except DataError as exc:
@@ -322,6 +339,18 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
             "filtered out; the warnings above say why, e.g. prompts longer than max_length)."
         )
     return rows
+
+
+def _check_image_support(method: Any, ctx: TrainContext, source: str) -> None:
+    """Rows with images need a vision-language model (a method without ``supports_images`` was refused with the
+    row checks, in :func:`posttrain._reader.problems_and_warnings`)."""
+    if ctx.processor is None:
+        raise DataError(
+            f"{source} has rows with images, but the model{f' at {ctx.model_path!r}' if ctx.model_path else ''} is "
+            "not a vision-language model (its config has no vision_config, or no processor was given), so it cannot "
+            "see them. Train a "
+            "vision-language model (e.g. a LLaVA, Idefics3 or Qwen2-VL checkpoint), or drop the images/image column."
+        )
 
 
 def _rows_per_batch(method: Any, config: Any, batch_size: int) -> int:
@@ -575,7 +604,7 @@ def _save(run: _Run) -> Path:
         model=run.model,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
-        tokenizer=run.tokenizer,
+        tokenizer=run.ctx.processor or run.tokenizer,
         method=run.method,
         state={"epoch": run.epoch, "metric_totals": run.window.totals_for_checkpoint()},
         rollout_cache=run.rollout_cache,
@@ -633,7 +662,9 @@ def _finish(run: _Run) -> None:
     # sharded (FSDP2): every process sends its shards, the main process writes one consolidated model
     state = dist.full_state_dict(accelerator, run.model) if dist.is_sharded(accelerator) else None
     if accelerator.is_main_process:  # atomic, then marked complete (run_complete.json)
-        _run_guard.save_final(run.output_dir, accelerator.unwrap_model(run.model), run.tokenizer, run.step, state)
+        _run_guard.save_final(
+            run.output_dir, accelerator.unwrap_model(run.model), run.ctx.processor or run.tokenizer, run.step, state
+        )  # a processor saves its tokenizer too
     accelerator.wait_for_everyone()
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "frozen_copy",
     "is_peft_model",
     "load_causal_lm",
+    "load_processor",
     "load_teacher",
     "load_tokenizer",
     "reference_forward",
@@ -203,14 +204,60 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_processor(path: str, trust_remote_code: bool = False):
+    """Load a vision-language model's processor (tokenizer + image processor) with ``AutoProcessor``; its
+    tokenizer gets a pad token (the EOS token) when it has none, as :func:`load_tokenizer` does.
+
+    Raises:
+        PosttrainError: the directory holds no processor (only a tokenizer).
+
+    .. versionadded:: 1.0
+    """
+    from transformers import AutoProcessor
+
+    kwargs = _check_path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise _load_error(exc, path, "processor") or PosttrainError(
+            f"cannot load the processor of {path!r}: {_first_line(exc)}. Check that the directory holds the files "
+            "processor.save_pretrained writes."
+        ) from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise PosttrainError(
+            f"model at {path!r} is a vision-language model but its directory holds no processor with an image "
+            "processor (preprocessor_config.json or processor_config.json), so images cannot be turned into pixel "
+            "values. Save the model's processor next to it: processor.save_pretrained(PATH)."
+        )
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PosttrainError(
+                f"the tokenizer of the processor at {path!r} has neither a pad nor an EOS token; add a pad token "
+                "(processor.tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save the processor again."
+            )
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so reusing EOS is safe
+    return processor
+
+
 def load_causal_lm(path: str, config: Any, model_class: Any = None):
     """Load a model with ``from_pretrained`` and the config's dtype/attention/remote-code settings.
 
+    A vision-language model (its config has a ``vision_config``) loads with ``AutoModelForImageTextToText``
+    unless ``model_class`` says otherwise, so a reference model is the same class as the policy.
+
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 vision-language models load with ``AutoModelForImageTextToText``.
     """
     from transformers import AutoModelForCausalLM
 
+    from posttrain.vision import is_vision_language_model
+
     kwargs = _check_path(path)
+    if model_class is None and is_vision_language_model(path, config.trust_remote_code):
+        from transformers import AutoModelForImageTextToText
+
+        model_class = AutoModelForImageTextToText
     model_class = model_class or AutoModelForCausalLM
     kwargs.update(dtype=_dtype(config.dtype), trust_remote_code=config.trust_remote_code)
     if config.attn_implementation:
@@ -255,7 +302,12 @@ def load_causal_lm(path: str, config: Any, model_class: Any = None):
 def apply_peft(model: Any, config: Any):
     """Wrap ``model`` with LoRA adapters when ``config.use_peft`` (needs the ``peft`` extra).
 
+    In a vision-language model the parts ``config.freeze`` names get no adapter: ``freeze:
+    vision_and_projector`` puts LoRA on the language model only, ``vision`` on the language model and the
+    projector, ``none`` on every linear layer (TRL's ``all-linear``).
+
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 no adapters in the parts of a vision-language model that ``freeze`` names.
     """
     if not config.use_peft:
         return model
@@ -274,10 +326,27 @@ def apply_peft(model: Any, config: Any):
         target_modules=config.lora_target_modules or "all-linear",
         task_type="SEQ_CLS" if is_classifier else "CAUSAL_LM",
         modules_to_save=["score"] if is_classifier else None,
+        exclude_modules=_frozen_linear_modules(model, getattr(config, "freeze", "none")) or None,
     )
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, lora)
+
+
+def _frozen_linear_modules(model: Any, freeze: str) -> list[str]:
+    """Full names of the linear layers in the parts of a vision-language model ``freeze`` names (no adapters)."""
+    import torch
+
+    from posttrain.vision import parameter_part
+
+    if freeze == "none":
+        return []
+    parts = {"vision"} if freeze == "vision" else {"vision", "projector"}
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and parameter_part(name) in parts
+    ]
 
 
 def is_peft_model(model: Any) -> bool:

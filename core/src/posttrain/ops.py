@@ -477,7 +477,8 @@ def sequence_logps(
     """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
 
     Args:
-        model: a causal LM (called with ``use_cache=False`` and ``kwargs``).
+        model: a causal LM (called with ``use_cache=False`` and ``kwargs``, e.g. a vision-language model's pixel
+            values).
         input_ids: (B, T) token ids.
         attention_mask: (B, T), 1 on real tokens.
         loss_mask: (B, T), 1 on the tokens scored.
@@ -487,7 +488,7 @@ def sequence_logps(
         logit over the scored tokens (a TRL metric).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.1 the head is applied in chunks to the scored positions only (:func:`head_logps`).
+    .. versionchanged:: 1.0 the head is applied in chunks to the scored positions only (:func:`head_logps`).
     """
     labels = F.pad(input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100), (0, 1), value=-100)  # (B, T)
     out = token_stats(model, labels, mean_logit=True, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -503,6 +504,7 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     completion_mask: torch.Tensor | None = None,
+    **model_inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the last ``completion_width`` tokens of each row, at a sampling temperature.
 
@@ -515,15 +517,20 @@ def completion_logps(
         with_entropy: also return the per-token entropy (detached).
         completion_mask: (N, C), 1 on completion tokens; the others (padding after EOS) are not scored and come back
             as 0. Default: every position is scored.
+        model_inputs: more forward inputs, e.g. a vision-language model's pixel values
+            (:attr:`posttrain.generation.Rollout.model_inputs`).
 
     Returns:
         (logps (N, C) float32, entropy (N, C) or None).
 
     .. versionadded:: 1.0
-    .. versionchanged:: 1.1 ``completion_mask``; the head is applied in chunks (:func:`head_logps`).
     """
-    # positions count real tokens only, as generate() numbers them after left padding
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if model_inputs:
+        # a vision-language model numbers positions itself: Qwen2-VL's 3-D rotary positions follow the image grid,
+        # which 1-D positions would flatten; rotary positions are relative, so left padding changes nothing else
+        position_ids = None
+    else:  # positions count real tokens only, as generate() numbers them after left padding
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     labels = input_ids[:, -completion_width:]  # (N, C)
     if completion_mask is not None:
         labels = labels.masked_fill(~completion_mask.bool(), -100)
@@ -537,6 +544,7 @@ def completion_logps(
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=completion_width + 1,
+        **model_inputs,
     )
     entropy = out.entropy[:, :-1].detach() if out.entropy is not None else None
     return out.logps[:, :-1], entropy

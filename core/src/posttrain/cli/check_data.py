@@ -10,12 +10,39 @@ import argparse
 import json
 from pathlib import Path
 
+from posttrain._errors import RowProblem
+
 
 def _rows_of(path: str):
     from posttrain import _reader
     from posttrain.data import load_dataset
 
     return _reader.read_file(path) if _reader.is_readable_here(path) else load_dataset(path)
+
+
+def _image_token_problems(table, processor_path: str, known: list[RowProblem]) -> list[RowProblem]:
+    """Standard rows whose image tokens do not match their images, counted with the processor of
+    ``processor_path`` (loaded without the model's weights); rows and fields already reported are skipped."""
+    from posttrain import _reader
+    from posttrain.models import load_processor
+    from posttrain.vision import image_problems, row_images
+
+    token = getattr(load_processor(processor_path), "image_token", None)
+    if token is None:
+        return []
+    rows = table.rows if isinstance(table, _reader.Table) else table
+    numbers = table.numbers if isinstance(table, _reader.Table) else None
+    seen = {(q.row, q.field) for q in known}
+    found = []
+    for i, row in enumerate(rows):
+        number = numbers[i] if numbers is not None else i
+        if not row_images(row) or any(isinstance(row.get(c), list) for c in ("prompt", "messages", "chosen")):
+            continue  # conversational rows count their {"type": "image"} parts without a processor
+        for q in image_problems(row, number, token, open_files=False):
+            if (q.row, q.field) not in seen:
+                seen.add((q.row, q.field))
+                found.append(q)
+    return found
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -26,6 +53,13 @@ def run(command: str, argv: list[str]) -> int:
     p.add_argument("file")
     p.add_argument("--limit", type=int, default=None, help="show at most N problems")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument(
+        "--processor",
+        metavar="MODEL",
+        default=None,
+        help="a vision-language model directory: standard rows' image tokens are counted with its processor's token "
+        "(the processor loads, the weights do not)",
+    )
     args = p.parse_args(argv)
 
     from posttrain import _reader
@@ -38,6 +72,8 @@ def run(command: str, argv: list[str]) -> int:
     table = _rows_of(args.file)
     source = Path(args.file).name
     problems, warned = _reader.problems_and_warnings(method, table, source)
+    if args.processor:
+        problems = sorted(problems + _image_token_problems(table, args.processor, problems), key=lambda q: q.row)
     n_rows = len(table)
     shown = problems if args.limit is None else problems[: args.limit]
     bad_rows = sorted({q.row for q in problems if q.row >= 0})

@@ -180,6 +180,8 @@ def run(command: str, argv: list[str]) -> int:
         print("schema:   none shipped (--no-import: config fields not shown)")
         return 0
     print(f"data:     {', '.join(facts.get('dataset_formats') or ['(not declared)'])}")
+    accepts = facts.get("supports_images") is True
+    print(f"images:   {'yes: rows may carry images (vision-language models)' if accepts else 'no: text only'}")
     print(f"schema:   {source}")
     print_fields(schema)
     return 0

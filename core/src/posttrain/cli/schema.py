@@ -128,6 +128,7 @@ def config_schema(method_class: Any, method_name: str) -> dict:
             "method": method_name,
             "config_class": f"{config_class.__module__}.{config_class.__qualname__}",
             "dataset_formats": list(getattr(method_class, "dataset_formats", ()) or ()),
+            "supports_images": getattr(method_class, "supports_images", False) is True,
             "regenerate": f"posttrain schema {method_name} --write",
         },
     }

@@ -17,6 +17,11 @@ Backends (``generation_backend`` in :class:`OnlineConfig`):
 - ``vllm-server``: a stock ``vllm serve`` on other GPUs or nodes, driven over HTTP (``/v1/completions``),
   weights sent with vLLM's NCCL weight-transfer engine. ``posttrain vllm-serve-command`` prints the command.
 
+Prompts with images (vision-language models): :func:`prepare_prompts` tokenizes them with the processor, the
+generator receives each prompt's images (:class:`PromptImages`), and each :class:`Rollout` carries the image inputs
+its loss forward needs (``model_inputs``). The ``hf`` backend passes them to ``generate``; ``vllm`` sends them as
+``multi_modal_data`` (not tested here); ``vllm-server`` refuses them (``/v1/completions`` carries no images).
+
 Weights are pushed at most once per optimizer step, before the step's first generation. With
 ``async_generation: true`` a worker process samples and scores the next steps' batches while the trainer
 trains (``max_staleness`` bounds how many optimizer steps old the sampling weights may be; see
@@ -52,6 +57,7 @@ __all__ = [
     "GenerationWorkerError",
     "Generator",
     "OnlineConfig",
+    "PromptImages",
     "Rollout",
     "SamplingParams",
     "build_generator",
@@ -206,8 +212,26 @@ class Completions:
     seconds: float = 0.0
 
 
+@dataclass
+class PromptImages:
+    """The images of one prompt, for a vision-language model's generator.
+
+    Attributes:
+        images: the prompt's image values, in order (paths, bytes or PIL images; see :mod:`posttrain.vision`).
+        token_inputs: the processor's inputs aligned with the prompt's tokens (``mm_token_type_ids``), unpadded.
+
+    .. versionadded:: 1.0
+    """
+
+    images: list
+    token_inputs: dict[str, list[int]] = field(default_factory=dict)
+
+
 class Generator(Protocol):
     """A generation backend. Built by :func:`build_generator`; methods only call :func:`sample`.
+
+    ``generate`` receives ``images`` (one :class:`PromptImages` or None per prompt) only when a prompt has images,
+    so a text-only backend may leave the argument out.
 
     .. versionadded:: 1.0
     """
@@ -215,7 +239,13 @@ class Generator(Protocol):
     name: str
     reports_logps: bool  # whether Completions.logps is filled (and may differ from the trainer's)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions: ...
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        seeds: list[int] | None = None,
+        images: list[PromptImages | None] | None = None,
+    ) -> Completions: ...
 
     def sync_weights(self, model: Any) -> None: ...
 
@@ -289,7 +319,7 @@ def build_generator(
     if backend == "hf":
         from posttrain.generation._hf import HFGenerator
 
-        return HFGenerator(ctx.model, params, config.generation_batch_size)
+        return HFGenerator(ctx.model, params, config.generation_batch_size, processor=ctx.processor)
     if backend == "vllm":
         from posttrain.generation._vllm import VLLMGenerator
 
@@ -318,28 +348,51 @@ def _environment_problems(config: OnlineConfig) -> list[str]:
 # -- prompt-only data -------------------------------------------------------------------------------------
 
 
-def prepare_prompts(dataset: Any, tokenizer: Any, method: str) -> list[dict]:
+def prepare_prompts(dataset: Any, tokenizer: Any, method: str, processor: Any = None) -> list[dict]:
     """Prompt rows for sampling: ``{"prompt_ids", "prompt", "columns", "index"}``, validated and tokenized once.
 
     Conversational prompts are rendered with the chat template and its generation prompt, then tokenized
     without extra special tokens (the template has them); standard prompts are tokenized as they are.
-    Every column other than ``prompt`` travels with the row (reward functions receive it).
+    Every column other than ``prompt`` travels with the row (reward functions receive it). A row with images is
+    tokenized by ``processor`` (each image's tokens expanded) and also holds ``images`` and ``token_inputs``.
 
     Raises:
-        DataError: carrying every bad row (missing or empty prompts, prompts that tokenize to nothing).
+        DataError: carrying every bad row (missing or empty prompts, prompts that tokenize to nothing, images
+            that do not match their placeholders).
 
     .. versionadded:: 1.0
     """
-    from posttrain._errors import DataError, RowProblem
+    from posttrain._errors import ConfigError, DataError, RowProblem
     from posttrain.data import apply_chat_template, is_conversational, validate
+    from posttrain.vision import encode, has_images, image_problems, row_images
 
     problems = validate(dataset, ("prompt_only",))
+    with_images = has_images(dataset)
+    if with_images and processor is None:
+        raise ConfigError(
+            f"{method}: the dataset has prompts with images but no processor was given, so the images would be "
+            "ignored. Pass the vision-language model's processor (the loop puts it in ctx.processor)."
+        )
+    if with_images and not problems:
+        token = getattr(processor, "image_token", None)
+        problems = [
+            q
+            for i, row in enumerate(dataset)
+            if not is_conversational(row)
+            for q in image_problems(row, i, token, open_files=False)
+        ]
     if problems:
         raise DataError(problems, method=method)
     rows = []
     for index, row in enumerate(dataset):
         prompt = row["prompt"]
-        if is_conversational({"prompt": prompt}):
+        images = row_images(row) if with_images else []
+        extra: dict = {}
+        if images:
+            encoded = encode(processor, prompt, images, add_generation_prompt=True)
+            ids = encoded["input_ids"]
+            extra = {"images": images, "token_inputs": encoded["token_inputs"]}
+        elif is_conversational({"prompt": prompt}):
             ids = tokenizer(
                 apply_chat_template(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
             )
@@ -350,7 +403,7 @@ def prepare_prompts(dataset: Any, tokenizer: Any, method: str) -> list[dict]:
             problems.append(RowProblem(index, "prompt", f"tokenizes to no tokens ({prompt!r})", "Fill in the prompt."))
             continue
         columns = {k: v for k, v in row.items() if k != "prompt"}
-        rows.append({"prompt_ids": ids, "prompt": prompt, "columns": columns, "index": index})
+        rows.append({"prompt_ids": ids, "prompt": prompt, "columns": columns, "index": index, **extra})
     if problems:
         raise DataError(problems, method=method)
     return rows
@@ -358,7 +411,8 @@ def prepare_prompts(dataset: Any, tokenizer: Any, method: str) -> list[dict]:
 
 def collate_prompts(rows: list[dict], pad_token_id: int) -> dict:
     """A micro-batch of prompts: ``prompt_ids`` (B, P) left-padded, ``prompt_mask`` (B, P), and the lists
-    ``prompts``, ``columns`` (name -> B values), ``row_index`` (dataset rows).
+    ``prompts``, ``columns`` (name -> B values), ``row_index`` (dataset rows). Prompts with images add
+    ``prompt_images`` (one :class:`PromptImages` or None per row); :func:`sample` hands them to the generator.
 
     .. versionadded:: 1.0
     """
@@ -372,13 +426,18 @@ def collate_prompts(rows: list[dict], pad_token_id: int) -> dict:
         prompt_ids[i, width - n :] = torch.tensor(r["prompt_ids"])
         prompt_mask[i, width - n :] = 1
     names = list(dict.fromkeys(name for r in rows for name in r["columns"]))
-    return {
+    batch = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "prompts": [r["prompt"] for r in rows],
         "columns": {name: [r["columns"].get(name) for r in rows] for name in names},
         "row_index": [r["index"] for r in rows],
     }
+    if any(r.get("images") for r in rows):
+        batch["prompt_images"] = [
+            PromptImages(list(r["images"]), dict(r.get("token_inputs", {}))) if r.get("images") else None for r in rows
+        ]
+    return batch
 
 
 # -- sampling and scoring ---------------------------------------------------------------------------------
@@ -389,7 +448,8 @@ class Rollout:
     """The sampled, decoded and scored completions of one micro-batch of prompts (N = prompts x n).
 
     Tensors are on the micro-batch's device. ``input_ids``/``attention_mask`` are the left-padded prompt
-    followed by the right-padded completion, ready for :func:`posttrain.ops.completion_logps`.
+    followed by the right-padded completion, ready for :func:`posttrain.ops.completion_logps`; for prompts with
+    images, pass it ``model_inputs`` too (the pixel values of each of the N rows and the token-aligned inputs).
 
     With an ``environment`` (multi-turn episodes) the completion is the whole episode after the prompt: the
     model's turns and the environment's observations, interleaved. ``completion_mask`` covers exactly the
@@ -416,6 +476,7 @@ class Rollout:
     completion_attention_mask: torch.Tensor | None = None  # (N, C) model + environment tokens; None: completion_mask
     turn_rewards: torch.Tensor | None = None  # (N, T) each model turn's reward from the environment, 0 past the end
     turn_index: torch.Tensor | None = None  # (N, C) turn of each model token; -1 on environment tokens and padding
+    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # image inputs of the N rows (VLMs), else {}
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -475,12 +536,17 @@ def sample(
     scope = (
         _forked_rng(generation_seed(config.seed, mode, ctx.step, -1)) if not ctx.training else contextlib.nullcontext()
     )
-    with scope:
-        done = generator.generate(prompt_lists, num_generations, seeds)
+    images = [p for b in batches for p in b.get("prompt_images", [None] * len(b["row_index"]))]
+    with scope:  # a text-only backend never sees the images argument
+        extra = {"images": images} if any(images) else {}
+        done = generator.generate(prompt_lists, num_generations, seeds, **extra)
     out, start = [], 0
     for batch in batches:
         count = len(batch["row_index"]) * num_generations
-        out.append(_assemble(batch, done, slice(start, start + count), num_generations, tokenizer))
+        rollout = _assemble(batch, done, slice(start, start + count), num_generations, tokenizer)
+        if batch.get("prompt_images"):
+            rollout.model_inputs = _image_model_inputs(batch, num_generations, rollout.completion_ids.size(1), ctx)
+        out.append(rollout)
         start += count
     for rollout in out:
         rollout.metrics["generation/seconds"] = done.seconds / max(len(out), 1)
@@ -539,6 +605,26 @@ def _assemble(batch: dict, done: Completions, rows: slice, n: int, tokenizer: An
         row_index=[int(r) for r in batch["row_index"]],
         metrics=_length_metrics(completion_mask.sum(1), torch.tensor(truncated, dtype=torch.bool)),
     )
+
+
+def _image_model_inputs(batch: dict, n: int, completion_width: int, ctx: TrainContext) -> dict:
+    """The image inputs of a rollout's N rows: each prompt's pixel values n times, and its token-aligned inputs
+    left-padded like the prompt with 0 over the completion."""
+    import torch
+
+    from posttrain.vision import image_inputs
+
+    per_row = [p for p in batch["prompt_images"] for _ in range(n)]
+    out = image_inputs(ctx.processor, [p.images if p is not None else [] for p in per_row])
+    width = batch["prompt_ids"].size(1)
+    for name in dict.fromkeys(k for p in per_row if p is not None for k in p.token_inputs):
+        values = torch.zeros((len(per_row), width + completion_width), dtype=torch.long)  # (N, P + C)
+        for i, p in enumerate(per_row):
+            prompt_values = p.token_inputs.get(name, []) if p is not None else []
+            if prompt_values:
+                values[i, width - len(prompt_values) : width] = torch.tensor(prompt_values, dtype=torch.long)
+        out[name] = values
+    return {name: value.to(batch["prompt_ids"].device) for name, value in out.items()}
 
 
 def _length_metrics(lengths: Any, truncated: Any) -> dict[str, float]:

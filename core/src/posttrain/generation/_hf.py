@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from posttrain.generation import Completions, SamplingParams
+from posttrain.generation import Completions, PromptImages, SamplingParams
 
 
 class HFGenerator:
@@ -17,17 +17,36 @@ class HFGenerator:
     Without seeds, every prompt x n of the call is sampled in batches of at most ``batch_size`` sequences
     (all at once by default: one decode loop per optimizer step). With seeds (``per_prompt_generation``),
     each prompt's n samples are one call under that prompt's seed, so a completion depends on (prompt, seed)
-    only, never on the rest of the batch.
+    only, never on the rest of the batch. Prompts with images get their pixel values from ``processor`` for
+    every call (a vision-language model's ``generate`` takes them with the ids).
     """
 
     name = "hf"
 
-    def __init__(self, model: Any, params: SamplingParams, batch_size: int | None = None, report_logps: bool = False):
+    def __init__(
+        self,
+        model: Any,
+        params: SamplingParams,
+        batch_size: int | None = None,
+        report_logps: bool = False,
+        processor: Any = None,
+    ):
         self.model = model
+        self.processor = processor
         self.params = params
         self.batch_size = batch_size
         self.reports_logps = report_logps
         self.config = self._generation_config(params, report_logps)
+        if processor is not None:
+            from posttrain.vision import image_token_id
+
+            # a sampled image token would ask the model for an image that is not there: the forward pass fails
+            # ("image features and image tokens do not match"), so a vision-language model never samples one
+            token = image_token_id(processor)
+            self.config.suppress_tokens = [
+                *(self.config.suppress_tokens or []),
+                *([token] if token is not None else []),
+            ]
 
     @staticmethod
     def _generation_config(params: SamplingParams, report_logps: bool):
@@ -57,9 +76,16 @@ class HFGenerator:
         self.model = None
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        seeds: list[int] | None = None,
+        images: list[PromptImages | None] | None = None,
+    ) -> Completions:
         start = time.perf_counter()
         rows = [p for p in prompt_ids for _ in range(n)]
+        row_images = [p for p in images for _ in range(n)] if images is not None else [None] * len(rows)
         if seeds is not None:
             calls = [(list(range(i * n, (i + 1) * n)), seed) for i, seed in enumerate(seeds)]
         else:
@@ -72,7 +98,7 @@ class HFGenerator:
         model.eval()  # no dropout noise; gradient checkpointing is inactive in eval, so the KV cache is used
         try:
             for indices, seed in calls:
-                ids, lps = self._call(model, [rows[i] for i in indices], seed)
+                ids, lps = self._call(model, [rows[i] for i in indices], seed, [row_images[i] for i in indices])
                 for i, t, lp in zip(indices, ids, lps):
                     token_ids[i], logps[i] = t, lp
         finally:
@@ -87,12 +113,15 @@ class HFGenerator:
             truncated.append(end is None)
         return Completions(cut, truncated, cut_logps if self.reports_logps else None, time.perf_counter() - start)
 
-    def _call(self, model: Any, rows: list[list[int]], seed: int | None) -> tuple[list[list[int]], list[list[float]]]:
+    def _call(
+        self, model: Any, rows: list[list[int]], seed: int | None, images: list[PromptImages | None]
+    ) -> tuple[list[list[int]], list[list[float]]]:
         device = next(model.parameters()).device
         width = max(len(r) for r in rows)
         pad = self.params.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        extra = self._image_inputs(images, width, device) if any(images) else {}
         # FSDP2: each forward all-gathers the parameters, a collective, so every process keeps stepping until
         # all of them are done (transformers' synced_gpus) instead of leaving the decode loop early and hanging
         from posttrain._distributed import is_fsdp_module
@@ -100,7 +129,7 @@ class HFGenerator:
         synced = is_fsdp_module(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         with _seeded(seed, device):
             out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=self.config, synced_gpus=synced or None
+                input_ids=ids, attention_mask=mask, generation_config=self.config, synced_gpus=synced or None, **extra
             )
         sequences = out.sequences if self.reports_logps else out
         new = sequences[:, width:]
@@ -111,6 +140,22 @@ class HFGenerator:
             chosen = torch.log_softmax(stacked, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
             logps = chosen.tolist()
         return new.tolist(), logps
+
+    def _image_inputs(self, images: list[PromptImages | None], width: int, device: torch.device) -> dict:
+        """Pixel values of the call's prompts, and their token-aligned inputs left-padded like the ids."""
+        from posttrain.vision import image_inputs
+
+        if self.processor is None:
+            raise ValueError("prompts have images but the hf generator has no processor; build it with processor=")
+        extra = image_inputs(self.processor, [p.images if p is not None else [] for p in images])
+        for name in dict.fromkeys(k for p in images if p is not None for k in p.token_inputs):
+            values = torch.zeros((len(images), width), dtype=torch.long)  # (B, P), left-padded with 0
+            for i, p in enumerate(images):
+                row_values = p.token_inputs.get(name, []) if p is not None else []
+                if row_values:
+                    values[i, width - len(row_values) :] = torch.tensor(row_values, dtype=torch.long)
+            extra[name] = values
+        return {name: value.to(device) for name, value in extra.items()}
 
 
 def _seeded(seed: int | None, device: torch.device):

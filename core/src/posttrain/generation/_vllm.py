@@ -175,7 +175,9 @@ class VLLMGenerator:
         self.transfer.send_weights()  # start_weight_update, update_weights, finish_weight_update
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None, images: list | None = None
+    ) -> Completions:
         start = time.perf_counter()
         self._wake()
         base = vllm_sampling_kwargs(self.params, n)
@@ -183,9 +185,14 @@ class VLLMGenerator:
             self.vllm.SamplingParams(**base, seed=seeds[i] if seeds is not None else None)
             for i in range(len(prompt_ids))
         ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=sampling, use_tqdm=False
-        )
+        prompts: list[dict] = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        if images is not None:  # vLLM's multimodal input; the ids already hold each image's expanded tokens
+            from posttrain.vision import load_image
+
+            for prompt, entry in zip(prompts, images):
+                if entry is not None and entry.images:
+                    prompt["multi_modal_data"] = {"image": [load_image(v) for v in entry.images]}
+        outputs = self.llm.generate(prompts, sampling_params=sampling, use_tqdm=False)
         token_ids, truncated, logps = [], [], []
         for request in outputs:
             for sample in request.outputs:

@@ -107,7 +107,15 @@ class VLLMServerGenerator:
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None, images: list | None = None
+    ) -> Completions:
+        if images is not None and any(images):
+            raise ConfigError(
+                "generation_backend is vllm-server, but the prompts have images and the server is driven through "
+                "/v1/completions with token ids, which carries no images. Use generation_backend hf, or vllm (in "
+                "process) for a vision-language model."
+            )
         start = time.perf_counter()
         base = vllm_sampling_kwargs(self.params, n)
         base.update({"model": self.model_name, "return_token_ids": True, "skip_special_tokens": False})

@@ -15,6 +15,12 @@ beside the policy, nor the base weights under LoRA) and unchanged batches (``rol
 the batch they are given as it was). A check that cannot hold for a method is listed in ``xfail`` with
 the reason; it then runs as a strict xfail, so it fails loudly the day it starts passing.
 
+Tier ``full`` of a method that declares ``supports_images = True`` adds the image checks
+(:data:`IMAGE_CHECKS`) on a tiny vision-language model (:func:`posttrain.testing.build_tiny_vlm`) and rows with
+synthetic images (the ``image_rows`` argument, by default :func:`posttrain.testing.colour_rows` in the method's
+first dataset format): the images reach the model (other images give another loss), gradient-accumulation
+equivalence and padding invariance with pixel values in the batch.
+
 Each check is also a plain function (``check_grad_accumulation(method_class, rows, ...)``) raising
 ``AssertionError`` with the numbers it compared and, when a normalisation check fails, what it found
 by probing the loss (a mean instead of a sum, padded positions scored or counted, rows influencing each
@@ -23,7 +29,7 @@ checks ran; zero checks run is reported as a failure.
 
 .. versionadded:: 0.1
 .. versionchanged:: 1.0 ``protocol`` checks declared optional members and registered callbacks; the
-   ``reference_frozen`` and ``batch_unchanged`` checks; failures say what probing found.
+   ``reference_frozen`` and ``batch_unchanged`` checks; failures say what probing found; the image checks.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 __all__ = [
     "API_CHECKS",
     "FULL_CHECKS",
+    "IMAGE_CHECKS",
     "MIN_ROWS",
     "check_batch_unchanged",
     "check_config_roundtrip",
@@ -45,6 +52,7 @@ __all__ = [
     "check_determinism",
     "check_experimental_warning",
     "check_grad_accumulation",
+    "check_images_reach_model",
     "check_loss_decreases",
     "check_metadata",
     "check_padding_invariance",
@@ -52,6 +60,7 @@ __all__ = [
     "check_reference_frozen",
     "check_resume",
     "conformance_suite",
+    "default_image_rows",
     "tiny_model",
 ]
 
@@ -73,6 +82,11 @@ FULL_CHECKS = (
 
 .. versionadded:: 0.1
 .. versionchanged:: 1.0 ``reference_frozen`` and ``batch_unchanged`` added.
+"""
+IMAGE_CHECKS = ("images_reach_model", "image_grad_accumulation", "image_padding_invariance")
+"""The checks tier ``full`` adds for a method that declares ``supports_images``, on a tiny vision-language model.
+
+.. versionadded:: 1.0
 """
 MIN_ROWS = 8
 """The fewest raw rows :func:`conformance_suite` accepts (a step of batch 4 x accumulation 1, twice).
@@ -182,13 +196,17 @@ def _live_method(
     import datasets
 
     from posttrain._method import TrainContext, optional_member
-    from posttrain.models import apply_peft, load_causal_lm, load_tokenizer
+    from posttrain.models import apply_peft, load_causal_lm, load_processor, load_tokenizer
+    from posttrain.vision import freeze_parts, is_vision_language_model
 
     config = _config(method_class, model_dir, model_dir.parent / "out-direct", overrides, **extra)
-    tokenizer = load_tokenizer(str(model_dir))
+    processor = load_processor(str(model_dir)) if is_vision_language_model(str(model_dir)) else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(str(model_dir))
     method = method_class()
     load = optional_member(method, "load_model")
-    model = apply_peft(load(config) if load else load_causal_lm(str(model_dir), config), config)
+    model = load(config) if load else load_causal_lm(str(model_dir), config)
+    freeze_parts(model, config.freeze)
+    model = apply_peft(model, config)
     model.train(training)
     ctx = TrainContext(
         config=config,
@@ -197,6 +215,7 @@ def _live_method(
         model_path=str(model_dir),
         training=training,
         rewards=dict(rewards or {}),
+        processor=processor,
     )
     setup = optional_member(method, "setup")
     if setup:
@@ -537,7 +556,7 @@ def check_grad_accumulation(
 
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 a failure names the cause probing found; ``batch_unit``.
-    .. versionchanged:: 1.1 ``atol`` scales with a learning rate above 1e-3.
+    .. versionchanged:: 1.0 ``atol`` scales with a learning rate above 1e-3.
     """
     runs = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
@@ -829,6 +848,78 @@ def _changes(snapshot: Any, now: Any, where: str, allow_new_keys: bool) -> list[
     return out
 
 
+# -- image checks (methods that declare supports_images) ------------------------------------------------------
+
+
+def default_image_rows(method_class: Any, n: int = 12) -> list[dict]:
+    """Rows with synthetic images in the first of the method's dataset formats the colour task can write.
+
+    .. versionadded:: 1.0
+    """
+    from posttrain.testing.vision_task import colour_rows
+
+    supported = ("prompt_completion", "language_modeling", "preference", "prompt_only")
+    fmt = next((f for f in method_class.dataset_formats if f in supported), None)
+    if fmt is None:
+        raise ValueError(
+            f"{method_class.name} declares supports_images but its formats {method_class.dataset_formats} are none of "
+            f"{supported}, which posttrain.testing.colour_rows writes; pass image_rows= to conformance_suite"
+        )
+    return colour_rows(n, fmt, seed=0)
+
+
+def check_images_reach_model(method_class, rows, model_dir, overrides, rewards=None) -> None:
+    """The images of a batch reach the model: the same rows with other images give another loss.
+
+    Every image is replaced by its colour-inverted copy (same size, so the same tokens); a method that drops the
+    pixel values, or a model that never sees them, gives the same ``loss_sum`` twice. For an online method (one
+    with ``rollout``) the images also change what is sampled, so the loss or the item count must differ.
+
+    .. versionadded:: 1.0
+    """
+    from PIL import ImageOps
+
+    from posttrain.vision import load_image
+
+    def inverted(row: dict) -> dict:
+        out = dict(row)
+        for column in ("images", "image"):
+            value = row.get(column)
+            if isinstance(value, list):
+                out[column] = [ImageOps.invert(load_image(v)) for v in value]
+            elif value is not None:
+                out[column] = ImageOps.invert(load_image(value))
+        return out
+
+    losses = []
+    for variant in (rows, [inverted(r) for r in rows]):
+        method, model, ctx, prepared = _live_method(
+            method_class, variant, model_dir, overrides, training=False, rewards=rewards
+        )
+        model.eval()
+        _perturb(model)
+        losses.append(_loss_of(method, model, ctx, list(prepared[:4])))
+    (plain, n_plain), (other, n_other) = losses
+    from posttrain._method import optional_member
+
+    if optional_member(method_class(), "rollout") is not None:  # images change what is sampled, so the count too
+        assert (plain, n_plain) != (other, n_other), (
+            f"{method_class.name}: the loss is {plain:.6g} over {n_plain:g} items with the rows' images and with "
+            "inverted images alike: the images reach neither the generator nor the loss. Hand them to "
+            "posttrain.generation.sample (collate_prompts keeps them) and pass Rollout.model_inputs to the forward"
+        )
+        return
+    assert n_plain == n_other, (
+        f"{method_class.name}: replacing the images by inverted copies (same sizes) changes n_items from {n_plain:g} "
+        f"to {n_other:g}; the tokens of a row must not depend on its pixels"
+    )
+    assert not _close_to(plain, other, rtol=1e-7), (
+        f"{method_class.name}: the loss is {plain:.6g} with the rows' images and {other:.6g} with inverted images: the "
+        "images do not reach the model. Add the processor's image tensors to the batch in collate "
+        "(posttrain.vision.image_inputs) and pass them to the forward (posttrain.vision.model_inputs)"
+    )
+
+
 # -- the pytest suite --------------------------------------------------------------------------------------
 
 _stats = {"suites": 0, "ran": 0, "passed": 0, "failed": 0, "xfailed": 0, "skipped": 0}
@@ -847,6 +938,7 @@ def conformance_suite(
     progress_direction: str = "decrease",
     progress_steps: int = 8,
     batch_unit: int = 1,
+    image_rows: list[dict] | None = None,
 ) -> type:
     """A pytest test class with one test per check. ``method`` is an installed name (or a class).
 
@@ -862,9 +954,12 @@ def conformance_suite(
         progress_steps: training steps of the loss_decreases check.
         batch_unit: items per dataset row when a row expands into several (an online method's
             ``num_generations``): batch sizes the checks use are multiples of it.
+        image_rows: rows with images for the image checks (tier full, methods that declare
+            ``supports_images``); default :func:`default_image_rows`.
 
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``; ``batch_unit``.
+    .. versionchanged:: 1.0 the image checks and ``image_rows``.
     """
     import pytest
 
@@ -876,9 +971,11 @@ def conformance_suite(
             "add rows in the method's dataset format"
         )
     xfail = dict(xfail or {})
-    unknown = set(xfail) - set(API_CHECKS + FULL_CHECKS)
+    unknown = set(xfail) - set(API_CHECKS + FULL_CHECKS + IMAGE_CHECKS)
     if unknown:
-        raise ValueError(f"unknown checks in xfail: {sorted(unknown)}; checks are {API_CHECKS + FULL_CHECKS}")
+        raise ValueError(
+            f"unknown checks in xfail: {sorted(unknown)}; checks are {API_CHECKS + FULL_CHECKS + IMAGE_CHECKS}"
+        )
     overrides = {"per_device_train_batch_size": 4 * batch_unit, "per_device_eval_batch_size": 4 * batch_unit}
     overrides.update(config or {})
     label = method if isinstance(method, str) else getattr(method, "name", str(method))
@@ -888,6 +985,20 @@ def conformance_suite(
         return tiny_model(tmp_path_factory.mktemp(f"kit-{label}") / "model", **(model_kwargs or {}))
 
     model_dir = pytest.fixture(scope="class", name="model_dir")(classmethod(_model_dir))
+
+    def _vlm_dir(cls, tmp_path_factory):
+        from posttrain.testing.vision_task import build_tiny_vlm
+
+        return build_tiny_vlm(tmp_path_factory.mktemp(f"kit-{label}-vlm") / "model")
+
+    vlm_dir = pytest.fixture(scope="class", name="vlm_dir")(classmethod(_vlm_dir))
+    with_images = tier == "full" and getattr(_resolve(method)[0], "supports_images", False) is True
+    images: dict[str, list[dict]] = {}
+
+    def image_rows_of(method_class: Any) -> list[dict]:  # made on first use: drawing images costs time
+        if "rows" not in images:
+            images["rows"] = image_rows if image_rows is not None else default_image_rows(method_class)
+        return images["rows"]
 
     def resolved():
         return _resolve(method)[0]
@@ -939,17 +1050,34 @@ def conformance_suite(
         "batch_unchanged": lambda self, model_dir, tmp_path: check_batch_unchanged(
             resolved(), rows, model_dir, overrides, rewards
         ),
+        "images_reach_model": lambda self, vlm_dir, tmp_path: check_images_reach_model(
+            resolved(), image_rows_of(resolved()), vlm_dir, overrides, rewards
+        ),
+        "image_grad_accumulation": lambda self, vlm_dir, tmp_path: check_grad_accumulation(
+            resolved(), image_rows_of(resolved()), vlm_dir, tmp_path, overrides, rewards, batch_unit=batch_unit
+        ),
+        "image_padding_invariance": lambda self, vlm_dir, tmp_path: check_padding_invariance(
+            resolved(), image_rows_of(resolved()), vlm_dir, overrides, rewards=rewards
+        ),
     }
-    names = API_CHECKS + (FULL_CHECKS if tier == "full" else ())
+    names = API_CHECKS + (FULL_CHECKS if tier == "full" else ()) + (IMAGE_CHECKS if with_images else ())
     namespace: dict[str, Any] = {
         "model_dir": model_dir,
+        "vlm_dir": vlm_dir,
         "__doc__": f"posttrain conformance kit, tier {tier}, for {label}",
     }
     for name in names:
         func = checks[name]
 
-        def test(self, model_dir, tmp_path, _func=func):
-            _func(self, model_dir, tmp_path)
+        if name in IMAGE_CHECKS:
+
+            def test(self, vlm_dir, tmp_path, _func=func):
+                _func(self, vlm_dir, tmp_path)
+
+        else:
+
+            def test(self, model_dir, tmp_path, _func=func):
+                _func(self, model_dir, tmp_path)
 
         test.__name__ = f"test_{name}"
         test.__doc__ = f"conformance check {name!r} for method {label!r}"

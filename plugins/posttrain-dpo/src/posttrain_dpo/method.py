@@ -9,6 +9,7 @@ import torch
 from posttrain import LossOutput, Metric, PosttrainError, RowProblem, TrainContext
 from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model
 from posttrain.ops import sequence_logps
+from posttrain.vision import model_inputs
 
 from posttrain_dpo.config import DPOConfig
 from posttrain_dpo.data import collate_pairs, preference_problems, tokenize_dataset
@@ -23,7 +24,7 @@ def completion_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tenso
         and the vocabulary-mean logit summed over those tokens (for TRL's ``logits/*`` metrics).
     """
     logps, lengths, mean_logits = sequence_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **model_inputs(batch)
     )
     return logps, lengths, mean_logits * lengths
 
@@ -47,6 +48,7 @@ class DPO:
     name = "dpo"
     config_class = DPOConfig
     dataset_formats = ("preference",)
+    supports_images = True  # rows with images train a vision-language model (posttrain.vision)
 
     def __init__(self) -> None:
         self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
@@ -67,7 +69,9 @@ class DPO:
 
     def prepare(self, dataset: Any, ctx: TrainContext[DPOConfig]) -> list[dict]:
         config = ctx.config
-        rows = tokenize_dataset(dataset, ctx.tokenizer, config.max_length, config.max_prompt_length)
+        rows = tokenize_dataset(
+            dataset, ctx.tokenizer, config.max_length, config.max_prompt_length, processor=ctx.processor
+        )
         if config.precompute_ref_log_probs:
             self._precompute_ref_logps(rows, ctx)
         return rows
@@ -86,8 +90,8 @@ class DPO:
         try:
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
-                batch = collate_pairs(chunk, ctx.tokenizer.pad_token_id, config.max_length)
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                batch = collate_pairs(chunk, ctx.tokenizer.pad_token_id, config.max_length, ctx.processor)
+                batch = {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 autocast = ctx.accelerator.autocast() if ctx.accelerator is not None else contextlib.nullcontext()
                 with reference_forward(model, reference) as ref, autocast:
                     logps = completion_logps(ref, batch)[0]
@@ -98,7 +102,7 @@ class DPO:
             model.train(was_training)
 
     def collate(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> dict:
-        return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length)
+        return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length, ctx.processor)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[DPOConfig]) -> LossOutput:
         config = ctx.config

@@ -8,6 +8,7 @@ from posttrain.generation import build_generator, collate_prompts, importance_we
 from posttrain.models import eval_mode, reference_forward, reference_model
 from posttrain.ops import completion_logps
 from posttrain.rewards import RewardSet
+from posttrain.vision import model_inputs
 
 from posttrain_grpo.config import GRPOConfig
 from posttrain_grpo.loss import group_advantages, grpo_loss
@@ -31,6 +32,7 @@ class GRPO:
     name = "grpo"
     config_class = GRPOConfig
     dataset_formats = ("prompt_only",)
+    supports_images = True  # prompts with images, for a vision-language model: generated and trained on with them
 
     def __init__(self) -> None:
         self.rewards: RewardSet | None = None
@@ -49,7 +51,7 @@ class GRPO:
             self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
 
     def prepare(self, dataset, ctx: TrainContext[GRPOConfig]) -> list[dict]:
-        return prepare_prompts(dataset, ctx.tokenizer, self.name)
+        return prepare_prompts(dataset, ctx.tokenizer, self.name, processor=ctx.processor)
 
     def collate(self, rows: list[dict], ctx: TrainContext[GRPOConfig]) -> dict:
         return collate_prompts(rows, ctx.tokenizer.pad_token_id)
@@ -85,13 +87,16 @@ class GRPO:
                     **r.metrics,
                     "frac_reward_zero_std": float(torch.isclose(std, torch.zeros_like(std)).float().mean()),
                 },
+                **r.model_inputs,  # pixel values of a vision-language model's prompts
+                "vision_inputs": sorted(r.model_inputs),
             }
             width = mask.size(1)
+            images = r.model_inputs
             # the log-probs of the policy that sampled: needed when a rollout is reused (μ > 1) or corrected
             if config.num_iterations > 1 or (correct and r.sampling_logps is not None):
-                batch["old_logps"] = completion_logps(model, r.input_ids, r.attention_mask, width, config.temperature)[
-                    0
-                ]
+                batch["old_logps"] = completion_logps(
+                    model, r.input_ids, r.attention_mask, width, config.temperature, **images
+                )[0]
             if correct and r.sampling_logps is not None:
                 batch["is_weights"], is_metrics = importance_weights(
                     batch["old_logps"],
@@ -105,7 +110,7 @@ class GRPO:
             if config.beta != 0.0:
                 with reference_forward(model, self.ref_model) as ref, eval_mode(ref):
                     batch["ref_logps"] = completion_logps(
-                        ref, r.input_ids, r.attention_mask, width, config.temperature
+                        ref, r.input_ids, r.attention_mask, width, config.temperature, **images
                     )[0]
             out.append(batch)
         return out
@@ -116,7 +121,13 @@ class GRPO:
         config = ctx.config
         mask = batch["completion_mask"]  # (N, C)
         logps, entropy = completion_logps(
-            model, batch["input_ids"], batch["attention_mask"], mask.size(1), config.temperature, with_entropy=True
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            mask.size(1),
+            config.temperature,
+            with_entropy=True,
+            **model_inputs(batch),
         )
         old_logps = batch.get("old_logps")
         loss_sum, n_items, stats = grpo_loss(

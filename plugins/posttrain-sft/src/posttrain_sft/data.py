@@ -8,6 +8,12 @@ Rows use TRL's dataset types, standard (strings) or conversational (message list
 Optional ``tools`` (a list or JSON string) and ``chat_template_kwargs`` columns reach the chat template, as in TRL.
 Each prepared row is ``{"input_ids", "labels"}`` (``labels`` = ``input_ids`` with -100 where no loss is taken),
 plus ``seq_lengths`` for a packed row.
+
+Rows with images (``images``/``image``, for a vision-language model) are tokenized by the processor, so each image's
+tokens are expanded in ``input_ids`` (:func:`posttrain.vision.encode`); the prepared row keeps its ``images`` and
+the processor's token-aligned inputs (``token_inputs``), and :func:`collate` adds the pixel values per micro-batch.
+Masks are computed exactly as for text: image tokens sit in the prompt, so they never carry loss with
+``completion_only_loss`` and lie outside the assistant's ``{% generation %}`` blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from posttrain import ConfigError, DataError, RowProblem
 from posttrain.data import is_conversational, validate
+from posttrain.vision import encode, has_images, image_inputs, image_problems, image_token_id, row_images
 
 from posttrain_sft.config import SFTConfig
 from posttrain_sft.loss import IGNORE_INDEX
@@ -77,15 +84,56 @@ def _chat(tokenizer: Any, messages: list[dict], row: dict, **kwargs) -> dict:
     return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, tools=tools, **extra, **kwargs)
 
 
+class _Tokens:
+    """Tokenization of one row by the tokenizer, or by the processor when the row has images (each image's tokens
+    expanded; the processor's token-aligned inputs of the last full sequence kept in ``token_inputs``)."""
+
+    def __init__(self, tokenizer: Any, processor: Any, row: dict):
+        self.tokenizer, self.processor, self.row = tokenizer, processor, row
+        self.images = row_images(row) if processor is not None else []
+        self.token_inputs: dict[str, list[int]] = {}
+
+    def text(self, text: str) -> list[int]:
+        if not self.images:
+            return self.tokenizer(text).input_ids
+        encoded = encode(self.processor, text, self.images)
+        self.token_inputs = encoded["token_inputs"]
+        return encoded["input_ids"]
+
+    def chat(self, messages: list[dict], **kwargs) -> dict:
+        if not self.images:
+            return _chat(self.tokenizer, messages, self.row, **kwargs)
+        tools = self.row.get("tools")
+        assistant = kwargs.pop("return_assistant_tokens_mask", False)
+        encoded = encode(
+            self.processor,
+            messages,
+            self.images,
+            assistant_mask=assistant,
+            tools=json.loads(tools) if isinstance(tools, str) else tools,
+            **(self.row.get("chat_template_kwargs") or {}),
+            **kwargs,
+        )
+        self.token_inputs = encoded["token_inputs"]
+        return encoded
+
+
 def tokenize_row(
-    row: dict, index: int, tokenizer: Any, completion_only: bool, assistant_only: bool, diverged: list | None = None
+    row: dict,
+    index: int,
+    tokenizer: Any,
+    completion_only: bool,
+    assistant_only: bool,
+    diverged: list | None = None,
+    processor: Any = None,
 ) -> dict:
     """One raw row -> ``{"input_ids", "labels"}``, following TRL 1.16's ``SFTTrainer._prepare_dataset``.
 
     Standard text and completions get the EOS token appended when they do not end with it; conversations end
     however the chat template ends them. ``completion_only`` masks the prompt; ``assistant_only`` masks every token
     outside the template's ``{% generation %}`` blocks. Both masks apply when both are on. ``index`` is appended to
-    ``diverged`` when the prompt tokenizes differently alone than followed by its completion.
+    ``diverged`` when the prompt tokenizes differently alone than followed by its completion. With a ``processor``,
+    a row with images is tokenized by it and keeps ``images`` and ``token_inputs``.
 
     Raises:
         DataError: carrying one :class:`~posttrain.RowProblem`: ``assistant_only`` on a standard row, or a conversation
@@ -104,17 +152,18 @@ def tokenize_row(
             method="sft",
         )
     masks: list[list[int]] = []
+    tokens = _Tokens(tokenizer, processor, row)
     if row.get("completion") is not None:
         prompt, completion = row["prompt"], row["completion"]
         if conversational:
-            prompt_ids = _chat(tokenizer, prompt, row, add_generation_prompt=True)["input_ids"]
-            out = _chat(tokenizer, prompt + completion, row, return_assistant_tokens_mask=assistant_only)
+            prompt_ids = tokens.chat(prompt, add_generation_prompt=True)["input_ids"]
+            out = tokens.chat(prompt + completion, return_assistant_tokens_mask=assistant_only)
             input_ids = list(out["input_ids"])
         else:
             eos = tokenizer.eos_token
             completion = completion if completion.endswith(eos) else completion + eos
-            prompt_ids = tokenizer(prompt).input_ids
-            input_ids = tokenizer(prompt + completion).input_ids
+            prompt_ids = tokens.text(prompt)
+            input_ids = tokens.text(prompt + completion)
             out = {}
         # The completion starts where the two tokenizations diverge: templates may render a lone prompt differently,
         # and BPE merges can cross the prompt/completion boundary.
@@ -124,11 +173,11 @@ def tokenize_row(
         if completion_only:
             masks.append([0] * n_prompt + [1] * (len(input_ids) - n_prompt))
     elif conversational:
-        out = _chat(tokenizer, row["messages"], row, return_assistant_tokens_mask=assistant_only)
+        out = tokens.chat(row["messages"], return_assistant_tokens_mask=assistant_only)
         input_ids = list(out["input_ids"])
     else:
         text, eos = row["text"], tokenizer.eos_token
-        input_ids = tokenizer(text if text.endswith(eos) else text + eos).input_ids
+        input_ids = tokens.text(text if text.endswith(eos) else text + eos)
         out = {}
     if assistant_only:
         assistant = list(out["assistant_masks"])
@@ -146,6 +195,8 @@ def tokenize_row(
             )
         masks.append(assistant)
     labels = [tok if all(m[i] for m in masks) else IGNORE_INDEX for i, tok in enumerate(input_ids)]
+    if tokens.images:
+        return {"input_ids": input_ids, "labels": labels, "images": tokens.images, "token_inputs": tokens.token_inputs}
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -189,8 +240,9 @@ def _columns(dataset: Any) -> list[str]:
     return list({key: None for row in dataset for key in row})  # every key of every row, in first-seen order
 
 
-def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
-    """Validate, tokenize, label, truncate (or pack) every row of ``dataset``.
+def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig, processor: Any = None) -> list[dict]:
+    """Validate, tokenize, label, truncate (or pack) every row of ``dataset``; rows with images go through
+    ``processor`` (a vision-language model's).
 
     Raises:
         DataError: carrying the :class:`~posttrain.RowProblem` of every bad row (index, field, what, how to fix).
@@ -216,8 +268,21 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
         )
     fmt = "prompt_completion" if {"prompt", "completion"} <= set(columns) else "language_modeling"
     problems = row_problems(dataset)
+    with_images = has_images(dataset)
+    if with_images and processor is None:
+        raise ConfigError(
+            "the dataset has rows with images but no processor was given, so the images would be ignored. Pass the "
+            "vision-language model's processor (prepare_rows(..., processor=...); the loop passes ctx.processor)."
+        )
+    if with_images:
+        _check_image_options(config)
+        reported = {p.row for p in problems}
+        token = getattr(processor, "image_token", None)
+        for i, row in enumerate(dataset):  # standard rows: the processor's image token, one per image
+            if i not in reported and not is_conversational(row):
+                problems += image_problems(row, i, token, open_files=False)
     if problems:
-        raise DataError(problems, method="sft")
+        raise DataError(sorted(problems, key=lambda p: p.row), method="sft")
     completion_only = fmt == "prompt_completion" if config.completion_only_loss is None else config.completion_only_loss
     if completion_only and fmt != "prompt_completion":
         raise ConfigError(
@@ -226,7 +291,7 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
             "conversations, or set completion_only_loss to null."
         )
     if len(dataset) and is_conversational(dataset[0]):
-        template = tokenizer.chat_template
+        template = processor.chat_template if with_images else tokenizer.chat_template
         if template is None:
             raise DataError(
                 "the dataset is conversational but the tokenizer has no chat template; set "
@@ -244,7 +309,11 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
     rows = []
     for i, row in enumerate(dataset):
         try:
-            rows.append(tokenize_row(row, i, tokenizer, completion_only, config.assistant_only_loss, diverged))
+            rows.append(
+                tokenize_row(
+                    row, i, tokenizer, completion_only, config.assistant_only_loss, diverged, processor=processor
+                )
+            )
         except DataError as exc:  # a row the options cannot use: collect them all, then refuse them together
             if not exc.problems:
                 raise
@@ -272,7 +341,9 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
             for b in bins
         ]
     if limit is not None:
-        rows = [{k: r[k][:limit] for k in ("input_ids", "labels")} for r in rows]
+        if with_images:
+            _refuse_cut_images(rows, limit, image_token_id(processor))
+        rows = [_truncated(r, limit) for r in rows]
     kept = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"])]
     if len(kept) < len(rows):
         warnings.warn(
@@ -283,13 +354,50 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig) -> list[dict]:
     return kept
 
 
-def collate(rows: list[dict], pad_token_id: int, padding_free: bool) -> dict[str, torch.Tensor]:
+def _check_image_options(config: SFTConfig) -> None:
+    """Options that cannot work with image rows fail before tokenizing (as in TRL)."""
+    if config.packing or config.padding_free:
+        raise ConfigError(
+            f"{'packing' if config.packing else 'padding_free'} is true, but the dataset has images: the model matches "
+            "image features to image tokens across a whole row, so sequences with images cannot share one. Set "
+            "packing and padding_free false for vision-language data."
+        )
+
+
+def _refuse_cut_images(rows: list[dict], limit: int, image_id: int | None) -> None:
+    """Truncation must not cut an image's tokens: the model would get more image features than image tokens."""
+    problems = [
+        RowProblem(
+            i,
+            "images",
+            f"has image tokens beyond max_length={limit} (the row is {len(r['input_ids'])} tokens), so truncation "
+            "would cut an image in two",
+            "Raise max_length, shorten the text before the images, or use fewer or smaller images.",
+        )
+        for i, r in enumerate(rows)
+        if "images" in r and image_id is not None and image_id in r["input_ids"][limit:]
+    ]
+    if problems:
+        raise DataError(problems, method="sft")
+
+
+def _truncated(row: dict, limit: int) -> dict:
+    out = {**row, "input_ids": row["input_ids"][:limit], "labels": row["labels"][:limit]}
+    if "token_inputs" in row:
+        out["token_inputs"] = {k: v[:limit] for k, v in row["token_inputs"].items()}
+    return out
+
+
+def collate(rows: list[dict], pad_token_id: int, padding_free: bool, processor: Any = None) -> dict[str, torch.Tensor]:
     """A micro-batch: right-padded ``input_ids``/``attention_mask``/``labels``, or one padding-free row.
 
     Padding-free concatenates every sequence into a single row whose ``position_ids`` restart at 0 for each
     sequence, with no attention mask: transformers then builds a block-diagonal causal mask from the position
     restarts, so no token attends across a boundary. The first token of each sequence gets label -100 so it is
     never predicted from the end of the previous one; the loss equals the padded batch's.
+
+    Rows with images add the ``processor``'s image tensors (``pixel_values``, ...) and their token-aligned inputs,
+    right-padded with 0, all named in ``vision_inputs`` (what :func:`posttrain.vision.model_inputs` passes on).
     """
     if padding_free:
         lengths = [n for r in rows for n in r.get("seq_lengths", [len(r["input_ids"])])]
@@ -307,4 +415,15 @@ def collate(rows: list[dict], pad_token_id: int, padding_free: bool) -> dict[str
         input_ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if processor is not None and any(r.get("images") for r in rows):
+        extra = image_inputs(processor, [r.get("images", []) for r in rows])
+        for name in dict.fromkeys(k for r in rows for k in r.get("token_inputs", {})):
+            values = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), 0 = text token and padding
+            for i, r in enumerate(rows):
+                row_values = r.get("token_inputs", {}).get(name, [])
+                values[i, : len(row_values)] = torch.tensor(row_values, dtype=torch.long)
+            extra[name] = values
+        batch.update(extra)
+        batch["vision_inputs"] = sorted(extra)
+    return batch

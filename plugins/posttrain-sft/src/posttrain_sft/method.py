@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from posttrain import ConfigError, LossOutput, Metric, RowProblem, TrainContext
 from posttrain.ops import token_stats
+from posttrain.vision import model_inputs
 
 from posttrain_sft.config import SFTConfig
 from posttrain_sft.data import collate, prepare_rows, row_problems
@@ -63,6 +64,7 @@ class SFT:
     name = "sft"
     config_class = SFTConfig
     dataset_formats = ("language_modeling", "prompt_completion")
+    supports_images = True  # rows with images train a vision-language model (posttrain.vision)
 
     def setup(self, ctx: TrainContext[SFTConfig]) -> None:
         if ctx.config.packing or ctx.config.padding_free:
@@ -74,17 +76,18 @@ class SFT:
         return row_problems(rows)
 
     def prepare(self, dataset: Any, ctx: TrainContext[SFTConfig]) -> list[dict]:
-        return prepare_rows(dataset, ctx.tokenizer, ctx.config)
+        return prepare_rows(dataset, ctx.tokenizer, ctx.config, processor=ctx.processor)
 
     def collate(self, rows: list[dict], ctx: TrainContext[SFTConfig]) -> dict:
-        return collate(rows, ctx.tokenizer.pad_token_id, padding_free=ctx.config.padding_free or ctx.config.packing)
+        padding_free = ctx.config.padding_free or ctx.config.packing
+        return collate(rows, ctx.tokenizer.pad_token_id, padding_free=padding_free, processor=ctx.processor)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[SFTConfig]) -> LossOutput:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         targets = shift_labels(batch["labels"])  # (B, T): position t predicts token t+1
         # the head runs in chunks on the loss positions only, so no (B, T, V) logits exist (posttrain.ops.token_stats;
         # it calls the model with use_cache=False, which keeps the position_ids restarts of packed sequences apart)
-        out = token_stats(model, targets, entropy=True, top1=True, **inputs)
+        out = token_stats(model, targets, entropy=True, top1=True, **inputs, **model_inputs(batch))
         loss_sum = LOSSES[ctx.config.loss_type](out.logps)  # logps (B, T), 0 where no loss is taken
         n_loss_tokens = (targets != IGNORE_INDEX).sum()
         n_correct, entropy_sum = out.top1.sum(), out.entropy.detach().sum()
