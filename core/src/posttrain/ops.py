@@ -422,9 +422,14 @@ def token_stats(
     Only positions whose label is >= 0 reach the head (a prompt, padding and the last position cost nothing there).
 
     Args:
-        model: a causal LM. labels: (B, T') long, -100 where nothing is scored; T' is the number of positions the
-            model returns (T, or ``logits_to_keep`` when given in ``inputs``).
-        temperature, entropy, top1, mean_logit, chunk_size: as in :func:`head_logps`.
+        model: a causal LM.
+        labels: (B, T') long, -100 where nothing is scored; T' is the number of positions the model returns (T, or
+            ``logits_to_keep`` when given in ``inputs``).
+        temperature: as in :func:`head_logps`.
+        entropy: as in :func:`head_logps`.
+        top1: as in :func:`head_logps`.
+        mean_logit: as in :func:`head_logps`.
+        chunk_size: as in :func:`head_logps`.
         **inputs: model inputs.
 
     Returns:

@@ -284,9 +284,12 @@ def build_generator(
     method's calls to :func:`sample`, so it needs to know now what those calls will ask for.
 
     Args:
-        num_generations, rewards: what the method will pass to :func:`sample` when training. A method that
-            passes ``num_generations`` supports ``async_generation`` (the service checks every call against
-            them); one that does not gets a ConfigError when the option is on.
+        ctx: the run's context (config, tokenizer, policy).
+        params: sampling settings; default :meth:`SamplingParams.from_config`.
+        num_generations: what the method will pass to :func:`sample` when training. A method that passes it
+            supports ``async_generation`` (the service checks every call against it); one that does not gets a
+            ConfigError when the option is on.
+        rewards: the reward set the method will pass to :func:`sample` (scored in the worker when asynchronous).
 
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process

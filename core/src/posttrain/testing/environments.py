@@ -154,7 +154,7 @@ def play(
     seed: int = 0,
     step: int = 0,
     **config: Any,
-):
+) -> tuple[Any, Any]:
     """Play ``num_generations`` episodes per row through core's sampler with a scripted policy.
 
     Args:
@@ -164,8 +164,8 @@ def play(
         config: further :class:`posttrain.generation.OnlineConfig` fields (``max_episode_tokens`` ...).
 
     Returns:
-        (rollout, generator): one :class:`posttrain.generation.Rollout` for all rows, and the generator (its
-        ``calls`` hold the policy's messages, one list per turn for the episodes still playing).
+        A pair: one :class:`posttrain.generation.Rollout` for all rows, and the generator (its ``calls`` hold the
+        policy's messages, one list per turn for the episodes still playing).
 
     .. versionadded:: 1.0
     """

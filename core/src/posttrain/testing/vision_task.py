@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -203,7 +206,7 @@ def build_tiny_vlm(path: str | Path, seed: int = 0, hidden_size: int = 32, visio
     return path
 
 
-def colour_logps(model: Any, processor: Any, rows: list[dict]):
+def colour_logps(model: Any, processor: Any, rows: list[dict]) -> torch.Tensor:
     """Log-probability of each colour answer (its text and end-of-turn token) for each conversational row's prompt:
     a noise-free measure of what the model learnt, with no sampling.
 
@@ -213,7 +216,7 @@ def colour_logps(model: Any, processor: Any, rows: list[dict]):
         rows: rows of :func:`colour_rows` with a conversational ``prompt``.
 
     Returns:
-        (len(rows), len(COLOURS)) float tensor, columns in :data:`COLOURS` order; the right colour's column is
+        A (len(rows), len(COLOURS)) float tensor, columns in :data:`COLOURS` order; the right colour's column is
         ``list(COLOURS).index(row["answer"])``.
 
     .. versionadded:: 1.0
