@@ -469,8 +469,8 @@ def test_hook_registered_environment_trains_by_name(registered):
 
 
 def test_loss_and_gradients_ignore_environment_token_predictions(tmp_path):
-    """Scale and shift the logits at every position that predicts an environment token (or padding): a loss
-    over ``completion_mask`` and its gradients must not move; the same edit on one model-token position must."""
+    """Scale and shift the final hidden state at every position that predicts an environment token (or padding): a
+    loss over ``completion_mask`` and its gradients must not move; the same edit on one model-token position must."""
     from posttrain.ops import completion_logps
     from posttrain.testing import build_tiny_model
     from transformers import AutoModelForCausalLM
@@ -484,15 +484,15 @@ def test_loss_and_gradients_ignore_environment_token_predictions(tmp_path):
     def loss_and_grads(edit: torch.Tensor | None):
         handle = None
         if edit is not None:
+            # the final hidden states feed the head position by position (the head runs in chunks, so no logits
+            # tensor exists to edit): position T - C - 1 + j predicts completion token j
+            def hook(module, args, hidden):
+                change = torch.zeros_like(hidden, dtype=torch.bool)
+                start = hidden.size(1) - width - 1
+                change[:, start : start + width] = edit.unsqueeze(-1)
+                return torch.where(change, hidden * 3.0 + 7.0, hidden)
 
-            def hook(module, args, output):  # the logits predicting completion token j sit at position j
-                logits = output.logits
-                change = torch.zeros_like(logits, dtype=torch.bool)
-                change[:, :width] = edit.unsqueeze(-1)
-                output.logits = torch.where(change, logits * 3.0 + 7.0, logits)
-                return output
-
-            handle = model.register_forward_hook(hook)
+            handle = model.get_decoder().norm.register_forward_hook(hook)
         model.zero_grad()
         logps, _ = completion_logps(model, rollout.input_ids, rollout.attention_mask, width)
         loss = -(logps * mask).sum() / mask.sum()

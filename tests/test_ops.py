@@ -206,3 +206,21 @@ def test_hidden_states_through_a_compiled_model(tiny_model):
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert model(input_ids=ids, use_cache=False).logits.shape == (2, 12, vocab)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_head_that_returns_its_input_keeps_exact_gradients_with_entropy(temperature):
+    """``LMHead()`` (no weight: the "hidden states" are already logits, the path of quantised or FSDP2-sharded
+    heads) hands the chunk its own input; computing the entropy must not overwrite it, since backward reads it
+    again (it once did, at temperature 1, and GRPO's gradients moved by 0.8%)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, -100, 7, 10, 2])
+    weights = torch.randn(6, dtype=torch.float64)
+    out = ops.head_logps(logits, ops.LMHead(), labels, temperature=temperature, entropy=True)
+    (out.logps * weights).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    reference = torch.log_softmax(logits / temperature, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    (reference * (labels >= 0) * weights).sum().backward()
+    torch.testing.assert_close(got, logits.grad, rtol=0, atol=1e-12)  # float64: the same operations up to rounding

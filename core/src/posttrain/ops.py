@@ -139,7 +139,7 @@ def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
 
 
 def _chunk_stats(z: torch.Tensor, labels: torch.Tensor, entropy: bool, top1: bool, mean_logit: bool):
-    """Reduce one chunk of float32 logits (m, V) to per-row statistics; z is consumed (it may be overwritten)."""
+    """Reduce one chunk of float32 logits (m, V) to per-row statistics; z is left as it is."""
     safe = labels.clamp(min=0).unsqueeze(-1)  # (m, 1)
     lse = torch.logsumexp(z, dim=-1)  # (m,)
     target = z.gather(-1, safe).squeeze(-1)
@@ -147,8 +147,10 @@ def _chunk_stats(z: torch.Tensor, labels: torch.Tensor, entropy: bool, top1: boo
     mean = z.mean(-1) if mean_logit else None
     ent = None
     if entropy:
-        z.sub_(lse.unsqueeze(-1))  # log p, in place: the chunk is not needed any more
-        ent = -(z.exp() * z).sum(-1)
+        # out of place: z may be the caller's tensor itself (a head that returns its input, weight=None, at
+        # temperature 1), which backward reads again
+        log_p = z - lse.unsqueeze(-1)
+        ent = -(log_p.exp() * log_p).sum(-1)
     return target - lse, lse, ent, top, mean
 
 
@@ -363,13 +365,22 @@ def _output_layer(model: Any) -> torch.nn.Linear | None:
     return layer if type(layer) is torch.nn.Linear else None
 
 
+def _fsdp_sharded(model: Any) -> bool:
+    """True when FSDP2 manages any part of ``model`` (its parameters are DTensors outside their modules' forward)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
     """Run ``model(**inputs, use_cache=False)`` and return its final hidden states and head instead of the logits.
 
     The model runs through its own ``forward`` (DDP, FSDP, PEFT and ``torch.compile`` wrappers included); a hook on
     its output layer keeps the layer's input and hands it an empty slice, so no (B, T, V) tensor is built. A model
-    whose output layer is not a plain ``nn.Linear`` (quantised, adapter-wrapped, no ``get_output_embeddings``) runs
-    normally and its logits come back as the "hidden states" with ``LMHead(weight=None)``, so callers need no
+    whose output layer is not a plain ``nn.Linear`` (quantised, adapter-wrapped, no ``get_output_embeddings``) or is
+    sharded by FSDP2 runs normally and its logits come back as the "hidden states" with ``LMHead(weight=None)``, so callers need no
     second path.
 
     Args:
@@ -383,7 +394,10 @@ def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
     .. versionadded:: 1.0
     """
     layer = _output_layer(model)
-    if layer is None:
+    # FSDP2 shards the head (DTensor weight): only the module's own forward sees the gathered weight and hands its
+    # gradient to FSDP's reduce-scatter; a weight gathered here would get this process's gradient alone. The head
+    # then runs whole, as for a head that is not a plain Linear.
+    if layer is None or _fsdp_sharded(model):
         return model(**inputs, use_cache=False).logits, LMHead()
     capture = getattr(layer, "_posttrain_capture", None)
     if capture is None:
@@ -399,9 +413,6 @@ def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
     if hidden is None:  # the forward never reached the output layer through its hook
         raise RuntimeError(f"{type(_unwrap(model)).__name__} did not call its output layer; cannot score tokens")
     weight, bias = layer.weight, layer.bias
-    if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as DTensors; the chunks need the whole matrix
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
     scale, softcap = _head_settings(_unwrap(model).config)
     return hidden, LMHead(weight, bias, scale, softcap)
 

@@ -65,7 +65,7 @@ def test_trains_against_an_environment_by_name(method_class, config_class, tool_
 
 @pytest.mark.parametrize(("method_class", "config_class"), METHODS)
 def test_the_loss_never_sees_an_environment_token(method_class, config_class, tool_model, tmp_path):
-    """Scale and shift the logits at every position predicting an environment token: the method's loss and its
+    """Scale and shift the final hidden state at every position predicting an environment token: the method's loss and its
     gradients do not move. The same edit at one model-token position moves the gradients (the check can fail)."""
     config = build_config(config_class, values(tool_model, tmp_path, max_completion_length=40))
     tokenizer = AutoTokenizer.from_pretrained(tool_model)
@@ -85,14 +85,15 @@ def test_the_loss_never_sees_an_environment_token(method_class, config_class, to
     def loss_and_grads(edit):
         handle = None
         if edit is not None:
+            # the final hidden states feed the head position by position (the head runs in chunks, so no logits
+            # tensor exists to edit): position T - C - 1 + j predicts completion token j
+            def hook(module, args, hidden):
+                change = torch.zeros_like(hidden, dtype=torch.bool)
+                start = hidden.size(1) - mask.size(1) - 1
+                change[:, start : start + mask.size(1)] = edit.unsqueeze(-1)
+                return torch.where(change, hidden * 3.0 + 7.0, hidden)
 
-            def hook(module, args, output):  # logits predicting completion token j sit at position j
-                change = torch.zeros_like(output.logits, dtype=torch.bool)
-                change[:, : mask.size(1)] = edit.unsqueeze(-1)
-                output.logits = torch.where(change, output.logits * 3.0 + 7.0, output.logits)
-                return output
-
-            handle = model.register_forward_hook(hook)
+            handle = model.get_decoder().norm.register_forward_hook(hook)
         model.zero_grad()
         out = method.loss(model, batch, ctx)
         out.loss_sum.backward()
