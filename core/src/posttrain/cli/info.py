@@ -110,14 +110,7 @@ def describe_other(entry: discovery.Entry, no_import: bool, as_json: bool) -> in
         )
         print(json.dumps({"entry": entry.to_dict(), "options": fields}, indent=2))
         return 0
-    print(f"{KIND_LABEL[entry.kind] + ':':9} {entry.name}")
-    print(f"package:  {entry.package} {entry.version}")
-    print(f"status:   {entry.status}")
-    print(f"summary:  {entry.summary}")
-    print(f"requires: posttrain{entry.requires_core or ' (any)'} (installed {discovery.core_version()})")
-    print(f"provides: {entry.value}")
-    if entry.docs_url:
-        print(f"docs:     {entry.docs_url}")
+    _header(KIND_LABEL[entry.kind], entry)
     if options is not None:
         doc = (options.__doc__ or "").strip().splitlines()
         summary = doc[0] if doc and not doc[0].startswith(f"{options.__name__}(") else options.__name__
@@ -168,14 +161,7 @@ def run(command: str, argv: list[str]) -> int:
     if args.json:
         print(json.dumps({"entry": entry.to_dict(), "schema": schema}, indent=2))
         return 0
-    print(f"method:   {entry.name}")
-    print(f"package:  {entry.package} {entry.version}")
-    print(f"status:   {entry.status}")
-    print(f"summary:  {entry.summary}")
-    print(f"requires: posttrain{entry.requires_core or ' (any)'} (installed {discovery.core_version()})")
-    print(f"provides: {entry.value}")
-    if entry.docs_url:
-        print(f"docs:     {entry.docs_url}")
+    _header("method", entry)
     if schema is None:
         print("schema:   none shipped (--no-import: config fields not shown)")
         return 0
