@@ -184,7 +184,7 @@ def test_no_batch_by_vocabulary_logits_with_a_32k_vocabulary(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_hidden_states_through_a_compiled_model(tiny_model):
+def test_hidden_states_through_a_compiled_model(tiny_model, monkeypatch):
     """``torch_compile: true`` calls ``model.compile()``: the head's capture hook runs inside the compiled forward,
     the chunked log-probs and gradients equal the eager ones (inductor may reorder float32 sums: 1e-5), and a plain
     call afterwards (as generation makes) still returns full logits."""
@@ -200,6 +200,9 @@ def test_hidden_states_through_a_compiled_model(tiny_model):
         return logps.detach(), grads
 
     eager, eager_grads = run()
+    # inductor imports setuptools, whose distutils shim refuses to load when another test of this worker already
+    # imported the standard library's distutils; keep the standard one (nothing here builds packages)
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     model.compile()
     compiled, compiled_grads = run()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -454,6 +454,11 @@ class _WorkerHandle:
                 messages.append(self.results.get_nowait())
         except queue.Empty:
             pass
+        except (EOFError, OSError):  # the worker died while handing over a tensor (its descriptor socket closed)
+            self.process.join(timeout=10)  # it is exiting; its exit code says why
+            if not self.process.is_alive():
+                raise GenerationWorkerError(self._death()) from None
+            raise
         for message in messages:
             if message[0] == "error":
                 self.stop()
