@@ -427,6 +427,20 @@ def _step_rows(step: int, n_rows: int, batch_size: int, accumulation: int, world
     ], epoch
 
 
+def _rows_of_step(run: _Run, step: int) -> tuple[list[list[int]], int]:
+    """This process's micro-batch rows of optimizer step ``step`` (a group of ``reuse`` steps shares one data step)."""
+    accelerator = run.accelerator
+    return _step_rows(
+        step // run.reuse,
+        len(run.train_rows),
+        run.rows_per_micro,
+        run.config.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        run.config.seed,
+    )
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -456,16 +470,8 @@ def _step_batches(run: _Run, micro_rows: list[list[int]]) -> list[dict]:
 
 def _optimizer_step(run: _Run) -> None:
     """gradient_accumulation_steps micro-batches, then one exact, normalised parameter update."""
-    config, accelerator, model = run.config, run.accelerator, run.model
-    micro_rows, run.epoch = _step_rows(
-        run.step // run.reuse,
-        len(run.train_rows),
-        run.rows_per_micro,
-        config.gradient_accumulation_steps,
-        accelerator.num_processes,
-        accelerator.process_index,
-        config.seed,
-    )
+    accelerator, model = run.accelerator, run.model
+    micro_rows, run.epoch = _rows_of_step(run, run.step)
     run.ctx.step, run.ctx.training = run.step, True
     model.train()
     step_loss = torch.zeros((), device=accelerator.device)
@@ -512,21 +518,12 @@ def _optimizer_step(run: _Run) -> None:
 
 def _upcoming_batches(run: _Run, horizon: int) -> list[UpcomingBatch]:
     """What ``ctx.upcoming_batches`` answers: the collated micro-batches (CPU) of every step in the next
-    ``horizon`` that rolls out, computed by the same ``_step_rows`` the steps themselves will call."""
-    config, accelerator = run.config, run.accelerator
+    ``horizon`` that rolls out, computed by the same ``_rows_of_step`` the steps themselves will call."""
     out = []
     for step in range(run.step, min(run.step + horizon, run.total_steps)):
         if step % run.reuse:
             continue  # reuses the group's cached rollout
-        micro_rows, _ = _step_rows(
-            step // run.reuse,
-            len(run.train_rows),
-            run.rows_per_micro,
-            config.gradient_accumulation_steps,
-            accelerator.num_processes,
-            accelerator.process_index,
-            config.seed,
-        )
+        micro_rows, _ = _rows_of_step(run, step)
         out.append(
             UpcomingBatch(step, [run.method.collate([run.train_rows[i] for i in ix], run.ctx) for ix in micro_rows])
         )
