@@ -35,8 +35,10 @@ import time
 SFT = {"max_steps": 60, "learning_rate": 5e-3, "per_device_train_batch_size": 8}
 DPO = {"max_steps": 60, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "beta": 0.1}
 GRPO = {
+    "sft_steps": 100,  # build_colour_vlm: the policy GRPO starts from
+    "right_fraction": 0.5,
     "max_steps": 30,
-    "learning_rate": 2e-2,
+    "learning_rate": 5e-3,
     "per_device_train_batch_size": 64,  # completions: 8 prompts x 8
     "num_generations": 8,
     "max_completion_length": 8,
@@ -44,7 +46,7 @@ GRPO = {
 TRAIN_ROWS, HELD_OUT, HELD_OUT_SEED = 64, 40, 1000
 
 
-def one_run(method: str, seed: int, threads: int) -> dict:
+def one_run(method: str, seed: int, threads: int, overrides: dict | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -95,9 +97,13 @@ def one_run(method: str, seed: int, threads: int) -> dict:
             from posttrain_grpo import GRPO as Method
             from posttrain_grpo import GRPOConfig as Config
 
-            model, fields, rows = build_colour_vlm(tmp, seed=seed), GRPO, "prompt_only"
+            fields = {**GRPO, **(overrides or {})}
+            start_model = {k: fields.pop(k) for k in ("sft_steps", "right_fraction")}
+            model, rows = build_colour_vlm(tmp, seed=seed, **start_model), "prompt_only"
             common["reward_funcs"] = ["colour_exact"]
             rewards = {"colour_exact": colour_exact}
+        if method != "grpo":
+            fields = {**fields, **(overrides or {})}
         config = Config(model=str(model), seed=seed, **common, **fields)
         before = measure(model, config)
         train(Method(), config, train_dataset=colour_rows(TRAIN_ROWS, rows, seed=seed), rewards=rewards)
@@ -124,17 +130,19 @@ def main() -> None:
     parser.add_argument("methods", nargs="+", choices=["sft", "dpo", "grpo"])
     parser.add_argument("--seeds", default="0-5")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override a config field")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "SEED", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.one:
-        print(json.dumps(one_run(args.one[0], int(args.one[1]), int(args.one[2]))))
+        print(json.dumps(one_run(args.one[0], int(args.one[1]), int(args.one[2]), overrides)))
         return
     for method in args.methods:
         runs = []
         for threads in args.threads:
             for seed in _seeds(args.seeds):
                 out = subprocess.run(
-                    [sys.executable, __file__, method, "--one", method, str(seed), str(threads)],
+                    [sys.executable, __file__, method, "--one", method, str(seed), str(threads), "--set", *args.set],
                     capture_output=True,
                     text=True,
                 )

@@ -3,6 +3,13 @@
 Same tiny model (built locally), same rows and hyperparameters, fp32 on CPU, full batch, 10 steps,
 for several loss types. Passes when every step's loss agrees within a relative 1e-4.
 
+The ``images_*`` cases train a tiny LLaVA (``posttrain.testing.build_tiny_vlm``, the vision-language model of the
+image tests) on preference rows with images (``colour_rows``: a coloured shape, two on every third row; chosen is
+its colour, rejected another): conversational rows with ``{"type": "image"}`` parts and standard rows with the
+``<image>`` token, whose chosen and rejected end with the EOS text (TRL 1.16's vision path skips the dataset
+preparation that appends EOS to standard rows; posttrain appends it unless it is there). No ``max_length``: TRL
+computes pixel values per batch and does not truncate image rows.
+
 Run (needs the parity environment, where trl==1.16.0 is installed beside posttrain)::
 
     /work/parity-venv/bin/python plugins/posttrain-dpo/parity/parity_dpo.py
@@ -52,10 +59,28 @@ CASES = {
     "apo_down": ({"loss_type": ["apo_down"]}, "standard"),
     # MPO mix; chosen completions of equal length, where the per-pair sft term equals TRL's batch token mean
     "mpo_sigmoid_bco_sft": ({"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}, "equal"),
+    "images_sigmoid_conversational": ({"loss_type": ["sigmoid"], "max_length": None}, "images"),
+    "images_sigmoid_standard": ({"loss_type": ["sigmoid"], "max_length": None}, "images_standard"),
+    "images_ipo_conversational": ({"loss_type": ["ipo"], "max_length": None}, "images"),
 }
 
 
+def has_images(rows: list[dict]) -> bool:
+    return "images" in rows[0]
+
+
 def make_rows(kind: str, n: int = 12) -> list[dict]:
+    if kind.startswith("images"):
+        from posttrain.testing import colour_rows
+
+        conversational = kind == "images"
+        rows = [
+            {k: v for k, v in r.items() if k != "answer"}
+            for r in colour_rows(n, "preference", seed=0, conversational=conversational)
+        ]
+        if not conversational:
+            rows = [{**r, "chosen": r["chosen"] + "<|end|>", "rejected": r["rejected"] + "<|end|>"} for r in rows]
+        return rows
     rng = random.Random(0)
     rows = []
     for _ in range(n):
@@ -78,7 +103,7 @@ def make_rows(kind: str, n: int = 12) -> list[dict]:
 
 def run_trl(model_dir: Path, rows: list[dict], fields: dict, out: Path) -> tuple[list[float], dict]:
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
+    from transformers import AutoProcessor, AutoTokenizer, PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
@@ -95,14 +120,15 @@ def run_trl(model_dir: Path, rows: list[dict], fields: dict, out: Path) -> tuple
         save_strategy="no",
         disable_dropout=True,
         model_init_kwargs={"dtype": torch.float32},
-        **COMMON,
-        **fields,
+        **{**COMMON, **fields},
     )
+    # a vision-language model's processor (tokenizer + image processor) is TRL's processing_class, as posttrain's
+    processing = AutoProcessor if has_images(rows) else AutoTokenizer
     trainer = DPOTrainer(
         model=str(model_dir),
         args=args,
         train_dataset=Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        processing_class=processing.from_pretrained(model_dir),
     )
     losses: list[float] = []
     compute_loss = trainer.compute_loss
@@ -116,7 +142,12 @@ def run_trl(model_dir: Path, rows: list[dict], fields: dict, out: Path) -> tuple
     for callback in (PrinterCallback, ProgressCallback):  # our own table is the output
         trainer.remove_callback(callback)
     trainer.train()
-    return losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    # saved and read back: the checkpoint's parameter names, which posttrain's saved model has too (a
+    # vision-language model's names in memory differ from its checkpoint's)
+    trainer.model.save_pretrained(out / "final")
+    from safetensors.torch import load_file
+
+    return losses, load_file(out / "final" / "model.safetensors")
 
 
 def run_posttrain(model_dir: Path, rows: list[dict], fields: dict, out: Path) -> tuple[list[float], dict]:
@@ -144,14 +175,18 @@ def run_posttrain(model_dir: Path, rows: list[dict], fields: dict, out: Path) ->
 def main() -> int:
     import transformers
     import trl
-    from posttrain.testing import build_tiny_model
+    from posttrain.testing import build_tiny_model, build_tiny_vlm
 
     warnings.filterwarnings("ignore")
     work = Path(tempfile.mkdtemp(prefix="parity-dpo-"))
-    model_dir = build_tiny_model(work / "model", hidden_size=32, num_layers=2)
+    text_model = build_tiny_model(work / "model", hidden_size=32, num_layers=2)
+    vision_model = build_tiny_vlm(work / "vlm")
     details, worst_overall = {}, 0.0
     for name, (fields, kind) in CASES.items():
+        if sys.argv[1:] and name not in sys.argv[1:]:  # a few cases by name, while working on them
+            continue
         rows = make_rows(kind)
+        model_dir = vision_model if has_images(rows) else text_model
         trl_losses, trl_weights = run_trl(model_dir, rows, fields, work / f"trl-{name}")
         pt_losses, pt_weights = run_posttrain(model_dir, rows, fields, work / f"pt-{name}")
         assert len(trl_losses) == len(pt_losses) == STEPS, (name, len(trl_losses), len(pt_losses))

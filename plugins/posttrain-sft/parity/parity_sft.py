@@ -3,7 +3,13 @@
 Both train the same tiny Llama (built locally, fp32, CPU) on the same rows with the same hyperparameters: full batch
 (every row in every step, so the data order cannot differ), AdamW, linear decay from 1e-3, clipping at 1.0, 10 steps.
 Five cases cover the dataset types and options: standard text, conversational prompt-completion (completion-only
-loss), conversations with assistant_only_loss, packing (best-fit decreasing, padding-free) and the DFT loss.
+loss), conversations with assistant_only_loss, packing (best-fit decreasing, padding-free) and the DFT loss. Three
+more train a tiny LLaVA (``posttrain.testing.build_tiny_vlm``, the vision-language model of the image tests) on rows
+with images (``colour_rows``: one or two coloured-shape images per row): conversational prompt-completion,
+two-exchange conversations with assistant_only_loss, and standard prompt-completion with the ``<image>`` token (its completions
+end with the EOS text, which TRL's vision collator does not append); TRL runs them
+with its vision data collator (pixel values computed per batch), without ``max_length`` (TRL refuses to truncate
+image rows the way it truncates text).
 TRL's loss is read inside `compute_loss` (its logged loss is rounded to 4 decimals).
 
 Run from the repository root, in a venv with trl==1.16.0 and this plugin installed:
@@ -27,9 +33,10 @@ warnings.simplefilter("ignore")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 import trl  # noqa: E402
 from posttrain.loop import train  # noqa: E402
-from posttrain.testing import build_tiny_model, build_tokenizer  # noqa: E402
+from posttrain.testing import build_tiny_model, build_tiny_vlm, build_tokenizer, colour_rows  # noqa: E402
 from posttrain_sft import SFT, SFTConfig, prepare_rows  # noqa: E402
 
 TARGET, STEPS, LR, MAX_LENGTH = 1e-4, 10, 1e-3, 64
@@ -66,13 +73,43 @@ MESSAGES = [
     }
     for i, (country, city) in enumerate(FACTS)
 ]
+
+
+def image_rows(fmt: str, conversational: bool = True) -> list[dict]:
+    """Eight rows of the coloured-shape task (rows 2 and 5 hold two images), without the ``answer`` column.
+
+    Standard completions end with the EOS text: TRL 1.16's vision collator does not append EOS to a standard
+    completion (its text path does, and so does posttrain, unless the completion already ends with it).
+    """
+    rows = []
+    for row in colour_rows(8, fmt, seed=0, conversational=conversational):
+        row = {k: v for k, v in row.items() if k != "answer"}
+        if not conversational:
+            row["completion"] += "<|end|>"
+        if fmt == "language_modeling":  # a second exchange: two assistant spans carry the loss
+            colour = row["messages"][-1]["content"][0]["text"]
+            row["messages"] += [
+                {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"Yes, {colour}."}]},
+            ]
+        rows.append(row)
+    return rows
+
+
 CASES = {
     "text": (TEXT, {}),
     "prompt_completion": (PROMPT_COMPLETION, {}),
     "assistant_only": (MESSAGES, {"assistant_only_loss": True}),
     "packing": (TEXT, {"packing": True}),
     "dft": (TEXT, {"loss_type": "dft"}),
+    "images_prompt_completion": (image_rows("prompt_completion"), {"max_length": None}),
+    "images_assistant_only": (image_rows("language_modeling"), {"assistant_only_loss": True, "max_length": None}),
+    "images_standard": (image_rows("prompt_completion", conversational=False), {"max_length": None}),
 }
+
+
+def has_images(rows: list[dict]) -> bool:
+    return "images" in rows[0]
 
 
 class RecordingSFTTrainer(trl.SFTTrainer):
@@ -109,18 +146,24 @@ def run_trl(model_dir: Path, rows: list[dict], options: dict, out: Path) -> tupl
         save_strategy="no",
         report_to="none",
         seed=0,
-        max_length=MAX_LENGTH,
         model_init_kwargs={"dtype": "float32"},
-        **options,
+        **{"max_length": MAX_LENGTH, **options},
     )
-    trainer = RecordingSFTTrainer(model=str(model_dir), args=args, train_dataset=datasets.Dataset.from_list(rows))
+    # a vision-language model's processor (tokenizer + image processor) is TRL's processing_class, as posttrain's
+    processor = transformers.AutoProcessor.from_pretrained(model_dir) if has_images(rows) else None
+    trainer = RecordingSFTTrainer(
+        model=str(model_dir), args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor
+    )
     trainer.train()
     return trainer.step_losses, [r for r in trainer.state.log_history if "loss" in r]
 
 
 def run_posttrain(model_dir: Path, rows: list[dict], options: dict, out: Path) -> list[dict]:
-    tokenizer = build_tokenizer()
-    n_rows = len(prepare_rows(datasets.Dataset.from_list(rows), tokenizer, SFTConfig(max_length=MAX_LENGTH, **options)))
+    options = {"max_length": MAX_LENGTH, **options}
+    if has_images(rows):  # no packing: one training row per dataset row
+        n_rows = len(rows)
+    else:
+        n_rows = len(prepare_rows(datasets.Dataset.from_list(rows), build_tokenizer(), SFTConfig(**options)))
     config = SFTConfig(
         model=str(model_dir),
         output_dir=str(out),
@@ -135,7 +178,6 @@ def run_posttrain(model_dir: Path, rows: list[dict], options: dict, out: Path) -
         save_steps=0,
         disable_progress_bar=True,
         seed=0,
-        max_length=MAX_LENGTH,
         dtype="float32",
         **options,
     )
@@ -147,8 +189,12 @@ def main() -> int:
     datasets.disable_progress_bars()
     details, worst = {}, 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(Path(tmp) / "model")
+        text_model = build_tiny_model(Path(tmp) / "model")
+        vision_model = build_tiny_vlm(Path(tmp) / "vlm")
         for name, (rows, options) in CASES.items():
+            if sys.argv[1:] and name not in sys.argv[1:]:  # a few cases by name, while working on them
+                continue
+            model_dir = vision_model if has_images(rows) else text_model
             trl_losses, trl_logs = run_trl(model_dir, rows, options, Path(tmp) / f"trl-{name}")
             ours = run_posttrain(model_dir, rows, options, Path(tmp) / f"pt-{name}")
             our_losses = [r["loss"] for r in ours]
@@ -182,7 +228,8 @@ def main() -> int:
         "passed": passed,
         "details": {
             "setup": f"tiny Llama (hidden 32, 2 layers), fp32, CPU, full batch of 8 rows, AdamW lr {LR} "
-            f"linear, max_grad_norm 1.0, max_length {MAX_LENGTH}, torch {torch.__version__}",
+            f"linear, max_grad_norm 1.0, max_length {MAX_LENGTH}, torch {torch.__version__}; images_* cases: tiny "
+            "LLaVA (1-layer CLIP tower 32x32 px, 4 tokens per image, projector, 2-layer Llama), no max_length",
             "cases": details,
         },
     }

@@ -258,17 +258,21 @@ def colour_exact(prompts: list, completions: list, answer: list[str], **columns:
     return [float(t.strip() == a) for t, a in zip(texts, answer)]
 
 
-def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100) -> Path:
+def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100, right_fraction: float = 0.0) -> Path:
     """A tiny vision-language model at ``path/colour`` that answers "what colour is the shape?" with a colour
-    name and ``<|end|>``, but a colour drawn at random, not read from the image: with the default 100 steps it
-    samples exactly the right answer about one time in five (a quarter of the ~80% of answers that are well formed).
+    name and ``<|end|>``, the right colour only part of the time: with the default 100 steps and
+    ``right_fraction=0`` the colour is drawn at random, not read from the image, and it samples exactly the right
+    answer about one time in five (a quarter of the ~80% of answers that are well formed).
 
-    The answer format is taught by a short cross-entropy loop on :func:`colour_rows` prompts whose targets are
-    random colours, so a reinforcement-learning test starts from a model that samples colour names (an
-    exact-match reward is not always zero) and has to learn to look at the image to raise it. Runs in one torch
-    thread (restored afterwards) so the result does not depend on the caller's setting.
+    The answer format is taught by a short cross-entropy loop on :func:`colour_rows` prompts whose targets are the
+    right colour with probability ``right_fraction`` and a random colour otherwise, so a reinforcement-learning
+    test starts from a model that samples colour names (an exact-match reward is not always zero) and has to read
+    the image better to raise it. Runs in one torch thread (restored afterwards) so the result does not depend on
+    the caller's setting.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.0
+       ``right_fraction``: a policy that already reads the image a little (GRPO's learning test).
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -278,7 +282,7 @@ def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100) -> P
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = Path(path) / "colour"
+        out = Path(path) / ("colour" if not right_fraction else f"colour-{right_fraction:g}")
         if (out / "config.json").is_file():
             return out
         base = build_tiny_vlm(Path(path) / "model", seed=seed)
@@ -293,7 +297,11 @@ def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100) -> P
         answers = {c: processor.tokenizer(c + "<|end|>", add_special_tokens=False).input_ids for c in COLOURS}
         for _ in range(sft_steps):
             picked = rng.sample(range(len(rows)), 8)
-            targets = [answers[rng.choice(list(COLOURS))] for _ in picked]  # independent of the image
+            # the right colour with probability right_fraction, else one independent of the image
+            targets = [
+                answers[rows[i]["answer"] if right_fraction and rng.random() < right_fraction else rng.choice(list(COLOURS))]
+                for i in picked
+            ]
             seqs = [prompts[i] + t for i, t in zip(picked, targets)]
             width = max(len(s) for s in seqs)
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
