@@ -8,10 +8,16 @@ images, a quantity computed from the logits (no sampling noise):
 - dpo: the fraction of held-out pairs whose right colour gets the higher implicit reward
   log pi(y|x) - log pi_ref(y|x) than the row's wrong colour (DPO's ``rewards/accuracies`` on held-out images;
   chance 0.5, and 0 before training, when every reward is 0);
-- grpo: the expected exact-match reward, p(right colour then ``<|end|>``), from a model that answers with a
-  random colour (:func:`posttrain.testing.build_colour_vlm`, ~0.19). No test yet: on 2026-11-30 seed 0 rose
-  0.185 -> 0.230 at learning rate 5e-3 and -> 0.247 at 2e-2, and seed 1 collapsed to 0.000 at 2e-2, so neither
-  setting gives a margin that holds over seeds; a GRPO learning test needs a longer or gentler run.
+- grpo: the expected exact-match reward, p(right colour then ``<|end|>``) at temperature 1
+  (:func:`posttrain.testing.colour_exact_probability`), from a policy that a short SFT stage taught to answer with
+  a colour name, the right one three times in four (:func:`posttrain.testing.build_colour_vlm` with
+  ``sft_steps=60, right_fraction=0.75``: ~0.25 before GRPO). A policy that ignores the image reaches 0.25 at most.
+  Earlier designs that did not hold over seeds (2026-11-30): a policy that names a random colour
+  (``right_fraction=0``) rose 0.185 -> 0.230 at learning rate 5e-3 on seed 0 and collapsed to 0.000 at 2e-2 on
+  seed 1; ``right_fraction=0.5`` (100 steps) at 5e-3 rose on seeds 0-2 and 4 but not on seed 3 (0.227 -> 0.216:
+  its policy never separated red from yellow); ``sft_steps=30, right_fraction=1`` at 5e-3 collapsed on seed 0
+  (0.073 -> 0.000: the policy stopped ending its answers). ``--set FIELD=VALUE`` overrides a field of these
+  configurations (``sft_steps`` and ``right_fraction`` too, for GRPO) to try another.
 
 A threshold must hold on every machine, and another CPU or thread count moves the floating-point trajectory
 about as much as another seed does, so this script runs each configuration over several seeds (model
@@ -19,7 +25,8 @@ initialisation, training rows and sampling) and torch thread counts, each run in
 the figures per run and the minimum. Set a test's threshold well below the minimum printed here and record the
 figures in the test's docstring.
 
-    python benchmarks/calibrate_vision.py sft dpo grpo --seeds 0-5 --threads 1 2
+    python benchmarks/calibrate_vision.py sft dpo grpo --seeds 0-4 --threads 1 2
+    python benchmarks/calibrate_vision.py grpo --seeds 3 --threads 1 --set learning_rate=5e-3 max_steps=60
 """
 
 from __future__ import annotations
@@ -35,10 +42,10 @@ import time
 SFT = {"max_steps": 60, "learning_rate": 5e-3, "per_device_train_batch_size": 8}
 DPO = {"max_steps": 60, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "beta": 0.1}
 GRPO = {
-    "sft_steps": 100,  # build_colour_vlm: the policy GRPO starts from
-    "right_fraction": 0.5,
-    "max_steps": 30,
-    "learning_rate": 5e-3,
+    "sft_steps": 60,  # build_colour_vlm: the policy GRPO starts from (a short SFT stage, 3 right answers in 4)
+    "right_fraction": 0.75,
+    "max_steps": 40,
+    "learning_rate": 2e-3,
     "per_device_train_batch_size": 64,  # completions: 8 prompts x 8
     "num_generations": 8,
     "max_completion_length": 8,

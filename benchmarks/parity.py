@@ -8,7 +8,8 @@ Run from the repository root in an environment with trl==1.16.0, posttrain and e
 
 Each script runs in its own process and writes ``parity/result.json`` next to itself; a result file older than the
 run counts as missing, so a stale number is never reported. Writes ``benchmarks/results/parity.{json,md}`` and exits
-1 when a comparison missed its target or a script wrote no result.
+1 when a comparison missed its target or a script wrote no result. With plugin names, the other plugins' rows of
+the existing ``parity.json`` are kept, each with the date it was measured.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def markdown(rows: list[dict], versions: dict) -> str:
         "same tiny model, data and hyperparameters, and reports the largest relative difference it found. "
         "Regenerate with `nox -s parity` (or `python benchmarks/parity.py` in an environment with TRL).",
         "",
-        "| plugin | method | steps | max rel. diff | target | passed | what is compared | time |",
-        "|---|---|---:|---:|---:|---|---|---:|",
+        "| plugin | method | steps | max rel. diff | target | passed | what is compared | time | run |",
+        "|---|---|---:|---:|---:|---|---|---:|---|",
     ]
     for r in rows:
         diff = r.get("max_rel_diff")
@@ -87,7 +88,7 @@ def markdown(rows: list[dict], versions: dict) -> str:
         lines.append(
             f"| {r['plugin']} | {r.get('method', '-')} | {r.get('steps', '-')} | {diff_text} | "
             f"{f'{target:.0e}' if isinstance(target, (int, float)) else '-'} | "
-            f"{'yes' if r.get('passed') else '**no**'} | {what} | {r['seconds']:.0f} s |"
+            f"{'yes' if r.get('passed') else '**no**'} | {what} | {r['seconds']:.0f} s | {r.get('date') or '-'} |"
         )
     passed = sum(bool(r.get("passed")) for r in rows)
     lines += ["", f"{passed} of {len(rows)} comparisons within target.", ""]
@@ -105,6 +106,7 @@ def main(argv: list[str]) -> int:
         for s in sorted(ROOT.glob("plugins/*/parity/parity_*.py"))
         if not wanted or s.parts[-3].removeprefix("posttrain-") in wanted
     ]
+    today = datetime.date.today().isoformat()
     rows = []
     for script in scripts:
         print(f"parity: {script.relative_to(ROOT)}", flush=True)
@@ -113,9 +115,15 @@ def main(argv: list[str]) -> int:
             status = "PASS" if r.get("passed") else "FAIL"
             name, diff = r.get("method", r["plugin"]), r.get("max_rel_diff")
             print(f"  {status} {name}: max rel diff {diff} ({r['seconds']:.0f} s)")
-        rows += found
+        rows += [{**r, "date": today} for r in found]
+    previous = RESULTS / "parity.json"
+    if wanted and previous.is_file():  # keep the rows of the plugins not run now, in plugin order
+        old = json.loads(previous.read_text())
+        rerun = {r["plugin"] for r in rows}
+        kept = [{"date": old.get("versions", {}).get("date"), **r} for r in old["results"] if r["plugin"] not in rerun]
+        rows = sorted(kept + rows, key=lambda r: r["plugin"])
     versions = {
-        "date": datetime.date.today().isoformat(),
+        "date": today,
         "trl": trl.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -207,6 +207,8 @@ def main() -> int:
     passed = worst_overall <= TARGET
     result = {
         "method": "dpo",
+        "compared": f"per-step training loss over {STEPS} steps on a tiny model, and on a tiny LLaVA with rows "
+        "holding images (images_* cases), fp32 CPU",
         "trl_version": trl.__version__,
         "steps": STEPS,
         "max_rel_diff": worst_overall,

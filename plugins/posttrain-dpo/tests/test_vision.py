@@ -70,12 +70,12 @@ def test_dpo_prefers_the_right_colour_on_held_out_images(vlm_dir, tmp_path):
     held-out images (``rewards/accuracies`` on 40 pairs the run never saw). The texts of a pair differ only in the
     colour named, so a ranking above chance (0.5) is read from the image.
 
-    Calibration (``python benchmarks/calibrate_vision.py dpo --seeds 0-2 --threads 1 2``, 2026-11-30; seed = model
-    initialisation, training rows and data order): 60 steps of batch 8 at learning rate 5e-3, beta 0.1 gave held-out
-    reward accuracies 0.825, 0.850 and 0.850 (seeds 0, 1, 2 with one thread) and 0.825 (seed 0, two threads; the
-    other two-thread runs did not finish on the loaded machine). The threshold 0.7 leaves
-    0.125 below the lowest run and 0.2 above chance; 40 steps were not enough (0.55 -> 0.60 in the policy's own
-    preference, no margin).
+    Calibration (``python benchmarks/calibrate_vision.py dpo``, 2026-11-30; seed = model initialisation, training
+    rows and data order): 60 steps of batch 8 at learning rate 5e-3, beta 0.1 gave held-out reward accuracies
+    0.825, 0.850 and 0.850 with one thread (``--seeds 0-2 --threads 1``) and 0.850, 0.850, 0.850, 0.800 and 0.800
+    with two (``--seeds 0-4 --threads 2``); every reward is 0 before training (accuracy 0.000). The threshold 0.7
+    leaves 0.1 below the lowest run and 0.2 above chance; 40 steps were not enough (0.55 -> 0.60 in the policy's
+    own preference, no margin).
     """
     from posttrain.loop import train
 

@@ -282,7 +282,7 @@ def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100, righ
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = Path(path) / ("colour" if not right_fraction else f"colour-{right_fraction:g}")
+        out = Path(path) / ("colour" if not right_fraction else f"colour-{right_fraction:g}-{sft_steps}")
         if (out / "config.json").is_file():
             return out
         base = build_tiny_vlm(Path(path) / "model", seed=seed)
@@ -299,7 +299,9 @@ def build_colour_vlm(path: str | Path, seed: int = 0, sft_steps: int = 100, righ
             picked = rng.sample(range(len(rows)), 8)
             # the right colour with probability right_fraction, else one independent of the image
             targets = [
-                answers[rows[i]["answer"] if right_fraction and rng.random() < right_fraction else rng.choice(list(COLOURS))]
+                answers[
+                    rows[i]["answer"] if right_fraction and rng.random() < right_fraction else rng.choice(list(COLOURS))
+                ]
                 for i in picked
             ]
             seqs = [prompts[i] + t for i, t in zip(picked, targets)]
