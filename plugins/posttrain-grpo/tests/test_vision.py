@@ -33,9 +33,10 @@ def test_grpo_raises_the_exact_match_reward_on_held_out_images(colour_vlm, tmp_p
     Calibration (``python benchmarks/calibrate_vision.py grpo --seeds 0-4 --threads 1 2``, 2026-11-30; seed = the
     model's initialisation, the SFT stage, the training rows and the sampling): with one thread the held-out reward
     rose 0.251 -> 0.461, 0.320 -> 0.679, 0.234 -> 0.454, 0.283 -> 0.453 and 0.241 -> 0.454 (seeds 0-4; rise +0.170
-    at least, every run ending 0.178 or more above BLIND); with two threads seed 0 gave the same 0.251 -> 0.461.
+    at least, every run ending 0.178 or more above BLIND); with two threads seeds 0 and 1 gave the same figures as
+    with one (seeds 2-4 at two threads were not run: ~10 minutes each on the loaded machine).
     MARGIN (0.08) is about half the lowest rise, ABOVE_CHANCE (0.09) about half the lowest lead over BLIND. Each run
-    takes ~15 s of CPU (35 s of wall time on an idle machine). Learning rates of 5e-3 and above made some seeds
+    takes ~15 s of CPU (35 to 140 s of wall time on the shared machine). Learning rates of 5e-3 and above made some seeds
     stop ending their answers (the reward collapsed to 0); see ``benchmarks/calibrate_vision.py`` for the designs
     that did not hold.
     """
