@@ -60,6 +60,7 @@ class DPO:
     config_class = DPOConfig
     dataset_formats = ("preference",)
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
+    supports_padding_free = True  # padding_free: one (1, N) row per micro-batch (posttrain.ops.pack_sequences)
 
     def __init__(self) -> None:
         self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
