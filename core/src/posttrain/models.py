@@ -494,7 +494,7 @@ def check_packed_attention(model: Any, option: str = "packing/padding_free") -> 
         option: the config option(s) that asked for packed rows, named in the error.
 
     Raises:
-        ConfigError: the packed logits differ from the separate ones.
+        ConfigError: the packed final hidden states differ from the separate ones.
 
     .. versionadded:: 1.0 (moved from posttrain-sft)
     """
@@ -507,11 +507,13 @@ def check_packed_attention(model: Any, option: str = "packing/padding_free") -> 
         position_ids = torch.cat([torch.arange(6), torch.arange(4)]).to(device)[None]
         was_training = model.training
         model.eval()  # no dropout, so any difference comes from the mask
+        # the final hidden states, not the logits: a sequence classifier's logits are pooled to one per row
+        last = {"use_cache": False, "output_hidden_states": True}
         try:
-            separate = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (first, second)])
+            separate = torch.cat([model(input_ids=x[None], **last).hidden_states[-1][0] for x in (first, second)])
             separate = separate.float()
-            packed = model(input_ids=torch.cat([first, second])[None], position_ids=position_ids, use_cache=False)
-            packed = packed.logits[0].float()
+            packed = model(input_ids=torch.cat([first, second])[None], position_ids=position_ids, **last)
+            packed = packed.hidden_states[-1][0].float()
         finally:
             model.train(was_training)
     error = float((packed - separate).abs().max() / separate.abs().max().clamp(min=1e-6))
@@ -520,8 +522,8 @@ def check_packed_attention(model: Any, option: str = "packing/padding_free") -> 
         impl = getattr(model.config, "_attn_implementation", None)
         raise ConfigError(
             f"{option} is true, but with attn_implementation={impl!r} this model lets sequences that share "
-            f"a row attend to each other (relative logit difference {error:.2e} against separate sequences, allowed "
-            f"{tolerance:.0e}). Use attn_implementation sdpa, eager, flex_attention or flash_attention_2 with a model "
+            f"a row attend to each other (final hidden states differ from separate sequences' by {error:.2e}, "
+            f"relative; allowed {tolerance:.0e}). Use attn_implementation sdpa, eager, flex_attention or flash_attention_2 with a model "
             f"whose attention mask follows position_ids restarts, or set {option.replace('/', ' and ')} false."
         )
 

@@ -640,6 +640,7 @@ def _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_f
 
     from posttrain._method import optional_member
 
+    torch.manual_seed(0)  # a head the method initialises at load (a reward model's) is the same in both runs
     method, model, ctx, prepared = _live_method(
         method_class, rows, model_dir, {**overrides, "padding_free": padding_free}, training=False, rewards=rewards
     )
@@ -701,7 +702,8 @@ def check_padding_free(method_class, rows, model_dir, overrides, rewards=None) -
 
 
 class _IgnoresPositions:
-    """A model whose forward drops ``position_ids``, so sequences packed in a row attend to each other."""
+    """A model whose forward drops ``position_ids``, so sequences packed in a row attend to each other (its class
+    takes the wrapped model's name, so a method's checks of the model class in ``setup`` pass)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.config = inner, inner.config
@@ -727,7 +729,8 @@ def check_padding_free_refused(method_class, rows, model_dir, overrides, rewards
         method_class, rows, model_dir, {**overrides, "padding_free": False}, training=True, rewards=rewards
     )
     config = dataclasses.replace(ctx.config, padding_free=True)
-    leaky = dataclasses.replace(ctx, config=config, model=_IgnoresPositions(model))
+    wrapper = type(type(model).__name__, (_IgnoresPositions,), {})
+    leaky = dataclasses.replace(ctx, config=config, model=wrapper(model))
     with pytest.raises(ConfigError, match="padding_free"):
         method_class().setup(leaky)
 
