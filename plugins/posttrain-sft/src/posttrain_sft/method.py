@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import check_packed_attention
+from posttrain.models import check_packed_attention, resolve_padding_free
 from posttrain.ops import token_stats
 from posttrain.vision import model_inputs
 
@@ -29,10 +29,13 @@ class SFT:
     config_class = SFTConfig
     dataset_formats = ("language_modeling", "prompt_completion")
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
+    supports_padding_free = True  # padding_free / packing: one (1, N) row per micro-batch
+    padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def setup(self, ctx: TrainContext[SFTConfig]) -> None:
-        if ctx.config.packing or ctx.config.padding_free:
+        if ctx.config.packing or ctx.config.padding_free is True:
             check_packed_attention(ctx.model)
+        self.padding_free = ctx.config.padding_free == "auto" and resolve_padding_free(ctx.model, "auto")
 
     def check_rows(self, rows: Any) -> list[RowProblem]:
         """Every bad row (core's format checks, then prompt/completion mixing a string and messages), for ``posttrain
@@ -43,7 +46,9 @@ class SFT:
         return prepare_rows(dataset, ctx.tokenizer, ctx.config, processor=ctx.processor)
 
     def collate(self, rows: list[dict], ctx: TrainContext[SFTConfig]) -> dict:
-        padding_free = ctx.config.padding_free or ctx.config.packing
+        padding_free = ctx.config.padding_free is True or ctx.config.packing
+        # auto: padding-free where setup found a varlen attention kernel, image rows padded
+        padding_free = padding_free or (self.padding_free and not any("images" in r for r in rows))
         return collate(rows, ctx.tokenizer.pad_token_id, padding_free=padding_free, processor=ctx.processor)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[SFTConfig]) -> LossOutput:
