@@ -4,8 +4,8 @@ Run: ``python benchmarks/padding_free.py [--attn sdpa] [--rounds 5]``. A Llama-s
 (32k vocabulary, hidden 256, 4 layers), the head applied in chunks (:func:`posttrain.ops.token_stats`), micro-batches
 of 8 sequences with three length profiles: heavy-tailed (log-normal, median 128, 16 to 2,048 tokens), uniform
 100-128 tokens (today's bench) and equal lengths of 128 (GRPO-like completions). Prints the median step time of each
-layout per profile and the padded/packed ratio (with the spread over rounds); the figures in docs/benchmarks.md come
-from it.
+layout per profile (process CPU time, one thread) and the packed/padded ratio with its spread over rounds; the
+figures in docs/benchmarks.md come from it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def lengths_for(profile: str, batch: int, generator: torch.Generator) -> list[in
 
 
 def step(model, sequences: list[list[int]], packed: bool) -> float:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: steadier than wall time on a shared machine
     if packed:
         batch = pack_sequences(sequences)
         labels = torch.nn.functional.pad(batch["input_ids"][:, 1:], (0, 1), value=-100)
@@ -44,7 +44,7 @@ def step(model, sequences: list[list[int]], packed: bool) -> float:
         inputs = {"input_ids": ids, "attention_mask": mask}
     out = token_stats(model, labels, **inputs)
     out.logps.sum().backward()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
