@@ -653,7 +653,7 @@ def sequence_logps(
     loss_mask: torch.Tensor,
     *,
     padding_free: bool = False,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
 
