@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from posttrain import LossOutput, TrainContext
+from posttrain import ConfigError, LossOutput, TrainContext
 from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
 from posttrain.models import eval_mode, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import completion_logps
@@ -54,7 +54,14 @@ class GRPO:
             self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
 
     def prepare(self, dataset, ctx: TrainContext[GRPOConfig]) -> list[dict]:
-        return prepare_prompts(dataset, ctx.tokenizer, self.name, processor=ctx.processor)
+        rows = prepare_prompts(dataset, ctx.tokenizer, self.name, processor=ctx.processor)
+        if ctx.config.padding_free is True and any(r.get("images") for r in rows):
+            raise ConfigError(
+                "padding_free is true, but the dataset has images: a vision-language model numbers positions and "
+                "matches image features to image tokens across a whole row, so sequences with images cannot share "
+                "one. Set padding_free false (or auto, which keeps image prompts padded)."
+            )
+        return rows
 
     def collate(self, rows: list[dict], ctx: TrainContext[GRPOConfig]) -> dict:
         return collate_prompts(rows, ctx.tokenizer.pad_token_id)
