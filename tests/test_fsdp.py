@@ -389,7 +389,7 @@ def test_a_dead_process_is_named_with_what_it_was_doing(tmp_path, tiny_model_dir
         assert record.group(1) == ", raised RuntimeError: planted failure in the loss", out[-4000:]
         assert "Process 1 stopped on an error of its own (above); its traceback is in its log." in out, out[-4000:]
         # process 1's own traceback names it and what it was doing
-        assert "(process 1 of 2 raised this while computing the loss on micro-batch 1 of 2 at step 2;" in out
+        assert "(process 1 of 2 raised this while computing the loss on micro-batch 1 of 2 at step 2)" in out
     else:
         assert record.group(1) == "", out[-4000:]
         assert "Process 1 died: its connection closed without an error of its own" in out, out[-4000:]

@@ -191,7 +191,7 @@ def failed(exc: BaseException) -> None:
     if hasattr(exc, "add_note"):  # Python >= 3.11
         exc.add_note(
             f"(process {dist.get_rank()} of {dist.get_world_size()} raised this while {_last['what']} at step "
-            f"{_last['step']}; the other processes stop at their next collective call)"
+            f"{_last['step']})"
         )
 
 
