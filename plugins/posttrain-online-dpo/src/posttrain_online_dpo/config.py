@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.generation import OnlineConfig
+from posttrain.rewards import reward_config_problems
 
 from posttrain_online_dpo.loss import LOSSES
 
@@ -77,11 +78,5 @@ class OnlineDPOConfig(OnlineConfig):
                 "importance_sampling_correction is not supported by online-dpo: the DPO loss does not weight "
                 "samples by the policy that drew them (TRL neither); set it to null or false"
             )
-        if self.reward_weights is not None and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
-            found.append(
-                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
-                f"{len(self.reward_funcs)} functions ({', '.join(self.reward_funcs)}); give one weight each"
-            )
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            found.append(f"reward_funcs names a function twice: {self.reward_funcs}; use reward_weights to weight it")
+        found += reward_config_problems(self.reward_funcs, self.reward_weights)
         return found

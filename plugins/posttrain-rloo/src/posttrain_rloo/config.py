@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.generation import OnlineConfig
+from posttrain.rewards import reward_config_problems
 
 
 @dataclass
@@ -73,11 +74,5 @@ class RLOOConfig(OnlineConfig):
             len(self.reward_clip_range) != 2 or self.reward_clip_range[0] > self.reward_clip_range[1]
         ):
             found.append(f"reward_clip_range must be [low, high] with low <= high, got {self.reward_clip_range}")
-        if self.reward_weights is not None and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
-            found.append(
-                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
-                f"{len(self.reward_funcs)} functions ({', '.join(self.reward_funcs)}); give one weight each"
-            )
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            found.append(f"reward_funcs names a function twice: {self.reward_funcs}; use reward_weights to weight it")
+        found += reward_config_problems(self.reward_funcs, self.reward_weights)
         return found
