@@ -138,6 +138,8 @@ def train(
         if run.accelerator.num_processes > 1 and dist.is_collective_failure(exc):
             error = dist.explain(exc, run.config.ddp_timeout)  # which process stopped, and what it was doing
             raise error from exc
+        if run.accelerator.num_processes > 1 and not isinstance(exc, KeyboardInterrupt):
+            dist.failed(exc)  # the processes left waiting for this one name it and its error
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, without saving
             run.accelerator.print(f"stopped at step {run.step} without saving. {_run_guard.advice(run.output_dir)}")
         raise
@@ -555,7 +557,7 @@ def _apply_gradients(run: _Run, total_n: float) -> None:
         max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         run.optimizer.step()
-        run.window.grad_norms.append(tracking.scalar(grad_norm) if grad_norm is not None else float("nan"))
+        run.window.grad_norms.append(tracking.deferred(grad_norm) if grad_norm is not None else float("nan"))
     else:
         accelerator.print(
             f"step {run.step + 1}: no loss items in the batch (e.g. every completion truncated); skipping the update"
@@ -628,6 +630,13 @@ def _stop_on_signals(run: _Run):
             previous[sig] = signal.signal(sig, request_stop)
     try:
         yield
+    except BaseException as exc:
+        if signal.SIGTERM in previous and run.accelerator.num_processes > 1 and dist.is_collective_failure(exc):
+            # a peer died: the launcher sends this process SIGTERM as soon as it sees that, which would end it
+            # before it reports which process failed. It is ending anyway, once the report is out (or by the
+            # launcher's SIGKILL after its grace period).
+            previous[signal.SIGTERM] = signal.SIG_IGN
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
