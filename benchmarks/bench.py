@@ -357,13 +357,6 @@ def run_trl(spec: dict, shapes: dict) -> None:
     elif method_name == "dpo":
         args = trl.DPOConfig(**common, max_length=None, precompute_ref_log_probs=precompute)
         trainer = trl.DPOTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
-        if spec["runner"] == "trl-grouped":  # its rows have no input_ids: the sampler reads a `length` column
-            rows = trainer.train_dataset
-            width = [
-                len(p) + max(len(c), len(r))
-                for p, c, r in zip(*(rows[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")))
-            ]
-            trainer.train_dataset = rows.add_column("length", width)
     elif method_name == "reward":
         args = trl.RewardConfig(**common, max_length=None)
         trainer = trl.RewardTrainer(model=spec["model"], args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -856,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--group-by-length",
         action="store_true",
-        help="realistic SFT and DPO also run posttrain and TRL with length-grouped sampling (-grouped runners)",
+        help="realistic SFT (posttrain and TRL) and DPO (posttrain) also run with length-grouped sampling (-grouped)",
     )
     p.add_argument("--warmup", default="tiny=3,small=3,real32k=1", help="optimizer steps not timed, per size")
     p.add_argument("--steps", default="tiny=15,small=6,real32k=5", help="timed optimizer steps per run, per size")
@@ -943,7 +936,9 @@ def main(argv: list[str] | None = None) -> int:
                 if is_realistic(size) and method == "sft" and args.best:  # best documented settings, both sides
                     cell_runners += [f"{r}-padding-free" for r in ("posttrain", "trl") if r in runners]
                 if is_realistic(size) and method in ("sft", "dpo") and args.group_by_length:
-                    cell_runners += [f"{r}-grouped" for r in ("posttrain", "trl") if r in runners]
+                    # TRL's DPOTrainer cannot: its tokenized rows have no input_ids, which the sampler needs
+                    grouped = ("posttrain", "trl") if method == "sft" else ("posttrain",)
+                    cell_runners += [f"{r}-grouped" for r in grouped if r in runners]
                 cell_runners = [r for r in cell_runners if r != "posttrain-compile" or method == "sft"]
                 if method == "grpo-async":
                     cell_runners = list(ASYNC_RUNNERS)
