@@ -70,6 +70,8 @@ WORKLOADS = {
 #: (Qwen2.5-0.5B: 136M of 494M parameters are the head). Lengths are in tokens; "median"/"sigma" are the log-normal's.
 REALISTIC_SIZES = {
     "real32k": {"hidden_size": 256, "num_layers": 2, "num_heads": 4, "intermediate_size": 688, "vocab_size": 32000},
+    # the GPU workload (--device cuda): a few hundred million parameters, the same 32k vocabulary and length shapes
+    "gpu350m": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 2816, "vocab_size": 32000},
 }
 SIZES.update(REALISTIC_SIZES)
 WORKLOADS["real32k"] = {
@@ -80,6 +82,15 @@ WORKLOADS["real32k"] = {
     # prompts of 16..512 tokens (median 64), 4 completions of exactly 128 tokens each
     "grpo": {"batch": 2, "generations": 4, "accum": 1, "prompt": (64, 1.0, 16, 512), "completion": 128},
 }
+#: The GPU workloads: the real32k row shapes, batches large enough to keep an H100-class GPU busy.
+WORKLOADS["gpu350m"] = {
+    "sft": {"batch": 8, "accum": 2, "max_length": 2048, "text": (128, 1.0, 16, 2048)},
+    "dpo": {"batch": 8, "accum": 1, "prompt": (64, 1.0, 16, 1024), "completion": (64, 1.0, 16, 1024)},
+    "grpo": {"batch": 4, "generations": 8, "accum": 1, "prompt": (64, 1.0, 16, 512), "completion": 128},
+    "grpo-async": {"batch": 4, "generations": 8, "accum": 1, "prompt": (64, 1.0, 16, 512), "completion": 128},
+}
+#: Dense bf16 peak of the GPU the MFU column divides by (H100/H200 SXM datasheet: 989 TFLOP/s).
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 LEARNING_RATE, MAX_GRAD_NORM, LOGGING_STEPS, SEED = 1e-5, 1.0, 5, 0
 #: grpo-async compares these two runners only: TRL's asynchronous GRPO needs a vLLM server, the bare loop has none.
 ASYNC_RUNNERS = ("posttrain", "posttrain-async")
@@ -187,6 +198,7 @@ class Probe:
     """Timestamps of every optimizer step (any framework: a global torch.optim post-step hook) and peak RSS."""
 
     def __init__(self) -> None:
+        import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.perf: list[float] = []
@@ -195,11 +207,18 @@ class Probe:
         self.faults: list[int] = []
         self.sys: list[float] = []
         self.rss_kb = 0
+        self.gpu_peak_bytes = 0
+        self.cuda = os.environ.get("POSTTRAIN_BENCH_DEVICE") == "cuda" and torch.cuda.is_available()
         register_optimizer_step_post_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
         import resource
 
+        if self.cuda:  # kernels run asynchronously: a step ends when the GPU has finished it
+            import torch
+
+            torch.cuda.synchronize()
+            self.gpu_peak_bytes = max(self.gpu_peak_bytes, torch.cuda.max_memory_allocated())
         self.perf.append(time.perf_counter())
         self.cpu.append(time.process_time())  # all threads of this process: robust to other load on the machine
         self.wall.append(time.time())
@@ -230,6 +249,7 @@ def worker(spec: dict) -> None:
         "faults": probe.faults,
         "sys": probe.sys,
         "peak_rss_mb": probe.rss_kb / 1024,
+        "peak_gpu_mb": probe.gpu_peak_bytes / 2**20,
         "final_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "logged_means": shapes.pop("logged_means", {}),
         "first_collate": shapes.pop("_first_collate", None),
@@ -270,6 +290,7 @@ def run_posttrain(spec: dict, shapes: dict) -> None:
         "torch_compile": spec["runner"] == "posttrain-compile",
         "gradient_checkpointing": spec["gradient_checkpointing"],
         "group_by_length": spec["runner"] == "posttrain-grouped",
+        "bf16": spec.get("device") == "cuda",  # autocast to bf16 over float32 weights, as TRL's bf16: true
     }
     rewards = None
     if method_name == "sft":
@@ -333,13 +354,14 @@ def run_trl(spec: dict, shapes: dict) -> None:
         "logging_steps": LOGGING_STEPS,
         "save_strategy": "no",
         "report_to": "none",
-        "use_cpu": True,
+        "use_cpu": spec.get("device", "cpu") == "cpu" or not torch.cuda.is_available(),
         "disable_tqdm": True,
         "seed": SEED,
         "model_init_kwargs": {"dtype": torch.float32},
         "gradient_checkpointing": spec["gradient_checkpointing"],  # TRL's default is true; posttrain's false
         "optim": "adamw_torch_fused",  # TRL's default, stated: posttrain uses the fused AdamW kernel too
-        "bf16": False,  # TRL defaults to bf16 autocast, also on CPU; the benchmark is fp32 throughout
+        # TRL defaults to bf16 autocast, also on CPU; the CPU benchmark is fp32 throughout, the GPU one bf16 autocast
+        "bf16": spec.get("device") == "cuda",
         "fp16": False,
     }
     if spec["runner"] == "trl-grouped":  # transformers' LengthGroupedSampler
@@ -638,8 +660,10 @@ def _bare_grpo_micro_step(model, tok, prompts, w: dict, shapes: dict) -> None:
 # -- orchestration ------------------------------------------------------------------------------------------------
 
 
-def run_one(spec: dict, threads: int, tmp: Path) -> dict:
-    """One worker subprocess; returns its measurements plus load average, wall time and start-up time."""
+def run_one(spec: dict, threads: int, tmp: Path, timeout: float | None = None) -> dict:
+    """One worker subprocess; returns its measurements plus load average, wall time and start-up time.
+
+    ``timeout`` (seconds) stops a run that hangs; it counts as a failed run, so the rest of the report is kept."""
     run_dir = Path(tempfile.mkdtemp(dir=tmp))
     spec = {**spec, "output_dir": str(run_dir / "out"), "result": str(run_dir / "result.json")}
     env = {
@@ -653,15 +677,27 @@ def run_one(spec: dict, threads: int, tmp: Path) -> dict:
         "CI": "1",  # no TRL usage ping
         "POSTTRAIN_EXPERIMENTAL_SILENCE": "1",
         "PYTHONWARNINGS": "ignore",
+        "POSTTRAIN_BENCH_DEVICE": spec.get("device", "cpu"),
     }
     load = os.getloadavg()[0]
     t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "worker", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "worker", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as expired:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        text = [
+            x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr)
+        ]
+        tail = text[0][-1500:] + text[1][-1500:]
+        raise RuntimeError(
+            f"{spec['runner']} {spec['method']} ({spec['size']}) timed out after {timeout} s:\n{tail}"
+        ) from None
     wall = time.time() - t0
     if proc.returncode != 0 or not Path(spec["result"]).is_file():
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -706,6 +742,7 @@ def summarise(runs: list[dict]) -> dict:
         "per_run_mean_step_cpu_s": [statistics.fmean(r["step_cpu_times"]) for r in runs],
         "mean_step_cpu_s": statistics.fmean(cpu),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "peak_gpu_mb": statistics.median(r.get("peak_gpu_mb", 0.0) for r in runs),
         "time_to_first_step_s": statistics.median(r["time_to_first_step"] for r in runs),
         "cpu_to_first_step_s": statistics.median(r["cpu_to_first_step"] for r in runs),
         "per_run_all_steps_mean_cpu_s": [r.get("all_steps_mean_cpu_s") for r in runs],
@@ -828,6 +865,7 @@ def build_model(size: str, root: Path) -> str:
     kv = config.num_key_value_heads * h // config.num_attention_heads
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
     SIZES[size]["params"] = layers * per_layer + 2 * vocab * h + h
+    SIZES[size]["vocab_size"] = vocab
     return str(path)
 
 
@@ -851,20 +889,34 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="realistic SFT (posttrain and TRL) and DPO (posttrain) also run with length-grouped sampling (-grouped)",
     )
-    p.add_argument("--warmup", default="tiny=3,small=3,real32k=1", help="optimizer steps not timed, per size")
-    p.add_argument("--steps", default="tiny=15,small=6,real32k=5", help="timed optimizer steps per run, per size")
+    p.add_argument("--warmup", default="tiny=3,small=3,real32k=1,gpu350m=2", help="optimizer steps not timed, per size")
     p.add_argument(
-        "--repeats", default="tiny=3,small=2,real32k=2", help="rounds: runs per (size, method, runner), interleaved"
+        "--steps", default="tiny=15,small=6,real32k=5,gpu350m=8", help="timed optimizer steps per run, per size"
+    )
+    p.add_argument(
+        "--repeats",
+        default="tiny=3,small=2,real32k=2,gpu350m=1",
+        help="rounds: runs per (size, method, runner), interleaved",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: bf16 autocast on the GPU, posttrain and TRL only (the bare loops are CPU code); "
+        "use with --sizes gpu350m",
     )
     p.add_argument(
         "--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (1: steadiest on a shared machine)"
     )
     p.add_argument("--startup-repeats", type=int, default=7)
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds after which one run counts as failed")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the result file names")
     args = p.parse_args(argv)
     sizes, methods = args.sizes.split(","), args.methods.split(",")
     runners = args.runners.split(",")
+    if args.device == "cuda":
+        runners = [r for r in runners if r != "bare"]
     steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(","))}
     warmup = {k: int(v) for k, v in (kv.split("=") for kv in args.warmup.split(","))}
     repeats = {k: int(v) for k, v in (kv.split("=") for kv in args.repeats.split(","))}
@@ -905,8 +957,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": warmup,
             "steps": steps,
             "repeats": repeats,
-            "dtype": "float32",
-            "device": "cpu",
+            "dtype": "float32" if args.device == "cpu" else "bf16 autocast over float32 weights",
+            "device": args.device,
             "learning_rate": LEARNING_RATE,
             "logging_steps": LOGGING_STEPS,
             "gradient_checkpointing": args.gradient_checkpointing,
@@ -956,9 +1008,10 @@ def main(argv: list[str] | None = None) -> int:
                             "steps": total,
                             "warmup": warmup[size],
                             "gradient_checkpointing": args.gradient_checkpointing,
+                            "device": args.device,
                         }
                         try:
-                            r = run_one(spec, args.threads, tmp)
+                            r = run_one(spec, args.threads, tmp, args.run_timeout)
                         except RuntimeError as error:  # one broken runner does not lose the rest of the report
                             print(error, flush=True)
                             report.setdefault("failures", []).append(str(error)[-2000:])
@@ -1227,13 +1280,98 @@ def async_markdown(report: dict) -> list[str]:
     return lines
 
 
+def training_flops_per_token(size: str) -> float:
+    """6 x the parameters a token passes through (every matrix but the input embedding, the LM head included):
+    the forward and backward of training, without attention's own length-dependent term."""
+    s = SIZES[size]
+    return 6 * (s["params"] - s["vocab_size"] * s["hidden_size"])
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def gpu_markdown(report: dict) -> str:
+    """The GPU tables: wall-clock step time, tokens/s, training MFU and peak GPU memory, posttrain beside TRL."""
+    m, v, s = report["machine"], report["versions"], report["settings"]
+    peak = gpu_peak_flops(m["accelerator"])
+    models = ", ".join(
+        f"{k} = Llama {x['num_layers']} layers x {x['hidden_size']}, vocabulary {x.get('vocab_size', 'chars')} "
+        f"({x['params'] / 1e6:.0f}M params)"
+        for k, x in report["sizes"].items()
+    )
+    lines = [
+        f"# posttrain vs TRL {v['trl']} on {m['accelerator']} ({report['date'][:10]})",
+        "",
+        f"- Machine: {m['accelerator']}, {m['cpu_count']} CPU cores ({m['platform']}).",
+        f"- torch {v['torch']}, transformers {v['transformers']}, TRL {v['trl']}, posttrain {v['posttrain']}, "
+        f"Python {v['python']}; {s['dtype']} on both sides, fused AdamW, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'} on both sides, HF generation (no vLLM) for GRPO.",
+        f"- Model built from LlamaConfig: {models}; a word-level 32k tokenizer built locally; rows of heavy-tailed "
+        "length (log-normal, 16-2048 tokens), as the real32k CPU workload.",
+        f"- Per cell: {s['repeats']} run(s) per framework, each in its own process; {s['warmup']} warm-up optimizer "
+        f"steps, then {s['steps']} timed steps; mean wall-clock step time (the GPU is synchronised at every step).",
+        "- Tokens/s counts real (unpadded) tokens of the step, prompts included. MFU = tokens/s x 6 x the parameters "
+        "outside the input embedding (training forward + backward; no attention term, and for DPO and GRPO no "
+        "reference or generation FLOPs) / the GPU's dense bf16 peak "
+        f"({'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown for this GPU'}).",
+        "- Peak GPU memory = `torch.cuda.max_memory_allocated` up to the last optimizer step.",
+        f"- Whole benchmark: {report['total_wall_s'] / 60:.1f} min.",
+        "",
+        "| method | workload (tokens/step) | runner | step (mean) | tokens/s | MFU | peak GPU memory | first step |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    ratio_lines = []
+    for size, methods in report["results"].items():
+        for method, cell in methods.items():
+            shape = ", ".join(
+                f"{k} {x}" for k, x in cell["workload"].items() if k not in ("longest", "tokens_per_step")
+            )
+            for runner, st in cell["runners"].items():
+                tokens_per_s = cell["tokens_per_step"] / st["mean_step_s"]
+                mfu = tokens_per_s * training_flops_per_token(size) / peak if peak else None
+                lines.append(
+                    f"| {method} | {shape} ({cell['tokens_per_step']}) | {runner} | {st['mean_step_s'] * 1e3:.0f} ms "
+                    f"| {tokens_per_s:,.0f} | {f'{mfu:.1%}' if mfu is not None else ''} "
+                    f"| {st['peak_gpu_mb'] / 1024:.2f} GiB | {st['time_to_first_step_s']:.1f} s |"
+                )
+            runners = cell["runners"]
+            for ours, other in (("posttrain", "trl"), ("posttrain-padding-free", "trl-padding-free")):
+                if ours in runners and other in runners:
+                    a, b = runners[ours], runners[other]
+                    memory = a["peak_gpu_mb"] / b["peak_gpu_mb"] if b["peak_gpu_mb"] else None
+                    ratio_lines.append(
+                        f"| {method} | {ours} / {other} | **{a['mean_step_s'] / b['mean_step_s']:.2f}** | "
+                        f"{_f(memory)} | {a['time_to_first_step_s'] / b['time_to_first_step_s']:.2f} |"
+                    )
+            if method == "grpo-async" and "async" in cell:
+                a = cell["async"]
+                ratio_lines.append(
+                    f"| grpo-async | posttrain-async / posttrain (throughput, higher is better) | "
+                    f"**{a['throughput']:.2f}** | | |"
+                )
+    lines += [
+        "",
+        "## Ratios (below 1: posttrain is faster or smaller)",
+        "",
+        "| method | ratio | step time | peak GPU memory | time to first step |",
+        "|---|---|---:|---:|---:|",
+        *ratio_lines,
+    ]
+    if report.get("failures"):
+        lines += ["", "## Failed runs", "", *[f"- `{f.splitlines()[0]}`" for f in report["failures"]]]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def write_report(report: dict, out: Path, tag: str, quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{report['date'][:10]}{f'-{tag}' if tag else ''}"
-    text = markdown(report)
+    device = report["settings"].get("device", "cpu")
+    stem = f"{'cpu' if device == 'cpu' else 'gpu'}-{report['date'][:10]}{f'-{tag}' if tag else ''}"
+    text = markdown(report) if device == "cpu" else gpu_markdown(report)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(text)
-    if not tag:
+    if not tag and device == "cpu":  # latest.* holds the CPU tables; GPU results keep their own file
         (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "latest.md").write_text(text)
     if not quiet:

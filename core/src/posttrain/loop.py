@@ -582,9 +582,8 @@ def _optimizer_step(run: _Run) -> None:
         run.rollout_cache.clear()  # the group is done: the next step rolls out new data
     dist.doing("summing the step's item counts over processes", run.step + 1)
     # one collective for the item count, the finiteness check and a stop request (any process may see a signal)
-    flags = torch.stack(
-        [step_n, (~torch.isfinite(step_loss)).double(), torch.tensor(float(run.stop_requested is not None)).double()]
-    ).to(accelerator.device)
+    stop_here = torch.tensor(float(run.stop_requested is not None), dtype=torch.float64, device=accelerator.device)
+    flags = torch.stack([step_n, (~torch.isfinite(step_loss)).double(), stop_here])
     total_n, non_finite, stop = accelerator.reduce(flags, reduction="sum").tolist()
     if non_finite:
         here = (
