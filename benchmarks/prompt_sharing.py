@@ -1,13 +1,14 @@
 """DPO prompt sharing on CPU: is one prompt forward + two continuations over its cache faster than the usual
 concatenated (2B, P + C) batch, on the realistic DPO workload? And is it exact?
 
-Both paths are posttrain-dpo's own functions on the same collated batches, and both apply the LM head in chunks to
+Both paths run on posttrain-dpo's collated batches, and both apply the LM head in chunks to
 the scored positions only (``posttrain.ops.head_logps``):
 
 - ``concatenated``: one forward of the right-padded (2B, max(P + C)) batch (``posttrain_dpo.method.completion_logps``,
   the default).
 - ``shared``: one forward of the B left-padded prompts with ``use_cache=True``, then one forward of the 2B
-  right-padded continuations over the prompts' keys and values (``shared_prompt_logps``, ``share_prompt: true``).
+  right-padded continuations over the prompts' keys and values (:func:`shared_prompt_logps` below; measured, not
+  shipped: it was not faster, see docs/benchmarks.md).
 
 Per micro-batch: the policy's forward + backward of the summed log-probs, and a reference forward without gradient
 (DPO's step). Model and lengths of ``bench.py``'s real32k DPO workload (Llama 2 x 256, 32k vocabulary; prompts
@@ -40,10 +41,69 @@ def concatenated_logps(model, batch):
     return completion_logps(model, batch)[0]
 
 
-def shared_logps(model, batch):
-    """(2B,) summed completion log-probs, each prompt once (posttrain-dpo's ``share_prompt``)."""
-    from posttrain_dpo.method import shared_prompt_logps
+def shared_prompt_logps(model, batch: dict):
+    """``posttrain_dpo.method.completion_logps`` with each prompt computed once: the same three (2B,) values.
 
+    One forward over the B left-padded prompts with ``use_cache=True`` gives their keys and values and the logits
+    of their last token (which score the first completion token); chosen and rejected then run as one (2B, C)
+    batch of continuations over the cache (repeated for both sides; the gradient flows through it into the prompt
+    forward), positions continuing each prompt, the prompt's padding masked out, and the head applied in chunks to
+    the scored positions only. The attention of a completion token sees exactly the keys it sees in the
+    concatenated batch, so the result is the same function: log-probs and gradients equal the concatenated path's
+    to float32 rounding (float64 with a float64 RMSNorm: 1e-15 relative, :func:`exactness`).
+    """
+    import torch
+    from posttrain.ops import head_logps, hidden_states
+    from transformers.cache_utils import DynamicCache
+
+    # every completion has >= 1 token (EOS is appended and prompts reaching max_length are refused in prepare)
+    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]  # (2B, T)
+    pairs, device = ids.size(0) // 2, ids.device
+    prompt_len = (completion.cumsum(-1) == 0).sum(-1)  # (2B,) tokens before the first completion token
+    seq_len = attention.sum(-1)  # (2B,)
+    width = int(prompt_len[:pairs].max())
+    prompt_ids = torch.zeros((pairs, width), dtype=ids.dtype, device=device)  # (B, P), left-padded
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for j in range(pairs):
+        n = int(prompt_len[j])
+        prompt_ids[j, width - n :], prompt_mask[j, width - n :] = ids[j, :n], 1
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    last = out.logits[:, -1]  # (B, V): each prompt's last token, at least float32 (mixed precision) for the softmax
+    last = last.to(torch.promote_types(last.dtype, torch.float32)).repeat(2, 1)  # (2B, V), for chosen and rejected
+    c_width = int((seq_len - prompt_len).max())
+    c_ids = torch.zeros((2 * pairs, c_width), dtype=ids.dtype, device=device)  # (2B, C), right-padded
+    c_mask = torch.zeros_like(c_ids)
+    for i in range(2 * pairs):
+        start, end = int(prompt_len[i]), int(seq_len[i])
+        c_ids[i, : end - start], c_mask[i, : end - start] = ids[i, start:end], 1
+    cache = DynamicCache(
+        [(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1)) for layer in out.cache.layers]
+    )
+    hidden, head = hidden_states(
+        model,
+        input_ids=c_ids,
+        attention_mask=torch.cat([prompt_mask.repeat(2, 1), c_mask], 1),  # (2B, P + C)
+        position_ids=prompt_len[:, None] + torch.arange(c_width, device=device)[None],
+        cache=cache,
+    )  # (2B, C, H)
+    first = last.log_softmax(-1).gather(1, c_ids[:, :1]).squeeze(1)  # (2B,) the first completion token
+    scored = c_mask[:, 1:].bool()  # (2B, C - 1): position k predicts token k + 1
+    rows = scored.nonzero(as_tuple=True)[0]
+    rest = head_logps(hidden[:, :-1][scored], head, c_ids[:, 1:][scored], mean_logit=True)
+    logps = first.to(rest.logps.dtype).index_add(0, rows, rest.logps)
+    lengths = c_mask.sum(-1)
+    logit_sums = last.mean(-1).detach().float().index_add(0, rows, rest.mean_logit.float())
+    return logps, lengths, logit_sums
+
+
+def shared_logps(model, batch):
+    """(2B,) summed completion log-probs, each prompt once."""
     return shared_prompt_logps(model, batch)[0]
 
 

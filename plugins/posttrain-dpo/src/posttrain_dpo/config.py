@@ -28,9 +28,6 @@ class DPOConfig(TrainingConfig):
     max_length: int | None = 1024  # tokens kept of prompt+completion; the end of the completion is cut
     max_prompt_length: int | None = None  # tokens kept of the prompt; its start is cut. None keeps all
     disable_dropout: bool = True  # zero every dropout in the policy (and the reference), as TRL does
-    # one forward over each prompt (key/value cache), then chosen and rejected continue from it: exact, ~7% faster
-    # per micro-batch on CPU (docs: performance); one process, text rows, models with a standard KV cache
-    share_prompt: bool = False
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from posttrain import LossOutput, Metric, PosttrainError, RowProblem, TrainContext
 from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model
-from posttrain.ops import head_logps, hidden_states, sequence_logps
+from posttrain.ops import sequence_logps
 from posttrain.vision import model_inputs
 
 from posttrain_dpo.config import DPOConfig
@@ -27,70 +27,6 @@ def completion_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tenso
         model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **model_inputs(batch)
     )
     return logps, lengths, mean_logits * lengths
-
-
-def shared_prompt_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`completion_logps` with each prompt computed once (``share_prompt``): the same three (2B,) values.
-
-    One forward over the B left-padded prompts with ``use_cache=True`` gives their keys and values and the logits
-    of their last token (which score the first completion token); chosen and rejected then run as one (2B, C)
-    batch of continuations over the cache (repeated for both sides; the gradient flows through it into the prompt
-    forward), positions continuing each prompt, the prompt's padding masked out, and the head applied in chunks to
-    the scored positions only. The attention of a completion token sees exactly the keys it sees in the
-    concatenated batch, so the result is the same function: log-probs and gradients equal the concatenated path's
-    to float32 rounding (float64: 1e-15 relative, ``benchmarks/prompt_sharing.py``).
-    """
-    from transformers.cache_utils import DynamicCache
-
-    if "vision_inputs" in batch:
-        raise PosttrainError(
-            "posttrain-dpo: share_prompt does not support rows with images (the prompt forward would need the pixel "
-            "inputs of both sides); set share_prompt: false"
-        )
-    # every completion has >= 1 token (EOS is appended and prompts reaching max_length are refused in prepare)
-    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]  # (2B, T)
-    pairs, device = ids.size(0) // 2, ids.device
-    prompt_len = (completion.cumsum(-1) == 0).sum(-1)  # (2B,) tokens before the first completion token
-    seq_len = attention.sum(-1)  # (2B,)
-    width = int(prompt_len[:pairs].max())
-    prompt_ids = torch.zeros((pairs, width), dtype=ids.dtype, device=device)  # (B, P), left-padded
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for j in range(pairs):
-        n = int(prompt_len[j])
-        prompt_ids[j, width - n :], prompt_mask[j, width - n :] = ids[j, :n], 1
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    last = out.logits[:, -1]  # (B, V): each prompt's last token, at least float32 (mixed precision) for the softmax
-    last = last.to(torch.promote_types(last.dtype, torch.float32)).repeat(2, 1)  # (2B, V), for chosen and rejected
-    c_width = int((seq_len - prompt_len).max())
-    c_ids = torch.zeros((2 * pairs, c_width), dtype=ids.dtype, device=device)  # (2B, C), right-padded
-    c_mask = torch.zeros_like(c_ids)
-    for i in range(2 * pairs):
-        start, end = int(prompt_len[i]), int(seq_len[i])
-        c_ids[i, : end - start], c_mask[i, : end - start] = ids[i, start:end], 1
-    cache = DynamicCache(
-        [(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1)) for layer in out.cache.layers]
-    )
-    hidden, head = hidden_states(
-        model,
-        input_ids=c_ids,
-        attention_mask=torch.cat([prompt_mask.repeat(2, 1), c_mask], 1),  # (2B, P + C)
-        position_ids=prompt_len[:, None] + torch.arange(c_width, device=device)[None],
-        cache=cache,
-    )  # (2B, C, H)
-    first = last.log_softmax(-1).gather(1, c_ids[:, :1]).squeeze(1)  # (2B,) the first completion token
-    scored = c_mask[:, 1:].bool()  # (2B, C - 1): position k predicts token k + 1
-    rows = scored.nonzero(as_tuple=True)[0]
-    rest = head_logps(hidden[:, :-1][scored], head, c_ids[:, 1:][scored], mean_logit=True)
-    logps = first.to(rest.logps.dtype).index_add(0, rows, rest.logps)
-    lengths = c_mask.sum(-1)
-    logit_sums = last.mean(-1).detach().float().index_add(0, rows, rest.mean_logit.float())
-    return logps, lengths, logit_sums
 
 
 def _per_pair(values: torch.Tensor) -> Metric:
@@ -120,12 +56,6 @@ class DPO:
     def setup(self, ctx: TrainContext[DPOConfig]) -> None:
         """Disable dropout and, unless the run needs none, build the frozen reference model."""
         config = ctx.config
-        if config.share_prompt and ctx.num_processes > 1:
-            raise PosttrainError(
-                "posttrain-dpo: share_prompt runs two forwards of the policy per micro-batch (the prompts, then the "
-                f"completions over their cache), which {ctx.num_processes} processes cannot synchronise; set "
-                "share_prompt: false for a multi-process run"
-            )
         if config.disable_dropout:
             disable_dropout(ctx.model)
         if not (config.reference_free or config.precompute_ref_log_probs):
@@ -176,8 +106,7 @@ class DPO:
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[DPOConfig]) -> LossOutput:
         config = ctx.config
-        logps_of = shared_prompt_logps if config.share_prompt else completion_logps
-        logps, lengths, logit_sums = logps_of(model, batch)  # (2B,) each
+        logps, lengths, logit_sums = completion_logps(model, batch)  # (2B,) each
         chosen_logps, rejected_logps = logps.chunk(2)  # batch is [chosen; rejected]
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         if "ref_chosen_logps" in batch:
@@ -191,7 +120,7 @@ class DPO:
                     "call setup before loss, or set reference_free or precompute_ref_log_probs."
                 )
             with reference_forward(model, self.ref_model) as ref:
-                ref_logps = logps_of(ref, batch)[0]
+                ref_logps = completion_logps(ref, batch)[0]
             ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
 
         per_pair = dpo_loss(
