@@ -29,6 +29,34 @@ def scalar(value: Any) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def deferred(value: Any) -> Any:
+    """What :func:`scalar` will return, without waiting for the device: a tensor stays a (detached, float32,
+    0-dim) tensor until :func:`settle` turns a whole window of them into floats with one transfer. Reading a
+    GPU tensor's value stalls the host until the GPU has caught up, so one read per metric per micro-batch
+    would keep the host from queueing the next micro-batch's work while the GPU runs this one."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if type(value) is not torch.Tensor:  # a DTensor (FSDP2's gradient norm) and other subclasses: read it now
+        return scalar(value)
+    return value.detach().float().mean()
+
+
+def settle(values: list) -> None:
+    """Replace the tensors in ``values`` (from :func:`deferred`) by their floats, in place, with one transfer
+    per device; the floats equal what :func:`scalar` gives for the same values."""
+    import torch
+
+    by_device: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for indices in by_device.values():
+        for i, x in zip(indices, torch.stack([values[i] for i in indices]).tolist()):
+            values[i] = x
+
+
 class LogWindow:
     """Loss, gradient norms and metrics since the last logged step, reduced exactly when logged.
 
@@ -59,8 +87,15 @@ class LogWindow:
             kind, values, denominators = self.metrics.setdefault(name, (metric.kind, [], []))
             if kind != metric.kind:
                 raise ValueError(f"metric {name!r} was reported as {kind!r} and as {metric.kind!r}; use one kind")
-            values.append(scalar(metric.value))
-            denominators.append(scalar(metric.denominator) if metric.kind == "ratio" else 1.0)
+            values.append(deferred(metric.value))
+            denominators.append(deferred(metric.denominator) if metric.kind == "ratio" else 1.0)
+
+    def _settle(self) -> None:
+        """The window's deferred values as floats (one device transfer), before anything reads them."""
+        settle(self.grad_norms)
+        for _, values, denominators in self.metrics.values():
+            settle(values)
+            settle(denominators)
 
     def add_step(self, loss_sum: Any, n_items: float) -> None:
         self.loss_sum += loss_sum
@@ -72,6 +107,7 @@ class LogWindow:
         loss_sum = float(self.accelerator.reduce(self.loss_sum, reduction="sum"))
         elapsed = time.perf_counter() - self.t0
         row: dict[str, Any] = {"loss": loss_sum / self.n if self.n else float("nan"), "learning_rate": learning_rate}
+        self._settle()
         if self.grad_norms:
             row["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         row.update(self.reduce_metrics())
@@ -85,6 +121,7 @@ class LogWindow:
         Collective: every process calls it (checkpoints are saved by all processes)."""
         import torch
 
+        self._settle()
         names = sorted(n for n, (kind, _, _) in self.metrics.items() if kind == "total")
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
@@ -105,6 +142,7 @@ class LogWindow:
         """Every metric of the window reduced over micro-batches and processes (one gather)."""
         import torch
 
+        self._settle()
         accelerator = self.accelerator
         names = set(self.metrics)
         if accelerator.num_processes > 1:  # a process may lack a metric (no rejected rows in its shard)

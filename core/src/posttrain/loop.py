@@ -643,7 +643,7 @@ def _apply_gradients(run: _Run, total_n: float) -> None:
         max_norm = run.config.max_grad_norm if run.config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(params, max_norm)
         run.optimizer.step()
-        run.window.grad_norms.append(tracking.scalar(grad_norm) if grad_norm is not None else float("nan"))
+        run.window.grad_norms.append(tracking.deferred(grad_norm) if grad_norm is not None else float("nan"))
     else:
         accelerator.print(
             f"step {run.step + 1}: no loss items in the batch (e.g. every completion truncated); skipping the update"
