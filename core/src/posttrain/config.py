@@ -64,7 +64,7 @@ class TrainingConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     seed: int = 42
-    # rows of similar length share a micro-batch (less padding); the step order stays random (see performance)
+    # rows of similar length share a micro-batch (less padding); steps stay in random order (docs: training loop)
     group_by_length: bool = False
     # -- model and precision
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # weights as loaded

@@ -464,7 +464,7 @@ def _step_rows(
 
 
 #: A mega-batch holds at most this many optimizer steps' rows (transformers' ``mega_batch_mult`` cap)
-MEGA_BATCH_STEPS = 50
+_MEGA_BATCH_STEPS = 50
 
 
 @functools.lru_cache(maxsize=2)  # the current epoch (and the one a look-ahead reaches): one sort per epoch
@@ -473,7 +473,7 @@ def _grouped_by_length(seed: int, lengths: tuple[int, ...], micro: int, accumula
 
     The mega-batch scheme of transformers' length-grouped sampler: the same random permutation as the plain
     order (so the same rows train in the epoch's ``steps`` steps), cut into mega-batches of up to
-    :data:`MEGA_BATCH_STEPS` optimizer steps (at most a quarter of the epoch, so grouping never fixes an
+    :data:`_MEGA_BATCH_STEPS` optimizer steps (at most a quarter of the epoch, so grouping never fixes an
     epoch's batches), each sorted by length, longest first, and cut into micro-batches of ``micro`` rows (all
     processes' rows of one micro-step, so any process count gets the same micro-batches). The micro-batches
     are then shuffled, so the order of lengths over steps stays random, and the one holding the longest row
@@ -482,7 +482,7 @@ def _grouped_by_length(seed: int, lengths: tuple[int, ...], micro: int, accumula
     generator = torch.Generator().manual_seed(seed)
     used = micro * accumulation * steps
     order = torch.randperm(len(lengths), generator=generator).tolist()[:used]
-    mega = micro * accumulation * max(1, min(MEGA_BATCH_STEPS, steps // 4))
+    mega = micro * accumulation * max(1, min(_MEGA_BATCH_STEPS, steps // 4))
     batches = []
     for begin in range(0, used, mega):
         ranked = sorted(order[begin : begin + mega], key=lambda i: -lengths[i])  # stable: ties keep the random order
