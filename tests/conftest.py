@@ -138,6 +138,8 @@ class ToyConfig(TrainingConfig):
     max_length: int = 64  # tokens per row
     nan_at_step: int = -1  # test hook: make the loss NaN at this step
     hang_at_step: int = -1  # test hook: process 1 hangs in the loss at this step
+    die_at_step: int = -1  # test hook: process 1 dies in the loss at this step (die_by: exit = os._exit(1), raise)
+    die_by: str = "exit"
 
 
 class Toy:
@@ -171,6 +173,11 @@ class Toy:
         if ctx.step == ctx.config.hang_at_step and ctx.accelerator.process_index == 1:
             import signal
             signal.pause()  # hangs until a signal (the launcher's SIGTERM once another process has failed)
+        if ctx.step == ctx.config.die_at_step and ctx.accelerator.process_index == 1:
+            if ctx.config.die_by == "raise":
+                raise RuntimeError("planted failure in the loss")
+            import os
+            os._exit(1)  # no exception, no cleanup: as a process killed by the OOM killer or a segfault
         return LossOutput(loss_sum, n, {"num_tokens": n.float()})
 """
 

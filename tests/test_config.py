@@ -57,6 +57,21 @@ def test_yaml_then_cli_override(tmp_path):
     assert config.report_to == ["tensorboard"] and config.loss_type == "hinge"
 
 
+@dataclass
+class ChoiceConfig(TrainingConfig):
+    padding_free: bool | Literal["auto"] = "auto"  # a switch with a third, named setting
+
+
+def test_a_value_no_alternative_of_a_union_takes_names_them_all_and_suggests():
+    assert build_config(ChoiceConfig, {"padding_free": "true"}, from_cli=True).padding_free is True
+    assert build_config(ChoiceConfig, {"padding_free": "auto"}, from_cli=True).padding_free == "auto"
+    with pytest.raises(ConfigError) as info:
+        build_config(ChoiceConfig, {"padding_free": "atuo"}, from_cli=True)
+    assert "padding_free: expected true or false, or one of 'auto', got 'atuo' (did you mean 'auto'?)" in str(
+        info.value
+    )
+
+
 def test_unknown_key_suggests_and_all_problems_reported():
     with pytest.raises(ConfigError) as info:
         build_config(DemoConfig, {"learning_rat": 1, "bta": 2, "max_steps": "many", "loss_type": "sigmod"})

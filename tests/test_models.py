@@ -113,3 +113,45 @@ def test_token_logps_matches_cross_entropy():
     tolerance = rounding_tolerance(expected.abs() + logits.abs().amax(-1), 12)
     assert ((token_logps(logits, labels) - expected).abs() <= tolerance).all()
     assert (token_logps(logits, labels)[0, :2] == 0).all()
+
+
+def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model_dir):
+    """auto: padded under sdpa and eager (a packed row's attention grows with the square of its length there), on
+    under flash_attention_2/3 when the model passes the packed-attention check; true checks, false does nothing."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert models.resolve_padding_free(model, False) is False
+    assert models.resolve_padding_free(model, True) is True  # the check passes under sdpa
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        assert models.resolve_padding_free(model, "auto") is False
+    # flash attention needs CUDA; the check runs the model, so keep sdpa's kernels under flash's name
+    model.config._attn_implementation = "sdpa"
+    original = model.config
+
+    class FlashNamed:
+        def __getattr__(self, name):
+            return "flash_attention_2" if name == "_attn_implementation" else getattr(original, name)
+
+    model.config = FlashNamed()
+    try:
+        assert models.resolve_padding_free(model, "auto") is True
+    finally:
+        model.config = original
+
+
+def test_padding_free_auto_warns_and_stays_padded_when_the_model_fails_the_check(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def leaky(model, option="packing/padding_free"):
+        raise ConfigError(f"{option} is true, but ... attend to each other")
+
+    monkeypatch.setattr(models, "check_packed_attention", leaky)
+    monkeypatch.setattr(models, "VARLEN_ATTENTION", (model.config._attn_implementation,))
+    with pytest.warns(UserWarning, match="padding_free is auto: keeping padded batches"):
+        assert models.resolve_padding_free(model, "auto") is False
+    with pytest.raises(ConfigError, match="padding_free is true"):
+        models.resolve_padding_free(model, True)

@@ -227,3 +227,116 @@ def test_a_head_that_returns_its_input_keeps_exact_gradients_with_entropy(temper
     reference = torch.log_softmax(logits / temperature, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
     (reference * (labels >= 0) * weights).sum().backward()
     torch.testing.assert_close(got, logits.grad, rtol=0, atol=1e-12)  # float64: the same operations up to rounding
+
+
+# -- padding-free rows -----------------------------------------------------------------------------------------
+
+
+def test_pack_sequences_restarts_positions_and_indexes_sequences():
+    packed = ops.pack_sequences([[5, 6, 7], [8], [9, 10]], loss_mask=[[0, 1, 1], [1], [0, 1]])
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert packed["sequence_ids"].tolist() == [[0, 0, 0, 1, 2, 2]]
+    assert packed["sequence_lengths"].tolist() == [3, 1, 2]
+    assert packed["loss_mask"].tolist() == [[0, 1, 1, 1, 0, 1]]
+    with pytest.raises(ValueError, match="sequence 1 of 2 is empty"):
+        ops.pack_sequences([[1], []])
+    with pytest.raises(ValueError, match="loss_mask of sequence 1"):
+        ops.pack_sequences([[1], [2, 3]], loss_mask=[[1], [1]])
+
+
+def test_unpad_keeps_real_tokens_of_left_and_right_padding():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 0]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    row = ops.unpad(ids, mask)
+    assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert row["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+    assert row["sequence_ids"].tolist() == [[0, 0, 1, 1, 1]]
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_grads_close(got, want, scale):
+    # each gradient entry is a sum over the batch's scored tokens of products out of the same forward; the two
+    # layouts add them in another order and run attention over other (masked) widths, so they agree to float32
+    # rounding of that sum: LOGPROB_ROUNDINGS per token, magnitude the summed log-probs plus ~1 per token
+    from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
+
+    for a, b in zip(got, want):
+        bound = rounding_tolerance(scale * (1.0 + float(b.abs().max())), LOGPROB_ROUNDINGS)
+        assert float((a - b).abs().max()) <= bound, (float((a - b).abs().max()), bound)
+
+
+def test_padding_free_sequence_logps_equal_the_padded_ones(tiny_model):
+    """``sequence_logps(padding_free=True)`` and ``packed_sequence_logps`` of pack_sequences' row equal the padded
+    batch's values and every parameter's gradient to float32 rounding; counts exactly."""
+    model, vocab = tiny_model
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 4, 6]
+    seqs = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
+    masks = [[0] * 2 + [1] * (n - 2) for n in lengths]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    attention, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)], attention[i, : len(s)], loss_mask[i, : len(s)] = torch.tensor(s), 1, torch.tensor(m)
+
+    logps, n, mean = ops.sequence_logps(model, ids, attention, loss_mask)
+    want = _grads(model, logps.sum())
+    free, n_free, mean_free = ops.sequence_logps(model, ids, attention, loss_mask, padding_free=True)
+    got_free = _grads(model, free.sum())
+    packed = ops.pack_sequences(seqs, loss_mask=masks)
+    args = (packed["input_ids"], packed["position_ids"], packed["sequence_ids"], packed["loss_mask"], 3)
+    pl, pn, pmean = ops.packed_sequence_logps(model, *args)
+    got_packed = _grads(model, pl.sum())
+
+    from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
+
+    # per sequence: a sum of <= 7 log-probs, each out of a forward pass (see _assert_grads_close)
+    bound = rounding_tolerance(float(logps.detach().abs().max()) + 7, LOGPROB_ROUNDINGS + 7)
+    for values, counts, means in ((free, n_free, mean_free), (pl, pn, pmean)):
+        assert counts.tolist() == n.tolist() == [n - 2 for n in lengths]
+        assert float((values - logps).abs().max()) <= bound
+        assert float((means - mean).abs().max()) <= bound
+    _assert_grads_close(got_free, want, float(logps.detach().abs().sum()) + sum(lengths))
+    _assert_grads_close(got_packed, want, float(logps.detach().abs().sum()) + sum(lengths))
+    # a bug that lets sequences see each other moves the values by more than the bound, even on this near-uniform
+    # random model (measured 24x the bound)
+    leaky = ops.sequence_logps(model, packed["input_ids"], torch.ones_like(packed["input_ids"]), packed["loss_mask"])
+    assert float((leaky[0].sum() - logps.sum()).abs()) > 10 * bound
+
+
+def test_padding_free_completion_logps_equal_the_padded_ones(tiny_model):
+    """Left-padded prompts and right-padded completions: the completion log-probs and entropies of the real tokens
+    equal the padded forward's; padded completion positions come back as 0."""
+    model, vocab = tiny_model
+    model.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, vocab, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding of a short prompt
+    mask[1, -2:] = 0  # a completion that ended early
+    completion_mask = mask[:, -4:]
+    logps, entropy = ops.completion_logps(model, ids, mask, 4, 0.8, True, completion_mask)
+    want = _grads(model, logps.sum())
+    free, free_entropy = ops.completion_logps(model, ids, mask, 4, 0.8, True, completion_mask, padding_free=True)
+    got = _grads(model, free.sum())
+    from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
+
+    bound = rounding_tolerance(float(logps.detach().abs().max()) + 1, LOGPROB_ROUNDINGS)
+    assert float((free - logps).abs().max()) <= bound
+    scored = completion_mask.bool()
+    assert float((free_entropy - entropy)[scored].abs().max()) <= bound
+    assert (free[~scored] == 0).all()
+    _assert_grads_close(got, want, float(logps.detach().abs().sum()) + 12)
+
+
+def test_token_stats_padding_free_refuses_other_per_token_inputs(tiny_model):
+    model, _ = tiny_model
+    ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="pixel_values"):
+        ops.token_stats(model, ids, padding_free=True, input_ids=ids, attention_mask=mask, pixel_values=ids)

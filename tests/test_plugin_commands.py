@@ -57,11 +57,25 @@ def test_command_that_fails_to_import_is_one_line_naming_the_package(fake_site, 
     assert main(["zz-broken"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "command 'zz-broken' from acme-broken 1.0.0 failed to import" in err and "nope" in err
+    assert "command 'zz-broken' from acme-broken 1.0.0 failed to import: it raised ModuleNotFoundError" in err
+    assert "No module named 'nope' (entry point zz-broken = acme_broken:hello in posttrain.commands)" in err
+    assert "posttrain install --force-reinstall acme-broken" in err
     assert "posttrain uninstall acme-broken" in err
     # the rest of the CLI is unaffected
     assert main(["list", "--kind", "command"]) == 0
     assert "zz-broken" in capsys.readouterr().out
+
+
+def test_command_that_exits_at_import_is_reported_like_any_plugin(fake_site, capsys):
+    """sys.exit at import is not the command's exit code: the command never ran, its package is broken."""
+    fake_site.add(
+        "acme-quit", commands={"zz-quit": "acme_quit:hello"}, module="acme_quit", code="import sys\nsys.exit(4)\n"
+    )
+    assert main(["zz-quit"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "command 'zz-quit' from acme-quit 1.0.0 failed to import: it called sys.exit(4)" in err
+    )
 
 
 def test_command_whose_module_is_missing_is_listed_broken(fake_site, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from posttrain import ConfigError, PluginError, TrainContext, hookimpl
 from posttrain.config import TrainingConfig
-from posttrain.rewards import RewardError, RewardSet, reward
+from posttrain.rewards import RewardError, RewardSet, reward, reward_config_problems
 
 
 def test_none_rewards_carry_no_weight():
@@ -111,8 +111,29 @@ def test_names_resolve_through_hooks_and_land_in_the_context(pm):
         RewardSet.resolve([], method="grpo")
     with pytest.raises(PluginError, match="nope"):
         RewardSet.resolve(["nope"])
-    with pytest.raises(ConfigError, match="2 values for 1 reward"):
+    with pytest.raises(ConfigError, match=r"reward_weights has 2 values for 1 reward function \(hooked\)"):
         RewardSet.resolve(["hooked"], [1.0, 2.0])
+    with pytest.raises(ConfigError, match="reward_funcs names 'hooked' twice"):  # before resolving: no PluginError
+        RewardSet.resolve(["hooked", "nope", "hooked"])
+
+
+def test_reward_config_problems_name_the_field_and_the_fix():
+    """One check for every online method's config and for RewardSet: the weights count, names listed twice."""
+    assert reward_config_problems(["a", "b"], None) == [] and reward_config_problems(["a", "b"], [1.0, 0.5]) == []
+    assert reward_config_problems([], [1.0, 2.0]) == []  # empty: the rewards given to posttrain.train, counted later
+    (count,) = reward_config_problems(["a", "b"], [1.0])
+    assert count == (
+        "reward_weights has 1 value for 2 reward functions (a, b); give one weight per reward_funcs entry, in the "
+        "same order, or leave reward_weights unset to weight each 1.0"
+    )
+    count, twice = reward_config_problems(["a", "b", "a", "c", "c", "c"], [1.0])
+    assert count.startswith("reward_weights has 1 value for 6 reward functions")
+    assert twice == (
+        "reward_funcs names 'a' twice, 'c' 3 times (a, b, a, c, c, c); list each reward function once and give "
+        "it a larger weight in reward_weights instead"
+    )
+    with pytest.raises(ConfigError, match=r"reward_weights has 1 value for 0 reward functions \(none\)"):
+        RewardSet([], [], [1.0])  # the names are final here, so weights for none are counted
 
 
 def test_metrics_use_trl_names():

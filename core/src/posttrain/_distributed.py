@@ -156,15 +156,43 @@ def _store() -> Any:
         return None
 
 
+_last: dict = {}  # this process's last record, for failed()
+
+
 def doing(what: str, step: int) -> None:
     """Record what this process is doing (one small write to the launcher's store); a no-op in one process."""
+    _record({"what": what, "step": step, "t": time.time()})
+
+
+def _record(record: dict) -> None:
     store = _store()
     if store is None:
         return
     import torch.distributed as dist
 
+    _last.clear()
+    _last.update(record)
     with contextlib.suppress(Exception):  # the record is advice: never let it fail a run
-        store.set(_PHASE_KEY.format(rank=dist.get_rank()), json.dumps({"what": what, "step": step, "t": time.time()}))
+        store.set(_PHASE_KEY.format(rank=dist.get_rank()), json.dumps(record))
+
+
+def failed(exc: BaseException) -> None:
+    """This process stops on an error of its own (not a failed collective): record the error with what the
+    process was doing, so the processes left waiting name it in their :class:`RankFailure`, and add a note
+    naming this process to the exception (its traceback then says which process and where, among N logs)."""
+    store = _store()
+    if store is None or not _last:
+        return
+    import torch.distributed as dist
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = type(exc).__name__ + (f": {text}" if text else "")
+    _record({**_last, "error": error, "t": time.time()})
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(
+            f"(process {dist.get_rank()} of {dist.get_world_size()} raised this while {_last['what']} at step "
+            f"{_last['step']})"
+        )
 
 
 def _board() -> dict[int, dict]:
@@ -195,8 +223,14 @@ def is_collective_failure(exc: BaseException) -> bool:
     )
 
 
+#: the backends' wording when a peer's connection ended (it exited or was killed), not a timeout
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused")
+
+
 def explain(exc: BaseException, timeout_s: float) -> RankFailure:
-    """Turn a failed collective into a message naming the process that stopped and what it was doing."""
+    """Turn a failed collective into a message naming the process that stopped and what it was doing: one
+    that raised (its error, recorded by :func:`failed`), one whose connection closed (it died without an error
+    of its own: killed, out of memory, a crash in native code) or one that stopped answering (hung)."""
     import torch.distributed as dist
 
     me = dist.get_rank() if dist.is_initialized() else 0
@@ -208,20 +242,38 @@ def explain(exc: BaseException, timeout_s: float) -> RankFailure:
         f"process {me} of {world} failed in a collective call while {mine.get('what', 'running')} at step "
         f"{mine.get('step', '?')}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
     ]
-    behind = []
+    behind, raised = [], []
     for rank in range(world):
         record = board.get(rank)
         if record is None:
             lines.append(f"  process {rank}: never reported (it died or hung during start-up)")
             behind.append(rank)
             continue
-        lines.append(f"  process {rank}: {record['what']} at step {record['step']} ({now - record['t']:.0f} s ago)")
-        if rank != me and (record["step"], record["what"]) != (mine.get("step"), mine.get("what")):
+        error = f", raised {record['error']}" if record.get("error") else ""
+        lines.append(
+            f"  process {rank}: {record['what']} at step {record['step']}{error} ({now - record['t']:.0f} s ago)"
+        )
+        if rank != me and record.get("error"):
+            raised.append(rank)
+        elif rank != me and (record["step"], record["what"]) != (mine.get("step"), mine.get("what")):
             behind.append(rank)
-    suspects = f"Process {', '.join(str(r) for r in behind)}" if behind else "Another process"
-    lines.append(
-        f"{suspects} stopped answering (it died, or took longer than ddp_timeout={timeout_s:g} s); its own "
-        "log above says why. If a step is legitimately slow (long generations, a slow disk), raise --ddp_timeout. "
-        "Resume from the newest checkpoint with --resume_from_checkpoint latest."
-    )
+    gone = any(marker in str(exc).lower() for marker in _PEER_GONE)
+    if raised:
+        ranks = ", ".join(map(str, raised))
+        lines.append(f"Process {ranks} stopped on an error of its own (above); its traceback is in its log.")
+    elif gone:
+        suspects = f"Process {', '.join(map(str, behind))}" if behind else "Another process"
+        lines.append(
+            f"{suspects} died: its connection closed without an error of its own, so something outside Python "
+            "ended it (out of memory, a signal, a crash in native code); its log and the launcher's summary say "
+            "more."
+        )
+    else:
+        suspects = f"Process {', '.join(map(str, behind))}" if behind else "Another process"
+        lines.append(
+            f"{suspects} stopped answering (it hung, or took longer than ddp_timeout={timeout_s:g} s); its own "
+            "log above says why. If a step is legitimately slow (long generations, a slow disk), raise "
+            "--ddp_timeout."
+        )
+    lines[-1] += " Resume from the newest checkpoint with --resume_from_checkpoint latest."
     return RankFailure("\n".join(lines))

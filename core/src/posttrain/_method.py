@@ -240,6 +240,9 @@ class Method(Protocol):
     - ``supports_images: bool``: the method trains on rows with images (``images``/``image`` columns) for a
       vision-language model; ``posttrain info`` shows it and the conformance kit adds its image checks.
       Without it, rows with images are refused before a model loads.
+    - ``supports_padding_free: bool``: the method's config has a ``padding_free`` field (true, false or "auto";
+      :func:`posttrain.models.resolve_padding_free`) and its loss runs a micro-batch as one padding-free row when
+      it is on; the conformance kit adds its padding-free checks.
 
     Example::
 
@@ -255,6 +258,7 @@ class Method(Protocol):
     .. versionchanged:: 1.0 optional members are declared and checked; ``batch_reuse`` and
        ``rows_per_batch`` added; ``check_rows`` returns :class:`RowProblem` values.
     .. versionchanged:: 1.0 optional attribute ``supports_images``.
+    .. versionchanged:: 1.0 optional attribute ``supports_padding_free``.
     """
 
     name: str
@@ -287,7 +291,7 @@ OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
 }
 REQUIRED_ATTRIBUTES = ("name", "config_class", "dataset_formats")
 #: Optional attributes and their types (checked by :func:`method_problems` when present).
-OPTIONAL_ATTRIBUTES: dict[str, type] = {"supports_images": bool}
+OPTIONAL_ATTRIBUTES: dict[str, type] = {"supports_images": bool, "supports_padding_free": bool}
 
 
 def _positional_arity(func: Any) -> tuple[int, int] | None:

@@ -91,8 +91,8 @@ _manager = None
 def plugin_manager(load_entry_points: bool = True):
     """The process-wide pluggy manager, with enabled ``posttrain.plugins`` modules registered.
 
-    A plugin module that fails to import is skipped with a warning (an error when
-    ``POSTTRAIN_STRICT_PLUGINS=1``), since the run did not ask for it by name.
+    A plugin module that fails to import or to register is reported (:func:`reported`) and skipped with a
+    warning, since the run did not ask for it by name; ``POSTTRAIN_STRICT_PLUGINS=1`` makes it an error.
     """
     global _manager
     if _manager is not None:
@@ -108,40 +108,62 @@ def plugin_manager(load_entry_points: bool = True):
             name = f"{entry.package}:{entry.name}"
             try:
                 if not entry.usable:
-                    raise PluginError(entry.reason)
-                with guarded(entry):
-                    pm.register(discovery.load(entry), name=name)
+                    raise PluginError(
+                        f"plugin {entry.name!r} from {entry.package} {entry.version} is {entry.status}: {entry.reason}."
+                    )
+                with reported(entry, "to import"):
+                    module = discovery.load(entry)
+                with reported(entry, "to register its hooks"):
+                    pm.register(module, name=name)
                     pm.check_pending()  # a misspelt hook name is this plugin's error, not the next one's
+                _entries[name] = entry
             except PluginError as exc:
                 if pm.get_plugin(name) is not None:
                     pm.unregister(name=name)
                 if os.environ.get("POSTTRAIN_STRICT_PLUGINS") == "1":
                     raise
-                warnings.warn(f"skipping plugin {entry.name!r} from {entry.package}: {exc}", stacklevel=2)
+                warnings.warn(
+                    f"{exc} Skipped: this run goes on without it (POSTTRAIN_STRICT_PLUGINS=1 makes this an error).",
+                    stacklevel=2,
+                )
     pm.check_pending()
     _manager = pm
     return pm
 
 
+#: pluggy's plugin name -> the entry point it was loaded from, so a failing hook names its package.
+_entries: dict[str, discovery.Entry] = {}
+
+
+def plugin_failure(entry: discovery.Entry, doing: str, exc: BaseException) -> PluginError:
+    """The one report of a plugin whose code failed: what (kind, name, distribution, version, entry point), the
+    exception's first line, and the fix (reinstall or uninstall; hide it meanwhile). ``doing`` completes
+    "failed ...": "to import", "to register its hooks", "in posttrain_add_callbacks"."""
+    if isinstance(exc, SystemExit):
+        what = f"called sys.exit({exc.code!r})"
+    else:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        what = f"raised {type(exc).__name__}" + (f": {text}" if text else "")
+    group = discovery.GROUPS.get(entry.kind, entry.kind)
+    return PluginError(
+        f"{entry.kind} {entry.name!r} from {entry.package} {entry.version} failed {doing}: it {what} (entry point "
+        f"{entry.name} = {entry.value} in {group}). This is a problem in {entry.package}, not in your run: "
+        f"reinstall it (`posttrain install --force-reinstall {entry.package}`) or remove it (`posttrain uninstall "
+        f"{entry.package}`); POSTTRAIN_DISABLE_PLUGINS={entry.package} hides it meanwhile. `posttrain doctor` "
+        "shows the traceback."
+    )
+
+
 @contextlib.contextmanager
-def guarded(entry: discovery.Entry):
-    """Any failure of a plugin's code while it is imported or checked (an exception, ``sys.exit``) becomes a
-    one-line :class:`PluginError` naming its package; only Ctrl-C passes through."""
+def reported(entry: discovery.Entry, doing: str = "to import"):
+    """Any failure of a plugin's code inside the block (an exception, a ``BaseException``, ``sys.exit``) becomes
+    the one-line :class:`PluginError` of :func:`plugin_failure`; only Ctrl-C and posttrain's own errors pass."""
     try:
         yield
-    except (KeyboardInterrupt, PluginError):
+    except (KeyboardInterrupt, PosttrainError):
         raise
     except BaseException as exc:
-        if isinstance(exc, SystemExit):
-            what = f"called sys.exit({exc.code!r})"
-        else:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            what = f"raised {type(exc).__name__}" + (f": {text}" if text else "")
-        raise PluginError(
-            f"{entry.kind} {entry.name!r} from {entry.package} {entry.version} failed to load: it {what}. This is a "
-            f"problem in {entry.package}: `posttrain doctor` shows the traceback; reinstall or upgrade it, or hide it "
-            f"with POSTTRAIN_DISABLE_PLUGINS={entry.package}."
-        ) from (exc if isinstance(exc, Exception) else None)
+        raise plugin_failure(entry, doing, exc) from (exc if isinstance(exc, Exception) else None)
 
 
 def call_hook(name: str, **kwargs: Any) -> None:
@@ -153,16 +175,21 @@ def call_hook(name: str, **kwargs: Any) -> None:
         caller(**kwargs)  # wrappers need pluggy's own call loop
         return
     for impl in reversed(impls):  # pluggy's order: last registered first
+        entry = _entries.get(impl.plugin_name)
         try:
-            impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            if entry is not None:
+                with reported(entry, f"in {name}"):
+                    impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            else:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
         except (KeyboardInterrupt, PosttrainError):
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # a plugin registered in code (a test, a notebook): no package to name
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise PluginError(
-                f"plugin {impl.plugin_name} failed in {name}: {type(exc).__name__}{': ' + text if text else ''}. "
-                f"This is a problem in that plugin: upgrade or reinstall it, or hide its package with "
-                "POSTTRAIN_DISABLE_PLUGINS."
+                f"plugin {impl.plugin_name} failed in {name}: it raised {type(exc).__name__}"
+                f"{': ' + text if text else ''}. It was registered on the plugin manager in code, not installed: "
+                "fix it there, or unregister it."
             ) from (exc if isinstance(exc, Exception) else None)
 
 
@@ -170,24 +197,13 @@ def reset_plugin_manager() -> None:
     """Forget the process-wide manager (tests register throwaway plugins on a fresh one)."""
     global _manager
     _manager = None
+    _entries.clear()
 
 
 def _load(entry: discovery.Entry) -> Any:
-    """Import what ``entry`` names; a plugin that fails to import is a PluginError naming the package and the fix."""
-    try:
+    """Import what ``entry`` names; a failure is reported by :func:`reported`."""
+    with reported(entry, "to import"):
         return discovery.load(entry)
-    except (KeyboardInterrupt, PluginError):
-        raise
-    except BaseException as exc:
-        if isinstance(exc, SystemExit):
-            what = f"called sys.exit({exc.code!r}) while being imported"
-        else:
-            what = f"{type(exc).__name__}: {exc}"
-        raise PluginError(
-            f"{entry.kind} {entry.name!r} from {entry.package} {entry.version} failed to import: "
-            f"{what}. `posttrain doctor` shows the traceback; reinstall or upgrade "
-            f"{entry.package}, or hide it with POSTTRAIN_DISABLE_PLUGINS={entry.package}."
-        ) from (exc if isinstance(exc, Exception) else None)
 
 
 def load_method(entry: discovery.Entry) -> Any:
@@ -198,7 +214,7 @@ def load_method(entry: discovery.Entry) -> Any:
     if not isinstance(obj, type):
         problems = [f"{entry.value} is a {type(obj).__name__}, not a class"]
     else:
-        with guarded(entry):
+        with reported(entry, "while its class was checked against the Method protocol"):
             problems = method_problems(obj)
     if problems:
         raise PluginError(

@@ -219,7 +219,14 @@ def _coerce(name: str, value: Any, hint: Any, from_cli: bool) -> Any:
                 return _coerce(name, value, arg, from_cli)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"expected {hint}")
+        if len(errors) < 2:
+            raise ValueError(errors[0] if errors else f"expected {hint}")
+        # every alternative refused it: say them all (bool | Literal["auto"]: "true or false, or 'auto'")
+        wanted = [e.split(", got ")[0].removeprefix("expected ") for e in errors]
+        choices = [str(a) for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"expected {', or '.join(wanted)}, got {value!r}{hint_text}")
     if origin is Literal:
         if value in args:
             return value

@@ -140,6 +140,8 @@ def train(
         if run.accelerator.num_processes > 1 and dist.is_collective_failure(exc):
             error = dist.explain(exc, run.config.ddp_timeout)  # which process stopped, and what it was doing
             raise error from exc
+        if run.accelerator.num_processes > 1 and not isinstance(exc, KeyboardInterrupt):
+            dist.failed(exc)  # the processes left waiting for this one name it and its error
         if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, without saving
             run.accelerator.print(f"stopped at step {run.step} without saving. {_run_guard.advice(run.output_dir)}")
         raise
@@ -716,6 +718,13 @@ def _stop_on_signals(run: _Run):
             previous[sig] = signal.signal(sig, request_stop)
     try:
         yield
+    except BaseException as exc:
+        if signal.SIGTERM in previous and run.accelerator.num_processes > 1 and dist.is_collective_failure(exc):
+            # a peer died: the launcher sends this process SIGTERM as soon as it sees that, which would end it
+            # before it reports which process failed. It is ending anyway, once the report is out (or by the
+            # launcher's SIGKILL after its grace period).
+            previous[signal.SIGTERM] = signal.SIG_IGN
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

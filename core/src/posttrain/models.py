@@ -12,7 +12,9 @@ from typing import Any
 from posttrain._errors import ConfigError, PosttrainError
 
 __all__ = [
+    "VARLEN_ATTENTION",
     "apply_peft",
+    "check_packed_attention",
     "disable_dropout",
     "eval_mode",
     "frozen_copy",
@@ -23,6 +25,7 @@ __all__ = [
     "load_tokenizer",
     "reference_forward",
     "reference_model",
+    "resolve_padding_free",
 ]
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -464,3 +467,97 @@ def eval_mode(model: Any):
         yield model
     finally:
         model.train(was_training)
+
+
+# -- padding-free batches --------------------------------------------------------------------------------------
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention implementations that run the sequences of a padding-free row as separate ones (variable-length
+kernels driven by the ``position_ids`` restarts), so a packed row costs the sum of its sequences' attention.
+Under ``sdpa``, ``eager`` and ``flex_attention`` transformers builds one block-diagonal mask over the whole row
+instead: exact, but its attention costs the square of the packed length (docs/benchmarks.md, "Padding-free rows").
+
+.. versionadded:: 1.0
+"""
+
+
+def check_packed_attention(model: Any, option: str = "packing/padding_free") -> None:
+    """Fail at start-up when the model lets sequences concatenated in one row attend to each other.
+
+    Padding-free batches rely on transformers deriving a block-diagonal causal mask from ``position_ids`` that
+    restart at 0 (``masking_utils.find_packed_sequence_indices``, used by eager, sdpa, flex and flash attention when
+    no attention mask and no cache are passed). A model or kernel that ignores the restarts would train on
+    cross-sequence attention silently, so two short sequences are run packed and separately and compared.
+
+    Args:
+        model: a causal LM (unwrapped: its ``config`` and ``get_input_embeddings`` are read).
+        option: the config option(s) that asked for packed rows, named in the error.
+
+    Raises:
+        ConfigError: the packed final hidden states differ from the separate ones.
+
+    .. versionadded:: 1.0 (moved from posttrain-sft)
+    """
+    import torch
+
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        vocab = model.get_input_embeddings().num_embeddings
+        first, second = torch.arange(1, 7, device=device) % vocab, torch.arange(7, 11, device=device) % vocab
+        position_ids = torch.cat([torch.arange(6), torch.arange(4)]).to(device)[None]
+        was_training = model.training
+        model.eval()  # no dropout, so any difference comes from the mask
+        # the final hidden states, not the logits: a sequence classifier's logits are pooled to one per row
+        last = {"use_cache": False, "output_hidden_states": True}
+        try:
+            separate = torch.cat([model(input_ids=x[None], **last).hidden_states[-1][0] for x in (first, second)])
+            separate = separate.float()
+            packed = model(input_ids=torch.cat([first, second])[None], position_ids=position_ids, **last)
+            packed = packed.hidden_states[-1][0].float()
+        finally:
+            model.train(was_training)
+    error = float((packed - separate).abs().max() / separate.abs().max().clamp(min=1e-6))
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if error > tolerance:
+        impl = getattr(model.config, "_attn_implementation", None)
+        raise ConfigError(
+            f"{option} is true, but with attn_implementation={impl!r} this model lets sequences that share "
+            f"a row attend to each other (final hidden states differ from separate sequences' by {error:.2e}, "
+            f"relative; allowed {tolerance:.0e}). Use attn_implementation sdpa, eager, flex_attention or flash_attention_2 with a model "
+            f"whose attention mask follows position_ids restarts, or set {option.replace('/', ' and ')} false."
+        )
+
+
+def resolve_padding_free(model: Any, setting: bool | str) -> bool:
+    """Whether a method's ``padding_free`` setting (true, false or "auto") gives padding-free batches for ``model``.
+
+    ``True`` checks the model keeps packed sequences apart (:func:`check_packed_attention`, an error otherwise);
+    ``"auto"`` turns padding-free on only where it is the faster exact path: an attention implementation in
+    :data:`VARLEN_ATTENTION` that passes the same check (a warning, and padded batches, when it does not).
+    Elsewhere padded batches are kept: under sdpa a packed row's attention grows with the square of the packed
+    length, which costs more than padding unless the lengths in a batch are far apart (docs/benchmarks.md).
+
+    Args:
+        model: the policy, unwrapped.
+        setting: the config value.
+
+    Returns:
+        True for padding-free batches.
+
+    .. versionadded:: 1.0
+    """
+    if setting is True:
+        check_packed_attention(model, "padding_free")
+        return True
+    if setting != "auto":
+        return False
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) not in VARLEN_ATTENTION:
+        return False
+    try:
+        check_packed_attention(model, "padding_free")
+    except ConfigError as exc:
+        import warnings
+
+        warnings.warn(f"padding_free is auto: keeping padded batches. {exc}", stacklevel=2)
+        return False
+    return True

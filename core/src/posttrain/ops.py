@@ -16,10 +16,18 @@ vocabulary, and only the positions that carry a label reach the head at all.
 
 :func:`sequence_logps`, :func:`completion_logps` and :func:`token_stats` are that pattern for the common shapes;
 :func:`segment_sum` sums per-token values of flattened (padding-free) rows back into per-sequence values.
+
+**Padding-free rows.** :func:`pack_sequences` concatenates a micro-batch's sequences into one row whose
+``position_ids`` restart at 0 for each sequence; with no attention mask and no cache, transformers derives a
+block-diagonal causal mask from the restarts (and flash-attention kernels run the sequences as separate ones), so
+no token attends across a boundary and no padding is computed. :func:`packed_sequence_logps` is
+:func:`sequence_logps` for such a row; :func:`posttrain.models.check_packed_attention` checks a model keeps packed
+sequences apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +41,14 @@ __all__ = [
     "completion_logps",
     "head_logps",
     "hidden_states",
+    "pack_sequences",
+    "packed_sequence_logps",
     "segment_sum",
     "sequence_logps",
     "shift_for_causal_lm",
     "token_logps",
     "token_stats",
+    "unpad",
 ]
 
 LOGITS_CHUNK_ELEMENTS = 1 << 23
@@ -426,11 +437,15 @@ def token_stats(
     top1: bool = False,
     mean_logit: bool = False,
     chunk_size: int | None = None,
+    padding_free: bool = False,
     **inputs: Any,
 ) -> TokenLogps:
     """Per-position log-probs of ``labels`` (already aligned: position t predicts ``labels[:, t]``), chunked.
 
     Only positions whose label is >= 0 reach the head (a prompt, padding and the last position cost nothing there).
+    With ``padding_free`` a padded batch runs as one padding-free row (:func:`unpad`): the real tokens of every row
+    concatenated, ``position_ids`` restarting at each row's first real token, no attention mask; the results come
+    back in the padded layout, equal to the padded forward's up to float rounding.
 
     Args:
         model: a causal LM.
@@ -441,13 +456,28 @@ def token_stats(
         top1: as in :func:`head_logps`.
         mean_logit: as in :func:`head_logps`.
         chunk_size: as in :func:`head_logps`.
+        padding_free: run the batch as one padding-free row (needs ``input_ids`` and ``attention_mask``, and no other
+            per-token inputs: images and the like keep the padded forward). The model must keep packed sequences
+            apart (:func:`posttrain.models.check_packed_attention`).
         **inputs: model inputs.
 
     Returns:
         :class:`TokenLogps` of (B, T') tensors, 0 (False) at ignored positions.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.0 ``padding_free``.
     """
+    if padding_free:
+        return _token_stats_unpadded(
+            model,
+            labels,
+            temperature=temperature,
+            entropy=entropy,
+            top1=top1,
+            mean_logit=mean_logit,
+            chunk_size=chunk_size,
+            **inputs,
+        )
     hidden, head = hidden_states(model, **inputs)  # (B, T', H)
     valid = labels >= 0  # (B, T')
     rows = head_logps(
@@ -470,6 +500,57 @@ def token_stats(
     return TokenLogps(scatter(rows.logps), scatter(rows.entropy), scatter(rows.top1), scatter(rows.mean_logit))
 
 
+def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One padding-free row of a padded batch: the real tokens of each row, in order, as in :func:`pack_sequences`.
+
+    Works for left and right padding alike: each row's ``position_ids`` count its real tokens from 0. Values of a
+    (B, T) tensor ``x`` come along with ``x[attention_mask.bool()]``, and go back with
+    ``zeros(B, T).masked_scatter(attention_mask.bool(), packed)``.
+
+    Args:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 on real tokens; every row has at least one.
+
+    Returns:
+        ``input_ids``, ``position_ids`` and ``sequence_ids``, each (1, N) with N the number of real tokens.
+
+    .. versionadded:: 1.0
+    """
+    keep = attention_mask.bool()
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, T): 0 at each row's first real token
+    rows = torch.arange(input_ids.size(0), device=input_ids.device)[:, None].expand_as(input_ids)
+    return {"input_ids": input_ids[keep][None], "position_ids": positions[keep][None], "sequence_ids": rows[keep][None]}
+
+
+def _token_stats_unpadded(model: Any, labels: torch.Tensor, **kwargs: Any) -> TokenLogps:
+    """:func:`token_stats` of a padded batch run as one padding-free row, results scattered back to (B, T')."""
+    input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
+    kwargs.pop("position_ids", None)  # replaced by positions that restart at each row's first real token
+    keep_last = kwargs.pop("logits_to_keep", None)
+    options = {k: kwargs.pop(k) for k in ("temperature", "entropy", "top1", "mean_logit", "chunk_size")}
+    if kwargs:
+        raise ValueError(
+            f"token_stats(padding_free=True) takes input_ids and attention_mask only, got also {sorted(kwargs)}; "
+            "per-token inputs such as images need the padded forward"
+        )
+    width = input_ids.size(1)
+    if keep_last is not None:  # labels cover the last positions only: place them on the full width
+        labels = F.pad(labels, (width - labels.size(1), 0), value=-100)  # (B, T)
+    keep = attention_mask.bool()  # (B, T)
+    row = unpad(input_ids, attention_mask)
+    out = token_stats(
+        model, labels[keep][None], input_ids=row["input_ids"], position_ids=row["position_ids"], **options
+    )
+
+    def back(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        full = torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values[0])
+        return full if keep_last is None else full[:, width - keep_last :]
+
+    return TokenLogps(back(out.logps), back(out.entropy), back(out.top1), back(out.mean_logit))
+
+
 def segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
     """Sum per-token values into per-sequence values: ``out[s] = sum of values[i] with segments[i] == s``.
 
@@ -487,8 +568,92 @@ def segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -
     return values.new_zeros(n_segments).index_add(0, segments, values)
 
 
+def pack_sequences(sequences: Sequence[Sequence[int]], **per_token: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Concatenate token sequences into one padding-free row, ``position_ids`` restarting at 0 for each.
+
+    Args:
+        sequences: S lists of token ids, none empty.
+        **per_token: more per-token lists aligned with ``sequences`` (a loss mask, labels ...), packed the same way.
+
+    Returns:
+        ``input_ids``, ``position_ids`` and ``sequence_ids`` (the index of each token's sequence), each (1, N) long
+        with N the total length; ``sequence_lengths`` (S,) long; and each ``per_token`` name as a (1, N) long tensor.
+        Per-sequence results come back with :func:`segment_sum` over ``sequence_ids[0]``; sequence s ends at token
+        ``sequence_lengths[: s + 1].sum() - 1``.
+
+    Raises:
+        ValueError: a sequence is empty, or a ``per_token`` list's length differs from its sequence's.
+
+    .. versionadded:: 1.0
+    """
+    lengths = [len(s) for s in sequences]
+    if not lengths or min(lengths) == 0:
+        empty = lengths.index(0) if lengths else None
+        raise ValueError(f"pack_sequences needs non-empty sequences; sequence {empty} of {len(lengths)} is empty")
+    for name, values in per_token.items():
+        bad = [i for i, (v, n) in enumerate(zip(values, lengths)) if len(v) != n]
+        if bad or len(values) != len(lengths):
+            i = bad[0] if bad else min(len(values), len(lengths))
+            raise ValueError(f"pack_sequences: {name} of sequence {i} does not have one value per token")
+    counts = torch.tensor(lengths, dtype=torch.long)  # (S,)
+    packed = {
+        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.long)[None],  # (1, N)
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],  # (1, N), 0 at each sequence start
+        "sequence_ids": torch.repeat_interleave(torch.arange(len(lengths)), counts)[None],  # (1, N)
+        "sequence_lengths": counts,
+    }
+    for name, values in per_token.items():
+        packed[name] = torch.tensor([v for row in values for v in row], dtype=torch.long)[None]  # (1, N)
+    return packed
+
+
+def packed_sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    n_sequences: int,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logps` for one padding-free row (:func:`pack_sequences`): per-sequence sums and counts.
+
+    A token is scored when its ``loss_mask`` is 1 and it is not the first token of its sequence (nothing in the
+    sequence predicts it; the previous token belongs to another sequence).
+
+    Args:
+        model: a causal LM (called with ``position_ids``, no attention mask and ``use_cache=False``, so the
+            position restarts keep sequences apart).
+        input_ids: (1, N) token ids, from :func:`pack_sequences`.
+        position_ids: (1, N), restarting at 0 for each sequence.
+        sequence_ids: (1, N), the index of each token's sequence.
+        loss_mask: (1, N), 1 on the tokens scored.
+        n_sequences: S (``len(sequence_lengths)``: a shape, so no device synchronisation).
+        **kwargs: more model inputs.
+
+    Returns:
+        ``(logps, n_tokens, mean_logits)``, each (S,), as :func:`sequence_logps` returns them.
+
+    .. versionadded:: 1.0
+    """
+    # position t predicts token t+1, unless t+1 starts the next sequence
+    scored = loss_mask[:, 1:].bool() & (position_ids[:, 1:] != 0)
+    labels = F.pad(input_ids[:, 1:].masked_fill(~scored, -100), (0, 1), value=-100)  # (1, N)
+    out = token_stats(model, labels, mean_logit=True, input_ids=input_ids, position_ids=position_ids, **kwargs)
+    segments = sequence_ids[0]
+    n = segment_sum((labels[0] >= 0).long(), segments, n_sequences)  # (S,)
+    logps = segment_sum(out.logps[0], segments, n_sequences)
+    return logps, n, segment_sum(out.mean_logit[0], segments, n_sequences) / n.clamp(min=1)
+
+
 def sequence_logps(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, **kwargs
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    padding_free: bool = False,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the ``loss_mask`` tokens of each row, and their count.
 
@@ -497,17 +662,21 @@ def sequence_logps(
             values).
         input_ids: (B, T) token ids.
         attention_mask: (B, T), 1 on real tokens.
-        loss_mask: (B, T), 1 on the tokens scored.
+        loss_mask: (B, T), 1 on the tokens scored (real tokens only).
+        padding_free: run the rows as one padding-free row (:func:`token_stats`); no ``kwargs`` then.
+        **kwargs: more model inputs.
 
     Returns:
         ``(logps, n_tokens, mean_logits)``, each (B,): summed log-probs, scored-token counts, and the mean
         logit over the scored tokens (a TRL metric).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 1.0 the head is applied in chunks to the scored positions only (:func:`head_logps`).
+    .. versionchanged:: 1.0 the head is applied in chunks to the scored positions only (:func:`head_logps`);
+       ``padding_free``.
     """
     labels = F.pad(input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100), (0, 1), value=-100)  # (B, T)
-    out = token_stats(model, labels, mean_logit=True, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+    out = token_stats(model, labels, mean_logit=True, padding_free=padding_free, **inputs)
     n = (labels >= 0).sum(-1)
     return out.logps.sum(-1), n, out.mean_logit.sum(-1) / n.clamp(min=1)
 
@@ -520,6 +689,7 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     completion_mask: torch.Tensor | None = None,
+    padding_free: bool = False,
     **model_inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the last ``completion_width`` tokens of each row, at a sampling temperature.
@@ -533,6 +703,9 @@ def completion_logps(
         with_entropy: also return the per-token entropy (detached).
         completion_mask: (N, C), 1 on completion tokens; the others (padding after EOS) are not scored and come back
             as 0. Default: every position is scored.
+        padding_free: run the rows as one padding-free row (:func:`token_stats`): no left padding of prompts, no
+            padding after short completions, same results up to float rounding on the real tokens (a padded
+            position's log-prob comes back as 0). Ignored with ``model_inputs`` (images keep the padded forward).
         model_inputs: more forward inputs, e.g. a vision-language model's pixel values
             (:attr:`posttrain.generation.Rollout.model_inputs`).
 
@@ -540,6 +713,7 @@ def completion_logps(
         (logps (N, C) float32, entropy (N, C) or None).
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.0 ``padding_free``.
     """
     if model_inputs:
         # a vision-language model numbers positions itself: Qwen2-VL's 3-D rotary positions follow the image grid,
@@ -560,6 +734,7 @@ def completion_logps(
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=completion_width + 1,
+        padding_free=padding_free and not model_inputs,
         **model_inputs,
     )
     entropy = out.entropy[:, :-1].detach() if out.entropy is not None else None

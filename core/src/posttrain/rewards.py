@@ -39,6 +39,7 @@ import functools
 import inspect
 import math
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ __all__ = [
     "is_judge",
     "judge",
     "reward",
+    "reward_config_problems",
 ]
 
 _OPTIONS_ATTR = "__posttrain_reward_options__"
@@ -124,6 +126,45 @@ def _accepts(func: Any, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def reward_config_problems(reward_funcs: Sequence[str], reward_weights: Sequence[float] | None) -> list[str]:
+    """What is wrong with a run's ``reward_funcs`` and ``reward_weights``, one message per problem (empty: fine).
+
+    Online methods call it from their config's ``problems()``, so a bad reward list is reported with every other
+    config problem before a model loads; :meth:`RewardSet.resolve` calls it again on the names it resolves.
+
+    Args:
+        reward_funcs: the reward names, in order. Empty means "every reward given to ``posttrain.train``",
+            whose count is only known when they are resolved, so the weights are not counted then.
+        reward_weights: one weight per name, in the same order; None weights each 1.0.
+
+    Returns:
+        A list of messages naming the field and the fix: ``reward_weights`` of another length than
+        ``reward_funcs``, and a name listed twice (its weight belongs in ``reward_weights``).
+
+    .. versionadded:: 1.0
+    """
+    found = []
+    if reward_weights is not None and reward_funcs and len(reward_weights) != len(reward_funcs):
+        found += _weight_count_problem(reward_funcs, reward_weights)
+    repeated = {name: n for name, n in Counter(reward_funcs).items() if n > 1}
+    if repeated:
+        times = ", ".join(f"{name!r} {'twice' if n == 2 else f'{n} times'}" for name, n in repeated.items())
+        found.append(
+            f"reward_funcs names {times} ({', '.join(reward_funcs)}); list each reward function once and give it "
+            "a larger weight in reward_weights instead"
+        )
+    return found
+
+
+def _weight_count_problem(names: Sequence[str], weights: Sequence[float]) -> list[str]:
+    s = "" if len(names) == 1 else "s"
+    return [
+        f"reward_weights has {len(weights)} value{'' if len(weights) == 1 else 's'} for {len(names)} reward "
+        f"function{s} ({', '.join(names) or 'none'}); give one weight per reward_funcs entry, in the same order, "
+        "or leave reward_weights unset to weight each 1.0"
+    ]
+
+
 class RewardSet:
     """The reward functions of a run, resolved and configured once: names, callables, weights.
 
@@ -131,14 +172,14 @@ class RewardSet:
     """
 
     def __init__(self, names: list[str], funcs: list[Callable], weights: Sequence[float] | None = None):
+        problems = reward_config_problems(names, weights)
+        if not names and weights:  # the names are final here: weights for none is an error too
+            problems += _weight_count_problem(names, weights)
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.names = list(names)
         self.funcs = list(funcs)
         weights = [1.0] * len(names) if weights is None else list(weights)
-        if len(weights) != len(names):
-            raise ConfigError(
-                f"reward_weights has {len(weights)} values for {len(names)} reward functions "
-                f"({', '.join(names)}); give one weight each"
-            )
         self.weights = torch.tensor(weights, dtype=torch.float32)
 
     @classmethod
@@ -169,6 +210,9 @@ class RewardSet:
         """
         given = dict(given if given is not None else (ctx.rewards if ctx is not None else {}))
         names = list(names) or [n for n, f in given.items() if not is_judge(f)]
+        problems = reward_config_problems(names, weights)  # before any plugin is imported
+        if problems:
+            raise ConfigError("; ".join(problems))
         environment = getattr(getattr(ctx, "config", None), "environment", None)
         if not names and environment:  # the environment's episode return is the reward
             return cls._with_environment(ctx.config, [], [], [])

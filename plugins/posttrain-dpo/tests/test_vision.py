@@ -103,3 +103,22 @@ def test_dpo_prefers_the_right_colour_on_held_out_images(vlm_dir, tmp_path):
     accuracy = float((rewards.gather(1, right[:, None]) > rewards.gather(1, wrong[:, None])).float().mean())
     print(f"held-out reward accuracy {accuracy:.3f}")
     assert accuracy >= 0.7, accuracy
+
+
+def test_padding_free_true_refuses_image_rows_and_auto_keeps_them_padded(processor):
+    """Sequences with images cannot share a row (image features are matched to image tokens across a row)."""
+    import datasets
+    from posttrain import ConfigError, TrainContext
+
+    rows = colour_rows(2, "preference")
+    for setting in (True, "auto"):
+        method = DPO()
+        config = DPOConfig(padding_free=setting, max_length=None)
+        ctx = TrainContext(config=config, tokenizer=processor.tokenizer, processor=processor, training=False)
+        if setting is True:
+            with pytest.raises(ConfigError, match="padding_free is true, but the dataset has images"):
+                method.prepare(datasets.Dataset.from_list(rows), ctx)
+            continue
+        method.padding_free = True  # what setup resolves under a varlen attention kernel
+        batch = method.collate(method.prepare(datasets.Dataset.from_list(rows), ctx), ctx)
+        assert batch["input_ids"].shape[0] == 4 and "pixel_values" in batch  # padded [chosen; rejected]

@@ -65,16 +65,11 @@ def resolve(name: str) -> discovery.Entry | None:
 
 
 def load(entry: discovery.Entry):
-    """Import the command's function; any failure is a one-line PluginError naming the package."""
-    try:
+    """Import the command's function; any failure is the one-line PluginError every plugin gets."""
+    from posttrain._registry import reported
+
+    with reported(entry, "to import"):
         func = discovery.load(entry)
-    except Exception as exc:
-        raise PluginError(
-            f"command {entry.name!r} from {entry.package} {entry.version} failed to import "
-            f"({entry.value}): {type(exc).__name__}: {exc}. The package is broken or incomplete: reinstall it "
-            f"(`posttrain install --force-reinstall {entry.package}`) or remove it (`posttrain uninstall "
-            f"{entry.package}`); `posttrain doctor` shows the traceback."
-        ) from None
     if not callable(func):
         raise PluginError(
             f"command {entry.name!r} from {entry.package} {entry.version} names {entry.value}, which is a "

@@ -21,6 +21,11 @@ synthetic images (the ``image_rows`` argument, by default :func:`posttrain.testi
 first dataset format): the images reach the model (other images give another loss), gradient-accumulation
 equivalence and padding invariance with pixel values in the batch.
 
+Tier ``full`` of a method that declares ``supports_padding_free = True`` adds the padding-free checks
+(:data:`PADDING_FREE_CHECKS`): ``padding_free: true`` gives the padded batch's loss, item count and gradients to
+float32 rounding while the model really sees one (1, N) row, and a model that lets packed sequences attend to each
+other is refused at ``setup``.
+
 Each check is also a plain function (``check_grad_accumulation(method_class, rows, ...)``) raising
 ``AssertionError`` with the numbers it compared and, when a normalisation check fails, what it found
 by probing the loss (a mean instead of a sum, padded positions scored or counted, rows influencing each
@@ -46,6 +51,7 @@ __all__ = [
     "FULL_CHECKS",
     "IMAGE_CHECKS",
     "MIN_ROWS",
+    "PADDING_FREE_CHECKS",
     "check_batch_unchanged",
     "check_config_roundtrip",
     "check_data_validation",
@@ -55,6 +61,8 @@ __all__ = [
     "check_images_reach_model",
     "check_loss_decreases",
     "check_metadata",
+    "check_padding_free",
+    "check_padding_free_refused",
     "check_padding_invariance",
     "check_protocol",
     "check_reference_frozen",
@@ -85,6 +93,11 @@ FULL_CHECKS = (
 """
 IMAGE_CHECKS = ("images_reach_model", "image_grad_accumulation", "image_padding_invariance")
 """The checks tier ``full`` adds for a method that declares ``supports_images``, on a tiny vision-language model.
+
+.. versionadded:: 1.0
+"""
+PADDING_FREE_CHECKS = ("padding_free", "padding_free_refused")
+"""The checks tier ``full`` adds for a method that declares ``supports_padding_free``.
 
 .. versionadded:: 1.0
 """
@@ -620,6 +633,108 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
         )
 
 
+def _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free: bool):
+    """(loss_sum, n_items, gradients by parameter name, batch sizes of the policy's forwards in ``loss``) of one
+    micro-batch of four prepared rows of different lengths, eval mode, on the perturbed tiny model."""
+    import torch
+
+    from posttrain._method import optional_member
+
+    torch.manual_seed(0)  # a head the method initialises at load (a reward model's) is the same in both runs
+    method, model, ctx, prepared = _live_method(
+        method_class, rows, model_dir, {**overrides, "padding_free": padding_free}, training=False, rewards=rewards
+    )
+    model.eval()
+    _perturb(model)
+    by_size = sorted(prepared, key=lambda r: len(str(r)))
+    picked = [by_size[0], by_size[-1], by_size[len(by_size) // 2], by_size[1]]
+    batch = method.collate(picked, ctx)
+    rollout = optional_member(method, "rollout")
+    if rollout:  # the same seed, so both layouts score the same completions
+        torch.manual_seed(0)
+        with torch.no_grad():
+            batch = rollout(model, [batch], ctx)[0]
+    widths: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].size(0)))
+    try:
+        out = method.loss(model, batch, ctx)
+    finally:
+        hook.remove()
+    model.zero_grad()
+    out.loss_sum.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(out.loss_sum.detach()), float(out.n_items), grads, widths
+
+
+def check_padding_free(method_class, rows, model_dir, overrides, rewards=None) -> None:
+    """``padding_free: true`` gives the padded micro-batch's loss sum, item count and gradients, and the model sees
+    one (1, N) row: four rows of different lengths, eval mode, the perturbed tiny model.
+
+    .. versionadded:: 1.0
+    """
+    from posttrain.testing._rounding import ITEM_SCALE, LOGPROB_ROUNDINGS, rounding_tolerance
+
+    padded = _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free=False)
+    free = _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free=True)
+    name = method_class.name
+    assert free[3] and all(w == 1 for w in free[3]), (
+        f"{name}: with padding_free true the model's forwards in loss got batches of {free[3]} rows; a padding-free "
+        "micro-batch is one row (posttrain.ops.pack_sequences or token_stats(padding_free=True))"
+    )
+    assert any(w > 1 for w in padded[3]), f"{name}: with padding_free false every forward had one row ({padded[3]})"
+    assert padded[1] == free[1], f"{name}: n_items is {padded[1]:g} padded but {free[1]:g} padding-free"
+    # The same sums of per-token terms out of forward passes, grouped and masked differently: each of the n items
+    # is off by rounding of LOGPROB_ROUNDINGS operations on numbers of size ITEM_SCALE at most (rounding.py)
+    n = max(padded[1], 1.0)
+    tolerance = rounding_tolerance(abs(padded[0]) + ITEM_SCALE * n, LOGPROB_ROUNDINGS + int(n))
+    assert abs(padded[0] - free[0]) <= tolerance, (
+        f"{name}: loss_sum {padded[0]:.8f} padded but {free[0]:.8f} padding-free (allowed {tolerance:.1e}); "
+        "sequences that share the row may see each other, or a sequence's first token is scored"
+    )
+    # a gradient entry sums the same per-token products; its terms are at most ITEM_SCALE x the largest entry of
+    # that parameter's gradient per item
+    for key, g in padded[2].items():
+        other = free[2].get(key)
+        assert other is not None, f"{name}: parameter {key} gets a gradient padded but none padding-free"
+        bound = rounding_tolerance(ITEM_SCALE * n * float(g.abs().max()) + 1e-12, LOGPROB_ROUNDINGS + int(n))
+        diff = float((g - other).abs().max())
+        assert diff <= bound, f"{name}: gradient of {key} differs by {diff:.2e} padding-free (allowed {bound:.1e})"
+
+
+class _IgnoresPositions:
+    """A model whose forward drops ``position_ids``, so sequences packed in a row attend to each other (its class
+    takes the wrapped model's name, so a method's checks of the model class in ``setup`` pass)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.config = inner, inner.config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, *args: Any, position_ids: Any = None, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+def check_padding_free_refused(method_class, rows, model_dir, overrides, rewards=None) -> None:
+    """``setup`` refuses ``padding_free: true`` with a model that lets packed sequences see each other
+    (:func:`posttrain.models.check_packed_attention`), naming the option.
+
+    .. versionadded:: 1.0
+    """
+    import pytest
+
+    from posttrain import ConfigError
+
+    _, model, ctx, _ = _live_method(
+        method_class, rows, model_dir, {**overrides, "padding_free": False}, training=True, rewards=rewards
+    )
+    config = dataclasses.replace(ctx.config, padding_free=True)
+    wrapper = type(type(model).__name__, (_IgnoresPositions,), {})
+    leaky = dataclasses.replace(ctx, config=config, model=wrapper(model))
+    with pytest.raises(ConfigError, match="padding_free"):
+        method_class().setup(leaky)
+
+
 def check_resume(method_class, rows, model_dir, tmp_path, overrides, rewards=None, atol=1e-6) -> None:
     """Resuming from the step-2 checkpoint reproduces the uninterrupted run's losses and final weights.
 
@@ -960,6 +1075,7 @@ def conformance_suite(
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 tier full adds ``reference_frozen`` and ``batch_unchanged``; ``batch_unit``.
     .. versionchanged:: 1.0 the image checks and ``image_rows``.
+    .. versionchanged:: 1.0 the padding-free checks.
     """
     import pytest
 
@@ -971,11 +1087,10 @@ def conformance_suite(
             "add rows in the method's dataset format"
         )
     xfail = dict(xfail or {})
-    unknown = set(xfail) - set(API_CHECKS + FULL_CHECKS + IMAGE_CHECKS)
+    every = API_CHECKS + FULL_CHECKS + IMAGE_CHECKS + PADDING_FREE_CHECKS
+    unknown = set(xfail) - set(every)
     if unknown:
-        raise ValueError(
-            f"unknown checks in xfail: {sorted(unknown)}; checks are {API_CHECKS + FULL_CHECKS + IMAGE_CHECKS}"
-        )
+        raise ValueError(f"unknown checks in xfail: {sorted(unknown)}; checks are {every}")
     overrides = {"per_device_train_batch_size": 4 * batch_unit, "per_device_eval_batch_size": 4 * batch_unit}
     overrides.update(config or {})
     label = method if isinstance(method, str) else getattr(method, "name", str(method))
@@ -993,6 +1108,7 @@ def conformance_suite(
 
     vlm_dir = pytest.fixture(scope="class", name="vlm_dir")(classmethod(_vlm_dir))
     with_images = tier == "full" and getattr(_resolve(method)[0], "supports_images", False) is True
+    with_padding_free = tier == "full" and getattr(_resolve(method)[0], "supports_padding_free", False) is True
     images: dict[str, list[dict]] = {}
 
     def image_rows_of(method_class: Any) -> list[dict]:  # made on first use: drawing images costs time
@@ -1059,8 +1175,15 @@ def conformance_suite(
         "image_padding_invariance": lambda self, vlm_dir, tmp_path: check_padding_invariance(
             resolved(), image_rows_of(resolved()), vlm_dir, overrides, rewards=rewards
         ),
+        "padding_free": lambda self, model_dir, tmp_path: check_padding_free(
+            resolved(), rows, model_dir, overrides, rewards
+        ),
+        "padding_free_refused": lambda self, model_dir, tmp_path: check_padding_free_refused(
+            resolved(), rows, model_dir, overrides, rewards
+        ),
     }
     names = API_CHECKS + (FULL_CHECKS if tier == "full" else ()) + (IMAGE_CHECKS if with_images else ())
+    names += PADDING_FREE_CHECKS if with_padding_free else ()
     namespace: dict[str, Any] = {
         "model_dir": model_dir,
         "vlm_dir": vlm_dir,

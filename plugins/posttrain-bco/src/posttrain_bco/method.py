@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout, reference_forward, reference_model
+from posttrain.models import disable_dropout, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import sequence_logps
 
 from posttrain_bco.config import BCOConfig
@@ -14,10 +14,11 @@ from posttrain_bco.data import FORMATS, collate_rows, prepare_rows, row_problems
 from posttrain_bco.loss import bco_loss, implicit_rewards, update_running_mean
 
 
-def completion_logps(model: Any, batch: dict) -> torch.Tensor:
+def completion_logps(model: Any, batch: dict, padding_free: bool = False) -> torch.Tensor:
     """(B,) summed log-probs of the completion tokens of each row."""
     # the head runs in chunks on completion tokens only: no (B, T, V) logits
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]  # (B,)
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    return sequence_logps(model, ids, mask, completion, padding_free=padding_free)[0]  # (B,)
 
 
 class BCO:
@@ -34,13 +35,16 @@ class BCO:
     name = "bco"
     config_class = BCOConfig
     dataset_formats = FORMATS
+    supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
 
     def __init__(self) -> None:
         self.ref_model = None
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
         self.delta = 0.0  # running mean of the implicit rewards (the reward shift)
         self.delta_count = 0.0  # how many rewards it averages
 
     def setup(self, ctx: TrainContext[BCOConfig]) -> None:
+        self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
         self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
@@ -63,9 +67,10 @@ class BCO:
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[BCOConfig]) -> LossOutput:
         labels = batch["labels"]  # (B,) bool
-        logps = completion_logps(model, batch)  # (B,)
+        free = ctx.config.padding_free is True or self.padding_free  # true works without setup; auto needs it
+        logps = completion_logps(model, batch, free)  # (B,)
         with reference_forward(model, self.ref_model) as ref:
-            ref_logps = completion_logps(ref, batch)  # (B,)
+            ref_logps = completion_logps(ref, batch, free)  # (B,)
         rewards = implicit_rewards(logps, ref_logps, ctx.config.beta)  # (B,)
 
         # [sum r, n, sum r over desirable rows, their number], summed over processes in training so that every

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout
+from posttrain.models import disable_dropout, resolve_padding_free
 from posttrain.ops import token_stats
 
 from posttrain_cpo.config import CPOConfig
@@ -16,8 +16,13 @@ from posttrain_cpo.loss import LENGTH_NORMALISED, LOSSES, alphapo_rewards
 
 
 # Copied from posttrain_orpo.method.concatenated_forward
-def concatenated_forward(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def concatenated_forward(
+    model: Any, batch: dict[str, torch.Tensor], padding_free: bool = False
+) -> dict[str, torch.Tensor]:
     """One forward pass over the ``[chosen ; rejected]`` batch; per-token log-probs and their masks.
+
+    ``padding_free`` runs the batch as one (1, N) row without padding (:func:`posttrain.ops.token_stats`); the
+    results come back in the padded layout.
 
     Returns a dict of (2B, T-1) tensors aligned with the predicted tokens: ``logps`` (0 at padding),
     ``token_mask`` (every real token after the first), ``completion_mask`` (completion tokens), and
@@ -27,7 +32,12 @@ def concatenated_forward(model: Any, batch: dict[str, torch.Tensor]) -> dict[str
     labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (2B, T-1)
     # the head runs in chunks on real tokens only: no (2B, T, V) logits (posttrain.ops.token_stats)
     out = token_stats(
-        model, F.pad(labels, (0, 1), value=-100), mean_logit=True, input_ids=input_ids, attention_mask=attention_mask
+        model,
+        F.pad(labels, (0, 1), value=-100),
+        mean_logit=True,
+        padding_free=padding_free,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
     )
     logps = out.logps[:, :-1]  # (2B, T-1), float32, 0 at padding
     token_mask = attention_mask[:, 1:].to(logps.dtype)
@@ -58,8 +68,11 @@ class CPO:
     name = "cpo"
     config_class = CPOConfig
     dataset_formats = FORMATS
+    supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
+    padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def setup(self, ctx: TrainContext[CPOConfig]) -> None:
+        self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
 
@@ -77,7 +90,8 @@ class CPO:
     def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: TrainContext[CPOConfig]) -> LossOutput:
         """Sum of per-pair losses (preference term + weighted NLL) over the micro-batch, normalised by pairs."""
         config = ctx.config
-        out = concatenated_forward(model, batch)
+        # one (1, N) row without padding when padding_free is on (true works without setup; auto needs it)
+        out = concatenated_forward(model, batch, ctx.config.padding_free is True or self.padding_free)
         n_pairs = batch["input_ids"].shape[0] // 2
         logps, completion_mask = out["logps"], out["completion_mask"]
         n_tokens = completion_mask.sum(-1)  # (2B,)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from posttrain import ConfigError, DataError, RowProblem
 from posttrain.data import apply_chat_template, extract_prompt, is_conversational, validate
+from posttrain.ops import pack_sequences
 from posttrain.vision import encode, has_images, image_inputs, image_problems, image_token_id, row_images
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -179,7 +180,13 @@ def tokenize_dataset(
     return rows
 
 
-def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int | None = None, processor: Any = None) -> dict:
+def collate_pairs(
+    rows: list[dict],
+    pad_token_id: int,
+    max_length: int | None = None,
+    processor: Any = None,
+    padding_free: bool = False,
+) -> dict:
     """Pad B pairs into one 2B batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
 
     Each sequence is cut to ``max_length`` (end removed) before right padding.
@@ -188,13 +195,21 @@ def collate_pairs(rows: list[dict], pad_token_id: int, max_length: int | None = 
         ``input_ids``, ``attention_mask``, ``completion_mask``: (2B, T) long tensors; plus
         ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,) float32 when the rows carry them. Rows with images add
         the ``processor``'s image tensors for the 2B sequences and the prompt's token-aligned inputs (0 over the
-        completion and padding), named in ``vision_inputs``.
+        completion and padding), named in ``vision_inputs``. ``padding_free`` (text rows only) gives one (1, N) row
+        of the 2B sequences in the same order instead (:func:`posttrain.ops.pack_sequences`: ``input_ids``,
+        ``position_ids``, ``sequence_ids``, ``completion_mask``, and ``sequence_lengths`` (2B,)), no padding.
     """
     sequences = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
     masks = [[0] * len(r["prompt_ids"]) + [1] * len(r["chosen_ids"]) for r in rows]
     masks += [[0] * len(r["prompt_ids"]) + [1] * len(r["rejected_ids"]) for r in rows]
     if max_length is not None:
         sequences, masks = [s[:max_length] for s in sequences], [m[:max_length] for m in masks]
+    if padding_free:
+        batch = pack_sequences(sequences, completion_mask=masks)
+        if "ref_chosen_logps" in rows[0]:
+            batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        return batch
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)

@@ -6,9 +6,9 @@ import contextlib
 from typing import Any
 
 import torch
-from posttrain import LossOutput, Metric, PosttrainError, RowProblem, TrainContext
-from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model
-from posttrain.ops import sequence_logps
+from posttrain import ConfigError, LossOutput, Metric, PosttrainError, RowProblem, TrainContext
+from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model, resolve_padding_free
+from posttrain.ops import packed_sequence_logps, sequence_logps
 from posttrain.vision import model_inputs
 
 from posttrain_dpo.config import DPOConfig
@@ -17,15 +17,26 @@ from posttrain_dpo.loss import dpo_loss
 
 
 def completion_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward of the whole (2B, T) batch: chosen and rejected share it, padding masked out.
+    """One forward of the whole (2B, T) batch (or its (1, N) padding-free row): chosen and rejected share it,
+    padding masked out.
 
     Returns:
         (logps, lengths, logit_sums), each (2B,): summed completion log-probs, completion tokens scored,
         and the vocabulary-mean logit summed over those tokens (for TRL's ``logits/*`` metrics).
     """
-    logps, lengths, mean_logits = sequence_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **model_inputs(batch)
-    )
+    if "sequence_ids" in batch:  # padding-free: per-sequence sums of the one packed row
+        logps, lengths, mean_logits = packed_sequence_logps(
+            model,
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["sequence_ids"],
+            batch["completion_mask"],
+            len(batch["sequence_lengths"]),
+        )
+    else:
+        logps, lengths, mean_logits = sequence_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **model_inputs(batch)
+        )
     return logps, lengths, mean_logits * lengths
 
 
@@ -49,13 +60,16 @@ class DPO:
     config_class = DPOConfig
     dataset_formats = ("preference",)
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
+    supports_padding_free = True  # padding_free: one (1, N) row per micro-batch (posttrain.ops.pack_sequences)
 
     def __init__(self) -> None:
         self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def setup(self, ctx: TrainContext[DPOConfig]) -> None:
-        """Disable dropout and, unless the run needs none, build the frozen reference model."""
+        """Disable dropout, resolve ``padding_free`` and, unless the run needs none, build the frozen reference."""
         config = ctx.config
+        self.padding_free = resolve_padding_free(ctx.model, config.padding_free)
         if config.disable_dropout:
             disable_dropout(ctx.model)
         if not (config.reference_free or config.precompute_ref_log_probs):
@@ -72,6 +86,12 @@ class DPO:
         rows = tokenize_dataset(
             dataset, ctx.tokenizer, config.max_length, config.max_prompt_length, processor=ctx.processor
         )
+        if config.padding_free is True and any("images" in r for r in rows):
+            raise ConfigError(
+                "padding_free is true, but the dataset has images: the model matches image features to image tokens "
+                "across a whole row, so sequences with images cannot share one. Set padding_free false (or auto) "
+                "for vision-language data."
+            )
         if config.precompute_ref_log_probs:
             self._precompute_ref_logps(rows, ctx)
         return rows
@@ -102,7 +122,9 @@ class DPO:
             model.train(was_training)
 
     def collate(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> dict:
-        return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length, ctx.processor)
+        # true is honoured without setup (which checks the model); auto needs setup's verdict; image rows stay padded
+        padding_free = (ctx.config.padding_free is True or self.padding_free) and not any("images" in r for r in rows)
+        return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length, ctx.processor, padding_free)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[DPOConfig]) -> LossOutput:
         config = ctx.config

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.generation import OnlineConfig
+from posttrain.rewards import reward_config_problems
 
 from posttrain_grpo.loss import LOSSES
 
@@ -42,6 +43,7 @@ class GRPOConfig(OnlineConfig):
     sapo_temperature_pos: float = 1.0  # sapo: temperature for tokens with positive advantage
     sapo_temperature_neg: float = 1.05  # sapo: temperature for tokens with non-positive advantage
     num_iterations: int = 1  # optimizer steps per rollout (mu); the loop reuses each rollout, no data dropped
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
     use_vllm: bool = False  # deprecated alias of generation_backend: vllm (removed in 3.0)
 
     def __post_init__(self) -> None:
@@ -82,11 +84,5 @@ class GRPOConfig(OnlineConfig):
             found.append("sapo_temperature_pos and sapo_temperature_neg must be > 0")
         if self.loss_type not in LOSSES:  # the Literal already says so; kept in sync with loss.LOSSES
             found.append(f"loss_type must be one of {', '.join(LOSSES)}, got {self.loss_type!r}")
-        if self.reward_weights is not None and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
-            found.append(
-                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
-                f"{len(self.reward_funcs)} functions ({', '.join(self.reward_funcs)}); give one weight each"
-            )
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            found.append(f"reward_funcs names a function twice: {self.reward_funcs}; use reward_weights to weight it")
+        found += reward_config_problems(self.reward_funcs, self.reward_weights)
         return found

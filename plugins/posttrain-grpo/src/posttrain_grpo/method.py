@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from posttrain import LossOutput, TrainContext
+from posttrain import ConfigError, LossOutput, TrainContext
 from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
-from posttrain.models import eval_mode, reference_forward, reference_model
+from posttrain.models import eval_mode, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import completion_logps
 from posttrain.rewards import RewardSet
 from posttrain.vision import model_inputs
@@ -32,17 +32,20 @@ class GRPO:
     name = "grpo"
     config_class = GRPOConfig
     dataset_formats = ("prompt_only",)
+    supports_padding_free = True  # padding_free: the policy and reference score rollouts as one (1, N) row
     supports_images = True  # prompts with images, for a vision-language model: generated and trained on with them
 
     def __init__(self) -> None:
         self.rewards: RewardSet | None = None
         self.generator = None
         self.ref_model = None
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
 
     # -- set up and data ------------------------------------------------------------------------------------
 
     def setup(self, ctx: TrainContext[GRPOConfig]) -> None:
         config = ctx.config
+        self.padding_free = resolve_padding_free(ctx.model, config.padding_free)
         self.rewards = RewardSet.resolve(
             config.reward_funcs, config.reward_weights, config.reward_kwargs, ctx=ctx, method=self.name
         )
@@ -51,7 +54,14 @@ class GRPO:
             self.ref_model = reference_model(ctx)  # None under LoRA: the adapter-disabled policy is the reference
 
     def prepare(self, dataset, ctx: TrainContext[GRPOConfig]) -> list[dict]:
-        return prepare_prompts(dataset, ctx.tokenizer, self.name, processor=ctx.processor)
+        rows = prepare_prompts(dataset, ctx.tokenizer, self.name, processor=ctx.processor)
+        if ctx.config.padding_free is True and any(r.get("images") for r in rows):
+            raise ConfigError(
+                "padding_free is true, but the dataset has images: a vision-language model numbers positions and "
+                "matches image features to image tokens across a whole row, so sequences with images cannot share "
+                "one. Set padding_free false (or auto, which keeps image prompts padded)."
+            )
+        return rows
 
     def collate(self, rows: list[dict], ctx: TrainContext[GRPOConfig]) -> dict:
         return collate_prompts(rows, ctx.tokenizer.pad_token_id)
@@ -72,6 +82,7 @@ class GRPO:
         rollouts = sample(self.generator, model, batches, ctx, num_generations=g, rewards=self.rewards)
         correct = config.importance_sampling_correction
         correct = self.generator.reports_logps if correct is None else correct
+        free = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
         out = []
         for r in rollouts:
             advantages, std = group_advantages(r.rewards, g, config.scale_rewards)  # (N,)
@@ -95,7 +106,7 @@ class GRPO:
             # the log-probs of the policy that sampled: needed when a rollout is reused (μ > 1) or corrected
             if config.num_iterations > 1 or (correct and r.sampling_logps is not None):
                 batch["old_logps"] = completion_logps(
-                    model, r.input_ids, r.attention_mask, width, config.temperature, **images
+                    model, r.input_ids, r.attention_mask, width, config.temperature, padding_free=free, **images
                 )[0]
             if correct and r.sampling_logps is not None:
                 batch["is_weights"], is_metrics = importance_weights(
@@ -110,7 +121,7 @@ class GRPO:
             if config.beta != 0.0:
                 with reference_forward(model, self.ref_model) as ref, eval_mode(ref):
                     batch["ref_logps"] = completion_logps(
-                        ref, r.input_ids, r.attention_mask, width, config.temperature, **images
+                        ref, r.input_ids, r.attention_mask, width, config.temperature, padding_free=free, **images
                     )[0]
             out.append(batch)
         return out
@@ -127,6 +138,8 @@ class GRPO:
             mask.size(1),
             config.temperature,
             with_entropy=True,
+            # one (1, N) row without the prompts' left padding and the completions' right padding (images: padded)
+            padding_free=config.padding_free is True or self.padding_free,
             **model_inputs(batch),
         )
         old_logps = batch.get("old_logps")

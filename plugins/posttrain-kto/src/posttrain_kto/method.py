@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model
+from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import sequence_logps
 
 from posttrain_kto.config import KTOConfig
@@ -26,12 +26,15 @@ class KTO:
     name = "kto"
     config_class = KTOConfig
     dataset_formats = FORMATS
+    supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
 
     def __init__(self) -> None:
         self.ref = None
         self._prepared_once = False
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def setup(self, ctx: TrainContext[KTOConfig]) -> None:
+        self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
         # precomputed reference log-probs come from the initial policy in prepare(): no second model kept
@@ -68,7 +71,7 @@ class KTO:
             for start in range(0, len(rows), size):
                 chunk = rows[start : start + size]
                 batch = {k: v.to(ctx.device) for k, v in self.collate(chunk, ctx).items()}
-                ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl)
+                ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl, self._free(config))
                 order = sorted(chunk, key=lambda r: r["index"])  # collate's order
                 for i, row in enumerate(order):
                     row["ref_logps"] = float(ref_logps[i])
@@ -77,16 +80,28 @@ class KTO:
         finally:
             model.train(was_training)
 
-    def _reference_logps(self, policy: Any, batch: dict, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _free(self, config: KTOConfig) -> bool:
+        """Padding-free forwards: true is honoured without setup (which checks the model); auto needs setup."""
+        return config.padding_free is True or self.padding_free
+
+    def _reference_logps(
+        self, policy: Any, batch: dict, with_kl: bool, free: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ref = self.ref
         if ref is None and not is_peft_model(getattr(policy, "module", policy)):
             ref = policy  # precompute: the policy has not been updated yet
         with reference_forward(policy, ref) as model:
-            ref_logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+            ref_logps = sequence_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], padding_free=free
+            )[0]
             ref_kl_logps = None
             if with_kl:
                 ref_kl_logps = sequence_logps(
-                    model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"]
+                    model,
+                    batch["kl_input_ids"],
+                    batch["kl_attention_mask"],
+                    batch["kl_completion_mask"],
+                    padding_free=free,
                 )[0]
         return ref_logps, ref_kl_logps
 
@@ -94,18 +109,25 @@ class KTO:
         config = ctx.config
         with_kl = config.loss_type == "kto"
         labels = batch["labels"]  # (B,)
-        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+        free = self._free(config)  # one padding-free row per forward (the padded batch's values, to rounding)
+        logps = sequence_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], padding_free=free
+        )[0]
         if "ref_logps" in batch:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_kl_logps")
         else:
-            ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl)
+            ref_logps, ref_kl_logps = self._reference_logps(model, batch, with_kl, free)
 
         metrics: dict[str, Any] = {}
         kl = None
         if with_kl:
             with torch.no_grad():  # z0 is detached: the mismatched pairs need no graph
                 kl_logps = sequence_logps(
-                    model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"]
+                    model,
+                    batch["kl_input_ids"],
+                    batch["kl_attention_mask"],
+                    batch["kl_completion_mask"],
+                    padding_free=free,
                 )[0]
             kl = kl_reference_point(kl_logps, ref_kl_logps)
             if ctx.num_processes > 1:  # one z0 for the step's micro-batch on every process, as TRL gathers it

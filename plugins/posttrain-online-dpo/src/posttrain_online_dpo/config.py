@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.generation import OnlineConfig
+from posttrain.rewards import reward_config_problems
 
 from posttrain_online_dpo.loss import LOSSES
 
@@ -38,6 +39,7 @@ class OnlineDPOConfig(OnlineConfig):
     beta: float = 0.1  # deviation from the reference; higher stays closer (paper: 0.1). tau for ipo
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid (DPO) or ipo (IPO on sequence log-ratios)
     disable_dropout: bool = True  # zero every dropout in the policy and the reference, as TRL does
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: only under flash attention
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -76,11 +78,5 @@ class OnlineDPOConfig(OnlineConfig):
                 "importance_sampling_correction is not supported by online-dpo: the DPO loss does not weight "
                 "samples by the policy that drew them (TRL neither); set it to null or false"
             )
-        if self.reward_weights is not None and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
-            found.append(
-                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
-                f"{len(self.reward_funcs)} functions ({', '.join(self.reward_funcs)}); give one weight each"
-            )
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            found.append(f"reward_funcs names a function twice: {self.reward_funcs}; use reward_weights to weight it")
+        found += reward_config_problems(self.reward_funcs, self.reward_weights)
         return found

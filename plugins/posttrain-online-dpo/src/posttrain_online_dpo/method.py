@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from posttrain import ConfigError, LossOutput, Metric, TrainContext
 from posttrain.generation import build_generator, collate_prompts, prepare_prompts, sample
-from posttrain.models import disable_dropout, eval_mode, reference_forward, reference_model
+from posttrain.models import disable_dropout, eval_mode, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import completion_logps
 from posttrain.rewards import Judge, RewardSet, is_judge
 
@@ -33,17 +33,20 @@ class OnlineDPO:
     name = "online-dpo"
     config_class = OnlineDPOConfig
     dataset_formats = ("prompt_only",)
+    supports_padding_free = True  # padding_free: the policy and reference score each pair as one (1, N) row
 
     def __init__(self) -> None:
         self.rewards: RewardSet | None = None  # ranks by score, or
         self.judge: Judge | None = None  # ranks by pairwise preference
         self.generator = None
         self.ref_model = None  # None under LoRA: the adapter-disabled policy is the reference
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
 
     # -- set up and data ------------------------------------------------------------------------------------
 
     def setup(self, ctx: TrainContext[OnlineDPOConfig]) -> None:
         config = ctx.config
+        self.padding_free = resolve_padding_free(ctx.model, config.padding_free)
         given_judges = [name for name, func in ctx.rewards.items() if is_judge(func)]
         if not (config.judge or config.reward_funcs or len(ctx.rewards) > len(given_judges)):
             hint = (
@@ -116,7 +119,7 @@ class OnlineDPO:
                 truncated=r.is_truncated[rows],  # (2P,)
             )
             with reference_forward(model, self.ref_model) as ref, eval_mode(ref):
-                batch["ref_logps"] = _summed_logps(ref, batch)
+                batch["ref_logps"] = _summed_logps(ref, batch, self._free(config))
             out.append(batch)
         return out
 
@@ -124,7 +127,7 @@ class OnlineDPO:
 
     def loss(self, model, batch: dict, ctx: TrainContext[OnlineDPOConfig]) -> LossOutput:
         config = ctx.config
-        logps = _summed_logps(model, batch)  # (2P,) [chosen; rejected]
+        logps = _summed_logps(model, batch, self._free(config))  # (2P,) [chosen; rejected]
         ranked = ~torch.isnan(batch["winner"])  # (P,)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
@@ -137,11 +140,19 @@ class OnlineDPO:
         metrics = {**batch["metrics"], **{name: Metric.ratio(*parts) for name, parts in stats.items()}}
         return LossOutput(loss_sum, n_items, {**metrics, "beta": config.beta})
 
+    def _free(self, config: OnlineDPOConfig) -> bool:
+        """Padding-free forwards: true is honoured without setup (which checks the model); auto needs setup."""
+        return config.padding_free is True or self.padding_free
 
-def _summed_logps(model: Any, batch: dict) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each completion's tokens, at temperature 1 (the policy itself, as TRL). (N,)"""
+
+def _summed_logps(model: Any, batch: dict, padding_free: bool = False) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each completion's tokens, at temperature 1 (the policy itself, as TRL). (N,)
+
+    ``padding_free`` runs the rows as one (1, N) row without the prompts' left padding (same sums, to rounding).
+    """
     mask = batch["completion_mask"]  # (N, C)
-    logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], mask.size(1))[0]  # (N, C)
+    ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    logps = completion_logps(model, ids, attention_mask, mask.size(1), padding_free=padding_free)[0]  # (N, C)
     return (logps * mask).sum(-1)
 
 

@@ -8,8 +8,10 @@ import sys
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import torch
 from posttrain import DataError, LossOutput, Metric, PosttrainError, RowProblem, TrainContext
-from posttrain.models import disable_dropout
+from posttrain.models import disable_dropout, resolve_padding_free
+from posttrain.ops import unpad
 
 from posttrain_reward.config import RewardConfig
 from posttrain_reward.data import collate_pairs, pair_problems, prepare_pairs
@@ -34,9 +36,11 @@ class Reward:
     name = "reward"
     config_class = RewardConfig
     dataset_formats = ("preference",)
+    supports_padding_free = True  # padding_free: one (1, N) row, each sequence scored at its own last token
 
     def __init__(self) -> None:
         self._new_head: str | None = None  # what load_model initialised, reported once in setup
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def load_model(self, config: RewardConfig) -> PreTrainedModel:
         """Load ``config.model`` as ``AutoModelForSequenceClassification`` with one output (the reward).
@@ -86,6 +90,7 @@ class Reward:
         # The classifier pools the rightmost token that is not pad_token_id; without it, batches of 2+ fail, and a
         # stale id would make it score padding.
         model.config.get_text_config().pad_token_id = ctx.tokenizer.pad_token_id
+        self.padding_free = resolve_padding_free(model, config.padding_free)
         if config.disable_dropout:
             disable_dropout(model)
         if self._new_head:
@@ -118,8 +123,11 @@ class Reward:
         return collate_pairs(rows, ctx.tokenizer.pad_token_id)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[RewardConfig]) -> LossOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        rewards = out.logits.squeeze(-1)  # (2B,): the head's output at each row's last non-pad token
+        if ctx.config.padding_free is True or self.padding_free:  # true works without setup; auto needs it
+            rewards = packed_rewards(model, batch["input_ids"], batch["attention_mask"], ctx.tokenizer.pad_token_id)
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            rewards = out.logits.squeeze(-1)  # (2B,): the head's output at each row's last non-pad token
         chosen_rewards, rejected_rewards = rewards.chunk(2)  # (B,) each
         losses = bradley_terry_loss(
             chosen_rewards, rejected_rewards, batch.get("margin"), ctx.config.center_rewards_coefficient
@@ -128,6 +136,46 @@ class Reward:
         if ctx.training:  # TRL's num_tokens: tokens trained on so far, padding excluded; the loop keeps the total
             metrics["num_tokens"] = Metric.total(batch["attention_mask"].sum())
         return LossOutput(losses.sum(), len(losses), metrics)
+
+
+def packed_rewards(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None
+) -> torch.Tensor:
+    """The rewards of a padded (2B, T) batch, run as one padding-free row (:func:`posttrain.ops.unpad`).
+
+    The classifier's own pooling (the rightmost token that is not ``pad_token_id``) would pick one token of the
+    whole packed row, so its head's per-token output is kept by a hook, and each sequence is scored at its own
+    rightmost non-pad token, as the padded forward scores each row (its first token if it has none).
+
+    Returns:
+        (2B,) rewards.
+    """
+    row = unpad(input_ids, attention_mask)
+    head = _score_layer(model)
+    kept: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, out: kept.append(out))
+    try:  # the model's own forward (DDP, PEFT and compile wrappers included), position_ids keep sequences apart
+        model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False)
+    finally:
+        hook.remove()
+    scores = kept[-1][0, :, 0]  # (N,): the head's output at every token
+    segments, n = row["sequence_ids"][0], input_ids.size(0)
+    index = torch.arange(len(segments), device=segments.device)
+    starts = torch.full((n,), len(segments), device=segments.device).scatter_reduce(0, segments, index, "amin")
+    candidates = index.masked_fill(row["input_ids"][0] == pad_token_id, -1) if pad_token_id is not None else index
+    last = torch.full((n,), -1, device=segments.device).scatter_reduce(0, segments, candidates, "amax")
+    return scores[torch.where(last >= 0, last, starts)]
+
+
+def _score_layer(model: Any) -> torch.nn.Module:
+    """The classifier's ``score`` head (the outermost module of that name: PEFT's wrapper when it wraps one)."""
+    names = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "score"]
+    if not names:
+        raise PosttrainError(
+            f"padding_free is on, but {type(model).__name__} has no 'score' head to read per-token rewards from; "
+            "set padding_free false"
+        )
+    return model.get_submodule(min(names, key=len))
 
 
 def _say(ctx: TrainContext, text: str) -> None:

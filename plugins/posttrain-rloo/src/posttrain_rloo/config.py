@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 from posttrain.generation import OnlineConfig
+from posttrain.rewards import reward_config_problems
 
 
 @dataclass
@@ -32,6 +34,7 @@ class RLOOConfig(OnlineConfig):
     epsilon: float = 0.2  # lower clipping bound of the sequence importance ratio: 1 - epsilon
     epsilon_high: float | None = None  # upper bound 1 + epsilon_high; None -> epsilon
     num_iterations: int = 1  # optimizer steps per rollout (mu); the loop reuses each rollout, no data dropped
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
     use_vllm: bool = False  # deprecated alias of generation_backend: vllm (removed in 3.0)
 
     def __post_init__(self) -> None:
@@ -71,11 +74,5 @@ class RLOOConfig(OnlineConfig):
             len(self.reward_clip_range) != 2 or self.reward_clip_range[0] > self.reward_clip_range[1]
         ):
             found.append(f"reward_clip_range must be [low, high] with low <= high, got {self.reward_clip_range}")
-        if self.reward_weights is not None and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
-            found.append(
-                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
-                f"{len(self.reward_funcs)} functions ({', '.join(self.reward_funcs)}); give one weight each"
-            )
-        if len(set(self.reward_funcs)) != len(self.reward_funcs):
-            found.append(f"reward_funcs names a function twice: {self.reward_funcs}; use reward_weights to weight it")
+        found += reward_config_problems(self.reward_funcs, self.reward_weights)
         return found

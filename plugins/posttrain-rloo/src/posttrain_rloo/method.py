@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from posttrain import LossOutput, TrainContext
 from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
-from posttrain.models import eval_mode, reference_forward, reference_model
+from posttrain.models import eval_mode, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import completion_logps
 from posttrain.rewards import RewardSet
 
@@ -31,15 +31,18 @@ class RLOO:
     name = "rloo"
     config_class = RLOOConfig
     dataset_formats = ("prompt_only",)
+    supports_padding_free = True  # padding_free: the policy and reference score rollouts as one (1, N) row
 
     def __init__(self) -> None:
         self.rewards: RewardSet | None = None
         self.generator = None
         self.ref_model = None
+        self.padding_free = False  # padding_free "auto" resolved for the model by setup
 
     # Copied from posttrain_grpo.method.GRPO.setup with GRPO->RLOO
     def setup(self, ctx: TrainContext[RLOOConfig]) -> None:
         config = ctx.config
+        self.padding_free = resolve_padding_free(ctx.model, config.padding_free)
         self.rewards = RewardSet.resolve(
             config.reward_funcs, config.reward_weights, config.reward_kwargs, ctx=ctx, method=self.name
         )
@@ -70,6 +73,7 @@ class RLOO:
         rollouts = sample(self.generator, model, batches, ctx, num_generations=k, rewards=self.rewards)
         correct = config.importance_sampling_correction
         correct = self.generator.reports_logps if correct is None else correct
+        free = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
         out = []
         for r in rollouts:
             mask = r.completion_mask  # (N, C)
@@ -83,7 +87,9 @@ class RLOO:
             needs_old = config.beta != 0.0 or config.num_iterations > 1 or (correct and r.sampling_logps is not None)
             if needs_old:
                 with eval_mode(model):
-                    old = completion_logps(model, r.input_ids, r.attention_mask, width, config.temperature)[0]
+                    old = completion_logps(
+                        model, r.input_ids, r.attention_mask, width, config.temperature, padding_free=free
+                    )[0]
                 batch["old_logps"] = old
             if correct and r.sampling_logps is not None:
                 batch["is_weights"], is_metrics = importance_weights(
@@ -97,7 +103,9 @@ class RLOO:
                 metrics.update(is_metrics)
             if config.beta != 0.0:
                 with reference_forward(model, self.ref_model) as ref, eval_mode(ref):
-                    ref_logps = completion_logps(ref, r.input_ids, r.attention_mask, width, config.temperature)[0]
+                    ref_logps = completion_logps(
+                        ref, r.input_ids, r.attention_mask, width, config.temperature, padding_free=free
+                    )[0]
                 rewards, per_token_kl = kl_penalized_rewards(rewards, old, ref_logps, mask, config.beta)
                 metrics["kl"] = float(per_token_kl.sum() / mask.sum().clamp(min=1))
             advantages, std = rloo_advantages(rewards.cpu(), k, config.normalize_advantages)
@@ -111,7 +119,14 @@ class RLOO:
         config = ctx.config
         mask = batch["completion_mask"]  # (N, C)
         logps, entropy = completion_logps(
-            model, batch["input_ids"], batch["attention_mask"], mask.size(1), config.temperature, with_entropy=True
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            mask.size(1),
+            config.temperature,
+            with_entropy=True,
+            # one (1, N) row without the prompts' left padding and the completions' right padding
+            padding_free=config.padding_free is True or self.padding_free,
         )
         old_logps = batch.get("old_logps")
         loss_sum, n_items, stats = rloo_loss(

@@ -356,7 +356,7 @@ def prepare_rows(dataset: Any, tokenizer: Any, config: SFTConfig, processor: Any
 
 def _check_image_options(config: SFTConfig) -> None:
     """Options that cannot work with image rows fail before tokenizing (as in TRL)."""
-    if config.packing or config.padding_free:
+    if config.packing or config.padding_free is True:  # auto keeps image rows padded
         raise ConfigError(
             f"{'packing' if config.packing else 'padding_free'} is true, but the dataset has images: the model matches "
             "image features to image tokens across a whole row, so sequences with images cannot share one. Set "

@@ -4,50 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from posttrain import ConfigError, LossOutput, Metric, RowProblem, TrainContext
+from posttrain import LossOutput, Metric, RowProblem, TrainContext
+from posttrain.models import check_packed_attention, resolve_padding_free
 from posttrain.ops import token_stats
 from posttrain.vision import model_inputs
 
 from posttrain_sft.config import SFTConfig
 from posttrain_sft.data import collate, prepare_rows, row_problems
 from posttrain_sft.loss import IGNORE_INDEX, LOSSES, shift_labels
-
-
-@torch.no_grad()
-def check_packed_attention(model: Any) -> None:
-    """Fail at start-up when the model lets sequences concatenated in one row attend to each other.
-
-    Padding-free batches rely on transformers deriving a block-diagonal causal mask from ``position_ids`` that
-    restart at 0 (``masking_utils.find_packed_sequence_indices``, used by eager, sdpa, flex and flash attention when
-    no attention mask and no cache are passed). A model or kernel that ignores the restarts would train on
-    cross-sequence attention silently, so two short sequences are run packed and separately and compared.
-
-    Raises:
-        ConfigError: the packed logits differ from the separate ones.
-    """
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    first, second = torch.arange(1, 7, device=device) % vocab, torch.arange(7, 11, device=device) % vocab
-    position_ids = torch.cat([torch.arange(6), torch.arange(4)]).to(device)[None]
-    was_training = model.training
-    model.eval()  # no dropout, so any difference comes from the mask
-    try:
-        separate = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (first, second)]).float()
-        packed = model(input_ids=torch.cat([first, second])[None], position_ids=position_ids, use_cache=False)
-        packed = packed.logits[0].float()
-    finally:
-        model.train(was_training)
-    error = float((packed - separate).abs().max() / separate.abs().max().clamp(min=1e-6))
-    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    if error > tolerance:
-        impl = getattr(model.config, "_attn_implementation", None)
-        raise ConfigError(
-            f"packing/padding_free is true, but with attn_implementation={impl!r} this model lets sequences that share "
-            f"a row attend to each other (relative logit difference {error:.2e} against separate sequences, allowed "
-            f"{tolerance:.0e}). Use attn_implementation sdpa, eager, flex_attention or flash_attention_2 with a model "
-            "whose attention mask follows position_ids restarts, or set packing and padding_free false."
-        )
 
 
 class SFT:
@@ -65,10 +29,13 @@ class SFT:
     config_class = SFTConfig
     dataset_formats = ("language_modeling", "prompt_completion")
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
+    supports_padding_free = True  # padding_free / packing: one (1, N) row per micro-batch
+    padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def setup(self, ctx: TrainContext[SFTConfig]) -> None:
-        if ctx.config.packing or ctx.config.padding_free:
+        if ctx.config.packing or ctx.config.padding_free is True:
             check_packed_attention(ctx.model)
+        self.padding_free = ctx.config.padding_free == "auto" and resolve_padding_free(ctx.model, "auto")
 
     def check_rows(self, rows: Any) -> list[RowProblem]:
         """Every bad row (core's format checks, then prompt/completion mixing a string and messages), for ``posttrain
@@ -79,7 +46,9 @@ class SFT:
         return prepare_rows(dataset, ctx.tokenizer, ctx.config, processor=ctx.processor)
 
     def collate(self, rows: list[dict], ctx: TrainContext[SFTConfig]) -> dict:
-        padding_free = ctx.config.padding_free or ctx.config.packing
+        padding_free = ctx.config.padding_free is True or ctx.config.packing
+        # auto: padding-free where setup found a varlen attention kernel, image rows padded
+        padding_free = padding_free or (self.padding_free and not any("images" in r for r in rows))
         return collate(rows, ctx.tokenizer.pad_token_id, padding_free=padding_free, processor=ctx.processor)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[SFTConfig]) -> LossOutput:

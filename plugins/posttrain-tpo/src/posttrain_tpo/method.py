@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout
+from posttrain.models import disable_dropout, resolve_padding_free
 from posttrain.ops import token_stats
 
 from posttrain_tpo.config import TPOConfig
@@ -39,8 +39,11 @@ class TPO:
     name = "tpo"
     config_class = TPOConfig
     dataset_formats = ("preference",)  # plus the `reference` column, validated in posttrain_tpo.data
+    supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
+    padding_free = False  # padding_free "auto" resolved for the model by setup
 
     def setup(self, ctx: TrainContext[TPOConfig]) -> None:
+        self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
 
@@ -63,7 +66,14 @@ class TPO:
         labels = F.pad(ids[:, 1:].masked_fill(~completion[:, 1:].bool(), -100), (0, 1), value=-100)  # (rows, T)
         # the head runs in chunks on completion tokens only: no (rows, T, V) logits (posttrain.ops.token_stats)
         out = token_stats(
-            model, labels, top1=True, mean_logit=True, input_ids=ids, attention_mask=batch["attention_mask"]
+            model,
+            labels,
+            top1=True,
+            mean_logit=True,
+            # one (1, N) row without padding when padding_free is on (true works without setup; auto needs it)
+            padding_free=c.padding_free is True or self.padding_free,
+            input_ids=ids,
+            attention_mask=batch["attention_mask"],
         )
         valid = labels >= 0  # (branches * n, T)
         n_tokens = valid.sum(-1)  # (branches * n,)
