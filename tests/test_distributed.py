@@ -19,7 +19,8 @@ from posttrain.loop import train
 rows = [{"text": ("abc " * (1 + i % 7)) + str(i)} for i in range(32)]
 config = toy.ToyConfig(model=sys.argv[2], output_dir=sys.argv[3], max_steps=3, learning_rate=1e-3,
                        per_device_train_batch_size=int(sys.argv[4]), gradient_accumulation_steps=2,
-                       logging_steps=1, disable_progress_bar=True, seed=0, save_steps=2)
+                       logging_steps=1, disable_progress_bar=True, seed=0, save_steps=2,
+                       group_by_length=sys.argv[5:] == ["group"])
 result = train(toy.Toy(), config, train_dataset=rows)
 if result.output_dir and int(__import__("os").environ.get("RANK", "0")) == 0:
     open(sys.argv[3] + "/losses.json", "w").write(json.dumps([r["loss"] for r in result.log_history]))
@@ -33,12 +34,22 @@ def free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_two_processes_equal_one(tmp_path, tiny_model_dir, toy_method_source):
+@pytest.mark.parametrize("order", ["random", "group"])
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, toy_method_source, order):
+    """Also with group_by_length: each process takes its share of the same length-grouped micro-batches."""
     (tmp_path / "posttrain_ddp_toy.py").write_text(toy_method_source)
     (tmp_path / "run.py").write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
-        [sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tiny_model_dir), str(tmp_path / "one"), "4"],
+        [
+            sys.executable,
+            str(tmp_path / "run.py"),
+            str(tmp_path),
+            str(tiny_model_dir),
+            str(tmp_path / "one"),
+            "4",
+            order,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -61,6 +72,7 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, toy_method_source):
             str(tiny_model_dir),
             str(tmp_path / "two"),
             "2",
+            order,
         ],
         capture_output=True,
         text=True,

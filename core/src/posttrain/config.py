@@ -38,6 +38,7 @@ class TrainingConfig:
 
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 ``freeze`` (vision-language models).
+    .. versionchanged:: 1.1 ``group_by_length``.
     """
 
     # -- what to train on
@@ -63,6 +64,8 @@ class TrainingConfig:
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     seed: int = 42
+    # rows of similar length share a micro-batch (less padding); steps stay in random order (docs: training loop)
+    group_by_length: bool = False
     # -- model and precision
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # weights as loaded
     bf16: bool = False  # autocast to bfloat16 (needs hardware support)

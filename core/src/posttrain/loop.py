@@ -18,6 +18,7 @@ linear, so scaling them once per step is exact and costs one fused multiply.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import warnings
@@ -91,6 +92,7 @@ class _Run:
     rollout_cache: dict[int, dict] = field(default_factory=dict)  # micro-step -> rolled-out batch (reuse > 1)
     lock: Any = None  # the output_dir lock (main process)
     resume_path: Path | None = None
+    lengths: tuple[int, ...] | None = None  # each train row's token count, with group_by_length
 
 
 def train(
@@ -241,11 +243,7 @@ def _load_everything(
         _resume.check_total_steps(total_steps, resume_path)
     optimizer = _optimizer(model, config)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(
-        config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
+    scheduler = _scheduler(optimizer, config.lr_scheduler_type, warmup, total_steps)
     dist.doing("wrapping the model (accelerator.prepare)", 0)
     model, optimizer = accelerator.prepare(model, optimizer)
     main = accelerator.is_main_process
@@ -280,6 +278,8 @@ def _load_everything(
         run.rollout_cache = state.get("rollout_cache", {})
         for name, service in run.ctx.services.items():
             service.load_state_dict(state.get("services", {}).get(name, {}))
+    if config.group_by_length:
+        run.lengths = _row_lengths(method, train_rows)
     run.ctx.step = run.result.global_step = run.step
     run.ctx._upcoming = lambda horizon: _upcoming_batches(run, horizon)
     if main:
@@ -289,6 +289,29 @@ def _load_everything(
     )
     run.resume_path = resume_path
     return run
+
+
+def _lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at ``step``: transformers' schedule formulas (``get_scheduler``), written out."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant_with_warmup":
+        return 1.0
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))  # cosine, half a cycle
+
+
+def _scheduler(optimizer: Any, kind: str, warmup: int, total: int) -> Any:
+    """The ``lr_scheduler_type`` schedule as a ``LambdaLR``, the same numbers and checkpoint state as transformers'
+    ``get_scheduler``; importing that (``transformers.optimization``) imports the Trainer's utilities and PEFT,
+    ~0.4 s of CPU before the first step that a run without LoRA never uses."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(_lr_factor, kind=kind, warmup=warmup, total=total)
+    )
 
 
 def _plugin_callbacks(config: Any) -> list[Any]:
@@ -412,21 +435,85 @@ def _write_run_files(run: _Run, provenance: dict | None) -> None:
 # -- one optimizer step ------------------------------------------------------------------------------------
 
 
-def _step_rows(step: int, n_rows: int, batch_size: int, accumulation: int, world: int, rank: int, seed: int):
+def _step_rows(
+    step: int,
+    n_rows: int,
+    batch_size: int,
+    accumulation: int,
+    world: int,
+    rank: int,
+    seed: int,
+    lengths: tuple[int, ...] | None = None,
+):
     """Row indices of each micro-batch of data step ``step`` on process ``rank``, and the epoch.
 
-    The order is a pure function of (seed, epoch), so resuming at any step replays the same data,
-    and P processes with batch B see exactly the rows one process with batch P*B sees.
+    The order is a pure function of (seed, epoch, lengths), so resuming at any step replays the same data,
+    and P processes with batch B see exactly the rows one process with batch P*B sees. With ``lengths``
+    (``group_by_length``) the epoch's rows are grouped by length first (:func:`_grouped_by_length`).
     """
     global_micro = batch_size * world
     per_epoch = n_rows // (global_micro * accumulation)
     epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if lengths is None:
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = _grouped_by_length(seed + epoch, lengths, global_micro, accumulation, per_epoch)
     start = within * accumulation * global_micro
     return [
         order[start + k * global_micro + rank * batch_size : start + k * global_micro + (rank + 1) * batch_size]
         for k in range(accumulation)
     ], epoch
+
+
+#: A mega-batch holds at most this many optimizer steps' rows (transformers' ``mega_batch_mult`` cap)
+_MEGA_BATCH_STEPS = 50
+
+
+@functools.lru_cache(maxsize=2)  # the current epoch (and the one a look-ahead reaches): one sort per epoch
+def _grouped_by_length(seed: int, lengths: tuple[int, ...], micro: int, accumulation: int, steps: int) -> list[int]:
+    """One epoch's row order with rows of similar length in the same micro-batch (``group_by_length``).
+
+    The mega-batch scheme of transformers' length-grouped sampler: the same random permutation as the plain
+    order (so the same rows train in the epoch's ``steps`` steps), cut into mega-batches of up to
+    :data:`_MEGA_BATCH_STEPS` optimizer steps (at most a quarter of the epoch, so grouping never fixes an
+    epoch's batches), each sorted by length, longest first, and cut into micro-batches of ``micro`` rows (all
+    processes' rows of one micro-step, so any process count gets the same micro-batches). The micro-batches
+    are then shuffled, so the order of lengths over steps stays random, and the one holding the longest row
+    goes first: a batch that does not fit in memory fails at the first step, not hours in.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    used = micro * accumulation * steps
+    order = torch.randperm(len(lengths), generator=generator).tolist()[:used]
+    mega = micro * accumulation * max(1, min(_MEGA_BATCH_STEPS, steps // 4))
+    batches = []
+    for begin in range(0, used, mega):
+        ranked = sorted(order[begin : begin + mega], key=lambda i: -lengths[i])  # stable: ties keep the random order
+        batches += [ranked[k : k + micro] for k in range(0, len(ranked), micro)]
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for batch in batches for i in batch]
+
+
+def _row_lengths(method: Any, rows: Any) -> tuple[int, ...]:
+    """Each prepared row's width in a padded batch, for ``group_by_length``: ``input_ids``' length, or else the
+    prompt's (``prompt_ids``) plus the longest of the row's other token lists (``chosen_ids``,
+    ``rejected_ids``, ``completion_ids``, ...), which a pairwise method pads to one width."""
+    lengths = []
+    for index in range(len(rows)):
+        row = rows[index]
+        if "input_ids" in row:
+            lengths.append(len(row["input_ids"]))
+            continue
+        others = [len(v) for k, v in row.items() if k.endswith("_ids") and k != "prompt_ids" and hasattr(v, "__len__")]
+        if "prompt_ids" not in row and not others:
+            raise PluginError(
+                f"method {getattr(method, 'name', method)!r}: group_by_length needs each prepared row's token count, "
+                f"but row {index} has no input_ids, prompt_ids or other *_ids token list (its fields: "
+                f"{sorted(row)}); set group_by_length: false"
+            )
+        lengths.append(len(row.get("prompt_ids", ())) + max(others, default=0))
+    return tuple(lengths)
 
 
 def _rows_of_step(run: _Run, step: int) -> tuple[list[list[int]], int]:
@@ -440,6 +527,7 @@ def _rows_of_step(run: _Run, step: int) -> tuple[list[list[int]], int]:
         accelerator.num_processes,
         accelerator.process_index,
         run.config.seed,
+        run.lengths,
     )
 
 
