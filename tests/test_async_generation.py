@@ -223,15 +223,20 @@ def boom_rows_of_step(step: int) -> set[int]:
     return {i for ix in micro_rows for i in ix}
 
 
+# The worker's progress is a heartbeat at each phase change, so the timeout must exceed the longest phase the
+# run has (sampling one batch: about 0.2 s here, seconds on a heavily loaded machine). A failure or a death is an
+# event, and the timeout only bounds the test; a hang is found by the timeout: 20 s is about 100x the sampling.
 @pytest.mark.parametrize(
-    ("reward", "expected"),
+    ("reward", "timeout", "expected"),
     [
-        ("fails", r"failed while scoring \(the batch for step 2\): RewardError: reward function 'fails' raised on"),
-        ("dies", r"exited \(7\) while scoring \(the batch for step 2\), without reporting an error"),
-        ("hangs", r"made no progress for 3 s while scoring \(the batch for step 2\); it was stopped"),
+        ("fails", 120.0, r"failed while scoring \(the batch for step 2\): RewardError: reward function 'fails' raised"),
+        ("dies", 120.0, r"exited \(7\) while scoring \(the batch for step 2\), without reporting an error"),
+        ("hangs", 20.0, r"made no progress for 20 s while scoring \(the batch for step 2\); it was stopped"),
     ],
 )
-def test_a_failing_worker_stops_the_run_with_a_clear_error(reward, expected, tiny_model_dir, tmp_path, rewards_module):
+def test_a_failing_worker_stops_the_run_with_a_clear_error(
+    reward, timeout, expected, tiny_model_dir, tmp_path, rewards_module
+):
     """A reward that raises, kills its process or blocks on the rows of step 2 (sampled while step 1 trains):
     the trainer names the worker's phase and step (and shows the traceback when there is one), stops it, and
     never hangs."""
@@ -244,7 +249,7 @@ def test_a_failing_worker_stops_the_run_with_a_clear_error(reward, expected, tin
             rows_=rows(boom=boom_rows_of_step(1)),
             async_generation=True,
             max_staleness=1,
-            async_generation_timeout=3.0,
+            async_generation_timeout=timeout,
         )
     message = str(info.value)
     assert "--resume_from_checkpoint latest" in message and "async_generation false" in message
