@@ -176,6 +176,17 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
 
 
+def _ensure_pad_token(tokenizer: Any, what: str, name: str, save: str) -> None:
+    """Batches are padded: reuse EOS as the pad token when there is none (padding is masked out, so it is safe)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PosttrainError(
+                f"{what} has neither a pad nor an EOS token; add a pad token "
+                f"({name}.add_special_tokens({{'pad_token': '<pad>'}})) and {save}."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer; give it a pad token (the EOS token) when it has none.
 
@@ -197,13 +208,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
             f"cannot load the tokenizer of {path!r}: {_first_line(exc)}. Check that the directory holds the files "
             "tokenizer.save_pretrained writes."
         ) from None
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise PosttrainError(
-                f"tokenizer at {path!r} has neither a pad nor an EOS token; add a pad token "
-                "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it again."
-            )
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so reusing EOS is safe
+    _ensure_pad_token(tokenizer, f"tokenizer at {path!r}", "tokenizer", "save it again")
     return tokenizer
 
 
@@ -232,14 +237,12 @@ def load_processor(path: str, trust_remote_code: bool = False):
             "processor (preprocessor_config.json or processor_config.json), so images cannot be turned into pixel "
             "values. Save the model's processor next to it: processor.save_pretrained(PATH)."
         )
-    tokenizer = processor.tokenizer
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise PosttrainError(
-                f"the tokenizer of the processor at {path!r} has neither a pad nor an EOS token; add a pad token "
-                "(processor.tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save the processor again."
-            )
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so reusing EOS is safe
+    _ensure_pad_token(
+        processor.tokenizer,
+        f"the tokenizer of the processor at {path!r}",
+        "processor.tokenizer",
+        "save the processor again",
+    )
     return processor
 
 
