@@ -810,10 +810,9 @@ def bench_startup(tmp: Path, repeats: int) -> dict:
 def build_word_model(size: str, root: Path) -> Path:
     """A Llama with the realistic vocabulary: a word-level tokenizer of ``vocab_size`` entries (the special tokens of
     ``posttrain.testing``'s tokenizer, then the words of :func:`word`), built locally, and a random model."""
-    import torch
-    from posttrain.testing import CHAT_TEMPLATE
+    from posttrain.testing import CHAT_TEMPLATE, build_tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     s = SIZES[size]
     specials = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<unk>"]
@@ -828,27 +827,8 @@ def build_word_model(size: str, root: Path) -> Path:
         additional_special_tokens=specials[2:5],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=max(1, s["num_heads"] // 2),
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    path = root / size
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    shape = {k: s[k] for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size")}
+    return build_tiny_model(root / size, **shape, seed=SEED, tokenizer=tokenizer, max_position_embeddings=4096)
 
 
 def build_model(size: str, root: Path) -> str:

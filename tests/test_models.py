@@ -96,6 +96,18 @@ def test_teacher_must_share_vocabulary(tmp_path, tiny_model_dir):
         models.load_teacher(str(other), student_tok, config)
 
 
+def test_tiny_model_takes_its_context_length_and_tokenizer(tmp_path):
+    from posttrain.testing import build_tiny_model, build_tokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = build_tokenizer(extra_characters="éü")
+    path = build_tiny_model(tmp_path / "long", tokenizer=tokenizer, max_position_embeddings=4096)
+    config = AutoConfig.from_pretrained(path)
+    assert config.max_position_embeddings == 4096 and config.vocab_size == len(tokenizer)
+    assert AutoTokenizer.from_pretrained(path).get_vocab() == tokenizer.get_vocab()
+    assert AutoConfig.from_pretrained(build_tiny_model(tmp_path / "default")).max_position_embeddings == 512
+
+
 def test_token_logps_matches_cross_entropy():
     from posttrain.ops import token_logps
 

@@ -64,10 +64,12 @@ def build_tiny_model(
     intermediate_size: int | None = None,
     seed: int = 0,
     tokenizer=None,
+    max_position_embeddings: int = 512,
 ) -> Path:
-    """Write a random tiny causal LM plus the character tokenizer to ``path`` and return it.
+    """Write a random tiny causal LM plus the character tokenizer (or ``tokenizer``) to ``path`` and return it.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 1.0 ``max_position_embeddings`` (rows longer than 512 tokens).
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -83,7 +85,7 @@ def build_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
