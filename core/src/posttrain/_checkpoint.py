@@ -24,7 +24,17 @@ process at once with ``torch.distributed.checkpoint`` instead of ``model.safeten
         sharded/                          # .metadata + one __<rank>_0.distcp file per process
 
 The sharded state is keyed by parameter name, so it loads on any number of processes (FSDP2, DDP or
-one process): ``torch.distributed.checkpoint`` re-slices it for the new layout. The final model at the
+one process): ``torch.distributed.checkpoint`` re-slices it for the new layout.
+
+Under DeepSpeed (ZeRO-2, ZeRO-3) the engine writes its own checkpoint (``engine.save_checkpoint``: the module
+state, and each process's partition of the fp32 weights and optimizer state) into ``deepspeed/`` of the same
+temporary directory, so it is renamed into place with the rest::
+
+    checkpoint-20/
+        config.json, tokenizer files, scheduler.pt, rng_state_<rank>.pt, ..., trainer_state.json
+        deepspeed/state/                  # mp_rank_00_model_states.pt + zero_pp_rank_<rank>_..._optim_states.pt
+
+It resumes under DeepSpeed on the same number of processes (the partitions are per process). The final model at the
 end of the run is always consolidated into one ``save_pretrained`` directory. ``output_dir`` must be on
 a filesystem every node sees (as a two-node run needs anyway).
 
@@ -33,7 +43,10 @@ lists, tuples and dicts come back, so a planted pickle payload cannot run code o
 converted to those types when saved (the numpy RNG state's array becomes a tensor). The sharded
 format's pickled parts follow the same rule: its ``.metadata`` is read by an unpickler that knows only
 ``torch.distributed.checkpoint``'s metadata classes and torch's dtypes/sizes, and its non-tensor entries
-(learning rates, betas) by ``torch.load(weights_only=True)``.
+(learning rates, betas) by ``torch.load(weights_only=True)``. DeepSpeed loads its files with
+``torch.load(weights_only=False)``, so before it does, each file is read once with ``weights_only=True``
+(plus the few plain-data classes DeepSpeed writes, :func:`_deepspeed_safe_classes`): a file holding
+anything else is refused before DeepSpeed unpickles it.
 """
 
 from __future__ import annotations
@@ -50,6 +63,8 @@ from posttrain._errors import PosttrainError
 
 STATE_FILE = "trainer_state.json"
 SHARDED_DIR = "sharded"
+DEEPSPEED_DIR = "deepspeed"
+_DEEPSPEED_TAG = "state"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -136,10 +151,12 @@ def save_checkpoint(
     services: dict | None = None,
     save_total_limit: int | None = None,
     sharded: bool = False,
+    deepspeed: bool = False,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically; every process must call this (collective).
 
-    ``sharded``: the model is FSDP2-sharded; weights and optimizer go to ``sharded/`` (module docstring)."""
+    ``sharded``: the model is FSDP2-sharded; weights and optimizer go to ``sharded/``. ``deepspeed``: the model
+    is a DeepSpeed engine; its own checkpoint goes to ``deepspeed/`` (module docstring)."""
     import torch
 
     output_dir = Path(output_dir)
@@ -163,10 +180,13 @@ def save_checkpoint(
             torch.save(services, tmp / f"service_state_{accelerator.process_index}.pt")
         if sharded:
             _save_sharded(tmp / SHARDED_DIR, model, optimizer)  # every process writes its own shards
+        if deepspeed:
+            model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=_DEEPSPEED_TAG, save_latest=False)
+            accelerator.wait_for_everyone()
         if main:
             unwrapped = accelerator.unwrap_model(model)
-            if sharded:
-                unwrapped.config.save_pretrained(tmp)  # the weights are in sharded/
+            if sharded or deepspeed:
+                unwrapped.config.save_pretrained(tmp)  # the weights are in sharded/ or deepspeed/
             else:
                 unwrapped.save_pretrained(tmp, safe_serialization=True)
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -178,7 +198,7 @@ def save_checkpoint(
                 torch.save(method_state(), tmp / "method_state.pt")
             # trainer_state.json last: its presence marks a complete checkpoint
             (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}, indent=2))
-            for file in tmp.iterdir():
+            for file in [*tmp.iterdir(), *(tmp / DEEPSPEED_DIR).rglob("*")]:
                 if file.is_file():  # sharded/: each process fsynced its own files
                     with open(file, "rb") as fh:
                         os.fsync(fh.fileno())
@@ -327,6 +347,55 @@ def _safe_load_planner() -> Any:
     return SafeLoadPlanner()
 
 
+# -- DeepSpeed: the engine's own checkpoint, checked to be plain data before DeepSpeed unpickles it ---------------
+
+
+def _deepspeed_safe_classes() -> list[Any]:
+    """The classes DeepSpeed 0.19's ZeRO-2/3 optimizer files hold besides tensors, numbers, strings, lists and
+    dicts: the stage (an int enum), the static loss scaler (a record of numbers) and each parameter's
+    (start, numel) in the flat partition. Rebuilding them sets attributes; none runs code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def _check_deepspeed_files(directory: Path) -> None:
+    """Read every DeepSpeed checkpoint file with ``weights_only=True`` (and :func:`_deepspeed_safe_classes`),
+    so a file holding anything else raises ``UnpicklingError`` here, before DeepSpeed loads it unrestricted."""
+    import pickle
+
+    import torch
+
+    files = sorted(f for f in directory.rglob("*.pt") if f.is_file())
+    if not files:
+        raise FileNotFoundError(f"no DeepSpeed state files in {directory}")
+    with torch.serialization.safe_globals(_deepspeed_safe_classes()):
+        for file in files:
+            try:
+                torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise pickle.UnpicklingError(f"{file.name}: refused to unpickle ({exc})") from None
+
+
+def _load_deepspeed(directory: Path, engine: Any, processes: int) -> None:
+    """Restore the engine's weights and optimizer partitions (the learning-rate schedule is posttrain's)."""
+    tag = directory / _DEEPSPEED_TAG
+    written_by = len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) or len(list(tag.glob("*optim_states.pt")))
+    if written_by and written_by != processes:
+        raise ValueError(
+            f"written by {written_by} DeepSpeed processes, resumed on {processes}: a DeepSpeed checkpoint holds one "
+            "optimizer partition per process, so resume on the same number of processes"
+        )
+    _check_deepspeed_files(directory)
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=_DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}")
+
+
 class CheckpointWriteError(PosttrainError, OSError):
     """Writing a checkpoint failed (full disk, quota, permissions); nothing partial was left behind."""
 
@@ -386,7 +455,19 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
     try:
         state = json.loads(reading.read_text())
         unwrapped = accelerator.unwrap_model(model)
-        if (path / SHARDED_DIR).is_dir():
+        from posttrain._distributed import is_deepspeed
+
+        under_deepspeed = is_deepspeed(accelerator)
+        if under_deepspeed != (path / DEEPSPEED_DIR).is_dir():
+            raise ValueError(
+                "it was written under DeepSpeed, and this run is not: resume it with the same DeepSpeed config"
+                if not under_deepspeed
+                else "it was not written under DeepSpeed, and this run is: resume it with the launcher that wrote it"
+            )
+        if under_deepspeed:
+            reading = path / DEEPSPEED_DIR
+            _load_deepspeed(reading, model, accelerator.num_processes)
+        elif (path / SHARDED_DIR).is_dir():
             reading = path / SHARDED_DIR
             _load_sharded(reading, model, optimizer)
         elif (path / "adapter_model.safetensors").is_file():
@@ -407,7 +488,7 @@ def load_checkpoint(path: str | Path, *, accelerator, model, optimizer, schedule
                 raise ValueError(
                     f"weights do not match the model (missing {really_missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        if not (path / SHARDED_DIR).is_dir():
+        if not (path / SHARDED_DIR).is_dir() and not under_deepspeed:
             reading = path / "optimizer.pt"
             optimizer.load_state_dict(_load(reading, map_location="cpu"))
         reading = path / "scheduler.pt"

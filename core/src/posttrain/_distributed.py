@@ -39,15 +39,6 @@ def make_accelerator(config: Any, mixed_precision: str, cpu: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        raise ConfigError(
-            "the accelerate config selects DeepSpeed, which the posttrain loop does not support yet: DeepSpeed's "
-            "engine steps the optimizer inside backward() and keeps ZeRO gradients in its own buffers, while the "
-            "loop scales the summed gradients by processes / items once per step, after every micro-batch's "
-            "backward (the exact normalisation of training-loop.md). Use FSDP2 instead, which shards the same "
-            "things: --accelerate_config fsdp2 (like ZeRO-3; fsdp_reshard_after_forward: false is like ZeRO-2, "
-            "fsdp_offload_params: true like ZeRO-Offload). See docs/distributed.md."
-        )
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if launcher_precision not in ("no", mixed_precision):
         raise ConfigError(
@@ -62,7 +53,21 @@ def make_accelerator(config: Any, mixed_precision: str, cpu: bool) -> Any:
             "the accelerate config selects FSDP version 1 on CPU; posttrain supports FSDP2 "
             "(fsdp_version: 2 in the config file), which runs on CPU with gloo."
         )
-    kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))
+    timeout = timedelta(seconds=config.ddp_timeout)
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        _refuse_unsupported_deepspeed(config, mixed_precision)
+        if cpu:
+            _prepare_deepspeed_on_cpu()
+            # accelerate takes its DeepSpeed path only with cpu=False; gloo is what DeepSpeed's CPU accelerator
+            # uses without oneCCL, named here because accelerate would otherwise find no backend at all
+            kwargs = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+            accelerator = Accelerator(mixed_precision=mixed_precision, cpu=False, kwargs_handlers=[kwargs])
+        else:
+            kwargs = InitProcessGroupKwargs(timeout=timeout)
+            accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs])
+        _configure_deepspeed(accelerator, config, mixed_precision)
+        return accelerator
+    kwargs = InitProcessGroupKwargs(timeout=timeout)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[kwargs])
     if fsdp_on_cpu and accelerator.num_processes > 1:
         _enable_fsdp2_on_cpu(accelerator)
@@ -88,13 +93,180 @@ def _enable_fsdp2_on_cpu(accelerator: Any) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
+# -- DeepSpeed ZeRO-2 / ZeRO-3 -------------------------------------------------------------------------------------
+#
+# The loop's normalisation (training-loop.md) needs the step's item count N, known only after every micro-batch's
+# forward. Under DeepSpeed the engine reduces (averages) the gradients over the processes and keeps them in its own
+# partitioned buffers, so the loop cannot scale them after backward as it does otherwise. It uses the ZeRO
+# optimizers' external loss scale instead: each micro-batch's summed loss goes through ``engine.backward`` with the
+# scale 1 (so the buffers hold sum / world), and before ``engine.step`` the scale is set to N / world, which the
+# optimizer divides out of the gradients (and out of the norm it clips with and reports) before the update:
+# exactly d(sum of all losses / N), the same gradient as one process, clipped by DeepSpeed at max_grad_norm.
+
+
+def _refuse_unsupported_deepspeed(config: Any, mixed_precision: str) -> None:
+    """Before any process group starts: what the loop cannot run exactly under DeepSpeed, with the reason."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "the accelerate config selects DeepSpeed, which is not installed here: pip install deepspeed "
+            "(posttrain is tested with 0.19), or use --accelerate_config fsdp2."
+        ) from None
+    if mixed_precision == "fp16":
+        raise ConfigError(
+            "fp16 under DeepSpeed is not supported: DeepSpeed's fp16 mode scales the loss dynamically through the "
+            "same loss scale posttrain uses to normalise each step exactly (docs/distributed.md). Use --bf16 true, "
+            "or FSDP2 (--accelerate_config fsdp2) for fp16."
+        )
+    if getattr(config, "use_peft", False):
+        raise ConfigError(
+            "LoRA (use_peft: true) under DeepSpeed is not supported yet; use --accelerate_config fsdp2, which "
+            "shards the frozen base and the adapters together (docs/distributed.md)."
+        )
+
+
+def _prepare_deepspeed_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator, without the shared-memory all-reduce it would otherwise compile (a C++ build
+    at every start-up on a new machine) for its inference kernels; training's collectives go through gloo."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _configure_deepspeed(accelerator: Any, config: Any, mixed_precision: str) -> None:
+    """Check the DeepSpeed config accelerate resolved (inline or ``deepspeed_config_file``) and fill in what
+    posttrain's config decides: batch sizes, accumulation, clipping, precision."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (2, 3):
+        raise ConfigError(
+            f"the DeepSpeed config sets zero_optimization.stage {stage}; posttrain supports ZeRO stages 2 and 3 "
+            "(--accelerate_config deepspeed-zero2 or deepspeed-zero3). Use DDP (--accelerate_config ddp) for an "
+            "unsharded run."
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(key) or {}).get("device", "none")).lower()
+        if device != "none":
+            raise ConfigError(
+                f"the DeepSpeed config sets zero_optimization.{key}.device {device}; offloading under DeepSpeed is "
+                "not supported yet (DeepSpeed replaces the optimizer with its own CPU Adam, compiled at start-up). "
+                "Use FSDP2 with fsdp_offload_params: true (docs/distributed.md)."
+            )
+    if getattr(plugin, "zero3_init_flag", False):
+        raise ConfigError(
+            "the accelerate config sets zero3_init_flag: true (accelerate's default for a ZeRO-3 "
+            "deepspeed_config_file); posttrain loads the model whole on every process and lets ZeRO-3 partition it "
+            "when it is prepared: set zero3_init_flag: false in the accelerate config."
+        )
+    # accelerate registers the DeepSpeed config with transformers whatever zero3_init_flag says, and
+    # from_pretrained then builds ZeRO-3 models already partitioned (deepspeed.zero.Init); without the flag
+    # every model (policy, reference, teacher) loads whole, as in any other run, and is partitioned when prepared
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    for key, what in (("optimizer", "optim, learning_rate, weight_decay"), ("scheduler", "lr_scheduler_type")):
+        if key in ds:
+            raise ConfigError(
+                f"the DeepSpeed config has a {key!r} section; posttrain builds the {key} from its own config "
+                f"({what}): remove the section."
+            )
+    if str(ds.get("fp16", {}).get("enabled", False)).lower() == "true":
+        raise ConfigError("the DeepSpeed config enables fp16, which posttrain does not support under DeepSpeed.")
+    bf16 = str(ds.get("bf16", {}).get("enabled", False)).lower() == "true"
+    if bf16 != (mixed_precision == "bf16"):
+        raise ConfigError(
+            f"the DeepSpeed config sets bf16.enabled: {str(bf16).lower()}, but this run's config says "
+            f"{'bf16 false' if bf16 else 'bf16 true'}; posttrain's config decides: remove bf16 from the DeepSpeed "
+            "config (or set it to 'auto')."
+        )
+    gas = config.gradient_accumulation_steps
+    own = {
+        "train_micro_batch_size_per_gpu": (config.per_device_train_batch_size, "per_device_train_batch_size"),
+        "gradient_accumulation_steps": (gas, "gradient_accumulation_steps"),
+        "gradient_clipping": (float(max(config.max_grad_norm, 0.0)), "max_grad_norm"),
+    }
+    for key, (value, field) in own.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}: {given}, but posttrain's config decides it ({field} = {value}): "
+                f"set {key} to 'auto' or remove it."
+            )
+        ds[key] = value
+    ds["train_batch_size"] = config.per_device_train_batch_size * gas * accelerator.num_processes
+    ds["steps_per_print"] = ds.get("steps_per_print", float("inf"))
+    zero["stage3_gather_16bit_weights_on_model_save"] = True  # the final model is consolidated (full_state_dict)
+    accelerator.gradient_accumulation_steps = gas  # what accelerate compares the DeepSpeed config with
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    """True when the run is under a DeepSpeed engine (ZeRO-2 or ZeRO-3)."""
+    return str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
+def zero_stage(accelerator: Any) -> int:
+    """The ZeRO stage under DeepSpeed, 0 otherwise; stage 3 partitions the parameters themselves."""
+    if not is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def deepspeed_backward(engine: Any, loss: Any, last: bool) -> None:
+    """One micro-batch's backward under DeepSpeed: the summed loss as is (no 1/gradient_accumulation_steps);
+    ``last`` marks the accumulation boundary, where ZeRO finishes reducing the step's gradients."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)  # the loss scale is 1 here (set back after every step)
+
+
+def deepspeed_step(engine: Any, world: int, total_n: float) -> float:
+    """Normalise by ``total_n`` items over ``world`` processes (the module comment above), clip, step; return
+    the gradient norm (after normalisation, before clipping) that DeepSpeed computed."""
+    engine.optimizer.override_loss_scale(total_n / world)
+    engine.step()
+    engine.optimizer.override_loss_scale(1.0)
+    return float(engine.get_global_grad_norm())
+
+
+def _deepspeed_frozen(model: Any, accelerator: Any) -> Any:
+    """A frozen model under ZeRO-3: a DeepSpeed inference engine partitioned like the policy (1/world of its
+    parameters per process; each forward gathers a layer at a time, a collective)."""
+    import copy
+
+    import deepspeed
+
+    ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 1024
+    zero = ds["zero_optimization"]
+    for key, value in (
+        ("reduce_bucket_size", hidden * hidden),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+        ("stage3_param_persistence_threshold", 10 * hidden),
+    ):
+        if zero.get(key) == "auto":  # accelerate fills these for the policy when it prepares it
+            zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
+def is_zero3_module(model: Any) -> bool:
+    """True for a module whose parameters ZeRO-3 partitions (its forward gathers them, a collective)."""
+    first = next(iter(model.parameters()), None)
+    return first is not None and hasattr(first, "ds_id")
+
+
 def is_sharded(accelerator: Any) -> bool:
-    """True when parameters are sharded across processes (FSDP2), so every save is a collective."""
+    """True when parameters are sharded across processes with FSDP2 (checkpoints in ``sharded/``)."""
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
 def full_state_dict(accelerator: Any, model: Any) -> dict | None:
-    """The whole model's state dict on the main process (None elsewhere); a collective under FSDP2."""
+    """The whole model's state dict on the main process (None elsewhere); a collective under FSDP2 and
+    ZeRO-3 (which gathers the partitions: ``stage3_gather_16bit_weights_on_model_save``)."""
     state = accelerator.get_state_dict(model)
     return state if accelerator.is_main_process else None
 
@@ -102,7 +274,10 @@ def full_state_dict(accelerator: Any, model: Any) -> dict | None:
 def shard_frozen(model: Any, accelerator: Any) -> Any:
     """Shard a frozen model (a reference or teacher) like the policy: one ``fully_shard`` per decoder layer
     and one for the root, so it costs 1/world of its memory per process. Its forward is then a collective,
-    which every process calls the same number of times (each has the same number of rows per step)."""
+    which every process calls the same number of times (each has the same number of rows per step).
+    Under DeepSpeed ZeRO-3 it becomes an inference engine partitioned the same way."""
+    if is_deepspeed(accelerator):
+        return _deepspeed_frozen(model, accelerator)
     from torch.distributed.fsdp import fully_shard
 
     layers = set(getattr(model, "_no_split_modules", None) or [])

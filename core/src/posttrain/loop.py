@@ -567,16 +567,21 @@ def _optimizer_step(run: _Run) -> None:
     step_loss = torch.zeros((), device=accelerator.device)
     step_n = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     run.ctx.micro_step = 0
+    deepspeed = dist.is_deepspeed(accelerator)
     for k, batch in enumerate(_step_batches(run, micro_rows)):
         run.ctx.micro_step = k
         micro = f"micro-batch {k + 1} of {len(micro_rows)}"
         dist.doing(f"computing the loss on {micro}", run.step + 1)
-        # skip the DDP all-reduce on all but the last micro-batch
-        sync = contextlib.nullcontext() if k == len(micro_rows) - 1 else accelerator.no_sync(model)
+        last = k == len(micro_rows) - 1
+        # skip the DDP all-reduce on all but the last micro-batch (DeepSpeed's engine knows the boundary itself)
+        sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(model)
         with sync, accelerator.autocast():
             out = run.method.loss(model, batch, run.ctx)
         dist.doing(f"backward on {micro}", run.step + 1)
-        accelerator.backward(out.loss_sum)
+        if deepspeed:
+            dist.deepspeed_backward(model, out.loss_sum, last)
+        else:
+            accelerator.backward(out.loss_sum)
         step_loss += out.loss_sum.detach().float()
         step_n += out.n_items.double() if isinstance(out.n_items, torch.Tensor) else float(out.n_items)
         run.window.add_metrics(out.metrics)
@@ -635,9 +640,22 @@ def _close_services(run: _Run) -> None:
             warnings.warn(f"closing the run's {name!r} service failed: {type(exc).__name__}: {exc}", stacklevel=2)
 
 
+_NO_ITEMS = "no loss items in the batch (e.g. every completion truncated); skipping the update"
+
+
 def _apply_gradients(run: _Run, total_n: float) -> None:
     """Scale by world_size / N, clip, step the optimizer and the schedule, clear the gradients."""
     accelerator = run.accelerator
+    if dist.is_deepspeed(accelerator):
+        # the engine holds the reduced gradients: it normalises, clips and steps (_distributed.deepspeed_step).
+        # With no items the gradients are zeros; leaving them in the engine's buffers adds nothing to the next
+        # step's, so skipping engine.step() skips the update exactly as below.
+        if total_n > 0:
+            run.window.grad_norms.append(dist.deepspeed_step(run.model, accelerator.num_processes, total_n))
+        else:
+            accelerator.print(f"step {run.step + 1}: {_NO_ITEMS}")
+        run.scheduler.step()
+        return
     params = [p for p in run.model.parameters() if p.requires_grad]
     if total_n > 0:
         grads = [p.grad for p in params if p.grad is not None]
@@ -647,9 +665,7 @@ def _apply_gradients(run: _Run, total_n: float) -> None:
         run.optimizer.step()
         run.window.grad_norms.append(tracking.deferred(grad_norm) if grad_norm is not None else float("nan"))
     else:
-        accelerator.print(
-            f"step {run.step + 1}: no loss items in the batch (e.g. every completion truncated); skipping the update"
-        )
+        accelerator.print(f"step {run.step + 1}: {_NO_ITEMS}")
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -697,6 +713,7 @@ def _save(run: _Run) -> Path:
         services={name: service.state_dict() for name, service in run.ctx.services.items()},
         save_total_limit=run.config.save_total_limit,
         sharded=dist.is_sharded(run.accelerator),
+        deepspeed=dist.is_deepspeed(run.accelerator),
     )
     run.callbacks.emit("on_save", run.ctx, path)
     return path
@@ -752,8 +769,9 @@ def _finish(run: _Run) -> None:
     accelerator = run.accelerator
     dist.doing("saving the final model", run.step)
     accelerator.wait_for_everyone()
-    # sharded (FSDP2): every process sends its shards, the main process writes one consolidated model
-    state = dist.full_state_dict(accelerator, run.model) if dist.is_sharded(accelerator) else None
+    # sharded (FSDP2, DeepSpeed): every process sends its shards, the main process writes one consolidated model
+    consolidate = dist.is_sharded(accelerator) or dist.is_deepspeed(accelerator)
+    state = dist.full_state_dict(accelerator, run.model) if consolidate else None
     if accelerator.is_main_process:  # atomic, then marked complete (run_complete.json)
         _run_guard.save_final(
             run.output_dir, accelerator.unwrap_model(run.model), run.ctx.processor or run.tokenizer, run.step, state

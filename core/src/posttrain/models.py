@@ -411,7 +411,8 @@ def reference_model(ctx: Any, path: str | None = None):
     ref.eval()
     if ctx.accelerator is not None:
         ref = ref.to(ctx.accelerator.device)
-        if _distributed.is_sharded(ctx.accelerator):  # FSDP2: the reference costs 1/world per process
+        # FSDP2 or ZeRO-3: the reference costs 1/world per process (under ZeRO-2 it is whole, like the policy)
+        if _distributed.is_sharded(ctx.accelerator) or _distributed.zero_stage(ctx.accelerator) == 3:
             ref = _distributed.shard_frozen(ref, ctx.accelerator)
     return ref
 

@@ -122,11 +122,12 @@ class HFGenerator:
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         extra = self._image_inputs(images, width, device) if any(images) else {}
-        # FSDP2: each forward all-gathers the parameters, a collective, so every process keeps stepping until
-        # all of them are done (transformers' synced_gpus) instead of leaving the decode loop early and hanging
-        from posttrain._distributed import is_fsdp_module
+        # FSDP2 and ZeRO-3: each forward all-gathers the parameters, a collective, so every process keeps stepping
+        # until all of them are done (transformers' synced_gpus) instead of leaving the decode loop early and hanging
+        from posttrain._distributed import is_fsdp_module, is_zero3_module
 
-        synced = is_fsdp_module(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        sharded = is_fsdp_module(model) or is_zero3_module(model)
+        synced = sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         with _seeded(seed, device):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=self.config, synced_gpus=synced or None, **extra
