@@ -55,17 +55,18 @@ def make_accelerator(config: Any, mixed_precision: str, cpu: bool) -> Any:
         )
     timeout = timedelta(seconds=config.ddp_timeout)
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        _refuse_unsupported_deepspeed(config, mixed_precision)
+        plugin = _deepspeed_plugin(config, mixed_precision)  # checked before any process group starts
         if cpu:
             _prepare_deepspeed_on_cpu()
             # accelerate takes its DeepSpeed path only with cpu=False; gloo is what DeepSpeed's CPU accelerator
             # uses without oneCCL, named here because accelerate would otherwise find no backend at all
             kwargs = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
-            accelerator = Accelerator(mixed_precision=mixed_precision, cpu=False, kwargs_handlers=[kwargs])
         else:
             kwargs = InitProcessGroupKwargs(timeout=timeout)
-            accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[kwargs])
-        _configure_deepspeed(accelerator, config, mixed_precision)
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision, cpu=False, deepspeed_plugin=plugin, kwargs_handlers=[kwargs]
+        )
+        _fill_deepspeed_config(accelerator, config)
         return accelerator
     kwargs = InitProcessGroupKwargs(timeout=timeout)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[kwargs])
@@ -104,8 +105,10 @@ def _enable_fsdp2_on_cpu(accelerator: Any) -> None:
 # exactly d(sum of all losses / N), the same gradient as one process, clipped by DeepSpeed at max_grad_norm.
 
 
-def _refuse_unsupported_deepspeed(config: Any, mixed_precision: str) -> None:
-    """Before any process group starts: what the loop cannot run exactly under DeepSpeed, with the reason."""
+def _deepspeed_plugin(config: Any, mixed_precision: str) -> Any:
+    """accelerate's DeepSpeed plugin for the launcher's environment (inline ``deepspeed_config`` or
+    ``deepspeed_config_file``), built as ``Accelerator()`` would build it, after refusing what the loop cannot
+    run exactly under DeepSpeed, with the reason."""
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -124,23 +127,11 @@ def _refuse_unsupported_deepspeed(config: Any, mixed_precision: str) -> None:
             "LoRA (use_peft: true) under DeepSpeed is not supported yet; use --accelerate_config fsdp2, which "
             "shards the frozen base and the adapters together (docs/distributed.md)."
         )
+    from accelerate.utils import DeepSpeedPlugin
 
-
-def _prepare_deepspeed_on_cpu() -> None:
-    """DeepSpeed's CPU accelerator, without the shared-memory all-reduce it would otherwise compile (a C++ build
-    at every start-up on a new machine) for its inference kernels; training's collectives go through gloo."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _configure_deepspeed(accelerator: Any, config: Any, mixed_precision: str) -> None:
-    """Check the DeepSpeed config accelerate resolved (inline or ``deepspeed_config_file``) and fill in what
-    posttrain's config decides: batch sizes, accumulation, clipping, precision."""
-    plugin = accelerator.state.deepspeed_plugin
+    plugin = DeepSpeedPlugin()
     ds = plugin.deepspeed_config
-    zero = ds.setdefault("zero_optimization", {})
+    zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (2, 3):
         raise ConfigError(
@@ -156,33 +147,27 @@ def _configure_deepspeed(accelerator: Any, config: Any, mixed_precision: str) ->
                 "not supported yet (DeepSpeed replaces the optimizer with its own CPU Adam, compiled at start-up). "
                 "Use FSDP2 with fsdp_offload_params: true (docs/distributed.md)."
             )
-    if getattr(plugin, "zero3_init_flag", False):
+    if plugin.zero3_init_flag:
         raise ConfigError(
             "the accelerate config sets zero3_init_flag: true (accelerate's default for a ZeRO-3 "
             "deepspeed_config_file); posttrain loads the model whole on every process and lets ZeRO-3 partition it "
             "when it is prepared: set zero3_init_flag: false in the accelerate config."
         )
-    # accelerate registers the DeepSpeed config with transformers whatever zero3_init_flag says, and
-    # from_pretrained then builds ZeRO-3 models already partitioned (deepspeed.zero.Init); without the flag
-    # every model (policy, reference, teacher) loads whole, as in any other run, and is partitioned when prepared
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
     for key, what in (("optimizer", "optim, learning_rate, weight_decay"), ("scheduler", "lr_scheduler_type")):
         if key in ds:
             raise ConfigError(
                 f"the DeepSpeed config has a {key!r} section; posttrain builds the {key} from its own config "
                 f"({what}): remove the section."
             )
-    if str(ds.get("fp16", {}).get("enabled", False)).lower() == "true":
-        raise ConfigError("the DeepSpeed config enables fp16, which posttrain does not support under DeepSpeed.")
-    bf16 = str(ds.get("bf16", {}).get("enabled", False)).lower() == "true"
-    if bf16 != (mixed_precision == "bf16"):
-        raise ConfigError(
-            f"the DeepSpeed config sets bf16.enabled: {str(bf16).lower()}, but this run's config says "
-            f"{'bf16 false' if bf16 else 'bf16 true'}; posttrain's config decides: remove bf16 from the DeepSpeed "
-            "config (or set it to 'auto')."
-        )
+    for dtype in ("fp16", "bf16"):
+        enabled = str(ds.get(dtype, {}).get("enabled", "auto")).lower()
+        if enabled != "auto" and (enabled == "true") != (mixed_precision == dtype):
+            raise ConfigError(
+                f"the DeepSpeed config sets {dtype}.enabled: {enabled}, but this run's config says "
+                f"{dtype} {str(mixed_precision == dtype).lower()}; posttrain's config decides (--bf16 true): set "
+                f"{dtype}.enabled to 'auto' or remove it."
+            )
+    explicit = _explicit_deepspeed_values(ds)
     gas = config.gradient_accumulation_steps
     own = {
         "train_micro_batch_size_per_gpu": (config.per_device_train_batch_size, "per_device_train_batch_size"),
@@ -190,17 +175,48 @@ def _configure_deepspeed(accelerator: Any, config: Any, mixed_precision: str) ->
         "gradient_clipping": (float(max(config.max_grad_norm, 0.0)), "max_grad_norm"),
     }
     for key, (value, field) in own.items():
-        given = ds.get(key, "auto")
+        given = explicit.get(key, "auto")
         if given != "auto" and float(given) != float(value):
             raise ConfigError(
                 f"the DeepSpeed config sets {key}: {given}, but posttrain's config decides it ({field} = {value}): "
                 f"set {key} to 'auto' or remove it."
             )
         ds[key] = value
+    return plugin
+
+
+def _explicit_deepspeed_values(ds: dict) -> dict:
+    """The values the user wrote: the ``deepspeed_config_file`` as written (accelerate fills in a missing
+    gradient_accumulation_steps with 1), or the inline config, where accelerate writes 'auto' for what is unset."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none" and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return ds
+
+
+def _prepare_deepspeed_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator, without the shared-memory all-reduce it would otherwise compile (a C++ build
+    at every start-up on a new machine) for its inference kernels; training's collectives go through gloo."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _fill_deepspeed_config(accelerator: Any, config: Any) -> None:
+    """What the engine needs once the number of processes is known; the models load whole (below)."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    gas = config.gradient_accumulation_steps
     ds["train_batch_size"] = config.per_device_train_batch_size * gas * accelerator.num_processes
-    ds["steps_per_print"] = ds.get("steps_per_print", float("inf"))
-    zero["stage3_gather_16bit_weights_on_model_save"] = True  # the final model is consolidated (full_state_dict)
+    ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # consolidated final model
     accelerator.gradient_accumulation_steps = gas  # what accelerate compares the DeepSpeed config with
+    # accelerate registers the DeepSpeed config with transformers whatever zero3_init_flag says, and
+    # from_pretrained then builds ZeRO-3 models already partitioned (deepspeed.zero.Init); without the flag
+    # every model (policy, reference, teacher) loads whole, as in any other run, and is partitioned when prepared
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def is_deepspeed(accelerator: Any) -> bool:
