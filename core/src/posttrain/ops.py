@@ -377,7 +377,11 @@ def _output_layer(model: Any) -> torch.nn.Linear | None:
 
 
 def _fsdp_sharded(model: Any) -> bool:
-    """True when FSDP2 manages any part of ``model`` (its parameters are DTensors outside their modules' forward)."""
+    """True when FSDP2 manages any part of ``model`` (its parameters are DTensors outside their modules' forward),
+    or DeepSpeed ZeRO-3 partitions it (its parameters are empty outside their modules' forward)."""
+    first = next(iter(model.parameters()), None)
+    if first is not None and hasattr(first, "ds_id"):
+        return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
@@ -391,7 +395,7 @@ def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
     The model runs through its own ``forward`` (DDP, FSDP, PEFT and ``torch.compile`` wrappers included); a hook on
     its output layer keeps the layer's input and hands it an empty slice, so no (B, T, V) tensor is built. A model
     whose output layer is not a plain ``nn.Linear`` (quantised, adapter-wrapped, no ``get_output_embeddings``) or is
-    sharded by FSDP2 runs normally and its logits come back as the "hidden states" with ``LMHead(weight=None)``, so callers need no
+    sharded by FSDP2 or ZeRO-3 runs normally and its logits come back as the "hidden states" with ``LMHead(weight=None)``, so callers need no
     second path.
 
     Args:
@@ -405,9 +409,9 @@ def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
     .. versionadded:: 1.0
     """
     layer = _output_layer(model)
-    # FSDP2 shards the head (DTensor weight): only the module's own forward sees the gathered weight and hands its
-    # gradient to FSDP's reduce-scatter; a weight gathered here would get this process's gradient alone. The head
-    # then runs whole, as for a head that is not a plain Linear.
+    # FSDP2 and ZeRO-3 shard the head: only the module's own forward sees the gathered weight and hands its
+    # gradient to the engine's reduce-scatter; a weight gathered here would get this process's gradient alone. The
+    # head then runs whole, as for a head that is not a plain Linear.
     if layer is None or _fsdp_sharded(model):
         return model(**inputs, use_cache=False).logits, LMHead()
     capture = getattr(layer, "_posttrain_capture", None)
