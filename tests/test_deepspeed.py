@@ -299,3 +299,66 @@ def test_grpo_zero2_and_zero3_generate_and_train_like_one_process(tmp_path, tiny
         assert column(two, "kl") == pytest.approx(column(one, "kl"), rel=1e-4, abs=1e-9), stage
         assert column(two, "grad_norm") == pytest.approx(column(one, "grad_norm"), rel=1e-5), stage
         assert max_diff(weights(tmp_path / "one"), weights(tmp_path / f"z{stage}")) < 1e-5, stage
+
+
+def _write_json(path: Path, value: dict) -> str:
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "mixed", "fields", "message"),
+    [
+        ({}, "fp16", {}, "fp16 under DeepSpeed is not supported"),
+        ({}, "no", {"use_peft": True}, r"LoRA \(use_peft: true\) under DeepSpeed is not supported yet"),
+        ({"ZERO_STAGE": "1"}, "no", {}, "zero_optimization.stage 1; posttrain supports ZeRO stages 2 and 3"),
+        ({"OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "no", {}, "zero_optimization.offload_optimizer.device cpu; offloading"),
+        ({"OFFLOAD_PARAM_DEVICE": "nvme", "ZERO_STAGE": "3"}, "no", {}, "offload_param.device nvme; offloading"),
+        ({"ZERO_STAGE": "3", "ZERO3_INIT": "true"}, "no", {}, "sets zero3_init_flag: true"),
+        (
+            {"CONFIG_FILE": {"zero_optimization": {"stage": 3}}},
+            "no",
+            {},
+            "zero3_init_flag: true \\(accelerate's default for a ZeRO-3 deepspeed_config_file\\)",
+        ),
+        (
+            {"CONFIG_FILE": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}},
+            "no",
+            {},
+            "has a 'optimizer' section; posttrain builds the optimizer from its own config",
+        ),
+        (
+            {"CONFIG_FILE": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}},
+            "no",
+            {},
+            "sets bf16.enabled: true, but this run's config says bf16 false",
+        ),
+        (
+            {"CONFIG_FILE": {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}},
+            "no",
+            {"gradient_accumulation_steps": 2},
+            "sets gradient_accumulation_steps: 4, but posttrain's config decides it",
+        ),
+        (
+            {"CONFIG_FILE": {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5}},
+            "no",
+            {"max_grad_norm": 1.0},
+            r"sets gradient_clipping: 0.5, but posttrain's config decides it \(max_grad_norm = 1.0\)",
+        ),
+    ],
+)
+def test_what_the_loop_cannot_run_under_deepspeed_is_refused_before_any_process_group(
+    monkeypatch, tmp_path, launcher, mixed, fields, message
+):
+    """Checked from the launcher's environment (what ``accelerate launch`` sets for the config file) before the
+    Accelerator exists, so each process stops at once with the reason."""
+    from posttrain import ConfigError, _distributed
+    from posttrain.config import TrainingConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for name, value in launcher.items():
+        if isinstance(value, dict):
+            value = _write_json(tmp_path / "ds.json", value)
+        monkeypatch.setenv(f"ACCELERATE_DEEPSPEED_{name}", value)
+    with pytest.raises(ConfigError, match=message):
+        _distributed.make_accelerator(TrainingConfig(**fields), mixed, cpu=True)

@@ -16,7 +16,16 @@ CONFIGS = sorted(LAUNCH.glob("*.yaml"))
 
 
 def test_the_expected_configs_are_shipped():
-    assert sorted(p.stem for p in CONFIGS) == ["ddp", "ddp-2nodes", "fsdp2", "fsdp2-2nodes"]
+    assert sorted(p.stem for p in CONFIGS) == [
+        "ddp",
+        "ddp-2nodes",
+        "deepspeed-zero2",
+        "deepspeed-zero2-2nodes",
+        "deepspeed-zero3",
+        "deepspeed-zero3-2nodes",
+        "fsdp2",
+        "fsdp2-2nodes",
+    ]
     assert cli_train.shipped_launch_configs() == sorted(p.stem for p in CONFIGS)
 
 
@@ -39,6 +48,14 @@ def test_every_shipped_config_parses_with_accelerate(path):
         assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
         assert fsdp["fsdp_cpu_ram_efficient_loading"] is True
         assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    elif path.stem.startswith("deepspeed"):
+        assert config.distributed_type.value == "DEEPSPEED"
+        ds = config.deepspeed_config
+        assert ds["zero_stage"] == int(path.stem.split("-")[1].removeprefix("zero"))
+        assert ds["zero3_init_flag"] is False  # the loop loads models whole; prepare() partitions them
+        assert ds["offload_optimizer_device"] == ds["offload_param_device"] == "none"
+        assert ds.get("zero3_save_16bit_model", ds["zero_stage"] == 2) is True  # ZeRO-3: final model gathered
+        assert (ds.get("deepspeed_multinode_launcher") == "standard") == two  # torchrun per node, not pdsh
     else:
         assert config.distributed_type.value == "MULTI_GPU"
 
@@ -110,7 +127,6 @@ def _config(**fields):
 @pytest.mark.parametrize(
     ("env", "mixed", "message"),
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "no", "DeepSpeed, which the posttrain loop does not support yet"),
         ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "no", "sets mixed_precision: bf16, but this run's config says"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "no", "selects FSDP version 1 on CPU"),
     ],
