@@ -40,8 +40,9 @@ def install_all(session: nox.Session, *extra: str) -> None:
 def tests(session: nox.Session) -> None:
     """Core and all plugins together; pytest's exit code 5 (no tests collected) fails the session."""
     # setuptools>=77 builds sdists and scaffolded packages (SPDX license) without build isolation in the tests;
-    # jsonschema validates the shipped configs against their schemas
-    install_all(session, "pytest-xdist", "ruff==0.17.6", "setuptools>=77", "jsonschema")
+    # jsonschema validates the shipped configs against their schemas; deepspeed runs the ZeRO-2/3 tests
+    # (tests/test_deepspeed.py, skipped where it is missing)
+    install_all(session, "pytest-xdist", "ruff==0.17.6", "setuptools>=77", "jsonschema", "deepspeed")
     # two workers with one torch thread each beat one worker with two threads on tiny models
     session.run(
         "python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs, env={"OMP_NUM_THREADS": "1"}
