@@ -140,6 +140,7 @@ class ToyConfig(TrainingConfig):
     hang_at_step: int = -1  # test hook: process 1 hangs in the loss at this step
     die_at_step: int = -1  # test hook: process 1 dies in the loss at this step (die_by: exit = os._exit(1), raise)
     die_by: str = "exit"
+    empty_at_step: int = -1  # test hook: no loss items at this step (every process), as when all are truncated
 
 
 class Toy:
@@ -170,6 +171,8 @@ class Toy:
         loss_sum = -logps.sum()
         if ctx.step == ctx.config.nan_at_step:
             loss_sum = loss_sum * float("nan")
+        if ctx.step == ctx.config.empty_at_step:
+            loss_sum, n = loss_sum * 0, n * 0
         if ctx.step == ctx.config.hang_at_step and ctx.accelerator.process_index == 1:
             import signal
             signal.pause()  # hangs until a signal (the launcher's SIGTERM once another process has failed)

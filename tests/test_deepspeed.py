@@ -155,6 +155,31 @@ def test_deepspeed_checkpoint_resumes_exactly(toy_runs, tiny_model_dir, stage):
     assert max_diff(weights(tmp / f"z{stage}" / "out"), weights(part)) < 1e-6
 
 
+def test_a_step_without_loss_items_is_skipped_as_in_one_process(tmp_path, tiny_model_dir, toy_module):
+    """Step 2 has no loss items on any process (as when every completion is truncated): one process skips the
+    update; under DeepSpeed the engine's step is skipped and the (zero) gradients left in its buffers add nothing
+    to step 3's, so the losses and weights stay equal to one process's."""
+    source = Path(toy_module.__file__).read_text()
+    dataset = write_rows(tmp_path / "rows.jsonl", TOY_ROWS)
+    processes = {}
+    for stage in STAGES:
+        (tmp_path / f"c{stage}").mkdir()
+        fields = toy_fields(tiny_model_dir, tmp_path / f"z{stage}", 2, empty_at_step=1, save_steps=0)
+        processes[stage] = launch(tmp_path / f"c{stage}", "empty", stage, "toy", dataset, fields, source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fields = toy_fields(tiny_model_dir, tmp_path / "one", 4, empty_at_step=1, save_steps=0)
+        one = train_here(toy_module, fields).log_history
+    assert len(column(one, "grad_norm")) == 3  # step 2 made no update
+    for stage, process in processes.items():
+        out = finish(process)
+        assert "step 2: no loss items in the batch" in out, stage
+        two = json.loads((tmp_path / f"z{stage}" / "history.json").read_text())
+        assert column(two, "loss") == pytest.approx(column(one, "loss"), rel=1e-5, nan_ok=True), stage
+        assert column(two, "grad_norm") == pytest.approx(column(one, "grad_norm"), rel=1e-5), stage
+        assert max_diff(weights(tmp_path / "one"), weights(tmp_path / f"z{stage}")) < 1e-5, stage
+
+
 def test_planted_pickle_in_a_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(toy_runs, tmp_path):
     """DeepSpeed loads its files with torch.load(weights_only=False): posttrain reads each one with
     weights_only=True first, so a planted payload raises there and DeepSpeed never sees the file."""
