@@ -244,7 +244,8 @@ def deepspeed_step(engine: Any, world: int, total_n: float) -> float:
     engine.optimizer.override_loss_scale(total_n / world)
     engine.step()
     engine.optimizer.override_loss_scale(1.0)
-    return float(engine.get_global_grad_norm())
+    norm = engine.get_global_grad_norm()  # None where the config sets zero_optimization.compute_grad_norm: false
+    return float("nan") if norm is None else float(norm)
 
 
 def _deepspeed_frozen(model: Any, accelerator: Any) -> Any:
