@@ -127,9 +127,10 @@ def test_token_logps_matches_cross_entropy():
     assert (token_logps(logits, labels)[0, :2] == 0).all()
 
 
-def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model_dir):
-    """auto: padded under sdpa and eager (a packed row's attention grows with the square of its length there), on
-    under flash_attention_2/3 when the model passes the packed-attention check; true checks, false does nothing."""
+def test_padding_free_auto_is_always_on_under_a_varlen_kernel_and_per_batch_under_dense_attention(tiny_model_dir):
+    """auto: "auto" (a choice per micro-batch, pack_batch) under sdpa and eager, where a packed row's attention grows
+    with the square of its length; True under flash_attention_2/3 when the model passes the packed-attention check;
+    true checks, false does nothing."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -137,7 +138,7 @@ def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model
     assert models.resolve_padding_free(model, True) is True  # the check passes under sdpa
     for impl in ("sdpa", "eager"):
         model.config._attn_implementation = impl
-        assert models.resolve_padding_free(model, "auto") is False
+        assert models.resolve_padding_free(model, "auto") == "auto"
     # flash attention needs CUDA; the check runs the model, so keep sdpa's kernels under flash's name
     model.config._attn_implementation = "sdpa"
     original = model.config
@@ -151,6 +152,78 @@ def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model
         assert models.resolve_padding_free(model, "auto") is True
     finally:
         model.config = original
+
+
+def _llama_config(layers: int, hidden: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+    )
+
+
+# Micro-batches of benchmarks/padding_free.py (seed 0, batch 8) whose measured packed/padded CPU-time ratio was on
+# the same side of 1 in every round on both models (docs/benchmarks.md, "Padding-free rows")
+HEAVY_TAILED = [118, 1210, 63, 16, 301, 127, 56, 176]  # log-normal, median 128
+ONE_LONG = [97, 119, 66, 120, 81, 89, 104, 1024]  # short answers and one long document
+NEAR_EQUAL = [121, 104, 113, 127, 100, 118, 109, 125]  # uniform 100-128
+EQUAL = [128] * 8
+
+
+@pytest.mark.parametrize("shape", [(4, 256), (4, 512)])
+def test_pack_batch_packs_heavy_tailed_batches_and_keeps_near_equal_ones_padded(shape):
+    config = _llama_config(*shape)
+    for lengths in (HEAVY_TAILED, ONE_LONG):
+        assert models.pack_batch(config, "auto", lengths) is True, lengths
+    for lengths in (NEAR_EQUAL, EQUAL):
+        assert models.pack_batch(config, "auto", lengths) is False, lengths
+    # true and false are answered as they are, whatever the lengths
+    assert models.pack_batch(config, True, EQUAL) is True
+    assert models.pack_batch(config, False, HEAVY_TAILED) is False
+
+
+def test_pack_batch_reads_an_attention_mask_and_counts_left_padding_in_the_width():
+    """A mask gives each row's real tokens and the padded width; left-padded prompts followed by right-padded
+    completions are wider than the longest sequence, which makes packing pay sooner."""
+    import torch
+
+    config = _llama_config(4, 256)
+    mask = torch.zeros(8, 128, dtype=torch.long)
+    for i, n in enumerate(NEAR_EQUAL):
+        mask[i, :n] = 1
+    assert models.pack_batch(config, "auto", mask) is models.pack_batch(config, "auto", NEAR_EQUAL) is False
+    wide = torch.nn.functional.pad(mask, (256, 0))  # the same rows padded to 384 columns
+    assert models.pack_batch(config, "auto", wide) is True
+    assert models.pack_batch(config, "auto", NEAR_EQUAL, width=384) is True
+    # a pure function of the lengths: the same answer however often, in whatever container
+    assert {
+        models.pack_batch(config, "auto", x) for x in (HEAVY_TAILED, tuple(HEAVY_TAILED), torch.tensor(HEAVY_TAILED))
+    } == {True}
+
+
+def test_pack_batch_reads_the_config_through_model_wrappers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    class Wrapper(torch_module()):  # like DDP: the model is .module and there is no .config
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    lengths = [3, 40, 2, 5]
+    assert models.pack_batch(Wrapper(model), "auto", lengths) == models.pack_batch(model.config, "auto", lengths)
+
+
+def torch_module():
+    import torch
+
+    return torch.nn.Module
 
 
 def test_padding_free_auto_warns_and_stays_padded_when_the_model_fails_the_check(tiny_model_dir, monkeypatch):
