@@ -1,6 +1,7 @@
 """Padded batches against padding-free rows under dense attention, and the choice ``padding_free: auto`` makes.
 
-Run: ``python benchmarks/padding_free.py [--attn sdpa] [--rounds 3] [--models 4x256,4x512] [--json out.json]``.
+Run: ``python benchmarks/padding_free.py [--attn sdpa] [--rounds 3] [--models 4x256,4x512] [--seed 0] [--json F]``;
+``--report F [F ...]`` re-reads saved measurements against today's estimate.
 Llama-shaped models built from config (32k vocabulary; ``LxH``: L layers of hidden size H, intermediate 2.6875 H,
 heads of 64), the head applied in chunks (:func:`posttrain.ops.token_stats`), micro-batches of 8 sequences drawn
 from six length profiles (heavy-tailed log-normal, a narrower log-normal, uniform 32-512, one long sequence among
@@ -63,11 +64,11 @@ def step(model, sequences: list[list[int]], packed: bool) -> float:
     return time.process_time() - start
 
 
-def build(shape: str, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def config_of(shape: str, attn: str = "sdpa"):
+    from transformers import LlamaConfig
 
     layers, hidden = (int(x) for x in shape.split("x"))
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
         intermediate_size=int(hidden * 2.6875),
@@ -77,8 +78,46 @@ def build(shape: str, attn: str):
         max_position_embeddings=4096,
         attn_implementation=attn,
     )
+
+
+def build(shape: str, attn: str):
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config_of(shape, attn))
+
+
+def report(records: list[dict]) -> int:
+    """Print each micro-batch's measured ratio, the estimate and auto's choice (from today's cost model, so saved
+    measurements can be re-read with ``--report``); returns the number of wrong choices."""
+    wrong = 0
+    for shape in dict.fromkeys(r["model"] for r in records):
+        config = config_of(shape)
+        print(f"model {shape}")
+        print(
+            f"  {'profile':17s} {'tokens':>6s} {'padded':>6s} {'t_pad':>7s} {'t_packed':>8s} {'measured':>8s}"
+            f" {'spread':>11s} {'estimate':>8s} auto  verdict"
+        )
+        for r in (r for r in records if r["model"] == shape):
+            lengths = r["lengths"]
+            ratios = [a / b for a, b in zip(r["packed_s"], r["padded_s"])]
+            padded_cost, packed_cost = _layout_costs(config, lengths, max(lengths))
+            choice = pack_batch(config, "auto", lengths)
+            if min(ratios) > 1:
+                verdict = "ok" if not choice else "WRONG"
+            elif max(ratios) < 1:
+                verdict = "ok" if choice else "WRONG"
+            else:
+                verdict = "tie"  # the rounds disagree on which layout is faster
+            wrong += verdict == "WRONG"
+            print(
+                f"  {r['profile']:17s} {sum(lengths):6d} {len(lengths) * max(lengths):6d}"
+                f" {statistics.median(r['padded_s']):6.2f}s {statistics.median(r['packed_s']):7.2f}s"
+                f" {statistics.median(ratios):8.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                f" {packed_cost / padded_cost:8.2f} {'pack' if choice else 'pad ':4s}  {verdict}"
+            )
+    print(f"{len(records)} micro-batches, {wrong} wrong choices")
+    return wrong
 
 
 def main() -> None:
@@ -89,14 +128,23 @@ def main() -> None:
     parser.add_argument("--per-profile", type=int, default=2, help="micro-batches drawn per profile")
     parser.add_argument("--models", default="4x256,4x512")
     parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--seed", type=int, default=0, help="draws the lengths and tokens")
     parser.add_argument("--json", default=None, help="write every measurement here")
+    parser.add_argument("--report", nargs="+", default=None, help="re-read saved measurements (--json files)")
     args = parser.parse_args()
+    if args.report:
+        report([r for path in args.report for r in json.load(open(path))])
+        return
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, attn {args.attn}, batch {args.batch}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, attn {args.attn}, batch {args.batch}, "
+        f"seed {args.seed}, {args.rounds} rounds"
+    )
     records = []
     for shape in args.models.split(","):
         model = build(shape, args.attn)
-        generator = torch.Generator().manual_seed(0)
+        print(f"model {shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+        generator = torch.Generator().manual_seed(args.seed)
         cases = []
         for profile in args.profiles.split(","):
             for _ in range(args.per_profile):
@@ -110,27 +158,7 @@ def main() -> None:
                 order = (False, True) if r % 2 == 0 else (True, False)  # interleaved, alternating which goes first
                 for packed in order:
                     times[i][packed].append(step(model, seqs, packed))
-        print(f"model {shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
-        print(
-            f"  {'profile':17s} {'tokens':>6s} {'padded':>6s} {'t_pad':>7s} {'t_packed':>8s} {'measured':>8s}"
-            f" {'spread':>11s} {'estimate':>8s} auto  verdict"
-        )
         for i, (profile, lengths, _) in enumerate(cases):
-            ratios = [a / b for a, b in zip(times[i][True], times[i][False])]
-            padded_cost, packed_cost = _layout_costs(model.config, lengths, max(lengths))
-            choice = pack_batch(model, "auto", lengths)
-            if min(ratios) > 1:
-                verdict = "ok" if not choice else "WRONG"
-            elif max(ratios) < 1:
-                verdict = "ok" if choice else "WRONG"
-            else:
-                verdict = "tie"  # the rounds disagree on which layout is faster
-            print(
-                f"  {profile:17s} {sum(lengths):6d} {len(lengths) * max(lengths):6d}"
-                f" {statistics.median(times[i][False]):6.2f}s {statistics.median(times[i][True]):7.2f}s"
-                f" {statistics.median(ratios):8.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-                f" {packed_cost / padded_cost:8.2f} {'pack' if choice else 'pad ':4s}  {verdict}"
-            )
             records.append(
                 {
                     "model": shape,
@@ -138,12 +166,10 @@ def main() -> None:
                     "lengths": lengths,
                     "padded_s": times[i][False],
                     "packed_s": times[i][True],
-                    "estimate": packed_cost / padded_cost,
-                    "auto_packs": choice,
-                    "verdict": verdict,
                 }
             )
         del model
+    report(records)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -568,16 +568,29 @@ def resolve_padding_free(model: Any, setting: bool | str) -> bool | str:
     return True if getattr(getattr(model, "config", None), "_attn_implementation", None) in VARLEN_ATTENTION else "auto"
 
 
-_ATTENTION_COST = 4.0
+_ATTENTION_COST = 3.0
 """Cost of one (query, key) cell of a dense attention matrix per head dimension, in multiply-adds of a linear
-layer, for :func:`pack_batch`'s estimate. Its matrix products are 2 multiply-adds per cell and head dimension
-(``QK^T`` and ``AV``); the mask, the softmax and their backward are memory-bound and cost about as much again,
-so 4 was fitted to CPU process-time measurements of sdpa (``benchmarks/padding_free.py``, docs/benchmarks.md).
-"""
+layer, for :func:`pack_batch`'s estimate: its matrix products are 2 multiply-adds per cell and head dimension
+(``QK^T`` and ``AV``), and the softmax and its backward add to them."""
 
-_PACK_MARGIN = 0.9
+_MASK_COST = 200
+"""Cost of one cell of the attention mask per layer, whatever the number of heads (the mask is read and applied
+in every layer's attention), in multiply-adds of a linear layer."""
+
+_TOKEN_COST = 2400
+"""Cost of a layer's element-wise work per token and hidden unit (norms, rotary embeddings, activation, residual
+additions, forward and backward), in multiply-adds of a linear layer: memory-bound, so one element costs about as
+much as thousands of multiply-adds in a matrix product. On CPU it is near the linear layers' cost at hidden size 256
+and shrinks in share as the hidden size grows.
+
+The three constants are a least-squares fit of the difference packed - padded of CPU process times of sdpa
+forward + backward (``benchmarks/padding_free.py``: 48 micro-batches of six length profiles on Llama 2 x 128,
+4 x 256, 4 x 384 and 4 x 512), checked on micro-batches not used by the fit (docs/benchmarks.md, "Padding-free
+rows")."""
+
+_PACK_MARGIN = 0.95
 """:func:`pack_batch` packs a micro-batch under dense attention only when the packed layout's estimated body cost
-is at most this share of the padded one: a near tie stays padded, the layout with no mask to build."""
+is at most this share of the padded one: a near tie (within the estimate's error of a few percent) stays padded."""
 
 
 def _text_config(model: Any) -> Any:
@@ -596,19 +609,19 @@ def _layout_costs(config: Any, lengths: list[int], width: int) -> tuple[float, f
     sequences of ``lengths``, padded to (len(lengths), width) or packed in one dense-attention row.
 
     Per token, every layer's linear maps cost their weights' size (q and o: hidden x heads x head_dim, k and v:
-    hidden x kv_heads x head_dim, a gated MLP: 3 x hidden x intermediate); per attention cell,
-    :data:`_ATTENTION_COST` x heads x head_dim. A padded batch pays both for its padding (width x width cells per
-    row); a packed row pays no padding but attends over (sum of lengths)^2 cells, the blocks between sequences
-    masked out but computed. The head (embedding and LM head) is left out: it runs on the same real (or scored)
-    tokens in both layouts. Forward and backward scale alike, so one pass is counted.
+    hidden x kv_heads x head_dim, a gated MLP: 3 x hidden x intermediate) plus :data:`_TOKEN_COST` x hidden of
+    element-wise work; per attention cell, :data:`_ATTENTION_COST` x heads x head_dim + :data:`_MASK_COST`. A
+    padded batch pays both for its padding (width x width cells per row); a packed row pays no padding but attends
+    over (sum of lengths)^2 cells, the blocks between sequences masked out but computed. The head (embedding and LM head) is left out: it
+    runs on the same real (or scored) tokens in both layouts. Forward and backward scale alike: one pass counted.
     """
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
-    per_cell = _ATTENTION_COST * heads * head_dim
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate + _TOKEN_COST * hidden
+    per_cell = _ATTENTION_COST * heads * head_dim + _MASK_COST
     n, rows = sum(lengths), len(lengths)
     padded = rows * width * per_token + rows * width * width * per_cell
     packed = n * per_token + n * n * per_cell
@@ -641,10 +654,10 @@ def pack_batch(model: Any, padding_free: bool | str, lengths: Any, width: int | 
 
     .. versionadded:: 1.0
     """
-    if padding_free is not True and padding_free != "auto":
-        return False
     if padding_free is True:
         return True
+    if padding_free != "auto":
+        return False
     if getattr(lengths, "ndim", 1) == 2:  # an attention mask: its rows' real tokens, padded to its width
         width, lengths = lengths.size(1) if width is None else width, lengths.sum(-1)
     lengths = [int(n) for n in (lengths.tolist() if hasattr(lengths, "tolist") else lengths)]
