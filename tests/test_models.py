@@ -187,6 +187,26 @@ def test_pack_batch_packs_heavy_tailed_batches_and_keeps_near_equal_ones_padded(
     assert models.pack_batch(config, False, HEAVY_TAILED) is False
 
 
+def test_pack_batch_is_right_on_every_measured_micro_batch():
+    """pack_batch's choice against the CPU timings it was calibrated and checked on (72 micro-batches, six Llama
+    sizes, 3 interleaved rounds each; benchmarks/padding_free.py): where every round found one layout faster,
+    auto picks that one. Changing the estimate's constants must keep this true (or come with new measurements)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks/results/cpu-2026-11-30-padding-free-auto.json"
+    records = json.loads(path.read_text())
+    assert len(records) == 72 and sum(not r["fitted"] for r in records) == 24
+    wrong = []
+    for r in records:
+        ratios = [packed / padded for packed, padded in zip(r["packed_s"], r["padded_s"])]
+        layers, hidden = (int(x) for x in r["model"].split("x"))
+        choice = models.pack_batch(_llama_config(layers, hidden), "auto", r["lengths"])
+        if (max(ratios) < 1 and not choice) or (min(ratios) > 1 and choice):
+            wrong.append((r["model"], r["seed"], r["lengths"], ratios, choice))
+    assert not wrong
+
+
 def test_pack_batch_reads_an_attention_mask_and_counts_left_padding_in_the_width():
     """A mask gives each row's real tokens and the padded width; left-padded prompts followed by right-padded
     completions are wider than the longest sequence, which makes packing pay sooner."""
