@@ -22,7 +22,9 @@ vocabulary, and only the positions that carry a label reach the head at all.
 block-diagonal causal mask from the restarts (and flash-attention kernels run the sequences as separate ones), so
 no token attends across a boundary and no padding is computed. :func:`packed_sequence_logps` is
 :func:`sequence_logps` for such a row; :func:`posttrain.models.check_packed_attention` checks a model keeps packed
-sequences apart.
+sequences apart. A padded batch runs as such a row with ``padding_free=True`` to :func:`hidden_states` (and so to
+:func:`token_stats`, :func:`sequence_logps`, :func:`completion_logps`), its results put back in the padded layout;
+:func:`posttrain.models.pack_batch` says whether a micro-batch is cheaper that way.
 """
 
 from __future__ import annotations
