@@ -94,6 +94,7 @@ class FakeVLLMServer:
                 return self._reply({})
 
         self.closed, self.lock_close = False, threading.Lock()
+
         class Server(ThreadingHTTPServer):
             def handle_error(self, request, client_address):
                 if not server.closed:  # a stalled request answered after close finds its client gone
