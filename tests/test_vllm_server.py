@@ -338,12 +338,12 @@ def train_with_server(model_dir, out, url, *, rows=None, callbacks=None, **field
     )
 
 
-def sampled_steps(server, steps):
-    """For each request the server answered: (the step it was for, the weight updates the server had)."""
+def sampled_steps(server, steps, mode="train"):
+    """For each request of ``mode`` the server answered: (the step it was for, the weight updates it had)."""
     from posttrain.generation import generation_seed
 
-    step_of = {generation_seed(0, "train", s, r): s for s in range(steps) for r in range(32)}
-    return sorted({(step_of[seed], updates) for seed, updates in server.sampled})
+    step_of = {generation_seed(0, mode, s, r): s for s in range(steps + 1) for r in range(32)}
+    return sorted({(step_of[seed], updates) for seed, updates in server.sampled if seed in step_of})
 
 
 def final_weights(path):
@@ -403,6 +403,42 @@ def test_async_max_staleness_1_samples_from_weights_one_step_old(
     sync = train_with_server(tiny_model_dir, tmp_path / "sync", fake_server.url, max_steps=5).log_history
     assert step_rows(history)[0] == step_rows(sync)[0]
     assert [row["reward"] for row in history] != [row["reward"] for row in sync]
+
+
+def test_async_evaluation_samples_from_the_server_with_the_current_weights(
+    tiny_model_dir, fake_server, nccl_stand_in, tmp_path, one_thread
+):
+    """K = 2, evaluation after steps 2 and 4. No job needs the weights of step 2, so evaluation pushes them,
+    after the job of step 4 (weights 1) has finished; training batches keep their fixed lag."""
+    import posttrain
+    from posttrain_grpo import GRPO, GRPOConfig
+
+    config = GRPOConfig(
+        model=str(tiny_model_dir),
+        output_dir=str(tmp_path / "eval"),
+        generation_backend="vllm-server",
+        vllm_server_url=fake_server.url,
+        max_steps=4,
+        eval_steps=2,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        per_prompt_generation=True,
+        logging_steps=1,
+        save_steps=0,
+        disable_progress_bar=True,
+        async_generation=True,
+        max_staleness=2,
+        async_generation_timeout=60.0,
+        seed=0,
+    )
+    rows = [{"prompt": f"echo {i % 10}"} for i in range(32)]
+    result = posttrain.train(GRPO(), config, train_dataset=rows, eval_dataset=rows[:4], rewards={"digits": digits})
+    assert [row["step"] for row in result.log_history if "eval_loss" in row] == [2, 4]
+    assert [row["async/staleness"] for row in result.log_history if "loss" in row] == [0.0, 1.0, 2.0, 2.0]
+    assert sampled_steps(fake_server, 4) == [(0, 1), (1, 1), (2, 1), (3, 2)]
+    assert sampled_steps(fake_server, 4, "eval") == [(2, 3), (4, 4)]
 
 
 @pytest.mark.parametrize("staleness", [1, 2])
