@@ -9,6 +9,7 @@ that training through the backend runs end to end. The real server is exercised 
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,6 +67,10 @@ class FakeVLLMServer:
                 route = self.path.split("?")[0]
                 server.calls.append(route)
                 length = int(self.headers.get("Content-Length") or 0)
+                if route == "/test_deliver":  # the stand-in NCCL "broadcast" from another process
+                    server.pending = torch.load(io.BytesIO(self.rfile.read(length)), weights_only=True)
+                    server.received.set()
+                    return self._reply({})
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if route == "/v1/completions":
                     if server.trap and any(tuple(p) in server.trap for p in body["prompt"]):
@@ -539,3 +544,66 @@ def test_async_server_pushes_after_every_process_finished_its_jobs(tiny_model_di
     finally:
         sampler.stop()
     assert not sampler.thread.is_alive()
+
+
+TWO_PROCESS_SCRIPT = """
+import io, json, os, sys, urllib.request
+sys.path.insert(0, sys.argv[1])  # the tests' conftest: the stand-in vLLM weight-transfer modules
+import pytest, torch
+from conftest import _install_vllm_stand_in
+import posttrain
+from posttrain_grpo import GRPO, GRPOConfig
+
+url, model, out = sys.argv[2:5]
+
+
+def deliver(tensors):
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    urllib.request.urlopen(urllib.request.Request(url + "/test_deliver", data=buffer.getvalue()), timeout=300).read()
+
+
+def digits(prompts, completions, **columns):
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+_install_vllm_stand_in(pytest.MonkeyPatch(), deliver, {})
+config = GRPOConfig(model=model, output_dir=out, generation_backend="vllm-server", vllm_server_url=url, max_steps=4,
+                    per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
+                    max_completion_length=6, per_prompt_generation=True, logging_steps=1, save_steps=0,
+                    disable_progress_bar=True, seed=0, async_generation=True, max_staleness=1,
+                    async_generation_timeout=120.0)
+rows = [{"prompt": f"echo {i % 10}"} for i in range(32)]
+result = posttrain.train(GRPO(), config, train_dataset=rows, rewards={"digits": digits})
+if int(os.environ.get("RANK", "0")) == 0:
+    staleness = [row["async/staleness"] for row in result.log_history if "loss" in row]
+    open(out + "/staleness.json", "w").write(json.dumps(staleness))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_async_server_with_two_training_processes(tiny_model_dir, fake_server, tmp_path):
+    """Two processes (torchrun, gloo) train asynchronously through one server with K = 1: each samples its own
+    prompts from a thread while the steps overlap, the server's weights change only when neither process is
+    sampling (the fake asserts it on every request), and every request of step s met max(1, s) updates."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "run.py").write_text(TWO_PROCESS_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(port), str(tmp_path / "run.py"), str(Path(__file__).parent), fake_server.url]
+    command += [str(tiny_model_dir), str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_EXPERIMENTAL_SILENCE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "staleness.json").read_text()) == [0.0, 1.0, 1.0, 1.0]
+    requests = sampled_steps(fake_server, 4)
+    assert requests == [(0, 1), (1, 1), (2, 2), (3, 3)]
+    assert len(fake_server.sampled) == 4 * 4  # 4 steps x 4 prompts (2 per process), one request each
