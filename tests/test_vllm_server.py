@@ -39,6 +39,7 @@ class FakeVLLMServer:
         self.trap: set[tuple[int, ...]] = set()  # prompts (token ids) whose request meets `trap_mode`
         self.trap_mode = "error"  # error: HTTP 500; die: the server stops answering; stall: no answer until `release`
         self.release = threading.Event()
+        self.broken: set[str] = set()  # routes that answer HTTP 500
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,6 +67,8 @@ class FakeVLLMServer:
             def do_POST(self):
                 route = self.path.split("?")[0]
                 server.calls.append(route)
+                if route in server.broken:
+                    return self._reply({"detail": f"planted failure of {route}"}, 500)
                 length = int(self.headers.get("Content-Length") or 0)
                 if route == "/test_deliver":  # the stand-in NCCL "broadcast" from another process
                     server.pending = torch.load(io.BytesIO(self.rfile.read(length)), weights_only=True)
@@ -516,6 +519,19 @@ def test_async_server_failure_stops_the_run_with_a_clear_error(
     if mode == "error":
         assert "HTTP 500: " in message and "planted engine failure" in message and "traceback" in message
     assert time.monotonic() - start < 120  # a stall costs the timeout, never a hang
+
+
+def test_async_server_failing_the_first_push_leaves_no_thread(
+    tiny_model_dir, fake_server, nccl_stand_in, tmp_path, one_thread
+):
+    """The weights are pushed when sampling starts; a server that refuses them stops the run at once with the
+    route and the server's answer, and no sampling thread is left behind."""
+    from posttrain.generation._vllm_server import ServerError
+
+    fake_server.broken = {"/start_weight_update"}
+    with pytest.raises(ServerError, match=r"pushing the weights to the vLLM server http://\S+ failed \(HTTPError: "):
+        train_with_server(tiny_model_dir, tmp_path / "push", fake_server.url, async_generation=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("posttrain-generation") and t.is_alive()]
 
 
 def test_async_server_pushes_after_every_process_finished_its_jobs(tiny_model_dir, fake_server):

@@ -114,20 +114,25 @@ class _Producer(Protocol):
 
     def publish(self, version: int, model: Any) -> None:
         """Make the policy's current weights, as ``version``, the ones the next jobs sample from."""
+        ...
 
     def submit(self, step: int, version: int, batches: list[dict]) -> None:
         """Queue the job of ``step``: sample its batches from weights ``version`` and score them."""
+        ...
 
     def released(self, pending: dict[int, int]) -> bool:
         """Whether the weights may be overwritten now, given the jobs still ``pending`` (step -> version): the
         handshake that keeps the lag exact."""
+        ...
 
     def receive(self, timeout: float, since: float) -> list[tuple]:
         """Messages sent, waiting up to ``timeout`` for the first; raises GenerationWorkerError on a failure, a
         death, or no progress since ``since`` for longer than async_generation_timeout."""
+        ...
 
     def stop(self) -> None:
         """Stop (idempotent); unfinished work is never needed after it."""
+        ...
 
 
 class AsyncGenerator:
@@ -318,7 +323,11 @@ class AsyncGenerator:
             from posttrain.generation._vllm_server import ServerSampler
 
             sampler = ServerSampler(self.local, ctx, config, self.num_generations, self.rewards)
-            sampler.publish(ctx.step, self.model)
+            try:
+                sampler.publish(ctx.step, self.model)
+            except BaseException:
+                sampler.stop()  # the run ends here: no thread is left waiting for jobs
+                raise
             return sampler
         import torch
 

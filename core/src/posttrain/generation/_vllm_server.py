@@ -27,9 +27,16 @@ from typing import Any
 
 from posttrain._errors import ConfigError, PosttrainError
 from posttrain.generation import Completions, SamplingParams
+from posttrain.generation._async import (
+    _STOP_GRACE_SECONDS,
+    GenerationWorkerError,
+    _jobs,
+    _PhasedRewards,
+    _Status,
+    _to_wire,
+)
 from posttrain.generation._vllm import vllm_sampling_kwargs
 
-_STOP_GRACE_SECONDS = 2.0  # a stopping sampling thread may finish its current job this long
 SERVER_ROUTES = (
     "/health",
     "/v1/models",
@@ -167,6 +174,12 @@ class VLLMServerGenerator:
             self._request("POST", "/pause", {"mode": "keep"})
         try:
             self.transfer.send_weights()  # start_weight_update, update_weights with the broadcast, finish
+        except Exception as exc:  # vLLM's client raises its HTTP library's errors, which do not name the server
+            raise ServerError(
+                f"pushing the weights to the vLLM server {self.url} failed ({type(exc).__name__}: {exc}); check "
+                "the server's log, and that it runs with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+                f"(`{server_command('MODEL')}`)"
+            ) from exc
         finally:
             if self.main:
                 self._request("POST", "/resume", {})
@@ -205,8 +218,6 @@ class ServerSampler:
     """
 
     def __init__(self, client: VLLMServerGenerator, ctx: Any, config: Any, num_generations: int, rewards: Any):
-        from posttrain.generation._async import _PhasedRewards, _Status
-
         self.client = client
         # the trainer reports a stall after async_generation_timeout; the thread's request then ends by itself
         self.sampler = copy.copy(client)
@@ -241,8 +252,6 @@ class ServerSampler:
         return not pending
 
     def receive(self, timeout: float, since: float) -> list[tuple]:
-        from posttrain.generation._async import GenerationWorkerError
-
         messages = []
         try:
             messages.append(self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait())
@@ -295,7 +304,6 @@ class ServerSampler:
         """Run jobs in order; report any failure, with its traceback, instead of ending silently."""
         from posttrain._method import TrainContext
         from posttrain.generation import _sample_synced
-        from posttrain.generation._async import _jobs, _to_wire
 
         try:
             for (step, version, batches), idle in _jobs(self.jobs, self.stop_event, None, self.status):
