@@ -528,6 +528,31 @@ class _WorkerHandle:
     def receive(self, timeout: float, since: float) -> list[tuple]:
         """Batches the worker sent, waiting up to ``timeout`` for the first. Raises on a failure message, a dead
         worker, or no progress since ``since`` (or the last heartbeat) for longer than the timeout."""
+        messages = self._collect(timeout)
+        if not messages and not self.process.is_alive():
+            # a worker that fails sends its report, then exits: the report may have reached the pipe only after
+            # the wait above gave up, so look once more before calling it a silent death
+            messages = self._collect(1.0)
+            if not messages:
+                raise GenerationWorkerError(self._death())
+        for message in messages:
+            if message[0] == "error":
+                self.stop()
+                raise GenerationWorkerError(self._failure(message[1]))
+        # a fresh process imports torch and transformers first: on a slow disk that alone can take minutes
+        limit = self.timeout if self.phase.value != PHASES.index("starting") else max(self.timeout, _STARTUP_SECONDS)
+        if not messages and time.time() - max(since, self.heartbeat.value) > limit:
+            doing = self._doing()
+            self.stop()
+            raise GenerationWorkerError(
+                f"the generation worker of training process {self.process_index} (pid {self.process.pid}) made no "
+                f"progress for {limit:.0f} s while {doing}; it was stopped. Raise async_generation_timeout if its "
+                "batches are legitimately that slow, or look for a reward function that blocks; then continue with "
+                "--resume_from_checkpoint latest, or set async_generation false to sample in the training process"
+            )
+        return messages
+
+    def _collect(self, timeout: float) -> list[tuple]:
         messages = []
         try:
             messages.append(self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait())
@@ -540,23 +565,6 @@ class _WorkerHandle:
             if not self.process.is_alive():
                 raise GenerationWorkerError(self._death()) from None
             raise
-        for message in messages:
-            if message[0] == "error":
-                self.stop()
-                raise GenerationWorkerError(self._failure(message[1]))
-        if not messages and not self.process.is_alive():
-            raise GenerationWorkerError(self._death())
-        # a fresh process imports torch and transformers first: on a slow disk that alone can take minutes
-        limit = self.timeout if self.phase.value != PHASES.index("starting") else max(self.timeout, _STARTUP_SECONDS)
-        if not messages and time.time() - max(since, self.heartbeat.value) > limit:
-            doing = self._doing()
-            self.stop()
-            raise GenerationWorkerError(
-                f"the generation worker of training process {self.process_index} (pid {self.process.pid}) made no "
-                f"progress for {limit:.0f} s while {doing}; it was stopped. Raise async_generation_timeout if its "
-                "batches are legitimately that slow, or look for a reward function that blocks; then continue with "
-                "--resume_from_checkpoint latest, or set async_generation false to sample in the training process"
-            )
         return messages
 
     def _doing(self) -> str:
