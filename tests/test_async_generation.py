@@ -309,10 +309,14 @@ def test_a_batch_older_than_max_staleness_is_never_trained_on(tiny_model_dir):
     generator._worker = None
 
 
-def test_async_generation_needs_the_hf_backend():
-    problems = GRPOConfig(async_generation=True, generation_backend="vllm-server", max_staleness=-1).problems()
-    assert any("generation_backend 'vllm-server' has no asynchronous mode yet" in p for p in problems)
+def test_async_generation_refuses_the_in_process_vllm_engine():
+    """hf (a worker process) and vllm-server (a thread driving the server) sample ahead; the in-process vllm
+    engine shares the training process and its GPU, so it is refused when the config is checked."""
+    problems = GRPOConfig(async_generation=True, generation_backend="vllm", max_staleness=-1).problems()
+    assert any("async_generation cannot run with generation_backend 'vllm'" in p for p in problems)
     assert any("max_staleness must be >= 0" in p for p in problems)
+    for backend in ("hf", "vllm-server"):
+        assert GRPOConfig(async_generation=True, generation_backend=backend).problems() == []
 
 
 @pytest.mark.slow

@@ -23,9 +23,9 @@ its loss forward needs (``model_inputs``). The ``hf`` backend passes them to ``g
 ``multi_modal_data`` (not tested here); ``vllm-server`` refuses them (``/v1/completions`` carries no images).
 
 Weights are pushed at most once per optimizer step, before the step's first generation. With
-``async_generation: true`` a worker process samples and scores the next steps' batches while the trainer
-trains (``max_staleness`` bounds how many optimizer steps old the sampling weights may be; see
-``posttrain.generation._async`` and docs/async-generation.md). Backends that
+``async_generation: true`` the next steps' batches are sampled and scored while the trainer trains: by a worker
+process (``hf``) or by a thread that drives the server (``vllm-server``); ``max_staleness`` fixes how many optimizer
+steps old the sampling weights are (see ``posttrain.generation._async`` and docs/async-generation.md). Backends that
 report their own log-probs (vLLM) enable importance-sampling correction by default
 (:func:`importance_weights`): the loss is reweighted by π_trainer / π_generator, truncated at
 ``importance_sampling_cap``, because the two engines' numerics differ.
@@ -114,9 +114,9 @@ class OnlineConfig(TrainingConfig):
     environment_timeout: float = 60.0  # seconds one reset or step may take before the run stops with an error
     environment_reward_weight: float = 1.0  # weight of the episode return among the reward functions
     # -- asynchronous generation (docs/async-generation.md)
-    async_generation: bool = False  # sample and score the next batches in a worker process while training
+    async_generation: bool = False  # sample and score the next batches while training (hf or vllm-server backend)
     max_staleness: int = 1  # optimizer steps between the sampling weights and the step that trains on them
-    async_generation_timeout: float = 600.0  # seconds without progress from the worker before the run stops
+    async_generation_timeout: float = 600.0  # seconds without progress from the worker or server before the run stops
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -149,11 +149,12 @@ class OnlineConfig(TrainingConfig):
             found.append(f"max_staleness must be >= 0 (0: the synchronous algorithm), got {self.max_staleness}")
         if not self.async_generation_timeout > 0:
             found.append(f"async_generation_timeout must be > 0 seconds, got {self.async_generation_timeout}")
-        if self.async_generation and self.generation_backend != "hf":
+        if self.async_generation and self.generation_backend == "vllm":
             found.append(
-                f"async_generation runs the hf backend in a worker process; generation_backend "
-                f"{self.generation_backend!r} has no asynchronous mode yet. Use generation_backend hf, or set "
-                "async_generation false"
+                "async_generation cannot run with generation_backend 'vllm': the in-process engine shares the "
+                "training process and its GPU, so it cannot sample while the trainer trains, nor hold older weights "
+                "than the policy. Use generation_backend vllm-server (a `vllm serve` on other GPUs, sampled from a "
+                "thread while training) or hf (a worker process), or set async_generation false"
             )
         if self.async_generation and self.environment:
             found.append("async_generation does not run multi-turn environments yet; set async_generation false")
@@ -289,7 +290,7 @@ def build_generator(
         num_generations: what the method will pass to :func:`sample` when training. A method that passes it
             supports ``async_generation`` (the service checks every call against it); one that does not gets a
             ConfigError when the option is on.
-        rewards: the reward set the method will pass to :func:`sample` (scored in the worker when asynchronous).
+        rewards: the reward set the method will pass to :func:`sample` (scored ahead when asynchronous).
 
     Raises:
         ConfigError: the backend cannot run here (vLLM not installed, several processes for the in-process
@@ -519,16 +520,25 @@ def sample(
 
     .. versionadded:: 1.0
     """
-    config, tokenizer = ctx.config, ctx.tokenizer
+    config = ctx.config
     if getattr(config, "environment", None):
         from posttrain.generation._episodes import sample_episodes
 
         return sample_episodes(generator, model, batches, ctx, num_generations, rewards)
-    if ctx.training and getattr(config, "async_generation", False):  # sampled ahead by a worker process
+    if ctx.training and getattr(config, "async_generation", False):  # sampled ahead (worker process or thread)
         from posttrain.generation._async import take_rollouts
 
         return take_rollouts(generator, batches, ctx, num_generations, rewards)
     _sync_once(generator, model, ctx)
+    return _sample_synced(generator, batches, ctx, num_generations, rewards)
+
+
+def _sample_synced(
+    generator: Generator, batches: Sequence[dict], ctx: TrainContext, num_generations: int, rewards: RewardSet | None
+) -> list[Rollout]:
+    """:func:`sample` once the generator holds the weights to sample from: generate, assemble, score. The
+    asynchronous vllm-server mode calls it from its sampling thread, whose pushes follow their own handshake."""
+    config, tokenizer = ctx.config, ctx.tokenizer
     prompt_lists = [
         ids[m.bool()].tolist() for b in batches for ids, m in zip(b["prompt_ids"].cpu(), b["prompt_mask"].cpu())
     ]

@@ -1,37 +1,44 @@
-"""Asynchronous generation: a worker process samples and scores the next steps' batches while the trainer trains.
+"""Asynchronous generation: the next steps' batches are sampled and scored while the trainer trains.
 
 In synchronous RL the trainer waits while the policy samples, and sampling waits while the trainer updates.
-With ``async_generation: true`` they overlap::
+With ``async_generation: true`` they overlap. One bookkeeping (:class:`AsyncGenerator`: which job needs which
+weights, what is pending, ready, checkpointed, the checks and metrics) drives one of two producers::
 
-    training process                                    generation worker (its own process, hf backend)
-    ────────────────                                    ───────────────────────────────────────────────
-    on_step(v): weights of version v -> shared memory   job s needs weights max(first, s - K):
-                submit the jobs of steps <= v + K  ───▶     wait for them, copy them in, sample, score
-    sample() in step s: take batch s  ◀──────────────── result queue (at most K + 1 batches ahead)
+    training process                                    producer
+    ────────────────                                    ────────
+    on_step(v): once the producer released v - 1,       job s needs weights max(first, s - K):
+                push the weights of version v           hf: a worker process copies them in from shared memory
+                submit the jobs of steps <= v + K  ───▶ vllm-server: a thread asks the server (which holds them)
+    sample() in step s: take batch s  ◀──────────────── sample, score; result queue (at most K + 1 ahead)
     loss, backward, optimizer step
 
 ``K`` is ``max_staleness`` and ``first`` the step the run started or resumed at. Design decisions:
 
 1. **Fixed lag.** The batch of step s is sampled from the weights after exactly max(first, s - K) optimizer
-   steps, never newer ones even when they exist: the trainer does not overwrite version v before the worker
-   has started every job that needs it (a handshake on a shared counter). So a run is reproducible, resume
-   is exact, and ``K = 0`` is the synchronous algorithm. When generation is the bottleneck the worker never
-   waits for weights, so the fixed lag costs no throughput.
-2. **Weights travel through shared memory**: one CPU copy of the policy's tensors, allocated once and handed
-   to the worker at start, plus a version counter under a lock. A push is one copy on each side; it needs no
-   rendezvous, port or collective (torch.distributed with gloo would make both processes meet at every
-   push, and would collide with the training process group under accelerate), and the trainer never waits
-   for a batch to finish to publish its weights. A GPU engine would take this place through its own weight
-   transfer (vLLM's, as the ``vllm`` backends do).
+   steps, never newer ones even when they exist, so a run is reproducible, resume is exact, and ``K = 0`` is
+   the synchronous algorithm. The trainer does not overwrite version v - 1 before the producer releases it
+   (``_Producer.released``): the worker process once it has *started* every job that needs it (it copied
+   the weights), the server once every such job has *finished* sampling (its weights are the sampling
+   weights, one version at a time). When generation is the bottleneck the producer never waits for weights,
+   so the fixed lag costs no throughput.
+2. **hf: weights travel through shared memory**: one CPU copy of the policy's tensors, allocated once and
+   handed to the worker at start, plus a version counter under a lock. A push is one copy on each side; it
+   needs no rendezvous, port or collective (torch.distributed with gloo would make both processes meet at
+   every push, and would collide with the training process group under accelerate).
+   **vllm-server: the server is the worker**: it is already a process of its own, so a thread of the
+   training process sends it the jobs (``_vllm_server.ServerSampler``) and the weights go through vLLM's
+   weight-transfer API as in synchronous training. The in-process ``vllm`` engine is refused: it shares the
+   training process and its GPU.
 3. **The loop says what comes next** (``ctx.upcoming_batches``): its data order is a pure function of (seed,
    step), so nothing here copies its sampler; every batch is checked against the step's real rows.
-4. **Rewards are scored in the worker**, so they are pickled to it: module-level functions, partials and
-   instances of importable classes travel; lambdas and closures are refused before the worker starts.
+4. **Rewards are scored by the producer.** The worker process gets them pickled: module-level functions,
+   partials and instances of importable classes travel; lambdas and closures are refused before it starts.
+   The sampling thread calls them as they are.
 5. **Process hygiene.** The worker starts with forkserver (spawn where there is none), never fork: the
    trainer may hold CUDA state or OpenMP threads. It ignores SIGINT and SIGTERM, because the trainer finishes
    its step and checkpoints first (and needs the worker for that), then stops it; it exits by itself when
-   the training process is gone. A failure is sent back with its traceback; a death or a stall is noticed by
-   the trainer within ``async_generation_timeout`` and never hangs it.
+   the training process is gone. A failure (the server's included) is sent back with its traceback; a death
+   or a stall is noticed by the trainer within ``async_generation_timeout`` and never hangs it.
 6. **Checkpoints** at step c save every batch sampled from weights older than c (they cannot be sampled
    again after a resume), after waiting for them; everything newer is sampled again, identically.
 """
@@ -52,7 +59,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from posttrain._errors import ConfigError, PluginError, PosttrainError
 
@@ -100,56 +107,99 @@ def take_rollouts(
     return generator.take(batches, ctx, num_generations, rewards)
 
 
+class _Producer(Protocol):
+    """What samples ahead for :class:`AsyncGenerator`: the hf worker process (:class:`_WorkerHandle`) or the
+    vllm-server sampling thread (``posttrain.generation._vllm_server.ServerSampler``). The bookkeeping (which job
+    needs which weights, what is pending, ready, checkpointed) is the generator's; a producer only runs jobs."""
+
+    def publish(self, version: int, model: Any) -> None:
+        """Make the policy's current weights, as ``version``, the ones the next jobs sample from."""
+        ...
+
+    def submit(self, step: int, version: int, batches: list[dict]) -> None:
+        """Queue the job of ``step``: sample its batches from weights ``version`` and score them."""
+        ...
+
+    def released(self, pending: dict[int, int]) -> bool:
+        """Whether the weights may be overwritten now, given the jobs still ``pending`` (step -> version): the
+        handshake that keeps the lag exact."""
+        ...
+
+    def receive(self, timeout: float, since: float) -> list[tuple]:
+        """Messages sent, waiting up to ``timeout`` for the first; raises GenerationWorkerError on a failure, a
+        death, or no progress since ``since`` for longer than async_generation_timeout."""
+        ...
+
+    def stop(self) -> None:
+        """Stop (idempotent); unfinished work is never needed after it."""
+        ...
+
+
 class AsyncGenerator:
     """The training process's side of asynchronous generation: a :class:`~posttrain.generation.Generator` for the
     method and a ``RunService`` for the loop (``ctx.services["async_generation"]``).
 
-    Evaluation samples in this process from the policy itself (it needs the current weights, at once); only
-    training batches come from the worker.
+    With the ``hf`` backend a worker process samples, and evaluation samples in this process from the policy
+    itself (it needs the current weights, at once). With ``vllm-server`` a thread samples from the server, and
+    evaluation samples from the server too, once the current weights may be pushed to it.
     """
 
-    name = "hf-async"
-
     def __init__(self, ctx: TrainContext, params: SamplingParams, num_generations: int, rewards: RewardSet | None):
-        from posttrain.generation._hf import HFGenerator
-
         config = ctx.config
         self.config, self.params = config, params
         self.num_generations, self.rewards = num_generations, rewards
         self.max_staleness = int(config.max_staleness)
-        # at K = 0 the samples are on-policy with the trainer's exact weights: no log-probs, no correction, as
-        # the synchronous hf backend; stale samples need them for the importance-sampling correction
-        self.reports_logps = self.max_staleness > 0 or config.importance_sampling_correction is True
-        self.local = HFGenerator(ctx.model, params, config.generation_batch_size)
+        self.server = config.generation_backend == "vllm-server"
+        if self.server:
+            from posttrain.generation._vllm_server import VLLMServerGenerator
+
+            self.name = "vllm-server-async"
+            self.local: Any = VLLMServerGenerator(ctx, params)  # waits for the server; pushes and evaluation
+            self.reports_logps = True  # the server's numerics differ from the trainer's even at K = 0
+        else:
+            from posttrain.generation._hf import HFGenerator
+
+            self.name = "hf-async"
+            # at K = 0 the samples are on-policy with the trainer's exact weights: no log-probs, no correction, as
+            # the synchronous hf backend; stale samples need them for the importance-sampling correction
+            self.reports_logps = self.max_staleness > 0 or config.importance_sampling_correction is True
+            self.local = HFGenerator(ctx.model, params, config.generation_batch_size)
         self.model = ctx.model
         self.process_index = ctx.process_index
-        self._worker: _WorkerHandle | None = None
-        self._first = 0  # the weights version the worker started with
+        self._worker: _Producer | None = None
+        self._first = 0  # the weights version sampling started with
         self._step = 0  # ctx.step at the last on_step: the newest weights version
+        self._published = -1  # the weights version the producer holds
         self._planned = -1  # the last step submitted or restored
         self._pending: dict[int, int] = {}  # step -> weights version: submitted, not yet received
         self._ready: dict[int, dict] = {}  # step -> {"version", "rollouts", "idle_seconds"}: received, not taken
-        self._restored: dict[int, dict] = {}  # from a checkpoint, until the worker starts
-        self._waited = 0.0  # trainer seconds spent waiting on the worker since the last batch was taken
+        self._restored: dict[int, dict] = {}  # from a checkpoint, until sampling starts
+        self._waited = 0.0  # trainer seconds spent waiting on the producer since the last batch was taken
         if "async_generation" in ctx.services:
             raise PluginError(
                 "a second asynchronous generator was built for this run; build one in the method's setup and "
-                "keep it (one worker per training process)"
+                "keep it (one per training process)"
             )
         ctx.services["async_generation"] = self
 
-    # -- Generator protocol: evaluation samples here, from the policy itself -------------------------------
+    # -- Generator protocol: evaluation ---------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[list[int]], n: int, seeds: list[int] | None = None) -> Completions:
         return self.local.generate(prompt_ids, n, seeds)
 
     def sync_weights(self, model: Any) -> None:
-        self.local.sync_weights(model)
+        """Before evaluation samples. The server gets the current weights once no job needs older ones."""
+        if not self.server:
+            self.local.sync_weights(model)
+        elif self._worker is None:  # sample() outside the loop's training, before any asynchronous job
+            self.local.sync_weights(model)
+        elif self._published != self._step:
+            self._publish(model)
 
     # -- RunService protocol ----------------------------------------------------------------------------------
 
     def on_step(self, ctx: TrainContext) -> None:
-        """Start the worker (first call), else publish the new weights when a job will need them and submit the
+        """Start sampling (first call), else publish the new weights when a job will need them and submit the
         jobs that came within reach (steps up to ctx.step + K)."""
         self._step = ctx.step
         if self._worker is None:
@@ -158,10 +208,8 @@ class AsyncGenerator:
         new = [u for u in ctx.upcoming_batches(self.max_staleness + 1) if u.step > self._planned]
         if not new:
             return  # no job needs these weights (batch_reuse): skip the copy
-        last = max(self._pending, default=-1)
-        # the handshake: version v - 1 stays until every job that needs it has copied it
-        self._waited += self._wait(lambda: self._worker.started.value >= last)
-        self._worker.publish(ctx.step, self.model)
+        if self._published != ctx.step:  # (evaluation may have pushed them already)
+            self._publish(self.model)
         for upcoming in new:
             self._submit(upcoming)
 
@@ -188,10 +236,12 @@ class AsyncGenerator:
         self._restored = {int(b["step"]): {**b, "idle_seconds": 0.0} for b in state["batches"]}
 
     def close(self) -> None:
-        """Stop the worker (idempotent); its unfinished work is never needed after the run."""
+        """Stop sampling (idempotent); unfinished work is never needed after the run."""
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+        if self.server:
+            self.local.close()
 
     # -- taking a batch -----------------------------------------------------------------------------------------
 
@@ -249,15 +299,39 @@ class AsyncGenerator:
     # -- internals ------------------------------------------------------------------------------------------------
 
     def _start(self, ctx: TrainContext) -> None:
-        """Start the worker on the current weights (version ctx.step) and submit the first K + 1 steps' jobs;
+        """Start sampling on the current weights (version ctx.step) and submit the first K + 1 steps' jobs;
         batches restored from a checkpoint stand in for their jobs when they are not too old."""
+        self._first = self._planned = ctx.step
+        self._planned -= 1
+        self._worker = self._launch(ctx)
+        self._published = ctx.step
+        for upcoming in ctx.upcoming_batches(self.max_staleness + 1):
+            restored = self._restored.pop(upcoming.step, None)
+            if restored is not None and 0 <= upcoming.step - restored["version"] <= self.max_staleness:
+                self._ready[upcoming.step] = restored
+                self._planned = upcoming.step
+            else:
+                self._submit(upcoming)
+        self._restored.clear()
+
+    def _launch(self, ctx: TrainContext) -> _Producer:
+        """The producer, holding the weights of version ctx.step: the server's sampling thread, or a worker
+        process with a copy of the policy."""
+        config = copy.copy(self.config)
+        config.async_generation = False  # the producer's sampling samples for real
+        if self.server:
+            from posttrain.generation._vllm_server import ServerSampler
+
+            sampler = ServerSampler(self.local, ctx, config, self.num_generations, self.rewards)
+            try:
+                sampler.publish(ctx.step, self.model)
+            except BaseException:
+                sampler.stop()  # the run ends here: no thread is left waiting for jobs
+                raise
+            return sampler
         import torch
 
         self._check_picklable()
-        self._first = self._planned = ctx.step
-        self._planned -= 1
-        config = copy.copy(self.config)
-        config.async_generation = False  # the worker's sample() call samples for real
         spec = _WorkerSpec(
             config=config,
             tokenizer=ctx.tokenizer,
@@ -273,21 +347,21 @@ class AsyncGenerator:
             generation_config=getattr(self.model, "generation_config", None),
             process_index=self.process_index,
         )
-        self._worker = _WorkerHandle(spec, self.model, ctx.step, self.config.async_generation_timeout)
-        for upcoming in ctx.upcoming_batches(self.max_staleness + 1):
-            restored = self._restored.pop(upcoming.step, None)
-            if restored is not None and 0 <= upcoming.step - restored["version"] <= self.max_staleness:
-                self._ready[upcoming.step] = restored
-                self._planned = upcoming.step
-            else:
-                self._submit(upcoming)
-        self._restored.clear()
+        return _WorkerHandle(spec, self.model, ctx.step, self.config.async_generation_timeout)
+
+    def _publish(self, model: Any) -> None:
+        """Push the current weights (version self._step) once the producer releases the ones it holds: the
+        worker process once every job that needs them has copied them, the server once every such job has
+        finished sampling (its weights are the sampling weights)."""
+        self._waited += self._wait(lambda: self._worker.released(self._pending))
+        self._worker.publish(self._step, model)
+        self._published = self._step
 
     def _submit(self, upcoming: UpcomingBatch) -> None:
         version = max(self._first, upcoming.step - self.max_staleness)
-        if version > self._step:
-            raise RuntimeError(f"job for step {upcoming.step} needs weights {version}, newer than {self._step}")
-        self._worker.jobs.put((upcoming.step, version, upcoming.batches))
+        if version > self._published:
+            raise RuntimeError(f"job for step {upcoming.step} needs weights {version}, newer than {self._published}")
+        self._worker.submit(upcoming.step, version, upcoming.batches)
         self._pending[upcoming.step] = version
         self._planned = upcoming.step
 
@@ -444,9 +518,41 @@ class _WorkerHandle:
             self.version.value = version
             self.condition.notify_all()
 
+    def submit(self, step: int, version: int, batches: list[dict]) -> None:
+        self.jobs.put((step, version, batches))
+
+    def released(self, pending: dict[int, int]) -> bool:
+        """Every pending job has copied its weights out of shared memory (it may still be sampling)."""
+        return self.started.value >= max(pending, default=-1)
+
     def receive(self, timeout: float, since: float) -> list[tuple]:
         """Batches the worker sent, waiting up to ``timeout`` for the first. Raises on a failure message, a dead
         worker, or no progress since ``since`` (or the last heartbeat) for longer than the timeout."""
+        messages = self._collect(timeout)
+        if not messages and not self.process.is_alive():
+            # a worker that fails sends its report, then exits: the report may have reached the pipe only after
+            # the wait above gave up, so look once more before calling it a silent death
+            messages = self._collect(1.0)
+            if not messages:
+                raise GenerationWorkerError(self._death())
+        for message in messages:
+            if message[0] == "error":
+                self.stop()
+                raise GenerationWorkerError(self._failure(message[1]))
+        # a fresh process imports torch and transformers first: on a slow disk that alone can take minutes
+        limit = self.timeout if self.phase.value != PHASES.index("starting") else max(self.timeout, _STARTUP_SECONDS)
+        if not messages and time.time() - max(since, self.heartbeat.value) > limit:
+            doing = self._doing()
+            self.stop()
+            raise GenerationWorkerError(
+                f"the generation worker of training process {self.process_index} (pid {self.process.pid}) made no "
+                f"progress for {limit:.0f} s while {doing}; it was stopped. Raise async_generation_timeout if its "
+                "batches are legitimately that slow, or look for a reward function that blocks; then continue with "
+                "--resume_from_checkpoint latest, or set async_generation false to sample in the training process"
+            )
+        return messages
+
+    def _collect(self, timeout: float) -> list[tuple]:
         messages = []
         try:
             messages.append(self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait())
@@ -459,23 +565,6 @@ class _WorkerHandle:
             if not self.process.is_alive():
                 raise GenerationWorkerError(self._death()) from None
             raise
-        for message in messages:
-            if message[0] == "error":
-                self.stop()
-                raise GenerationWorkerError(self._failure(message[1]))
-        if not messages and not self.process.is_alive():
-            raise GenerationWorkerError(self._death())
-        # a fresh process imports torch and transformers first: on a slow disk that alone can take minutes
-        limit = self.timeout if self.phase.value != PHASES.index("starting") else max(self.timeout, _STARTUP_SECONDS)
-        if not messages and time.time() - max(since, self.heartbeat.value) > limit:
-            doing = self._doing()
-            self.stop()
-            raise GenerationWorkerError(
-                f"the generation worker of training process {self.process_index} (pid {self.process.pid}) made no "
-                f"progress for {limit:.0f} s while {doing}; it was stopped. Raise async_generation_timeout if its "
-                "batches are legitimately that slow, or look for a reward function that blocks; then continue with "
-                "--resume_from_checkpoint latest, or set async_generation false to sample in the training process"
-            )
         return messages
 
     def _doing(self) -> str:
@@ -528,7 +617,8 @@ def _stop_process(process: Any, stop_event: Any, jobs: Any) -> None:
 
 
 class _Status:
-    """The worker's phase, the step it works for, and a heartbeat, in shared memory for the trainer to read."""
+    """The producer's phase, the step it works for, and a heartbeat, for the trainer to read (in shared memory for
+    the worker process, plain cells for the vllm-server sampling thread)."""
 
     def __init__(self, phase: Any, step: Any, heartbeat: Any):
         self._phase, self._step, self._heartbeat = phase, step, heartbeat
@@ -539,6 +629,10 @@ class _Status:
     @property
     def step(self) -> int:
         return self._step.value
+
+    @property
+    def heartbeat(self) -> float:
+        return self._heartbeat.value
 
     def doing(self) -> str:
         phase, step = PHASES[self._phase.value], self._step.value

@@ -15,14 +15,26 @@ each push. Sampling requests use only the standard library.
 
 from __future__ import annotations
 
+import copy
 import json
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
+from traceback import format_exc
 from typing import Any
 
 from posttrain._errors import ConfigError, PosttrainError
 from posttrain.generation import Completions, SamplingParams
+from posttrain.generation._async import (
+    _STOP_GRACE_SECONDS,
+    GenerationWorkerError,
+    _jobs,
+    _PhasedRewards,
+    _Status,
+    _to_wire,
+)
 from posttrain.generation._vllm import vllm_sampling_kwargs
 
 SERVER_ROUTES = (
@@ -162,6 +174,12 @@ class VLLMServerGenerator:
             self._request("POST", "/pause", {"mode": "keep"})
         try:
             self.transfer.send_weights()  # start_weight_update, update_weights with the broadcast, finish
+        except Exception as exc:  # vLLM's client raises its HTTP library's errors, which do not name the server
+            raise ServerError(
+                f"pushing the weights to the vLLM server {self.url} failed ({type(exc).__name__}: {exc}); check "
+                "the server's log, and that it runs with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+                f"(`{server_command('MODEL')}`)"
+            ) from exc
         finally:
             if self.main:
                 self._request("POST", "/resume", {})
@@ -182,3 +200,129 @@ def _free_endpoint() -> tuple[str, int]:
         s.bind(("", 0))
         port = s.getsockname()[1]
     return socket.gethostbyname(socket.gethostname()), port
+
+
+# -- asynchronous generation: a thread samples from the server while the trainer trains -------------------------
+
+
+class ServerSampler:
+    """The vllm-server backend's producer for ``async_generation``: a thread of the training process that
+    requests the queued steps' completions from the server and scores them while the trainer trains.
+
+    The server is already a process of its own, so no worker process is needed, and its weights are the
+    sampling weights, one version at a time. Hence the handshake with the trainer is "finished"-based: the
+    trainer pushes version v only after every job that samples from v - 1 has finished (``released``), and
+    the jobs that need v are submitted after the push. With several training processes each samples its own
+    prompts, as the synchronous backend does, and they meet at a barrier before the push, so no process's
+    job of the old version is still sampling while the server's weights change.
+    """
+
+    def __init__(self, client: VLLMServerGenerator, ctx: Any, config: Any, num_generations: int, rewards: Any):
+        self.client = client
+        # the trainer reports a stall after async_generation_timeout; the thread's request then ends by itself
+        self.sampler = copy.copy(client)
+        self.sampler.request_timeout = 2 * config.async_generation_timeout
+        self.accelerator, self.process_index = ctx.accelerator, ctx.process_index
+        self.config, self.tokenizer, self.num_generations = config, ctx.tokenizer, num_generations
+        self.timeout = config.async_generation_timeout
+        self.version = -1  # the weights version the server holds
+        self.status = _Status(_Cell(0), _Cell(-1), _Cell(time.time()))
+        self.rewards = _PhasedRewards(rewards, self.status) if rewards is not None else None
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(
+            target=self._main, name=f"posttrain-generation-{self.process_index}", daemon=True
+        )
+        self.thread.start()
+
+    # -- the trainer's side --------------------------------------------------------------------------------
+
+    def publish(self, version: int, model: Any) -> None:
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # every process's jobs of the old weights have finished
+        self.client.sync_weights(model)
+        self.version = version
+
+    def submit(self, step: int, version: int, batches: list[dict]) -> None:
+        self.jobs.put((step, version, batches))
+
+    def released(self, pending: dict[int, int]) -> bool:
+        """Every submitted job has finished sampling: the server's weights are no longer needed."""
+        return not pending
+
+    def receive(self, timeout: float, since: float) -> list[tuple]:
+        messages = []
+        try:
+            messages.append(self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait())
+            while True:
+                messages.append(self.results.get_nowait())
+        except queue.Empty:
+            pass
+        for message in messages:
+            if message[0] == "error":
+                self.stop()
+                raise GenerationWorkerError(self._failure(message[1]))
+        if not messages and not self.thread.is_alive():  # it reports every exception; this is a bug guard
+            raise GenerationWorkerError(
+                f"the vllm-server sampling thread of training process {self.process_index} ended while "
+                f"{self.status.doing()} without reporting an error; continue with --resume_from_checkpoint latest, "
+                "or set async_generation false"
+            )
+        if not messages and time.time() - max(since, self.status.heartbeat) > self.timeout:
+            doing = self.status.doing()
+            self.stop()
+            raise GenerationWorkerError(
+                f"the vLLM server {self.client.url} made no progress for {self.timeout:.0f} s while training process "
+                f"{self.process_index} was {doing}; its sampling was abandoned. Check the server (its log, its "
+                "GPUs, whether it is paused), raise async_generation_timeout if its batches are legitimately that "
+                "slow, or look for a reward function that blocks; then continue with --resume_from_checkpoint "
+                "latest, or set async_generation false"
+            )
+        return messages
+
+    def stop(self) -> None:
+        """Ask the thread to stop; a request in flight cannot be cancelled, it ends by its own timeout (the
+        thread is a daemon and its results are never read)."""
+        self.stop_event.set()
+        self.jobs.put(None)
+        if self.thread is not threading.current_thread():
+            self.thread.join(_STOP_GRACE_SECONDS)
+
+    def _failure(self, report: dict) -> str:
+        return (
+            f"asynchronous sampling from the vLLM server {self.client.url} failed in training process "
+            f"{self.process_index} while {report['doing']}: {report['summary']}\n\nSampling thread traceback:\n"
+            f"{report['traceback']}\nTraining cannot continue without its samples. Fix the cause above (the "
+            "server's log says more when it answered with an error or stopped answering), then continue from "
+            "the last checkpoint with --resume_from_checkpoint latest, or set async_generation false"
+        )
+
+    # -- the thread ------------------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        """Run jobs in order; report any failure, with its traceback, instead of ending silently."""
+        from posttrain._method import TrainContext
+        from posttrain.generation import _sample_synced
+
+        try:
+            for (step, version, batches), idle in _jobs(self.jobs, self.stop_event, None, self.status):
+                if self.version != version:  # the handshake guarantees it; a bug otherwise
+                    raise RuntimeError(
+                        f"the job for step {step} needs weights {version}, the server has {self.version}"
+                    )
+                self.status.set("generating", step)
+                ctx = TrainContext(config=self.config, tokenizer=self.tokenizer, step=step)
+                rollouts = _sample_synced(self.sampler, batches, ctx, self.num_generations, self.rewards)
+                self.status.set("sending", step)
+                self.results.put(("batch", step, version, [_to_wire(r) for r in rollouts], idle))
+        except BaseException as exc:
+            summary = f"{type(exc).__name__}: {exc}"
+            self.results.put(("error", {"doing": self.status.doing(), "summary": summary, "traceback": format_exc()}))
+
+
+class _Cell:
+    """A value the thread writes and the trainer reads (the worker process's shared ``Value``, in-process)."""
+
+    def __init__(self, value: Any):
+        self.value = value
