@@ -234,6 +234,9 @@ def _live_method(
     if setup:
         setup(ctx)
     prepared = method.prepare(datasets.Dataset.from_list(copy.deepcopy(rows)), ctx)
+    precompute = optional_member(method, "precompute")
+    if precompute:
+        precompute(prepared, ctx)  # as the loop does, after prepare
     return method, model, ctx, prepared
 
 
@@ -1214,8 +1217,29 @@ def conformance_suite(
 # -- pytest plugin hooks (active with -p posttrain.testing.kit) ----------------------------------------------
 
 
+_own_cache: list[str] = []  # the prepared-data cache directory this process made for the session
+
+
 def pytest_configure(config):
+    import os
+    import tempfile
+
     config.addinivalue_line("markers", "posttrain_conformance: a posttrain conformance-kit check")
+    # runs under test write their prepared-data cache to a directory of the session, never the user's cache
+    # (subprocesses inherit it; so do pytest-xdist workers, which then share it: entries are written atomically)
+    if not os.environ.get("POSTTRAIN_CACHE"):
+        _own_cache.append(tempfile.mkdtemp(prefix="posttrain-test-cache-"))
+        os.environ["POSTTRAIN_CACHE"] = _own_cache[0]
+
+
+def pytest_unconfigure(config):
+    import os
+
+    for path in _own_cache:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get("POSTTRAIN_CACHE") == path:
+            del os.environ["POSTTRAIN_CACHE"]
+    _own_cache.clear()
 
 
 def pytest_runtest_logreport(report):
