@@ -170,29 +170,56 @@ def _distribution_names(top: str):
 
 
 def code_digest(module_name: str) -> tuple[str, str]:
-    """(distribution version or "", digest of the code) of the top-level package (or lone module) of a module.
+    """(distribution version or "", digest of the code) of the top-level package of a module, or of the module's
+    own file when it belongs to no package with a file (a script, a test module); ("", "") when it has no file.
 
     The files are read on every call (a few milliseconds): an editable install changes them, not the version.
     """
     import importlib
     import importlib.metadata
+    import sys
 
-    top = module_name.split(".")[0]
-    module = importlib.import_module(top) if top != "__main__" else importlib.import_module("__main__")
-    file = getattr(module, "__file__", None)
-    if not file:
+    module = sys.modules.get(module_name)
+    top_name = module_name.split(".")[0]
+    top = sys.modules.get(top_name)
+    if top is None:
+        try:
+            top = importlib.import_module(top_name)
+        except ImportError:
+            top = None
+    top_file = getattr(top, "__file__", None)
+    if top_file and Path(top_file).name == "__init__.py":
+        digest = _tree_digest(Path(top_file).parent, "*.py")
+    elif getattr(module, "__file__", None):
+        digest = _file_digest(Path(module.__file__))
+    elif top_file:
+        digest = _file_digest(Path(top_file))
+    else:
         return "", ""
-    path = Path(file)
-    digest = _tree_digest(path.parent, "*.py") if path.name == "__init__.py" else _file_digest(path)
     version = ""
-    # posttrain_sft is distributed as posttrain-sft (the naming rule); scanning every distribution costs ~0.2 s
-    for dist in _distribution_names(top):
+    for dist in _distribution_names(top_name):
         try:
             version = f"{dist}=={importlib.metadata.version(dist)}"
             break
         except importlib.metadata.PackageNotFoundError:
             continue
     return version, digest
+
+
+def method_code(method: Any) -> tuple[str, str]:
+    """Versions and code digest of every package a method's class and its bases come from (a subclass of another
+    plugin's method runs that plugin's ``prepare``); ("", "") when one of them has no file to hash."""
+    versions, digests = [], []
+    for cls in type(method).__mro__:
+        if cls is object:
+            continue
+        version, digest = code_digest(cls.__module__)
+        if not digest:
+            return "", ""
+        if digest not in digests:
+            versions.append(version)
+            digests.append(digest)
+    return " ".join(v for v in versions if v), _sha(*(d.encode() for d in digests))
 
 
 def _library_versions() -> dict[str, str]:
@@ -207,13 +234,34 @@ def _library_versions() -> dict[str, str]:
     return found
 
 
+#: Tokenizer settings that change its output but that ``save_pretrained`` may leave out (transformers 5 does not
+#: write ``padding_side``, for example).
+_TOKENIZER_ATTRIBUTES = (
+    "padding_side",
+    "truncation_side",
+    "model_max_length",
+    "chat_template",
+    "add_bos_token",
+    "add_eos_token",
+    "clean_up_tokenization_spaces",
+    "split_special_tokens",
+    "special_tokens_map",
+)
+
+
 def _saved_digest(obj: Any) -> str:
-    """What ``save_pretrained`` writes for a tokenizer or processor, hashed: everything that changes its output."""
+    """A tokenizer or processor as ``save_pretrained`` writes it, plus :data:`_TOKENIZER_ATTRIBUTES` (of its inner
+    tokenizer too), hashed: vocabulary, added and special tokens, normalisation, chat template, sides, lengths."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="posttrain-tok-") as tmp:
         obj.save_pretrained(tmp)
-        return _tree_digest(Path(tmp))
+        saved = _tree_digest(Path(tmp))
+    settings = {}
+    for holder in (obj, getattr(obj, "tokenizer", None)):
+        if holder is not None:
+            settings[type(holder).__name__] = {a: getattr(holder, a, None) for a in _TOKENIZER_ATTRIBUTES}
+    return _sha(saved.encode(), json.dumps(settings, sort_keys=True, default=repr).encode())
 
 
 def source_digest(source: Any, split: str) -> tuple[str | None, str, Any]:
@@ -291,8 +339,8 @@ def entry_for(method: Any, ctx: Any, source: Any, split: str) -> tuple[Entry | N
     data_digest, described, source = source_digest(source, split)
     if data_digest is None:
         return None, source, f"{described} has no content digest"
-    method_version, method_code = code_digest(type(method).__module__)
-    if not method_code:
+    method_version, method_digest = method_code(method)
+    if not method_digest:
         return None, source, f"the code of method {getattr(method, 'name', method)!r} has no file to hash"
     core_version, core_code = code_digest("posttrain")
     tokenizer = _saved_digest(ctx.tokenizer) if ctx.tokenizer is not None else ""
@@ -300,7 +348,7 @@ def entry_for(method: Any, ctx: Any, source: Any, split: str) -> tuple[Entry | N
     parts = {
         "format": FORMAT,
         "method": [getattr(method, "name", ""), f"{type(method).__module__}.{type(method).__qualname__}"],
-        "method_code": [method_version, method_code],
+        "method_code": [method_version, method_digest],
         "core_code": [core_version, core_code],
         "libraries": _library_versions(),
         "data": data_digest,

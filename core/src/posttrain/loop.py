@@ -360,17 +360,18 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
         _say(ctx, f"prepared data ({split}): cache hit ({entry.short}), {len(rows)} rows")
         cache.replay_recorded(recorded)
     else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # every warning is recorded for the entry; replay() shows them as usual
-            try:
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # every warning is recorded for the entry, and shown below
                 dataset = _reader.load_checked(method, source, split_name)  # the reader `check-data` uses too
                 if entry is not None and vision.has_images(dataset):
                     entry = None  # image files are not in the key
                 if entry is not None:
                     _say(ctx, f"prepared data ({split}): cache miss ({entry.short}), preparing {len(dataset)} rows")
                 rows = _prepare_rows(method, ctx, dataset, path, split)
-            finally:
-                cache.replay(caught)
+        finally:
+            cache.replay(caught)  # as if nothing had caught them (once per text and place)
         if entry is not None:
             cache.store(
                 entry, rows, cache.recorded_warnings(caught), ctx.accelerator is None or ctx.accelerator.is_main_process
