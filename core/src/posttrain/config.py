@@ -47,8 +47,7 @@ class TrainingConfig:
     dataset: str = ""  # JSON/JSONL/CSV/Parquet file, a saved `datasets` directory, or a hub name
     dataset_split: str = "train"
     eval_dataset: str | None = None  # same forms as `dataset`; evaluated every eval_steps
-    # reuse tokenized rows from an earlier run with the same data, tokenizer, method code and config (docs: datasets)
-    prepare_cache: bool = True
+    prepare_cache: bool = True  # reuse the prepared rows of a run with the same data, tokenizer, code and config
     prepare_cache_dir: str | None = None  # None -> $POSTTRAIN_CACHE/prepared or ~/.cache/posttrain/prepared
     output_dir: str = "output"
     overwrite_output_dir: bool = False  # allow writing over a directory that holds another run
