@@ -387,3 +387,15 @@ def test_two_processes_read_one_entry(toy, tiny_model_dir, tmp_path, rows_file):
     warm, warm_out = launch("warm")
     assert log.read_text() == "" and "cache hit" in warm_out  # no process prepared anything
     assert warm == cold
+
+
+def test_an_unwritable_cache_directory_warns_and_trains(toy, tiny_model_dir, tmp_path, rows_file):
+    from posttrain.loop import train
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory should be")
+    with pytest.warns(UserWarning, match="could not be written"):
+        result = train(
+            toy.Toy(), config(toy, tiny_model_dir, tmp_path, dataset=str(rows_file), prepare_cache_dir=str(blocked))
+        )
+    assert len(losses(result)) == 3

@@ -374,9 +374,9 @@ class _Unreadable(Exception):
     pass
 
 
-def load(entry: Entry) -> tuple[list[dict], list[dict]] | None:
+def load(entry: Entry, is_main: bool = True) -> tuple[list[dict], list[dict]] | None:
     """(rows, recorded warnings) of a complete entry; None when there is none. An unreadable entry is reported as a
-    warning and removed, so the caller prepares the data again."""
+    warning and removed (by the main process only, which writes the new one), so the caller prepares again."""
     if not (entry.path / META).is_file():
         return None
     try:
@@ -388,7 +388,8 @@ def load(entry: Entry) -> tuple[list[dict], list[dict]] | None:
             UserWarning,
             stacklevel=2,
         )
-        discard(entry.path)
+        if is_main:
+            discard(entry.path)
         return None
 
 
@@ -497,7 +498,20 @@ def store(entry: Entry, rows: Any, recorded: list[dict], is_main: bool) -> str:
     encoded = _encode(rows)
     if isinstance(encoded, str):
         return encoded
-    arrays, kinds, lines, order = encoded
+    try:
+        _write(entry, rows, recorded, *encoded)
+    except OSError as exc:  # a full disk, a read-only directory: the run goes on, prepared as before
+        warnings.warn(
+            f"the prepared-data cache entry could not be written to {entry.root} ({exc}); the run goes on without "
+            "it. Free space, set prepare_cache_dir to a writable directory, or set prepare_cache false.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return str(exc)
+    return ""
+
+
+def _write(entry: Entry, rows: list, recorded: list[dict], arrays: dict, kinds: dict, lines: Any, order: list) -> None:
     entry.root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(entry.root)
     tmp = entry.root / f".tmp-{entry.key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -536,7 +550,6 @@ def store(entry: Entry, rows: Any, recorded: list[dict], is_main: bool) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ""
 
 
 def discard(path: Path) -> None:

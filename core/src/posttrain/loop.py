@@ -354,7 +354,8 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
     path = str(source) if isinstance(source, (str, Path)) else None
     split_name = ctx.config.dataset_split if split == "train" else "train"
     entry, source, _why_not = cache.entry_for(method, ctx, source, split_name)
-    found = cache.load(entry) if entry is not None else None
+    main = ctx.accelerator is None or ctx.accelerator.is_main_process
+    found = cache.load(entry, main) if entry is not None else None
     if found is not None:
         rows, recorded = found
         _say(ctx, f"prepared data ({split}): cache hit ({entry.short}), {len(rows)} rows")
@@ -373,9 +374,7 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
         finally:
             cache.replay(caught)  # as if nothing had caught them (once per text and place)
         if entry is not None:
-            cache.store(
-                entry, rows, cache.recorded_warnings(caught), ctx.accelerator is None or ctx.accelerator.is_main_process
-            )
+            cache.store(entry, rows, cache.recorded_warnings(caught), main)
     precompute = optional_member(method, "precompute")
     if precompute:
         precompute(rows, ctx)  # per-run values computed by a model (reference log-probs): after the cache
