@@ -127,9 +127,10 @@ def test_token_logps_matches_cross_entropy():
     assert (token_logps(logits, labels)[0, :2] == 0).all()
 
 
-def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model_dir):
-    """auto: padded under sdpa and eager (a packed row's attention grows with the square of its length there), on
-    under flash_attention_2/3 when the model passes the packed-attention check; true checks, false does nothing."""
+def test_padding_free_auto_is_always_on_under_a_varlen_kernel_and_per_batch_under_dense_attention(tiny_model_dir):
+    """auto: "auto" (a choice per micro-batch, pack_batch) under sdpa and eager, where a packed row's attention grows
+    with the square of its length; True under flash_attention_2/3 when the model passes the packed-attention check;
+    true checks, false does nothing."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -137,7 +138,7 @@ def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model
     assert models.resolve_padding_free(model, True) is True  # the check passes under sdpa
     for impl in ("sdpa", "eager"):
         model.config._attn_implementation = impl
-        assert models.resolve_padding_free(model, "auto") is False
+        assert models.resolve_padding_free(model, "auto") == "auto"
     # flash attention needs CUDA; the check runs the model, so keep sdpa's kernels under flash's name
     model.config._attn_implementation = "sdpa"
     original = model.config
@@ -151,6 +152,89 @@ def test_padding_free_auto_is_on_only_under_a_varlen_attention_kernel(tiny_model
         assert models.resolve_padding_free(model, "auto") is True
     finally:
         model.config = original
+
+
+def _llama_config(layers: int, hidden: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+    )
+
+
+# Micro-batches of benchmarks/padding_free.py (seed 0, batch 8) whose measured packed/padded CPU-time ratio was on
+# the same side of 1 in every round on both models (docs/benchmarks.md, "Padding-free rows")
+HEAVY_TAILED = [511, 98, 17, 213, 48, 36, 183, 271]  # log-normal, median 128
+ONE_LONG = [126, 77, 87, 70, 109, 126, 80, 1024]  # short answers and one long document
+NEAR_EQUAL = [111, 125, 111, 126, 117, 101, 105, 106]  # uniform 100-128
+EQUAL = [128] * 8
+
+
+@pytest.mark.parametrize("shape", [(4, 256), (4, 512)])
+def test_pack_batch_packs_heavy_tailed_batches_and_keeps_near_equal_ones_padded(shape):
+    config = _llama_config(*shape)
+    for lengths in (HEAVY_TAILED, ONE_LONG):
+        assert models.pack_batch(config, "auto", lengths) is True, lengths
+    for lengths in (NEAR_EQUAL, EQUAL):
+        assert models.pack_batch(config, "auto", lengths) is False, lengths
+    # true and false are answered as they are, whatever the lengths
+    assert models.pack_batch(config, True, EQUAL) is True
+    assert models.pack_batch(config, False, HEAVY_TAILED) is False
+
+
+def test_pack_batch_is_right_on_every_measured_micro_batch():
+    """pack_batch's choice against the CPU timings it was calibrated and checked on (72 micro-batches, six Llama
+    sizes, 3 interleaved rounds each; benchmarks/padding_free.py): where every round found one layout faster,
+    auto picks that one. Changing the estimate's constants must keep this true (or come with new measurements)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks/results/cpu-2026-11-30-padding-free-auto.json"
+    records = json.loads(path.read_text())
+    assert len(records) == 72 and sum(not r["fitted"] for r in records) == 24
+    wrong = []
+    for r in records:
+        ratios = [packed / padded for packed, padded in zip(r["packed_s"], r["padded_s"])]
+        layers, hidden = (int(x) for x in r["model"].split("x"))
+        choice = models.pack_batch(_llama_config(layers, hidden), "auto", r["lengths"])
+        if (max(ratios) < 1 and not choice) or (min(ratios) > 1 and choice):
+            wrong.append((r["model"], r["seed"], r["lengths"], ratios, choice))
+    assert not wrong
+
+
+def test_pack_batch_reads_an_attention_mask_and_counts_left_padding_in_the_width():
+    """A mask gives each row's real tokens and the padded width; left-padded prompts followed by right-padded
+    completions are wider than the longest sequence, which makes packing pay sooner."""
+    import torch
+
+    config = _llama_config(4, 256)
+    mask = torch.zeros(8, 128, dtype=torch.long)
+    for i, n in enumerate(NEAR_EQUAL):
+        mask[i, :n] = 1
+    assert models.pack_batch(config, "auto", mask) is models.pack_batch(config, "auto", NEAR_EQUAL) is False
+    wide = torch.nn.functional.pad(mask, (256, 0))  # the same rows padded to 384 columns
+    assert models.pack_batch(config, "auto", wide) is True
+    assert models.pack_batch(config, "auto", NEAR_EQUAL, width=384) is True
+    # a pure function of the lengths: the same answer however often, in whatever container
+    assert {
+        models.pack_batch(config, "auto", x) for x in (HEAVY_TAILED, tuple(HEAVY_TAILED), torch.tensor(HEAVY_TAILED))
+    } == {True}
+
+
+def test_pack_batch_reads_the_config_through_model_wrappers(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    wrapper = torch.nn.Module()  # like DDP: the model is .module and the wrapper has no .config
+    wrapper.module = model
+    for lengths in ([3, 40, 2, 5], [9, 10, 10, 8]):
+        assert models.pack_batch(wrapper, "auto", lengths) == models.pack_batch(model.config, "auto", lengths)
 
 
 def test_padding_free_auto_warns_and_stays_padded_when_the_model_fails_the_check(tiny_model_dir, monkeypatch):

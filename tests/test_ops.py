@@ -310,6 +310,38 @@ def test_padding_free_sequence_logps_equal_the_padded_ones(tiny_model):
     assert float((leaky[0].sum() - logps.sum()).abs()) > 10 * bound
 
 
+def test_padding_free_auto_chooses_per_batch_and_either_choice_equals_the_padded_batch(tiny_model):
+    """``padding_free: "auto"`` under sdpa: pack_batch packs a batch of one long and three short rows and keeps a
+    batch of near-equal rows padded (on this model's dimensions); the forward gets one row exactly when it packs, and
+    either way the summed log-probs and every parameter's gradient equal the padded batch's to float32 rounding."""
+    from posttrain.models import pack_batch
+    from posttrain.testing._rounding import LOGPROB_ROUNDINGS, rounding_tolerance
+
+    model, vocab = tiny_model
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    rows_seen: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].size(0)))
+    for lengths, packs in (([3, 40, 4, 3], True), ([10, 9, 10, 8], False)):
+        ids = torch.zeros(4, max(lengths), dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            ids[i, :n], attention[i, :n] = torch.randint(5, vocab, (n,), generator=g), 1
+        loss_mask = attention.clone()
+        loss_mask[:, :2] = 0  # a two-token prompt
+        free = pack_batch(model, "auto", attention)
+        assert free is packs, (lengths, free)
+        logps = ops.sequence_logps(model, ids, attention, loss_mask)[0]
+        want = _grads(model, logps.sum())
+        rows_seen.clear()
+        auto = ops.sequence_logps(model, ids, attention, loss_mask, padding_free=free)[0]
+        got = _grads(model, auto.sum())
+        assert rows_seen == ([1] if packs else [4])
+        bound = rounding_tolerance(float(logps.detach().abs().max()) + max(lengths), LOGPROB_ROUNDINGS + max(lengths))
+        assert float((auto - logps).detach().abs().max()) <= bound
+        _assert_grads_close(got, want, float(logps.detach().abs().sum()) + sum(lengths))
+
+
 def test_padding_free_completion_logps_equal_the_padded_ones(tiny_model):
     """Left-padded prompts and right-padded completions: the completion log-probs and entropies of the real tokens
     equal the padded forward's; padded completion positions come back as 0."""

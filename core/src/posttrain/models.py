@@ -23,6 +23,7 @@ __all__ = [
     "load_processor",
     "load_teacher",
     "load_tokenizer",
+    "pack_batch",
     "reference_forward",
     "reference_model",
     "resolve_padding_free",
@@ -531,30 +532,31 @@ def check_packed_attention(model: Any, option: str = "packing/padding_free") -> 
         )
 
 
-def resolve_padding_free(model: Any, setting: bool | str) -> bool:
-    """Whether a method's ``padding_free`` setting (true, false or "auto") gives padding-free batches for ``model``.
+def resolve_padding_free(model: Any, setting: bool | str) -> bool | str:
+    """What a method's ``padding_free`` setting (true, false or "auto") gives for ``model``: every micro-batch
+    padding-free (``True``), none (``False``), or a choice per micro-batch (``"auto"``, made by :func:`pack_batch`).
 
-    ``True`` checks the model keeps packed sequences apart (:func:`check_packed_attention`, an error otherwise);
-    ``"auto"`` turns padding-free on only where it is the faster exact path: an attention implementation in
-    :data:`VARLEN_ATTENTION` that passes the same check (a warning, and padded batches, when it does not).
-    Elsewhere padded batches are kept: under sdpa a packed row's attention grows with the square of the packed
-    length, which costs more than padding unless the lengths in a batch are far apart (docs/benchmarks.md).
+    ``True`` checks the model keeps packed sequences apart (:func:`check_packed_attention`, an error otherwise).
+    ``"auto"`` runs the same check (a warning, and padded batches, when it fails); then under an attention
+    implementation in :data:`VARLEN_ATTENTION` every micro-batch is padding-free (cheaper by construction), and
+    under any other (sdpa, eager, flex_attention), whose packed row attends over the square of its packed length,
+    :func:`pack_batch` estimates both layouts of each micro-batch and packs only where that is cheaper.
 
     Args:
-        model: the policy, unwrapped.
+        model: the policy (or any model that runs the micro-batch), unwrapped.
         setting: the config value.
 
     Returns:
-        True for padding-free batches.
+        ``True``, ``False`` or ``"auto"``; pass it to :func:`pack_batch` with each micro-batch's lengths.
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.0 ``"auto"`` under dense attention is returned as ``"auto"`` (a choice per micro-batch)
+       instead of ``False``.
     """
     if setting is True:
         check_packed_attention(model, "padding_free")
         return True
     if setting != "auto":
-        return False
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) not in VARLEN_ATTENTION:
         return False
     try:
         check_packed_attention(model, "padding_free")
@@ -563,4 +565,101 @@ def resolve_padding_free(model: Any, setting: bool | str) -> bool:
 
         warnings.warn(f"padding_free is auto: keeping padded batches. {exc}", stacklevel=2)
         return False
-    return True
+    return True if getattr(getattr(model, "config", None), "_attn_implementation", None) in VARLEN_ATTENTION else "auto"
+
+
+_ATTENTION_COST = 3.0
+"""Cost of one (query, key) cell of a dense attention matrix per head dimension, in multiply-adds of a linear
+layer, for :func:`pack_batch`'s estimate: its matrix products are 2 multiply-adds per cell and head dimension
+(``QK^T`` and ``AV``), and the softmax and its backward add to them."""
+
+_MASK_COST = 200
+"""Cost of one cell of the attention mask per layer, whatever the number of heads (the mask is read and applied
+in every layer's attention), in multiply-adds of a linear layer."""
+
+_TOKEN_COST = 2400
+"""Cost of a layer's element-wise work per token and hidden unit (norms, rotary embeddings, activation, residual
+additions, forward and backward), in multiply-adds of a linear layer: memory-bound, so one element costs about as
+much as thousands of multiply-adds in a matrix product. On CPU it is near the linear layers' cost at hidden size 256
+and shrinks in share as the hidden size grows.
+
+The three constants are a least-squares fit of the difference packed - padded of CPU process times of sdpa
+forward + backward (``benchmarks/padding_free.py``: 48 micro-batches of six length profiles on Llama 2 x 128,
+4 x 256, 4 x 384 and 4 x 512), checked on micro-batches not used by the fit (docs/benchmarks.md, "Padding-free
+rows")."""
+
+_PACK_MARGIN = 0.95
+""":func:`pack_batch` packs a micro-batch under dense attention only when the packed layout's estimated body cost
+is at most this share of the padded one: a near tie (within the estimate's error of a few percent) stays padded."""
+
+
+def _text_config(model: Any) -> Any:
+    """The language model's config of a model (DDP, compile and PEFT wrappers looked through) or of a config."""
+    if not hasattr(model, "hidden_size") and not hasattr(model, "get_text_config"):
+        from posttrain.ops import _unwrap
+
+        model = _unwrap(model)
+    config = getattr(model, "config", model)
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _layout_costs(config: Any, lengths: list[int], width: int) -> tuple[float, float]:
+    """(padded, packed) estimated cost of a forward + backward of the model's body (its transformer layers) over
+    sequences of ``lengths``, padded to (len(lengths), width) or packed in one dense-attention row.
+
+    Per token, every layer's linear maps cost their weights' size (q and o: hidden x heads x head_dim, k and v:
+    hidden x kv_heads x head_dim, a gated MLP: 3 x hidden x intermediate) plus :data:`_TOKEN_COST` x hidden of
+    element-wise work; per attention cell, :data:`_ATTENTION_COST` x heads x head_dim + :data:`_MASK_COST`. A
+    padded batch pays both for its padding (width x width cells per row); a packed row pays no padding but attends
+    over (sum of lengths)^2 cells, the blocks between sequences masked out but computed. The head (embedding and LM head) is left out: it
+    runs on the same real (or scored) tokens in both layouts. Forward and backward scale alike: one pass counted.
+    """
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate + _TOKEN_COST * hidden
+    per_cell = _ATTENTION_COST * heads * head_dim + _MASK_COST
+    n, rows = sum(lengths), len(lengths)
+    padded = rows * width * per_token + rows * width * width * per_cell
+    packed = n * per_token + n * n * per_cell
+    return float(padded), float(packed)
+
+
+def pack_batch(model: Any, padding_free: bool | str, lengths: Any, width: int | None = None) -> bool:
+    """Whether to run this micro-batch padding-free, for the value :func:`resolve_padding_free` returned.
+
+    ``True`` and ``False`` are answered as they are. ``"auto"`` (dense attention) compares estimates of the two
+    layouts of this micro-batch from its lengths and the model's dimensions (:func:`_layout_costs`) and packs when
+    the packed one is at most :data:`_PACK_MARGIN` of the padded one: packing removes the padding from every layer
+    but makes attention cost (sum of lengths)^2 instead of rows x width^2, so it pays when lengths are far apart
+    (heavy-tailed data) and not when they are close (length-grouped batches, equal-length completions). Both
+    layouts give the same losses and gradients to float rounding, so only time depends on the answer. It is a pure
+    function of the lengths and the model's config, so a resumed run and every process make the same choices for
+    the same micro-batch, and in a multi-process run each process may choose differently for its own micro-batch
+    (the layout changes no collective operation: the same modules run once each either way).
+
+    Args:
+        model: the model that runs the micro-batch (its config's dimensions are read), or its config.
+        padding_free: ``True``, ``False`` or ``"auto"``, from :func:`resolve_padding_free`.
+        lengths: the padded layout's (B, T) attention mask (1 on real tokens), or the real length of each
+            sequence (a list of ints or a (B,) tensor).
+        width: the padded layout's row width: T for a mask, the longest length for lengths, unless given. Left
+            padded prompts followed by right padded completions are wider than the longest sequence.
+
+    Returns:
+        True to run the micro-batch as one padding-free row.
+
+    .. versionadded:: 1.0
+    """
+    if padding_free is True:
+        return True
+    if padding_free != "auto":
+        return False
+    if getattr(lengths, "ndim", 1) == 2:  # an attention mask: its rows' real tokens, padded to its width
+        width, lengths = lengths.size(1) if width is None else width, lengths.sum(-1)
+    lengths = [int(n) for n in (lengths.tolist() if hasattr(lengths, "tolist") else lengths)]
+    padded, packed = _layout_costs(_text_config(model), lengths, max(lengths) if width is None else int(width))
+    return packed <= _PACK_MARGIN * padded

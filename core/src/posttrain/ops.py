@@ -22,7 +22,9 @@ vocabulary, and only the positions that carry a label reach the head at all.
 block-diagonal causal mask from the restarts (and flash-attention kernels run the sequences as separate ones), so
 no token attends across a boundary and no padding is computed. :func:`packed_sequence_logps` is
 :func:`sequence_logps` for such a row; :func:`posttrain.models.check_packed_attention` checks a model keeps packed
-sequences apart.
+sequences apart. A padded batch runs as such a row with ``padding_free=True`` to :func:`hidden_states` (and so to
+:func:`token_stats`, :func:`sequence_logps`, :func:`completion_logps`), its results put back in the padded layout;
+:func:`posttrain.models.pack_batch` says whether a micro-batch is cheaper that way.
 """
 
 from __future__ import annotations
@@ -385,8 +387,13 @@ def _fsdp_sharded(model: Any) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
+def hidden_states(model: Any, *, padding_free: bool = False, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
     """Run ``model(**inputs, use_cache=False)`` and return its final hidden states and head instead of the logits.
+
+    With ``padding_free`` a padded batch runs as one padding-free row (:func:`unpad`): the real tokens of every row
+    concatenated, ``position_ids`` restarting at each row's first real token (any given ones are replaced), no
+    attention mask; the hidden states come back in the padded layout, 0 at padding, equal to the padded forward's
+    up to float rounding on the real tokens.
 
     The model runs through its own ``forward`` (DDP, FSDP, PEFT and ``torch.compile`` wrappers included); a hook on
     its output layer keeps the layer's input and hands it an empty slice, so no (B, T, V) tensor is built. A model
@@ -396,14 +403,23 @@ def hidden_states(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
 
     Args:
         model: a causal LM, possibly wrapped.
+        padding_free: run the batch as one padding-free row (needs ``input_ids`` and ``attention_mask``; besides
+            them only ``position_ids`` and ``logits_to_keep``: images and the like keep the padded forward). The
+            model must keep packed sequences apart (:func:`posttrain.models.check_packed_attention`).
         **inputs: model inputs (``input_ids``, ``attention_mask``, ``position_ids``, ``logits_to_keep`` ...).
 
     Returns:
         ``(hidden, head)``: hidden (B, T', H) for the positions the model would have scored (T' = T, or
         ``logits_to_keep``), and the :class:`LMHead` to apply to them.
 
+    Raises:
+        ValueError: ``padding_free`` with another per-token input.
+
     .. versionadded:: 1.0
+    .. versionchanged:: 1.0 ``padding_free``.
     """
+    if padding_free:
+        return _hidden_states_unpadded(model, **inputs)
     layer = _output_layer(model)
     # FSDP2 shards the head (DTensor weight): only the module's own forward sees the gathered weight and hands its
     # gradient to FSDP's reduce-scatter; a weight gathered here would get this process's gradient alone. The head
@@ -467,18 +483,7 @@ def token_stats(
     .. versionadded:: 1.0
     .. versionchanged:: 1.0 ``padding_free``.
     """
-    if padding_free:
-        return _token_stats_unpadded(
-            model,
-            labels,
-            temperature=temperature,
-            entropy=entropy,
-            top1=top1,
-            mean_logit=mean_logit,
-            chunk_size=chunk_size,
-            **inputs,
-        )
-    hidden, head = hidden_states(model, **inputs)  # (B, T', H)
+    hidden, head = hidden_states(model, padding_free=padding_free, **inputs)  # (B, T', H), 0 at padding if free
     valid = labels >= 0  # (B, T')
     rows = head_logps(
         hidden[valid],
@@ -522,33 +527,23 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, to
     return {"input_ids": input_ids[keep][None], "position_ids": positions[keep][None], "sequence_ids": rows[keep][None]}
 
 
-def _token_stats_unpadded(model: Any, labels: torch.Tensor, **kwargs: Any) -> TokenLogps:
-    """:func:`token_stats` of a padded batch run as one padding-free row, results scattered back to (B, T')."""
-    input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
-    kwargs.pop("position_ids", None)  # replaced by positions that restart at each row's first real token
-    keep_last = kwargs.pop("logits_to_keep", None)
-    options = {k: kwargs.pop(k) for k in ("temperature", "entropy", "top1", "mean_logit", "chunk_size")}
-    if kwargs:
+def _hidden_states_unpadded(model: Any, **inputs: Any) -> tuple[torch.Tensor, LMHead]:
+    """:func:`hidden_states` of a padded batch run as one padding-free row, put back in the (B, T', H) layout."""
+    input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    inputs.pop("position_ids", None)  # replaced by positions that restart at each row's first real token
+    keep_last = inputs.pop("logits_to_keep", None)
+    if inputs:
         raise ValueError(
-            f"token_stats(padding_free=True) takes input_ids and attention_mask only, got also {sorted(kwargs)}; "
-            "per-token inputs such as images need the padded forward"
+            f"padding_free takes input_ids and attention_mask only, got also {sorted(inputs)}; per-token inputs such "
+            "as images need the padded forward"
         )
-    width = input_ids.size(1)
-    if keep_last is not None:  # labels cover the last positions only: place them on the full width
-        labels = F.pad(labels, (width - labels.size(1), 0), value=-100)  # (B, T)
     keep = attention_mask.bool()  # (B, T)
     row = unpad(input_ids, attention_mask)
-    out = token_stats(
-        model, labels[keep][None], input_ids=row["input_ids"], position_ids=row["position_ids"], **options
-    )
-
-    def back(values: torch.Tensor | None) -> torch.Tensor | None:
-        if values is None:
-            return None
-        full = torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values[0])
-        return full if keep_last is None else full[:, width - keep_last :]
-
-    return TokenLogps(back(out.logps), back(out.entropy), back(out.top1), back(out.mean_logit))
+    hidden, head = hidden_states(model, input_ids=row["input_ids"], position_ids=row["position_ids"])  # (1, N, H)
+    real = keep[..., None].expand(*keep.shape, hidden.size(-1))  # (B, T, H)
+    # masked_scatter keeps the graph connected: each real token's hidden state goes back to its padded position
+    full = torch.zeros(real.shape, dtype=hidden.dtype, device=hidden.device).masked_scatter(real, hidden[0])
+    return (full if keep_last is None else full[:, keep.size(1) - keep_last :]), head
 
 
 def segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:

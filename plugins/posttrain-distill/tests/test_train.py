@@ -205,3 +205,38 @@ def test_loss_is_the_masked_jsd_token_sum(distill_student_dir, distill_teacher_d
                 )
     assert float(out.loss_sum) == pytest.approx(expected, rel=0, abs=tolerance)
     assert int(out.n_items) == sum(len(r["completion_ids"]) for r in rows) == 3 + 5
+
+
+def test_padding_free_hidden_states_are_those_of_the_former_explicit_unpad(distill_student_dir, distill_teacher_dir):
+    """The padding-free path now goes through core's hidden_states(padding_free=True); it gives bit for bit the
+    hidden states of the code it replaced (unpad, run the row, scatter back to the padded layout), for student and
+    teacher, and "auto" follows pack_batch for each model on its own."""
+    from posttrain.models import pack_batch
+    from posttrain.ops import hidden_states, unpad
+
+    method, ctx = make_ctx(distill_student_dir, distill_teacher_dir, padding_free=True)
+    raw = [
+        {"prompt": "abcd:", "completion": "xy"},
+        {"prompt": "e:", "completion": "zzzz"},
+        {"prompt": "fg", "completion": "q"},
+    ]
+    batch = method.collate(method.prepare(raw, ctx), ctx)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    width = batch["completion_ids"].size(1)
+    for model, keep in ((ctx.model, method._keep_student), (method.teacher, method._keep_teacher)):
+        with torch.no_grad():
+            row = unpad(input_ids, attention_mask)
+            hidden, _ = hidden_states(model, input_ids=row["input_ids"], position_ids=row["position_ids"])
+            real = attention_mask.bool()[..., None].expand(*attention_mask.shape, hidden.size(-1))
+            full = torch.zeros(real.shape, dtype=hidden.dtype).masked_scatter(real, hidden[0])
+            former = full[:, -(width + 1) : -1]
+            now, _ = method._completion_hidden(model, batch, keep, True)
+            assert torch.equal(now, former)
+            chosen, _ = method._completion_hidden(model, batch, keep, "auto")
+            expected = (
+                former
+                if pack_batch(model, "auto", attention_mask)
+                else method._completion_hidden(model, batch, keep, False)[0]
+            )
+            assert torch.equal(chosen, expected)

@@ -23,8 +23,9 @@ equivalence and padding invariance with pixel values in the batch.
 
 Tier ``full`` of a method that declares ``supports_padding_free = True`` adds the padding-free checks
 (:data:`PADDING_FREE_CHECKS`): ``padding_free: true`` gives the padded batch's loss, item count and gradients to
-float32 rounding while the model really sees one (1, N) row, and a model that lets packed sequences attend to each
-other is refused at ``setup``.
+float32 rounding while the model really sees one (1, N) row, ``padding_free: "auto"`` reaches every forward of
+``loss`` through :func:`posttrain.models.pack_batch` (packed where the estimate favours it, padded where not, the
+same numbers either way), and a model that lets packed sequences attend to each other is refused at ``setup``.
 
 Tier ``full`` of a method that declares ``prepare_cacheable = True`` adds ``prepare_cached``
 (:data:`PREPARE_CACHE_CHECKS`): ``prepare`` runs without a model and without ``setup`` (it may not read
@@ -68,6 +69,7 @@ __all__ = [
     "check_loss_decreases",
     "check_metadata",
     "check_padding_free",
+    "check_padding_free_auto",
     "check_padding_free_refused",
     "check_padding_invariance",
     "check_prepare_cached",
@@ -103,10 +105,11 @@ IMAGE_CHECKS = ("images_reach_model", "image_grad_accumulation", "image_padding_
 
 .. versionadded:: 1.0
 """
-PADDING_FREE_CHECKS = ("padding_free", "padding_free_refused")
+PADDING_FREE_CHECKS = ("padding_free", "padding_free_auto", "padding_free_refused")
 """The checks tier ``full`` adds for a method that declares ``supports_padding_free``.
 
 .. versionadded:: 1.0
+.. versionchanged:: 1.0 ``padding_free_auto`` added.
 """
 PREPARE_CACHE_CHECKS = ("prepare_cached",)
 """The checks tier ``full`` adds for a method that declares ``prepare_cacheable``.
@@ -648,7 +651,7 @@ def check_padding_invariance(method_class, rows, model_dir, overrides, rtol=1e-4
         )
 
 
-def _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free: bool):
+def _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free: bool | str):
     """(loss_sum, n_items, gradients by parameter name, batch sizes of the policy's forwards in ``loss``) of one
     micro-batch of four prepared rows of different lengths, eval mode, on the perturbed tiny model."""
     import torch
@@ -687,8 +690,6 @@ def check_padding_free(method_class, rows, model_dir, overrides, rewards=None) -
 
     .. versionadded:: 1.0
     """
-    from posttrain.testing._rounding import ITEM_SCALE, LOGPROB_ROUNDINGS, rounding_tolerance
-
     padded = _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free=False)
     free = _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free=True)
     name = method_class.name
@@ -697,23 +698,62 @@ def check_padding_free(method_class, rows, model_dir, overrides, rewards=None) -
         "micro-batch is one row (posttrain.ops.pack_sequences or token_stats(padding_free=True))"
     )
     assert any(w > 1 for w in padded[3]), f"{name}: with padding_free false every forward had one row ({padded[3]})"
-    assert padded[1] == free[1], f"{name}: n_items is {padded[1]:g} padded but {free[1]:g} padding-free"
+    _assert_same_loss_and_grads(name, padded, free, "padding-free")
+
+
+def _assert_same_loss_and_grads(name: str, padded: tuple, free: tuple, layout: str) -> None:
+    """``free``'s loss sum, item count and gradients (:func:`_loss_and_grads`) equal ``padded``'s to rounding."""
+    from posttrain.testing._rounding import ITEM_SCALE, LOGPROB_ROUNDINGS, rounding_tolerance
+
+    assert padded[1] == free[1], f"{name}: n_items is {padded[1]:g} padded but {free[1]:g} {layout}"
     # The same sums of per-token terms out of forward passes, grouped and masked differently: each of the n items
     # is off by rounding of LOGPROB_ROUNDINGS operations on numbers of size ITEM_SCALE at most (rounding.py)
     n = max(padded[1], 1.0)
     tolerance = rounding_tolerance(abs(padded[0]) + ITEM_SCALE * n, LOGPROB_ROUNDINGS + int(n))
     assert abs(padded[0] - free[0]) <= tolerance, (
-        f"{name}: loss_sum {padded[0]:.8f} padded but {free[0]:.8f} padding-free (allowed {tolerance:.1e}); "
+        f"{name}: loss_sum {padded[0]:.8f} padded but {free[0]:.8f} {layout} (allowed {tolerance:.1e}); "
         "sequences that share the row may see each other, or a sequence's first token is scored"
     )
     # a gradient entry sums the same per-token products; its terms are at most ITEM_SCALE x the largest entry of
     # that parameter's gradient per item
     for key, g in padded[2].items():
         other = free[2].get(key)
-        assert other is not None, f"{name}: parameter {key} gets a gradient padded but none padding-free"
+        assert other is not None, f"{name}: parameter {key} gets a gradient padded but none {layout}"
         bound = rounding_tolerance(ITEM_SCALE * n * float(g.abs().max()) + 1e-12, LOGPROB_ROUNDINGS + int(n))
         diff = float((g - other).abs().max())
-        assert diff <= bound, f"{name}: gradient of {key} differs by {diff:.2e} padding-free (allowed {bound:.1e})"
+        assert diff <= bound, f"{name}: gradient of {key} differs by {diff:.2e} {layout} (allowed {bound:.1e})"
+
+
+def check_padding_free_auto(method_class, rows, model_dir, overrides, rewards=None) -> None:
+    """``padding_free: "auto"`` is decided per forward by :func:`posttrain.models.pack_batch` and is exact: with
+    the layouts' cost estimate forced to favour packing, every forward of the policy in ``loss`` gets one (1, N)
+    row; forced to favour padding, none does; both give the padded micro-batch's loss sum, item count and gradients
+    (the tiny model under sdpa, whose ``auto`` is a choice per micro-batch).
+
+    .. versionadded:: 1.0
+    """
+    from unittest import mock
+
+    from posttrain import models
+
+    name = method_class.name
+    padded = _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free=False)
+    runs = {}
+    for favoured, costs in (("packed", (1.0, 0.0)), ("padded", (0.0, 1.0))):  # (padded, packed) estimates
+        with mock.patch.object(models, "_layout_costs", lambda config, lengths, width, c=costs: c):
+            runs[favoured] = _loss_and_grads(method_class, rows, model_dir, overrides, rewards, padding_free="auto")
+    widths = runs["packed"][3]
+    assert widths and all(w == 1 for w in widths), (
+        f"{name}: with padding_free auto and packing estimated cheaper the model's forwards in loss got batches of "
+        f"{widths} rows; ask posttrain.models.pack_batch(model, resolved, attention_mask) for every forward"
+    )
+    widths = runs["padded"][3]
+    assert widths and all(w > 1 for w in widths), (
+        f"{name}: with padding_free auto and padding estimated cheaper the model's forwards in loss got batches of "
+        f"{widths} rows; auto must follow posttrain.models.pack_batch, which said padded"
+    )
+    for favoured, run in runs.items():
+        _assert_same_loss_and_grads(name, padded, run, f"under auto ({favoured} chosen)")
 
 
 class _IgnoresPositions:
@@ -1226,6 +1266,9 @@ def conformance_suite(
             resolved(), image_rows_of(resolved()), vlm_dir, overrides, rewards=rewards
         ),
         "padding_free": lambda self, model_dir, tmp_path: check_padding_free(
+            resolved(), rows, model_dir, overrides, rewards
+        ),
+        "padding_free_auto": lambda self, model_dir, tmp_path: check_padding_free_auto(
             resolved(), rows, model_dir, overrides, rewards
         ),
         "padding_free_refused": lambda self, model_dir, tmp_path: check_padding_free_refused(

@@ -15,7 +15,7 @@ class BCOConfig(TrainingConfig):
     beta: float = 0.1  # scale of the implicit reward beta*log(pi/pi_ref); paper and TRL: 0.1
     max_length: int = 1024  # tokens kept per prompt+completion; the end of the completion is cut (TRL: 1024)
     disable_dropout: bool = True  # set every dropout probability of the policy to 0 (TRL default: true)
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
     udm: bool = False  # density-ratio weighting of undesirable rows (paper's UDM); not supported, must stay false
 
     def problems(self) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout, reference_forward, reference_model, resolve_padding_free
+from posttrain.models import disable_dropout, pack_batch, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import sequence_logps
 
 from posttrain_bco.config import BCOConfig
@@ -40,7 +40,7 @@ class BCO:
 
     def __init__(self) -> None:
         self.ref_model = None
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
         self.delta = 0.0  # running mean of the implicit rewards (the reward shift)
         self.delta_count = 0.0  # how many rewards it averages
 
@@ -68,7 +68,8 @@ class BCO:
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[BCOConfig]) -> LossOutput:
         labels = batch["labels"]  # (B,) bool
-        free = ctx.config.padding_free is True or self.padding_free  # true works without setup; auto needs it
+        # true works without setup; auto needs it, and packs this micro-batch where that is estimated cheaper
+        free = pack_batch(model, ctx.config.padding_free is True or self.padding_free, batch["attention_mask"])
         logps = completion_logps(model, batch, free)  # (B,)
         with reference_forward(model, self.ref_model) as ref:
             ref_logps = completion_logps(ref, batch, free)  # (B,)

@@ -24,7 +24,7 @@ class CPOConfig(TrainingConfig):
     simpo_gamma: float = 0.5  # target reward margin gamma of simpo and alphapo (TRL's default 0.5)
     alpha: float = 0.0  # AlphaPO reward shape, alphapo only; 0 gives SimPO's log reward
     disable_dropout: bool = True  # set every dropout probability to 0 before training (TRL's default)
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
 
     @property
     def nll_weight(self) -> float:

@@ -22,7 +22,7 @@ class DistillConfig(OnlineConfig):
     max_completion_length: int = 512  # tokens generated per completion (dataset completions are cut to it too)
     disable_dropout: bool = False  # set every dropout probability of the student to 0
     per_prompt_generation: bool = True  # 1.0's batch-independent samples; false batches them (faster)
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -10,8 +10,8 @@ import torch.utils.checkpoint
 from posttrain import ConfigError, DataError, LossOutput
 from posttrain.data import check
 from posttrain.generation import build_generator, sample
-from posttrain.models import disable_dropout, load_teacher, resolve_padding_free
-from posttrain.ops import LOGITS_CHUNK_ELEMENTS, LMHead, hidden_states, unpad
+from posttrain.models import disable_dropout, load_teacher, pack_batch, resolve_padding_free
+from posttrain.ops import LOGITS_CHUNK_ELEMENTS, LMHead, hidden_states
 
 from posttrain_distill.config import DistillConfig
 from posttrain_distill.data import collate_rows, same_kind_problems, tokenize_row
@@ -84,7 +84,9 @@ class Distill:
     supports_padding_free = True  # padding_free: student and teacher run each micro-batch as one (1, N) row
 
     def __init__(self) -> None:
-        self.padding_free = False  # padding_free "auto" resolved for the student and the teacher by setup
+        # padding_free resolved by setup for the student and the teacher: True, False or "auto" (per micro-batch)
+        self.padding_free: bool | str = False
+        self.teacher_padding_free: bool | str = False
         self.teacher = None
         self.generator = None
         self._prepared_once = False
@@ -104,8 +106,8 @@ class Distill:
                 f"than the student's {student_vocab}; the divergence compares full next-token distributions, so the "
                 "teacher must cover the student's vocabulary (same tokenizer, same or larger embedding matrix)."
             )
-        # both models run the packed row: the teacher must keep its sequences apart too
-        self.padding_free = self.padding_free and resolve_padding_free(self.teacher, config.padding_free)
+        # each model runs the packed row on its own choice: the teacher must keep its sequences apart too
+        self.teacher_padding_free = resolve_padding_free(self.teacher, config.padding_free)
         self.generator = build_generator(ctx)
         self._keep_student = _accepts_logits_to_keep(ctx.model)
         self._keep_teacher = _accepts_logits_to_keep(self.teacher)
@@ -158,35 +160,38 @@ class Distill:
             out.append({**batch, "on_policy": torch.tensor(float(on))})
         return out
 
-    def _completion_hidden(self, model: Any, batch: dict, keep: bool, free: bool) -> tuple[torch.Tensor, LMHead]:
+    def _completion_hidden(self, model: Any, batch: dict, keep: bool, free: bool | str) -> tuple[torch.Tensor, LMHead]:
         """(B, C, H) hidden states predicting each completion token (positions P-1 ... P+C-2), and the head.
 
-        ``free`` runs the rows as one padding-free row (:func:`posttrain.ops.unpad`) and puts the hidden states
-        back in the padded layout (0 at padding, which predicts no scored token)."""
+        ``free`` (``True``, ``False`` or ``"auto"``: :func:`posttrain.models.pack_batch` decides for this model and
+        micro-batch) runs the rows as one padding-free row, the hidden states put back in the padded layout (0 at
+        padding, which predicts no scored token)."""
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C)
         width = batch["completion_ids"].size(1)
-        if free:
-            row = unpad(input_ids, attention_mask)  # (1, N)
-            hidden, head = hidden_states(model, input_ids=row["input_ids"], position_ids=row["position_ids"])
-            real = attention_mask.bool()[..., None].expand(*attention_mask.shape, hidden.size(-1))  # (B, P+C, H)
-            full = torch.zeros(real.shape, dtype=hidden.dtype, device=hidden.device).masked_scatter(real, hidden[0])
-            return full[:, -(width + 1) : -1], head
-        # left-padded prompts: positions count real tokens only, as in generate()
+        # left-padded prompts: positions count real tokens only, as in generate() (padding-free: restarts instead)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"logits_to_keep": width + 1} if keep else {}
         hidden, head = hidden_states(
-            model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
+            model,
+            padding_free=pack_batch(model, free, attention_mask),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
+        )  # (B, P+C or C+1, H)
         return hidden[:, -(width + 1) : -1], head
 
     def loss(self, model: Any, batch: dict, ctx: Any) -> LossOutput:
         config = ctx.config
         mask = batch["completion_mask"]  # (B, C)
-        free = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
+        # true works without setup; auto needs it, and each model packs this micro-batch where that is cheaper
+        free, teacher_free = (
+            (True, True) if config.padding_free is True else (self.padding_free, self.teacher_padding_free)
+        )
         student, student_head = self._completion_hidden(model, batch, self._keep_student, free)  # (B, C, H)
         with torch.no_grad():
-            teacher, teacher_head = self._completion_hidden(self.teacher, batch, self._keep_teacher, free)
+            teacher, teacher_head = self._completion_hidden(self.teacher, batch, self._keep_teacher, teacher_free)
         scored = mask.bool()  # (B, C): only completion tokens reach the heads, a chunk at a time
         per_token, entropy, same = chunked_jsd(
             student[scored], student_head, teacher[scored], teacher_head, config.beta, config.temperature

@@ -28,7 +28,7 @@ class DPOConfig(TrainingConfig):
     max_length: int | None = 1024  # tokens kept of prompt+completion; the end of the completion is cut
     max_prompt_length: int | None = None  # tokens kept of the prompt; its start is cut. None keeps all
     disable_dropout: bool = True  # zero every dropout in the policy (and the reference), as TRL does
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

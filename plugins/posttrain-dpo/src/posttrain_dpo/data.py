@@ -180,6 +180,12 @@ def tokenize_dataset(
     return rows
 
 
+def pair_lengths(rows: list[dict], max_length: int | None = None) -> list[int]:
+    """The lengths of the 2B sequences :func:`collate_pairs` builds (prompt + chosen, then prompt + rejected)."""
+    lengths = [len(r["prompt_ids"]) + len(r[side]) for side in ("chosen_ids", "rejected_ids") for r in rows]
+    return lengths if max_length is None else [min(n, max_length) for n in lengths]
+
+
 def collate_pairs(
     rows: list[dict],
     pad_token_id: int,

@@ -7,12 +7,19 @@ from typing import Any
 
 import torch
 from posttrain import ConfigError, LossOutput, Metric, PosttrainError, RowProblem, TrainContext
-from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model, resolve_padding_free
+from posttrain.models import (
+    disable_dropout,
+    is_peft_model,
+    pack_batch,
+    reference_forward,
+    reference_model,
+    resolve_padding_free,
+)
 from posttrain.ops import packed_sequence_logps, sequence_logps
 from posttrain.vision import model_inputs
 
 from posttrain_dpo.config import DPOConfig
-from posttrain_dpo.data import collate_pairs, preference_problems, tokenize_dataset
+from posttrain_dpo.data import collate_pairs, pair_lengths, preference_problems, tokenize_dataset
 from posttrain_dpo.loss import dpo_loss
 
 
@@ -65,7 +72,7 @@ class DPO:
 
     def __init__(self) -> None:
         self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     def setup(self, ctx: TrainContext[DPOConfig]) -> None:
         """Disable dropout, resolve ``padding_free`` and, unless the run needs none, build the frozen reference."""
@@ -127,9 +134,14 @@ class DPO:
             model.train(was_training)
 
     def collate(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> dict:
-        # true is honoured without setup (which checks the model); auto needs setup's verdict; image rows stay padded
-        padding_free = (ctx.config.padding_free is True or self.padding_free) and not any("images" in r for r in rows)
-        return collate_pairs(rows, ctx.tokenizer.pad_token_id, ctx.config.max_length, ctx.processor, padding_free)
+        # true is honoured without setup (which checks the model); auto needs setup's verdict, and packs this
+        # micro-batch where that is estimated cheaper; image rows stay padded
+        config = ctx.config
+        free = pack_batch(
+            ctx.model, config.padding_free is True or self.padding_free, pair_lengths(rows, config.max_length)
+        )
+        padding_free = free and not any("images" in r for r in rows)
+        return collate_pairs(rows, ctx.tokenizer.pad_token_id, config.max_length, ctx.processor, padding_free)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[DPOConfig]) -> LossOutput:
         config = ctx.config

@@ -43,7 +43,7 @@ class GRPOConfig(OnlineConfig):
     sapo_temperature_pos: float = 1.0  # sapo: temperature for tokens with positive advantage
     sapo_temperature_neg: float = 1.05  # sapo: temperature for tokens with non-positive advantage
     num_iterations: int = 1  # optimizer steps per rollout (mu); the loop reuses each rollout, no data dropped
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
     use_vllm: bool = False  # deprecated alias of generation_backend: vllm (removed in 3.0)
 
     def __post_init__(self) -> None:

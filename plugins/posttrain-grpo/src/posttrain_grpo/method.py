@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from posttrain import ConfigError, LossOutput, TrainContext
 from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
-from posttrain.models import eval_mode, reference_forward, reference_model, resolve_padding_free
+from posttrain.models import eval_mode, pack_batch, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import completion_logps
 from posttrain.rewards import RewardSet
 from posttrain.vision import model_inputs
@@ -40,7 +40,7 @@ class GRPO:
         self.rewards: RewardSet | None = None
         self.generator = None
         self.ref_model = None
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     # -- set up and data ------------------------------------------------------------------------------------
 
@@ -83,7 +83,7 @@ class GRPO:
         rollouts = sample(self.generator, model, batches, ctx, num_generations=g, rewards=self.rewards)
         correct = config.importance_sampling_correction
         correct = self.generator.reports_logps if correct is None else correct
-        free = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
+        resolved = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
         out = []
         for r in rollouts:
             advantages, std = group_advantages(r.rewards, g, config.scale_rewards)  # (N,)
@@ -103,6 +103,7 @@ class GRPO:
                 "vision_inputs": sorted(r.model_inputs),
             }
             width = mask.size(1)
+            free = pack_batch(model, resolved, r.attention_mask)  # auto: packed where estimated cheaper
             images = r.model_inputs
             # the log-probs of the policy that sampled: needed when a rollout is reused (μ > 1) or corrected
             if config.num_iterations > 1 or (correct and r.sampling_logps is not None):
@@ -140,7 +141,7 @@ class GRPO:
             config.temperature,
             with_entropy=True,
             # one (1, N) row without the prompts' left padding and the completions' right padding (images: padded)
-            padding_free=config.padding_free is True or self.padding_free,
+            padding_free=pack_batch(model, config.padding_free is True or self.padding_free, batch["attention_mask"]),
             **model_inputs(batch),
         )
         old_logps = batch.get("old_logps")

@@ -23,7 +23,7 @@ class KTOConfig(TrainingConfig):
     precompute_ref_log_probs: bool = False  # score rows with the reference once before training; keep no reference
     precompute_ref_batch_size: int | None = None  # batch size of that pass (null: per_device_eval_batch_size)
     disable_dropout: bool = True  # set every dropout probability of the policy to 0 (TRL default for KTO)
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

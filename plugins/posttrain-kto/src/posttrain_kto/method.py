@@ -6,7 +6,14 @@ from typing import Any
 
 import torch
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout, is_peft_model, reference_forward, reference_model, resolve_padding_free
+from posttrain.models import (
+    disable_dropout,
+    is_peft_model,
+    pack_batch,
+    reference_forward,
+    reference_model,
+    resolve_padding_free,
+)
 from posttrain.ops import sequence_logps
 
 from posttrain_kto.config import KTOConfig
@@ -32,7 +39,7 @@ class KTO:
     def __init__(self) -> None:
         self.ref = None
         self._prepared_once = False
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     def setup(self, ctx: TrainContext[KTOConfig]) -> None:
         self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
@@ -85,19 +92,24 @@ class KTO:
         finally:
             model.train(was_training)
 
-    def _free(self, config: KTOConfig) -> bool:
-        """Padding-free forwards: true is honoured without setup (which checks the model); auto needs setup."""
+    def _free(self, config: KTOConfig) -> bool | str:
+        """Padding-free forwards (for :func:`posttrain.models.pack_batch`, which decides each forward's layout):
+        true is honoured without setup (which checks the model); auto needs setup."""
         return config.padding_free is True or self.padding_free
 
     def _reference_logps(
-        self, policy: Any, batch: dict, with_kl: bool, free: bool
+        self, policy: Any, batch: dict, with_kl: bool, free: bool | str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ref = self.ref
         if ref is None and not is_peft_model(getattr(policy, "module", policy)):
             ref = policy  # precompute: the policy has not been updated yet
         with reference_forward(policy, ref) as model:
             ref_logps = sequence_logps(
-                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], padding_free=free
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["completion_mask"],
+                padding_free=pack_batch(model, free, batch["attention_mask"]),
             )[0]
             ref_kl_logps = None
             if with_kl:
@@ -106,7 +118,7 @@ class KTO:
                     batch["kl_input_ids"],
                     batch["kl_attention_mask"],
                     batch["kl_completion_mask"],
-                    padding_free=free,
+                    padding_free=pack_batch(model, free, batch["kl_attention_mask"]),
                 )[0]
         return ref_logps, ref_kl_logps
 
@@ -114,9 +126,13 @@ class KTO:
         config = ctx.config
         with_kl = config.loss_type == "kto"
         labels = batch["labels"]  # (B,)
-        free = self._free(config)  # one padding-free row per forward (the padded batch's values, to rounding)
+        free = self._free(config)  # padding-free forwards give the padded batch's values, to rounding
         logps = sequence_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], padding_free=free
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            padding_free=pack_batch(model, free, batch["attention_mask"]),
         )[0]
         if "ref_logps" in batch:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_kl_logps")
@@ -132,7 +148,7 @@ class KTO:
                     batch["kl_input_ids"],
                     batch["kl_attention_mask"],
                     batch["kl_completion_mask"],
-                    padding_free=free,
+                    padding_free=pack_batch(model, free, batch["kl_attention_mask"]),
                 )[0]
             kl = kl_reference_point(kl_logps, ref_kl_logps)
             if ctx.num_processes > 1:  # one z0 for the step's micro-batch on every process, as TRL gathers it

@@ -39,7 +39,7 @@ class OnlineDPOConfig(OnlineConfig):
     beta: float = 0.1  # deviation from the reference; higher stays closer (paper: 0.1). tau for ipo
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid (DPO) or ipo (IPO on sequence log-ratios)
     disable_dropout: bool = True  # zero every dropout in the policy and the reference, as TRL does
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from posttrain import ConfigError, LossOutput, Metric, TrainContext
 from posttrain.generation import build_generator, collate_prompts, prepare_prompts, sample
-from posttrain.models import disable_dropout, eval_mode, reference_forward, reference_model, resolve_padding_free
+from posttrain.models import (
+    disable_dropout,
+    eval_mode,
+    pack_batch,
+    reference_forward,
+    reference_model,
+    resolve_padding_free,
+)
 from posttrain.ops import completion_logps
 from posttrain.rewards import Judge, RewardSet, is_judge
 
@@ -41,7 +48,7 @@ class OnlineDPO:
         self.judge: Judge | None = None  # ranks by pairwise preference
         self.generator = None
         self.ref_model = None  # None under LoRA: the adapter-disabled policy is the reference
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     # -- set up and data ------------------------------------------------------------------------------------
 
@@ -141,19 +148,22 @@ class OnlineDPO:
         metrics = {**batch["metrics"], **{name: Metric.ratio(*parts) for name, parts in stats.items()}}
         return LossOutput(loss_sum, n_items, {**metrics, "beta": config.beta})
 
-    def _free(self, config: OnlineDPOConfig) -> bool:
-        """Padding-free forwards: true is honoured without setup (which checks the model); auto needs setup."""
+    def _free(self, config: OnlineDPOConfig) -> bool | str:
+        """Padding-free forwards (for :func:`posttrain.models.pack_batch`, which decides each forward's layout):
+        true is honoured without setup (which checks the model); auto needs setup."""
         return config.padding_free is True or self.padding_free
 
 
-def _summed_logps(model: Any, batch: dict, padding_free: bool = False) -> torch.Tensor:
+def _summed_logps(model: Any, batch: dict, padding_free: bool | str = False) -> torch.Tensor:
     """Σ_t log π(y_t | x, y_<t) over each completion's tokens, at temperature 1 (the policy itself, as TRL). (N,)
 
-    ``padding_free`` runs the rows as one (1, N) row without the prompts' left padding (same sums, to rounding).
+    ``padding_free`` (``True``, ``False`` or ``"auto"``: :func:`posttrain.models.pack_batch` decides) runs the rows as
+    one (1, N) row without the prompts' left padding (same sums, to rounding).
     """
     mask = batch["completion_mask"]  # (N, C)
     ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    logps = completion_logps(model, ids, attention_mask, mask.size(1), padding_free=padding_free)[0]  # (N, C)
+    free = pack_batch(model, padding_free, attention_mask)
+    logps = completion_logps(model, ids, attention_mask, mask.size(1), padding_free=free)[0]  # (N, C)
     return (logps * mask).sum(-1)
 
 

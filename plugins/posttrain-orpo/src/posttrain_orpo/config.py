@@ -18,7 +18,7 @@ class ORPOConfig(TrainingConfig):
     beta: float = 0.1  # weight of the odds-ratio term (lambda in the paper, 0.1; `alpha` in the authors' code)
     nll_on_prompt: bool = True  # NLL term over prompt + chosen tokens (TRL); false = chosen completion only
     disable_dropout: bool = True  # set every dropout probability to 0 before training (TRL's default)
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout, resolve_padding_free
+from posttrain.models import disable_dropout, pack_batch, resolve_padding_free
 from posttrain.ops import token_stats
 
 from posttrain_orpo.config import ORPOConfig
@@ -69,7 +69,7 @@ class ORPO:
     dataset_formats = FORMATS
     prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
-    padding_free = False  # padding_free "auto" resolved for the model by setup
+    padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     def setup(self, ctx: TrainContext[ORPOConfig]) -> None:
         self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
@@ -90,8 +90,10 @@ class ORPO:
     def loss(self, model: Any, batch: dict[str, torch.Tensor], ctx: TrainContext[ORPOConfig]) -> LossOutput:
         """Sum of per-pair ORPO losses over the micro-batch, normalised by the number of pairs."""
         config = ctx.config
-        # one (1, N) row without padding when padding_free is on (true works without setup; auto needs it)
-        out = concatenated_forward(model, batch, ctx.config.padding_free is True or self.padding_free)
+        # one (1, N) row without padding when padding_free is on (true works without setup; auto needs it, and
+        # packs this micro-batch where that is estimated cheaper)
+        free = pack_batch(model, ctx.config.padding_free is True or self.padding_free, batch["attention_mask"])
+        out = concatenated_forward(model, batch, free)
         n_pairs = batch["input_ids"].shape[0] // 2
         logps, completion_mask = out["logps"], out["completion_mask"]
         # ORPO's P(y|x) is the per-token average likelihood, so the odds compare mean log-probs

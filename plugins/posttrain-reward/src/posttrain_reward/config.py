@@ -21,7 +21,7 @@ class RewardConfig(TrainingConfig):
         None  # c in c*(r_chosen + r_rejected)^2, pulls rewards towards 0; null = off, 0.01 suggested (arXiv 2312.09244)
     )
     disable_dropout: bool = True  # set every dropout probability to 0, as TRL does for reward models
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per micro-batch; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

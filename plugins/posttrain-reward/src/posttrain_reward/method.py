@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from posttrain import DataError, LossOutput, Metric, PosttrainError, RowProblem, TrainContext
-from posttrain.models import disable_dropout, resolve_padding_free
+from posttrain.models import disable_dropout, pack_batch, resolve_padding_free
 from posttrain.ops import unpad
 
 from posttrain_reward.config import RewardConfig
@@ -41,7 +41,7 @@ class Reward:
 
     def __init__(self) -> None:
         self._new_head: str | None = None  # what load_model initialised, reported once in setup
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     def load_model(self, config: RewardConfig) -> PreTrainedModel:
         """Load ``config.model`` as ``AutoModelForSequenceClassification`` with one output (the reward).
@@ -124,7 +124,8 @@ class Reward:
         return collate_pairs(rows, ctx.tokenizer.pad_token_id)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[RewardConfig]) -> LossOutput:
-        if ctx.config.padding_free is True or self.padding_free:  # true works without setup; auto needs it
+        # true works without setup; auto needs it, and packs this micro-batch where that is estimated cheaper
+        if pack_batch(model, ctx.config.padding_free is True or self.padding_free, batch["attention_mask"]):
             rewards = packed_rewards(model, batch["input_ids"], batch["attention_mask"], ctx.tokenizer.pad_token_id)
         else:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -34,7 +34,7 @@ class RLOOConfig(OnlineConfig):
     epsilon: float = 0.2  # lower clipping bound of the sequence importance ratio: 1 - epsilon
     epsilon_high: float | None = None  # upper bound 1 + epsilon_high; None -> epsilon
     num_iterations: int = 1  # optimizer steps per rollout (mu); the loop reuses each rollout, no data dropped
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
     use_vllm: bool = False  # deprecated alias of generation_backend: vllm (removed in 3.0)
 
     def __post_init__(self) -> None:

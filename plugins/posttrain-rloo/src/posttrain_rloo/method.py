@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from posttrain import LossOutput, TrainContext
 from posttrain.generation import build_generator, collate_prompts, importance_weights, prepare_prompts, sample
-from posttrain.models import eval_mode, reference_forward, reference_model, resolve_padding_free
+from posttrain.models import eval_mode, pack_batch, reference_forward, reference_model, resolve_padding_free
 from posttrain.ops import completion_logps
 from posttrain.rewards import RewardSet
 
@@ -38,7 +38,7 @@ class RLOO:
         self.rewards: RewardSet | None = None
         self.generator = None
         self.ref_model = None
-        self.padding_free = False  # padding_free "auto" resolved for the model by setup
+        self.padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     # Copied from posttrain_grpo.method.GRPO.setup with GRPO->RLOO
     def setup(self, ctx: TrainContext[RLOOConfig]) -> None:
@@ -74,7 +74,7 @@ class RLOO:
         rollouts = sample(self.generator, model, batches, ctx, num_generations=k, rewards=self.rewards)
         correct = config.importance_sampling_correction
         correct = self.generator.reports_logps if correct is None else correct
-        free = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
+        resolved = config.padding_free is True or self.padding_free  # true works without setup; auto needs it
         out = []
         for r in rollouts:
             mask = r.completion_mask  # (N, C)
@@ -84,6 +84,7 @@ class RLOO:
             batch = {"input_ids": r.input_ids, "attention_mask": r.attention_mask, "completion_mask": mask}
             metrics = dict(r.metrics)
             width = mask.size(1)
+            free = pack_batch(model, resolved, r.attention_mask)  # auto: packed where estimated cheaper
             # the sampling policy's log-probs: for the KL penalty, for reuse (μ > 1) and for the correction
             needs_old = config.beta != 0.0 or config.num_iterations > 1 or (correct and r.sampling_logps is not None)
             if needs_old:
@@ -127,7 +128,7 @@ class RLOO:
             config.temperature,
             with_entropy=True,
             # one (1, N) row without the prompts' left padding and the completions' right padding
-            padding_free=config.padding_free is True or self.padding_free,
+            padding_free=pack_batch(model, config.padding_free is True or self.padding_free, batch["attention_mask"]),
         )
         old_logps = batch.get("old_logps")
         loss_sum, n_items, stats = rloo_loss(

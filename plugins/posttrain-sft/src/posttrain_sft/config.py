@@ -24,7 +24,7 @@ class SFTConfig(TrainingConfig):
     loss_type: LossType = "nll"  # nll = cross-entropy; dft = Dynamic Fine-Tuning (arXiv:2508.05629)
     # -- batching
     packing: bool = False  # best-fit-decreasing packing of whole sequences into max_length rows; implies padding_free
-    padding_free: bool | Literal["auto"] = False  # one unpadded row per micro-batch; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = False  # one unpadded row per micro-batch; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import check_packed_attention, resolve_padding_free
+from posttrain.models import check_packed_attention, pack_batch, resolve_padding_free
 from posttrain.ops import token_stats
 from posttrain.vision import model_inputs
 
@@ -31,7 +31,7 @@ class SFT:
     prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
     supports_padding_free = True  # padding_free / packing: one (1, N) row per micro-batch
-    padding_free = False  # padding_free "auto" resolved for the model by setup
+    padding_free: bool | str = False  # padding_free "auto" resolved by setup: "auto" (per micro-batch), True or False
 
     def setup(self, ctx: TrainContext[SFTConfig]) -> None:
         if ctx.config.packing or ctx.config.padding_free is True:
@@ -48,8 +48,10 @@ class SFT:
 
     def collate(self, rows: list[dict], ctx: TrainContext[SFTConfig]) -> dict:
         padding_free = ctx.config.padding_free is True or ctx.config.packing
-        # auto: padding-free where setup found a varlen attention kernel, image rows padded
-        padding_free = padding_free or (self.padding_free and not any("images" in r for r in rows))
+        # auto: every micro-batch padding-free under a varlen attention kernel, else each where that is estimated
+        # cheaper (posttrain.models.pack_batch); image rows stay padded
+        if not padding_free and self.padding_free and not any("images" in r for r in rows):
+            padding_free = pack_batch(ctx.model, self.padding_free, [len(r["input_ids"]) for r in rows])
         return collate(rows, ctx.tokenizer.pad_token_id, padding_free=padding_free, processor=ctx.processor)
 
     def loss(self, model: Any, batch: dict, ctx: TrainContext[SFTConfig]) -> LossOutput:

@@ -23,7 +23,7 @@ class TPOConfig(TrainingConfig):
     max_length: int | None = 1024  # tokens kept per prompt+completion sequence; null keeps everything
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"  # which end of a long sequence to keep
     disable_dropout: bool = True  # set every dropout probability of the policy to 0 (TRL default: true)
-    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: only under flash attention
+    padding_free: bool | Literal["auto"] = "auto"  # one unpadded row per forward; auto: where estimated faster
 
     def problems(self) -> list[str]:
         found = super().problems()

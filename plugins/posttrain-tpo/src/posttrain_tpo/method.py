@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from posttrain import LossOutput, Metric, RowProblem, TrainContext
-from posttrain.models import disable_dropout, resolve_padding_free
+from posttrain.models import disable_dropout, pack_batch, resolve_padding_free
 from posttrain.ops import token_stats
 
 from posttrain_tpo.config import TPOConfig
@@ -41,7 +41,7 @@ class TPO:
     dataset_formats = ("preference",)  # plus the `reference` column, validated in posttrain_tpo.data
     prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
-    padding_free = False  # padding_free "auto" resolved for the model by setup
+    padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
     def setup(self, ctx: TrainContext[TPOConfig]) -> None:
         self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
@@ -71,8 +71,9 @@ class TPO:
             labels,
             top1=True,
             mean_logit=True,
-            # one (1, N) row without padding when padding_free is on (true works without setup; auto needs it)
-            padding_free=c.padding_free is True or self.padding_free,
+            # one (1, N) row without padding when padding_free is on (true works without setup; auto needs it, and
+            # packs this micro-batch where that is estimated cheaper)
+            padding_free=pack_batch(model, c.padding_free is True or self.padding_free, batch["attention_mask"]),
             input_ids=ids,
             attention_mask=batch["attention_mask"],
         )
