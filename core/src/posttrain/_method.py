@@ -3,8 +3,9 @@
 A method is any class with the members below; it inherits from nothing in core. The loop instantiates
 it with no arguments, then calls, in order::
 
-    method.setup(ctx)                         # optional: reference model, precomputation
-    rows = method.prepare(dataset, ctx)       # validate + tokenize, once, before training
+    method.setup(ctx)                         # optional: reference model
+    rows = method.prepare(dataset, ctx)       # validate + tokenize, once, before training (or the cache's rows)
+    method.precompute(rows, ctx)              # optional: per-run values a model computes, never cached
     batch = method.collate(rows, ctx)         # per micro-batch
     batches = method.rollout(model, batches, ctx)  # optional, online methods: generate + score, every
                                               # micro-batch of the optimizer step at once
@@ -234,6 +235,8 @@ class Method(Protocol):
       optimizer steps (GRPO's μ); the data advances once per group, so no row is skipped.
     - ``rows_per_batch(config, batch_size) -> int``: dataset rows in a micro-batch of ``batch_size`` items
       when a row expands into several (prompts into completions); default ``batch_size``.
+    - ``precompute(rows, ctx) -> None``: after ``prepare`` (or the prepared-data cache), on every run: values a
+      model computes for this run (reference log-probs) written into the rows in place. Never cached.
 
     Optional attributes (:data:`OPTIONAL_ATTRIBUTES`):
 
@@ -243,6 +246,9 @@ class Method(Protocol):
     - ``supports_padding_free: bool``: the method's config has a ``padding_free`` field (true, false or "auto";
       :func:`posttrain.models.resolve_padding_free`) and its loss runs a micro-batch as one padding-free row when
       it is on; the conformance kit adds its padding-free checks.
+    - ``prepare_cacheable: bool``: ``prepare`` depends only on the rows, the tokenizer/processor, the config and
+      the method package's code (not on ``ctx.model``), so the loop may reuse its rows from the prepared-data
+      cache (docs: datasets); put model-computed values in ``precompute``.
 
     Example::
 
@@ -259,6 +265,7 @@ class Method(Protocol):
        ``rows_per_batch`` added; ``check_rows`` returns :class:`RowProblem` values.
     .. versionchanged:: 1.0 optional attribute ``supports_images``.
     .. versionchanged:: 1.0 optional attribute ``supports_padding_free``.
+    .. versionchanged:: 1.1 optional member ``precompute`` and attribute ``prepare_cacheable``.
     """
 
     name: str
@@ -288,10 +295,15 @@ OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
     "load_state_dict": ("state",),
     "batch_reuse": ("config",),
     "rows_per_batch": ("config", "batch_size"),
+    "precompute": ("rows", "ctx"),
 }
 REQUIRED_ATTRIBUTES = ("name", "config_class", "dataset_formats")
 #: Optional attributes and their types (checked by :func:`method_problems` when present).
-OPTIONAL_ATTRIBUTES: dict[str, type] = {"supports_images": bool, "supports_padding_free": bool}
+OPTIONAL_ATTRIBUTES: dict[str, type] = {
+    "supports_images": bool,
+    "supports_padding_free": bool,
+    "prepare_cacheable": bool,
+}
 
 
 def _positional_arity(func: Any) -> tuple[int, int] | None:

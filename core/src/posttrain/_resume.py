@@ -41,6 +41,8 @@ SAFE_TO_CHANGE = frozenset(
         "allow_inactive",
         "torch_compile",
         "ddp_timeout",
+        "prepare_cache",
+        "prepare_cache_dir",
     }
 )
 _PATH_FIELDS = ("model", "dataset", "eval_dataset")

@@ -39,6 +39,7 @@ class TrainingConfig:
     .. versionadded:: 0.1
     .. versionchanged:: 1.0 ``freeze`` (vision-language models).
     .. versionchanged:: 1.1 ``group_by_length``.
+    .. versionchanged:: 1.1 ``prepare_cache``, ``prepare_cache_dir``.
     """
 
     # -- what to train on
@@ -46,6 +47,8 @@ class TrainingConfig:
     dataset: str = ""  # JSON/JSONL/CSV/Parquet file, a saved `datasets` directory, or a hub name
     dataset_split: str = "train"
     eval_dataset: str | None = None  # same forms as `dataset`; evaluated every eval_steps
+    prepare_cache: bool = True  # reuse the prepared rows of a run with the same data, tokenizer, code and config
+    prepare_cache_dir: str | None = None  # None -> $POSTTRAIN_CACHE/prepared or ~/.cache/posttrain/prepared
     output_dir: str = "output"
     overwrite_output_dir: bool = False  # allow writing over a directory that holds another run
     # -- optimisation

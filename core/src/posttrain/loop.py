@@ -346,10 +346,42 @@ def _quiet_library_progress() -> None:
 
 
 def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
-    """Load and ``prepare`` one dataset; row errors name the file and a runnable check-data command."""
+    """Load, check and ``prepare`` one dataset, or read the rows from the prepared-data cache
+    (:mod:`posttrain._prepare_cache`); then the method's ``precompute``, never cached. Row errors name the file and
+    a runnable check-data command."""
+    from posttrain import _prepare_cache as cache
+
     path = str(source) if isinstance(source, (str, Path)) else None
-    # the reader and checks `posttrain check-data` uses, so both agree on every file
-    dataset = _reader.load_checked(method, source, ctx.config.dataset_split if split == "train" else "train")
+    split_name = ctx.config.dataset_split if split == "train" else "train"
+    entry, source, _why_not = cache.entry_for(method, ctx, source, split_name)
+    main = ctx.accelerator is None or ctx.accelerator.is_main_process
+    found = cache.load(entry, main) if entry is not None else None
+    if found is not None:
+        rows, recorded = found
+        _say(ctx, f"prepared data ({split}): cache hit ({entry.short}), {len(rows)} rows")
+        cache.replay_recorded(recorded)
+    else:
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # every warning is recorded for the entry, and shown below
+                dataset = _reader.load_checked(method, source, split_name)  # the reader `check-data` uses too
+                if entry is not None and vision.has_images(dataset):
+                    entry = None  # image files are not in the key
+                if entry is not None:
+                    _say(ctx, f"prepared data ({split}): cache miss ({entry.short}), preparing {len(dataset)} rows")
+                rows = _prepare_rows(method, ctx, dataset, path, split)
+        finally:
+            cache.replay(caught)  # as if nothing had caught them (once per text and place)
+        if entry is not None:
+            cache.store(entry, rows, cache.recorded_warnings(caught), main)
+    precompute = optional_member(method, "precompute")
+    if precompute:
+        precompute(rows, ctx)  # per-run values computed by a model (reference log-probs): after the cache
+    return rows
+
+
+def _prepare_rows(method: Any, ctx: TrainContext, dataset: Any, path: str | None, split: str) -> Any:
     if vision.has_images(dataset):
         _check_image_support(method, ctx, path or f"the {split} dataset")
     try:
@@ -364,6 +396,14 @@ def _prepared(method: Any, ctx: TrainContext, source: Any, split: str) -> Any:
             "filtered out; the warnings above say why, e.g. prompts longer than max_length)."
         )
     return rows
+
+
+def _say(ctx: TrainContext, text: str) -> None:
+    """One line on the main process."""
+    if ctx.accelerator is not None:
+        ctx.accelerator.print(text)
+    else:
+        print(text)
 
 
 def _check_image_support(method: Any, ctx: TrainContext, source: str) -> None:

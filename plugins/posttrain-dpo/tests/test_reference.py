@@ -68,6 +68,7 @@ def test_precomputed_reference_equals_live_reference(dpo_ctx, dpo_pairs, logged)
     pre, pre_ctx = _setup(dpo_ctx, beta=0.3, precompute_ref_log_probs=True, precompute_ref_batch_size=4)
     assert pre.ref_model is None and live.ref_model is not None
     live_rows, pre_rows = live.prepare(data, live_ctx), pre.prepare(data, pre_ctx)
+    pre.precompute(pre_rows, pre_ctx)  # the loop's order: prepare (or the cache), then precompute
     assert all("ref_chosen_logps" in r for r in pre_rows)
     _perturb(live_ctx.model)
     _perturb(pre_ctx.model)
@@ -140,6 +141,7 @@ def test_lora_reference_is_the_adapter_disabled_base(dpo_ctx, dpo_pairs):
     pre = DPO()
     pre.setup(pre_ctx)
     pre_rows = pre.prepare(datasets.Dataset.from_list(dpo_pairs(3, seed=6)), pre_ctx)
+    pre.precompute(pre_rows, pre_ctx)
     got = torch.tensor([[r["ref_chosen_logps"] for r in pre_rows], [r["ref_rejected_logps"] for r in pre_rows]])
     lengths = completion_logps(base, batch)[1]
     assert ((got.flatten() - base_logps).abs() <= _logps_tolerance(base_logps, lengths)).all()  # other batches

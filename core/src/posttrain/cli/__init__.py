@@ -40,6 +40,7 @@ COMMANDS = {
     "demote": ("posttrain.cli.promote", "Mark a stable method package experimental again (or retire it)."),
     "demo": ("posttrain.cli.demo", "Run the end-to-end demo: tiny model, SFT then GRPO, on CPU in minutes."),
     "plot": ("posttrain.cli.plot", "Render a run's metrics.jsonl to a PNG."),
+    "cache": ("posttrain.cli.cache", "List, size or clear the prepared-data cache (tokenized rows runs reuse)."),
 }
 
 # Shell convention for a process stopped by SIGPIPE (128 + 13): `posttrain list | head -3`.

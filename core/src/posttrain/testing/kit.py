@@ -27,6 +27,10 @@ float32 rounding while the model really sees one (1, N) row, ``padding_free: "au
 ``loss`` through :func:`posttrain.models.pack_batch` (packed where the estimate favours it, padded where not, the
 same numbers either way), and a model that lets packed sequences attend to each other is refused at ``setup``.
 
+Tier ``full`` of a method that declares ``prepare_cacheable = True`` adds ``prepare_cached``
+(:data:`PREPARE_CACHE_CHECKS`): ``prepare`` runs without a model and without ``setup`` (it may not read
+``ctx.model``), gives the same rows twice, and its rows read back equal from a prepared-data cache entry.
+
 Each check is also a plain function (``check_grad_accumulation(method_class, rows, ...)``) raising
 ``AssertionError`` with the numbers it compared and, when a normalisation check fails, what it found
 by probing the loss (a mean instead of a sum, padded positions scored or counted, rows influencing each
@@ -36,6 +40,7 @@ checks ran; zero checks run is reported as a failure.
 .. versionadded:: 0.1
 .. versionchanged:: 1.0 ``protocol`` checks declared optional members and registered callbacks; the
    ``reference_frozen`` and ``batch_unchanged`` checks; failures say what probing found; the image checks.
+.. versionchanged:: 1.1 the ``prepare_cached`` check.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ __all__ = [
     "IMAGE_CHECKS",
     "MIN_ROWS",
     "PADDING_FREE_CHECKS",
+    "PREPARE_CACHE_CHECKS",
     "check_batch_unchanged",
     "check_config_roundtrip",
     "check_data_validation",
@@ -66,6 +72,7 @@ __all__ = [
     "check_padding_free_auto",
     "check_padding_free_refused",
     "check_padding_invariance",
+    "check_prepare_cached",
     "check_protocol",
     "check_reference_frozen",
     "check_resume",
@@ -103,6 +110,11 @@ PADDING_FREE_CHECKS = ("padding_free", "padding_free_auto", "padding_free_refuse
 
 .. versionadded:: 1.0
 .. versionchanged:: 1.0 ``padding_free_auto`` added.
+"""
+PREPARE_CACHE_CHECKS = ("prepare_cached",)
+"""The checks tier ``full`` adds for a method that declares ``prepare_cacheable``.
+
+.. versionadded:: 1.1
 """
 MIN_ROWS = 8
 """The fewest raw rows :func:`conformance_suite` accepts (a step of batch 4 x accumulation 1, twice).
@@ -237,6 +249,9 @@ def _live_method(
     if setup:
         setup(ctx)
     prepared = method.prepare(datasets.Dataset.from_list(copy.deepcopy(rows)), ctx)
+    precompute = optional_member(method, "precompute")
+    if precompute:
+        precompute(prepared, ctx)  # as the loop does, after prepare
     return method, model, ctx, prepared
 
 
@@ -818,6 +833,40 @@ def check_determinism(method_class, rows, model_dir, tmp_path, overrides, reward
     assert diff == 0.0, f"{method_class.name}: same seed, weights differ by {diff:.2e} (parameter {name})"
 
 
+def check_prepare_cached(method_class: Any, rows: list[dict], model_dir: Path, tmp_path: Path, overrides: dict) -> None:
+    """A method that declares ``prepare_cacheable``: ``prepare`` needs no model and no ``setup`` (a cached run skips
+    neither, but the rows must not depend on them), gives equal rows twice, and they read back equal from an entry.
+
+    .. versionadded:: 1.1
+    """
+    import datasets
+
+    from posttrain import _prepare_cache
+    from posttrain._method import TrainContext
+    from posttrain.models import load_tokenizer
+
+    name = method_class.name
+    config = _config(method_class, model_dir, tmp_path / "out-cache", overrides)
+    tokenizer = load_tokenizer(str(model_dir))
+    prepared = []
+    for _ in range(2):
+        ctx = TrainContext(config=config, tokenizer=tokenizer)  # no model: prepare must not read one
+        try:
+            prepared.append(method_class().prepare(datasets.Dataset.from_list(copy.deepcopy(rows)), ctx))
+        except AttributeError as exc:
+            raise AssertionError(
+                f"{name}: declares prepare_cacheable, but prepare failed without a model or setup ({exc}); its rows "
+                "may come from the cache of another run, so they must depend only on the rows, the tokenizer and the "
+                "config. Move model-computed values to precompute(rows, ctx), or drop prepare_cacheable."
+            ) from exc
+    assert prepared[0] == prepared[1], f"{name}: prepare gave different rows twice on the same input"
+    entry = _prepare_cache.Entry(tmp_path / "prepare-cache", "0" * 64, {})
+    why = _prepare_cache.store(entry, list(prepared[0]), [], True)
+    assert why == "", f"{name}: declares prepare_cacheable, but its rows cannot be cached: {why}"
+    back = _prepare_cache.load(entry)
+    assert back is not None and back[0] == prepared[0], f"{name}: prepared rows differ after a cache round trip"
+
+
 def check_reference_frozen(method_class, rows, model_dir, overrides, rewards=None, peft: bool | None = None) -> None:
     """No module the method keeps beside the policy receives a gradient or changes over a training step.
 
@@ -1127,7 +1176,7 @@ def conformance_suite(
             "add rows in the method's dataset format"
         )
     xfail = dict(xfail or {})
-    every = API_CHECKS + FULL_CHECKS + IMAGE_CHECKS + PADDING_FREE_CHECKS
+    every = API_CHECKS + FULL_CHECKS + IMAGE_CHECKS + PADDING_FREE_CHECKS + PREPARE_CACHE_CHECKS
     unknown = set(xfail) - set(every)
     if unknown:
         raise ValueError(f"unknown checks in xfail: {sorted(unknown)}; checks are {every}")
@@ -1149,6 +1198,7 @@ def conformance_suite(
     vlm_dir = pytest.fixture(scope="class", name="vlm_dir")(classmethod(_vlm_dir))
     with_images = tier == "full" and getattr(_resolve(method)[0], "supports_images", False) is True
     with_padding_free = tier == "full" and getattr(_resolve(method)[0], "supports_padding_free", False) is True
+    with_cache = tier == "full" and getattr(_resolve(method)[0], "prepare_cacheable", False) is True
     images: dict[str, list[dict]] = {}
 
     def image_rows_of(method_class: Any) -> list[dict]:  # made on first use: drawing images costs time
@@ -1224,9 +1274,13 @@ def conformance_suite(
         "padding_free_refused": lambda self, model_dir, tmp_path: check_padding_free_refused(
             resolved(), rows, model_dir, overrides, rewards
         ),
+        "prepare_cached": lambda self, model_dir, tmp_path: check_prepare_cached(
+            resolved(), rows, model_dir, tmp_path, overrides
+        ),
     }
     names = API_CHECKS + (FULL_CHECKS if tier == "full" else ()) + (IMAGE_CHECKS if with_images else ())
     names += PADDING_FREE_CHECKS if with_padding_free else ()
+    names += PREPARE_CACHE_CHECKS if with_cache else ()
     namespace: dict[str, Any] = {
         "model_dir": model_dir,
         "vlm_dir": vlm_dir,
@@ -1257,8 +1311,29 @@ def conformance_suite(
 # -- pytest plugin hooks (active with -p posttrain.testing.kit) ----------------------------------------------
 
 
+_own_cache: list[str] = []  # the prepared-data cache directory this process made for the session
+
+
 def pytest_configure(config):
+    import os
+    import tempfile
+
     config.addinivalue_line("markers", "posttrain_conformance: a posttrain conformance-kit check")
+    # runs under test write their prepared-data cache to a directory of the session, never the user's cache
+    # (subprocesses inherit it; so do pytest-xdist workers, which then share it: entries are written atomically)
+    if not os.environ.get("POSTTRAIN_CACHE"):
+        _own_cache.append(tempfile.mkdtemp(prefix="posttrain-test-cache-"))
+        os.environ["POSTTRAIN_CACHE"] = _own_cache[0]
+
+
+def pytest_unconfigure(config):
+    import os
+
+    for path in _own_cache:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get("POSTTRAIN_CACHE") == path:
+            del os.environ["POSTTRAIN_CACHE"]
+    _own_cache.clear()
 
 
 def pytest_runtest_logreport(report):

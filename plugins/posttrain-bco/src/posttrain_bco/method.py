@@ -35,6 +35,7 @@ class BCO:
     name = "bco"
     config_class = BCOConfig
     dataset_formats = FORMATS
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
 
     def __init__(self) -> None:

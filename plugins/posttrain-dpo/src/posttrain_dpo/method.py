@@ -68,6 +68,7 @@ class DPO:
     dataset_formats = ("preference",)
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
     supports_padding_free = True  # padding_free: one (1, N) row per micro-batch (posttrain.ops.pack_sequences)
+    prepare_cacheable = True  # prepare reads rows, tokenizer, processor and config only; reference scores: precompute
 
     def __init__(self) -> None:
         self.ref_model = None  # None: reference-free, precomputed, or LoRA (adapter-disabled base)
@@ -99,9 +100,13 @@ class DPO:
                 "across a whole row, so sequences with images cannot share one. Set padding_free false (or auto) "
                 "for vision-language data."
             )
-        if config.precompute_ref_log_probs:
-            self._precompute_ref_logps(rows, ctx)
         return rows
+
+    def precompute(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> None:
+        """With ``precompute_ref_log_probs``, score every row under the reference; the loop calls this after the
+        prepared-data cache, so scores of one run's model are never reused by another."""
+        if ctx.config.precompute_ref_log_probs:
+            self._precompute_ref_logps(rows, ctx)
 
     def _precompute_ref_logps(self, rows: list[dict], ctx: TrainContext[DPOConfig]) -> None:
         """Score every row under the reference once and store it in the row (``ref_*_logps`` floats).

@@ -32,6 +32,7 @@ class GRPO:
     name = "grpo"
     config_class = GRPOConfig
     dataset_formats = ("prompt_only",)
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: the policy and reference score rollouts as one (1, N) row
     supports_images = True  # prompts with images, for a vision-language model: generated and trained on with them
 

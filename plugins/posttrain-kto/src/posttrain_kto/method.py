@@ -33,6 +33,7 @@ class KTO:
     name = "kto"
     config_class = KTOConfig
     dataset_formats = FORMATS
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
 
     def __init__(self) -> None:
@@ -44,16 +45,20 @@ class KTO:
         self.padding_free = resolve_padding_free(ctx.model, ctx.config.padding_free)
         if ctx.config.disable_dropout:
             disable_dropout(ctx.model)
-        # precomputed reference log-probs come from the initial policy in prepare(): no second model kept
+        # precomputed reference log-probs come from the initial policy in precompute(): no second model kept
         self.ref = None if ctx.config.precompute_ref_log_probs else reference_model(ctx)
 
     def prepare(self, dataset: Any, ctx: TrainContext[KTOConfig]) -> list[dict]:
         # the class-balance advice concerns the training data, which the loop prepares first
         rows = prepare_rows(dataset, ctx.tokenizer, ctx.config, warn_balance=not self._prepared_once)
         self._prepared_once = True
+        return rows
+
+    def precompute(self, rows: list[dict], ctx: TrainContext[KTOConfig]) -> None:
+        """With ``precompute_ref_log_probs``, score every row with the initial policy; the loop calls this after the
+        prepared-data cache, so scores of one run's model are never reused by another."""
         if ctx.config.precompute_ref_log_probs and rows:
             self._precompute(rows, ctx)
-        return rows
 
     def check_rows(self, rows: Any) -> list[RowProblem]:
         """Every bad row, for ``posttrain check-data kto FILE``; ``prepare`` refuses exactly these rows."""

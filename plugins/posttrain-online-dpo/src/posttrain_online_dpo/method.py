@@ -40,6 +40,7 @@ class OnlineDPO:
     name = "online-dpo"
     config_class = OnlineDPOConfig
     dataset_formats = ("prompt_only",)
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: the policy and reference score each pair as one (1, N) row
 
     def __init__(self) -> None:

@@ -67,6 +67,7 @@ class ORPO:
     name = "orpo"
     config_class = ORPOConfig
     dataset_formats = FORMATS
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
     padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 

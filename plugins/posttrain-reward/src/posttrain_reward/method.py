@@ -36,6 +36,7 @@ class Reward:
     name = "reward"
     config_class = RewardConfig
     dataset_formats = ("preference",)
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: one (1, N) row, each sequence scored at its own last token
 
     def __init__(self) -> None:

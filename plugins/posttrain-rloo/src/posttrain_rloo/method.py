@@ -31,6 +31,7 @@ class RLOO:
     name = "rloo"
     config_class = RLOOConfig
     dataset_formats = ("prompt_only",)
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: the policy and reference score rollouts as one (1, N) row
 
     def __init__(self) -> None:

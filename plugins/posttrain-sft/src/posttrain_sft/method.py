@@ -28,6 +28,7 @@ class SFT:
     name = "sft"
     config_class = SFTConfig
     dataset_formats = ("language_modeling", "prompt_completion")
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_images = True  # rows with images train a vision-language model (posttrain.vision)
     supports_padding_free = True  # padding_free / packing: one (1, N) row per micro-batch
     padding_free: bool | str = False  # padding_free "auto" resolved by setup: "auto" (per micro-batch), True or False

@@ -39,6 +39,7 @@ class TPO:
     name = "tpo"
     config_class = TPOConfig
     dataset_formats = ("preference",)  # plus the `reference` column, validated in posttrain_tpo.data
+    prepare_cacheable = True  # prepare reads the rows, tokenizer and config only: its rows may come from the cache
     supports_padding_free = True  # padding_free: each forward runs its rows as one (1, N) row
     padding_free: bool | str = False  # True, False or "auto" (chosen per micro-batch), resolved by setup
 
