@@ -553,19 +553,13 @@ class _WorkerHandle:
         return messages
 
     def _collect(self, timeout: float) -> list[tuple]:
-        messages = []
         try:
-            messages.append(self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait())
-            while True:
-                messages.append(self.results.get_nowait())
-        except queue.Empty:
-            pass
+            return _drain(self.results, timeout)
         except (EOFError, OSError):  # the worker died while handing over a tensor (its descriptor socket closed)
             self.process.join(timeout=10)  # it is exiting; its exit code says why
             if not self.process.is_alive():
                 raise GenerationWorkerError(self._death()) from None
             raise
-        return messages
 
     def _doing(self) -> str:
         phase = PHASES[self.phase.value] if 0 <= self.phase.value < len(PHASES) else "in an unknown phase"
@@ -599,6 +593,19 @@ class _WorkerHandle:
 
     def stop(self) -> None:
         self._finalizer()
+
+
+def _drain(results: Any, timeout: float) -> list[tuple]:
+    """Every message waiting in ``results`` (a thread's or a process's queue), waiting up to ``timeout`` seconds
+    for the first one (not at all when ``timeout`` is 0)."""
+    messages = []
+    try:
+        messages.append(results.get(timeout=timeout) if timeout > 0 else results.get_nowait())
+        while True:
+            messages.append(results.get_nowait())
+    except queue.Empty:
+        pass
+    return messages
 
 
 def _stop_process(process: Any, stop_event: Any, jobs: Any) -> None:

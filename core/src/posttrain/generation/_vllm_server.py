@@ -30,6 +30,7 @@ from posttrain.generation import Completions, SamplingParams
 from posttrain.generation._async import (
     _STOP_GRACE_SECONDS,
     GenerationWorkerError,
+    _drain,
     _jobs,
     _PhasedRewards,
     _Status,
@@ -252,13 +253,7 @@ class ServerSampler:
         return not pending
 
     def receive(self, timeout: float, since: float) -> list[tuple]:
-        messages = []
-        try:
-            messages.append(self.results.get(timeout=timeout) if timeout > 0 else self.results.get_nowait())
-            while True:
-                messages.append(self.results.get_nowait())
-        except queue.Empty:
-            pass
+        messages = _drain(self.results, timeout)
         for message in messages:
             if message[0] == "error":
                 self.stop()
