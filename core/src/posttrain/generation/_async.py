@@ -702,6 +702,13 @@ def _worker_main(
         results.put(("error", report))
         results.close()
         results.join_thread()  # the report must leave before the process does
+        # Stay until the trainer has read it: batches sent earlier carry their tensors as file descriptors that
+        # the trainer fetches from this process when it unpickles them, so exiting now would turn the report
+        # into an unexplained death. The trainer stops us once it reads the report; a gone trainer ends the wait.
+        parent = multiprocessing.parent_process()
+        while not stop_event.wait(1.0):
+            if parent is not None and not parent.is_alive():
+                break
         os._exit(1)
 
 
