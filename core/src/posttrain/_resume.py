@@ -55,18 +55,10 @@ def _same(name: str, old: Any, new: Any) -> bool:
         a, b = Path(old).expanduser(), Path(new).expanduser()
         if a.exists() and b.exists() and a.resolve() == b.resolve():  # ./model and /abs/model
             return True
-        return a.is_file() and b.is_file() and _digest(a) == _digest(b)  # a dataset moved, not changed
+        from posttrain._prepare_cache import _file_digest
+
+        return a.is_file() and b.is_file() and _file_digest(a) == _file_digest(b)  # a dataset moved, not changed
     return False
-
-
-def _digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def changes(saved: dict, config: Any) -> dict[str, tuple[Any, Any]]:
